@@ -1,0 +1,30 @@
+# kiln: `make demo` and `make test` work on a fresh machine (they set up .venv first).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kiln-installed
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/kiln compile compiler/examples/tiny_cnn.onnx --spec reparam --target host -o .kiln-demo
+
+test: setup
+	$(PY) -m pytest -q -n 2 --durations=15
+
+test-all: setup
+	KILN_SLOW=1 $(PY) -m pytest -q -n 2 --durations=25
+
+bench: setup
+	$(PY) -m bench --json bench/results.json
+
+clean:
+	rm -rf $(VENV) .kiln-demo build *.egg-info
