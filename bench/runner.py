@@ -1,0 +1,149 @@
+"""Times each case (kiln, ONNX Runtime, torch) interleaved and reports medians and ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from bench.cases import CASES, PreparedCase
+
+log = logging.getLogger("bench")
+
+# kiln must match ONNX Runtime this closely (relative to the output's largest magnitude).
+MATCH_RTOL = 1e-4
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _ort_runner(case: PreparedCase, threads: int) -> Callable[[], list[np.ndarray]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(case.onnx_path), options, providers=["CPUExecutionProvider"])
+    feeds = dict(case.inputs)
+    return lambda: session.run(None, feeds)
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
+    """Median wall time in ms of each callable, run A B C A B C ... after a warm-up of each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def _max_rel_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
+    worst = 0.0
+    for g, w in zip(got, want, strict=True):
+        g = np.asarray(g, dtype=np.float64).reshape(np.shape(w))
+        w = np.asarray(w, dtype=np.float64)
+        scale = max(float(np.max(np.abs(w))), 1e-12)
+        worst = max(worst, float(np.max(np.abs(g - w))) / scale)
+    return worst
+
+
+def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    import torch
+
+    from bench.build import build_case
+
+    torch.set_num_threads(args.threads)
+    case = CASES[name](workdir)
+    built = build_case(case, workdir / name)
+    if built.unscheduled:
+        log.info("%s: %d kernels left unscheduled: %s", name, len(built.unscheduled),
+                 ", ".join(built.unscheduled))
+    ort_run = _ort_runner(case, args.threads)
+    error = _max_rel_error(built.run(case.inputs), ort_run())
+    if error > MATCH_RTOL:
+        log.warning("%s: kiln differs from ONNX Runtime by %.2e (relative to max |y|)", name, error)
+    fns: dict[str, Callable[[], object]] = {"kiln": lambda: built.run(case.inputs), "ort": ort_run}
+    if case.torch_fn is not None:
+        fns["torch"] = case.torch_fn
+    times = time_interleaved(fns, args.runs, args.warmup)
+    return {
+        "case": name,
+        "kiln_ms": round(times["kiln"], 4),
+        "ort_ms": round(times["ort"], 4),
+        "torch_ms": round(times["torch"], 4) if "torch" in times else None,
+        "ratio_vs_ort": round(times["kiln"] / times["ort"], 4),
+        "bytes": built.bytes,
+        "compile_s": round(built.compile_s, 2),
+        "tuned": False,
+        "max_rel_err_vs_ort": float(f"{error:.3g}"),
+        "unscheduled_kernels": len(built.unscheduled),
+        "built_via": built.via,
+    }
+
+
+def geomean(values: list[float]) -> float | None:
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def format_table(results: list[dict], geo: float | None) -> str:
+    header = f"{'case':<16}{'kiln ms':>11}{'ort ms':>10}{'torch ms':>10}{'kiln/ort':>10}" \
+             f"{'MB':>8}{'compile s':>11}{'unsched':>9}{'rel err':>10}"
+    lines = [header, "-" * len(header)]
+    for r in results:
+        torch_ms = f"{r['torch_ms']:.3f}" if r["torch_ms"] is not None else "-"
+        lines.append(f"{r['case']:<16}{r['kiln_ms']:>11.3f}{r['ort_ms']:>10.3f}{torch_ms:>10}"
+                     f"{r['ratio_vs_ort']:>10.2f}{r['bytes'] / 1e6:>8.1f}{r['compile_s']:>11.1f}"
+                     f"{r['unscheduled_kernels']:>9}{r['max_rel_err_vs_ort']:>10.1e}")
+    if geo is not None:
+        lines.append(f"geomean kiln/ort: {geo:.3f}")
+    return "\n".join(lines)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.list:
+        print("\n".join(CASES))
+        return 0
+    names = [n for n in args.cases.split(",") if n] or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        print(f"unknown case(s): {', '.join(unknown)}; known: {', '.join(CASES)}")
+        return 2
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        for name in names:
+            log.info("case %s", name)
+            results.append(run_case(name, args, workdir))
+            print(format_table(results[-1:], None).splitlines()[-1], flush=True)
+    geo = geomean([r["ratio_vs_ort"] for r in results if r["case"].endswith("-fp32")])
+    print()
+    print(f"threads={args.threads} runs={args.runs} (median, interleaved)")
+    print(format_table(results, geo))
+    if args.json:
+        payload = {"commit": _git_commit(), "threads": args.threads, "runs": args.runs,
+                   "cases": results,
+                   "geomean_ratio_vs_ort": round(geo, 4) if geo is not None else None}
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
