@@ -75,16 +75,17 @@ def _build_with_kiln(case: PreparedCase, outdir: Path, target: str) -> BuiltCase
                      unscheduled=[])
 
 
-def _build_private(case: PreparedCase, outdir: Path) -> BuiltCase:
-    """Bind shapes, fold constants, import with TVM's ONNX frontend, build with kiln's pipeline."""
-    import onnx
+def compile_private(case: PreparedCase):
+    """Bind shapes, fold constants, import with TVM's ONNX frontend, build with kiln's pipeline.
+
+    Returns (executable, lowered Relax module, compile seconds).
+    """
     import onnx_ir as ir
     import onnxscript.optimizer
     import tvm
-    from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    from kiln.backends.tvm.schedules import cpu_build_pipeline, unscheduled_kernels
+    from kiln.backends.tvm.schedules import cpu_build_pipeline
 
     start = time.perf_counter()
     model = ir.load(case.onnx_path)
@@ -99,13 +100,19 @@ def _build_private(case: PreparedCase, outdir: Path) -> BuiltCase:
     pipeline = cpu_build_pipeline(target)
     with target, tvm.transform.PassContext(opt_level=3):
         lowered = pipeline(mod)
-    unscheduled = unscheduled_kernels(lowered)
     executable = tvm.compile(lowered, target=target, relax_pipeline=None)
-    compile_s = time.perf_counter() - start
-    lib = outdir / "model.so"
-    executable.export_library(str(lib))
+    return executable, lowered, time.perf_counter() - start
+
+
+def _build_private(case: PreparedCase, outdir: Path) -> BuiltCase:
+    import tvm
+    from tvm import relax
+
+    from kiln.backends.tvm.schedules import unscheduled_kernels
+
+    executable, lowered, compile_s = compile_private(case)
+    executable.export_library(str(outdir / "model.so"))
     vm = relax.VirtualMachine(executable, tvm.cpu())
-    del onnx  # imported only to fail early when missing
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         args = [tvm.runtime.tensor(feeds[name]) for name in case.inputs]
@@ -115,4 +122,4 @@ def _build_private(case: PreparedCase, outdir: Path) -> BuiltCase:
         return [o.numpy() for o in out]
 
     return BuiltCase(run=run, bytes=_dir_bytes(outdir), compile_s=compile_s,
-                     via="bench-private", unscheduled=unscheduled)
+                     via="bench-private", unscheduled=unscheduled_kernels(lowered))

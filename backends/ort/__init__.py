@@ -1,0 +1,44 @@
+"""ONNX Runtime: the independent reference kiln checks every pass against."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler import ir as kir
+from kiln.compiler.errors import VerificationError
+
+
+class ReferenceRunner:
+    """An ONNX Runtime session over an ``onnx_ir`` model (serialized once)."""
+
+    def __init__(self, model: ir.Model, *, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        # Keep ORT from rewriting the graph: the reference must be the model as written.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        try:
+            self.session = ort.InferenceSession(kir.model_bytes(model), options,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise VerificationError(f"ONNX Runtime cannot load the model: {first}") from error
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.session.run(None, {k: feeds[k] for k in self.input_names})
+        except Exception as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise VerificationError(f"ONNX Runtime failed to run the model: {first}") from error
+
+
+def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    return ReferenceRunner(model).run(feeds)

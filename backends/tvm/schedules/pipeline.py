@@ -1,18 +1,151 @@
-"""The Relax pipeline phases for CPU builds, with kiln's schedule phase."""
+"""The Relax pipeline for CPU builds, with kiln's schedule phase between fusion and lowering.
+
+TVM 0.27's ``tvm.compile(mod, target)`` runs ``relax.get_pipeline("default")``: it
+legalizes ops into PrimFuncs but neither fuses nor schedules them (every kernel is a
+naive loop nest).  kiln's CPU build instead runs::
+
+    library dispatch      DispatchSampling, DispatchSortScan
+    legalize + fuse       LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
+    schedule (kiln)       cpu_schedule_passes(target):
+                            ScheduleCPUKernels   a rule per PrimFunc (dense, conv, ...)
+                            SplitLayoutRewritePreproc, FoldConstant, DeadCodeElimination
+                                                 weight packing moved to compile time
+    dataflow lowering     RewriteDataflowReshape, ToNonDataflow, RemovePurityChecking, CallTIRRewrite
+    finalize              StaticPlanBlockMemory, LowerAllocTensor, KillAfterLastUse,
+                          LowerRuntimeBuiltin, ComputePrimValue, VMShapeLower, AttachGlobalSymbol
+
+Use it as ``tvm.compile(mod, target, relax_pipeline=cpu_build_pipeline(target))``
+(inside ``with target:`` is not needed; the pipeline enters it).  Builds that keep
+their own pipeline insert ``cpu_schedule_passes(target)`` right after ``FuseTIR``.
+"""
 
 from __future__ import annotations
 
-import tvm
-from tvm import relax, tirx
+import logging
+import time
+from collections.abc import Callable
 
-SCHEDULED_ATTR = "tir.is_scheduled"
+import tvm
+from tvm import relax, s_tir, tirx
+from tvm.target.codegen import llvm_get_vector_width
+
+from kiln.backends.tvm.schedules.analysis import RuleContext
+
+log = logging.getLogger(__name__)
+
+SCHEDULED_ATTR = "tirx.is_scheduled"
+RULE_ATTR = "kiln.schedule_rule"
+
+Rule = Callable[[s_tir.Schedule, RuleContext], bool]
+
+
+def _rules() -> tuple[tuple[str, Rule], ...]:
+    """The CPU rules, most specific first; each returns False when the kernel is not its kind."""
+    from kiln.backends.tvm.schedules.dense import schedule_matmul
+    from kiln.backends.tvm.schedules.elementwise import (
+        schedule_elementwise,
+        schedule_fallback,
+        schedule_reduction,
+    )
+
+    return (
+        ("dense", schedule_matmul),
+        ("elementwise", schedule_elementwise),
+        ("reduction", schedule_reduction),
+        ("fallback", schedule_fallback),
+    )
+
+
+def _const_params(mod: tvm.IRModule) -> dict[str, frozenset[int]]:
+    """Per PrimFunc name: the param positions bound to a relax.Constant at every call_tir."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    seen: dict[str, list[set[int]]] = {}
+    for _, func in mod.functions.items():
+        if not isinstance(func, relax.Function):
+            continue
+        body = func.body
+        blocks = body.blocks if isinstance(body, relax.SeqExpr) else []
+        for block in blocks:
+            for binding in block.bindings:
+                value = binding.value
+                if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)):
+                    continue
+                gvar = value.args[0]
+                args = value.args[1]
+                fields = args.fields if isinstance(args, relax.Tuple) else [args]
+                consts = {n for n, arg in enumerate(fields) if isinstance(arg, relax.Constant)}
+                seen.setdefault(gvar.name_hint, []).append(consts)
+    return {name: frozenset(set.intersection(*sets)) for name, sets in seen.items()}
+
+
+def _vector_lanes_f32(target: tvm.target.Target) -> int:
+    try:
+        bits = int(llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001 - non-LLVM targets
+        bits = 128
+    return max(bits // 32, 4)
+
+
+def schedule_primfunc(func: tirx.PrimFunc, ctx: RuleContext) -> tuple[tirx.PrimFunc, str] | None:
+    """Apply the first CPU rule that accepts ``func``; None when none does."""
+    for name, rule in _rules():
+        sch = s_tir.Schedule(func)
+        try:
+            applied = rule(sch, ctx)
+        except Exception as err:  # noqa: BLE001 - a rule that fails leaves the kernel to the next
+            log.debug("rule %s failed: %s", name, err)
+            continue
+        if applied:
+            scheduled = sch.mod["main"].with_attr(SCHEDULED_ATTR, True).with_attr(RULE_ATTR, name)
+            return scheduled, name
+    return None
+
+
+@tvm.transform.module_pass(opt_level=0, name="kiln.ScheduleCPUKernels")
+class ScheduleCPUKernels:
+    """Give every unscheduled PrimFunc of the module a kiln CPU schedule."""
+
+    def __init__(self, target: tvm.target.Target) -> None:
+        self.target = target
+
+    def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        consts = _const_params(mod)
+        lanes = _vector_lanes_f32(self.target)
+        cores = int(self.target.attrs.get("num-cores", 0) or 0) if self.target.attrs else 0
+        updates = {}
+        start = time.perf_counter()
+        counts: dict[str, int] = {}
+        for gvar, func in mod.functions.items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            if func.attrs is not None and func.attrs.get(SCHEDULED_ATTR):
+                continue
+            ctx = RuleContext(target=self.target, vector_lanes_f32=lanes, num_cores=cores,
+                              const_params=consts.get(gvar.name_hint, frozenset()))
+            result = schedule_primfunc(func, ctx)
+            if result is None:
+                log.info("no kiln rule for %s", gvar.name_hint)
+                continue
+            updates[gvar], rule = result
+            counts[rule] = counts.get(rule, 0) + 1
+        for gvar, func in updates.items():
+            mod[gvar] = func
+        log.info("kiln schedules: %s in %.2f s", counts, time.perf_counter() - start)
+        return mod
 
 
 def cpu_schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
-    return []
+    """The schedule phase: run after FuseTIR, before the dataflow lowering passes."""
+    return [
+        ScheduleCPUKernels(target),
+        relax.transform.SplitLayoutRewritePreproc(),
+        relax.transform.FoldConstant(),
+        relax.transform.DeadCodeElimination(),
+    ]
 
 
 def cpu_build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """The full Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on CPU."""
     phases = [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
@@ -34,12 +167,29 @@ def cpu_build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
         relax.transform.VMShapeLower(),
         relax.transform.AttachGlobalSymbol(),
     ]
-    return tvm.transform.Sequential(phases, name="kiln_cpu_build")
+    sequence = tvm.transform.Sequential(phases, name="kiln_cpu_build")
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.CPUBuild")
+    def _pipeline(mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            return sequence(mod)
+
+    return _pipeline
 
 
 def unscheduled_kernels(mod: tvm.IRModule) -> list[str]:
+    """Names of the PrimFuncs no schedule rule (kiln's or a tuning record) has touched."""
     names = []
     for gvar, func in mod.functions.items():
         if isinstance(func, tirx.PrimFunc) and not (func.attrs and func.attrs.get(SCHEDULED_ATTR)):
             names.append(gvar.name_hint)
     return sorted(names)
+
+
+def schedule_rules_used(mod: tvm.IRModule) -> dict[str, str]:
+    """PrimFunc name -> the kiln rule that scheduled it (for reports)."""
+    used = {}
+    for gvar, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs and func.attrs.get(RULE_ATTR):
+            used[gvar.name_hint] = str(func.attrs[RULE_ATTR])
+    return used

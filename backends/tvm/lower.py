@@ -1,0 +1,212 @@
+"""Lower an ``onnx_ir.Model`` to a Relax ``IRModule`` with TVM's ONNX importer.
+
+TVM's importer does the standard ops; kiln extends its converter table (a
+module-level function, ``_get_convert_map``, swapped for the duration of one
+import under a lock) with the forms kiln's passes produce: blocked
+``DequantizeLinear`` and 4-bit weights (see :mod:`.dequantize`).
+
+Before importing, every node is checked and one :class:`LoweringError` lists
+every unsupported op type with one node name each, so a user sees all the
+work at once rather than one op per attempt.
+
+Inputs must have static shapes (the frontend binds them from the spec and
+folds constants with ``onnxscript.optimizer``); if shape computations are
+still present (``Shape``/``Size`` nodes), folding is run again here on a copy,
+since TVM's importer fails on Reshape/Resize fed by computed shapes.
+Weights become constants in the module (one self-contained ``.so``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+import warnings
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+
+from kiln.compiler.errors import LoweringError
+
+from .dequantize import (
+    PACKED_DOMAIN,
+    PACKED_OP,
+    PackedDequantizeLinear,
+    blocked_dequantize_linear,
+    four_bit_misuse,
+    pack_four_bit_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+_STANDARD_DOMAINS = ("", "ai.onnx")
+#: Ops TVM's importer handles outside its converter table.
+_IMPORTER_BUILTINS = frozenset({"If", "Constant"})
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+
+_convert_map_lock = threading.Lock()
+_current_node = threading.local()
+
+
+class _TracedConverter:
+    """Wraps a converter class so a failure can name the node being converted."""
+
+    def __init__(self, op_type: str, converter) -> None:
+        self.op_type = op_type
+        self.converter = converter
+
+    def get_converter(self, opset: int):
+        convert = self.converter.get_converter(opset)
+        op_type = self.op_type
+
+        def traced(bb, inputs, attr, params):
+            _current_node.value = (op_type, attr.get("tvm_custom", {}).get("name", ""))
+            return convert(bb, inputs, attr, params)
+
+        return traced
+
+
+def kiln_converters(base: dict) -> dict:
+    """TVM's converter table plus kiln's forms (the table :func:`lower_to_relax` uses)."""
+    table = dict(base)
+    table["DequantizeLinear"] = blocked_dequantize_linear(base["DequantizeLinear"])
+    table[PACKED_OP] = PackedDequantizeLinear
+    return table
+
+
+@contextlib.contextmanager
+def _extended_convert_map() -> Iterator[dict]:
+    """Swap the importer's converter table for kiln's during one import.
+
+    The importer looks the table up through the module global
+    ``_get_convert_map`` at each use, and exposes no other hook.
+    """
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    with _convert_map_lock:
+        original = onnx_frontend._get_convert_map
+        table = kiln_converters(original())
+        traced = {op: _TracedConverter(op, conv) for op, conv in table.items()}
+        onnx_frontend._get_convert_map = lambda: traced
+        try:
+            yield table
+        finally:
+            onnx_frontend._get_convert_map = original
+
+
+def supported_op_types() -> frozenset[str]:
+    """Op types (standard domain) that :func:`lower_to_relax` can lower."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return frozenset(kiln_converters(onnx_frontend._get_convert_map())) | _IMPORTER_BUILTINS
+
+
+def _walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _walk_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _walk_nodes(sub)
+
+
+def unsupported_ops(model: onnx.ModelProto) -> dict[str, str]:
+    """``{op type: first node name}`` for every op TVM's importer (plus kiln's) cannot take.
+
+    Ops from other domains are listed as ``domain::Op`` (the importer ignores
+    domains, so a ``com.microsoft`` op would otherwise be mistaken for a
+    standard one).
+    """
+    supported = supported_op_types()
+    found: dict[str, str] = {}
+    for index, node in enumerate(_walk_nodes(model.graph)):
+        name = node.name or f"#{index} ({node.op_type})"
+        if node.domain == PACKED_DOMAIN and node.op_type == PACKED_OP:
+            continue
+        if node.domain not in _STANDARD_DOMAINS:
+            found.setdefault(f"{node.domain}::{node.op_type}", name)
+        elif node.op_type not in supported:
+            found.setdefault(node.op_type, name)
+    return found
+
+
+def _format_ops(ops: dict[str, str]) -> str:
+    return ", ".join(f"{op} (node {node!r})" for op, node in ops.items())
+
+
+def _check_static_inputs(model: ir.Model, target_name: str | None) -> None:
+    dynamic = []
+    for value in model.graph.inputs:
+        if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+            dims = "?" if value.shape is None else list(value.shape)
+            dynamic.append(f"{value.name!r} {dims}")
+    if dynamic:
+        raise LoweringError("inputs need static shapes (bind them in the spec's input_shapes): "
+                            + ", ".join(dynamic), target=target_name)
+
+
+def _refold(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant-fold a copy with onnxscript's optimizer (shape chains -> constants)."""
+    import onnxscript.optimizer
+
+    copy = ir.serde.deserialize_model(proto)
+    onnxscript.optimizer.optimize(copy)
+    return ir.serde.serialize_model(copy)
+
+
+def _to_onnx(model: ir.Model, target_name: str | None) -> onnx.ModelProto:
+    """The backend's own ONNX copy, folded if needed, with 4-bit weights packed."""
+    proto = ir.serde.serialize_model(model)
+    if any(n.op_type in _SHAPE_OPS for n in _walk_nodes(proto.graph)):
+        logger.info("model still computes shapes; folding constants before import")
+        proto = _refold(proto)
+    if any(f for f in proto.functions):
+        raise LoweringError("model has local functions; inline them before lowering "
+                            "(onnxscript.optimizer.optimize does)", target=target_name)
+    pack_four_bit_weights(proto)
+    return proto
+
+
+def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
+    """Import ``model`` (static input shapes, constants folded) into a Relax IRModule.
+
+    The module's ``main`` takes the graph inputs in order and returns the
+    output (a tuple when there are several). ``target_name`` only labels errors.
+    Raises LoweringError listing every unsupported op, or naming the node
+    TVM's importer failed on.
+    """
+    _check_static_inputs(model, target_name)
+    proto = _to_onnx(model, target_name)
+
+    problems = unsupported_ops(proto)
+    problems.update(four_bit_misuse(proto))
+    if problems:
+        raise LoweringError(f"{len(problems)} unsupported op type(s): {_format_ops(problems)}",
+                            target=target_name, ops=problems)
+
+    from tvm.relax.frontend.onnx import from_onnx
+
+    shapes = {v.name: list(v.shape) for v in model.graph.inputs}
+    dtypes = {v.name: str(v.dtype.numpy()) for v in model.graph.inputs}
+    captured = io.StringIO()
+    _current_node.value = None
+    with _extended_convert_map(), warnings.catch_warnings(record=True) as caught, \
+            contextlib.redirect_stdout(captured):
+        warnings.simplefilter("always")
+        try:
+            mod = from_onnx(proto, shape_dict=shapes, dtype_dict=dtypes)
+        except Exception as err:  # the importer raises anything from ValueError to TVMError
+            op, node = _current_node.value or ("?", "?")
+            detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise LoweringError(f"TVM's ONNX importer failed on {op} (node {node!r}): {detail}",
+                                target=target_name, ops={op: node}) from err
+    for warning in caught:
+        logger.debug("importer: %s", warning.message)
+    if captured.getvalue():
+        logger.debug("importer output: %s", captured.getvalue().strip())
+    logger.info("imported %d ONNX nodes into Relax", len(proto.graph.node))
+    return mod

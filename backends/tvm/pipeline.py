@@ -1,0 +1,133 @@
+"""The Relax build pipeline, as phases of plain pass lists per target family.
+
+    legalize  high-level ops -> TensorIR, constant folding (compressed weights
+              kept compressed), operator fusion
+    schedule  TensorIR schedules: dlight's GPU rules for CUDA; kiln's CPU rules
+              (``kiln.backends.tvm.schedules.cpu_schedule_passes``) for CPUs
+    finalize  dataflow lowering, memory planning, VM lowering
+
+Each family maps to one function per phase in :data:`FAMILIES`; there is no
+``if cuda:`` inside a phase. :func:`relax_pipeline` joins the phases into the
+one pass that ``tvm.compile`` runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import tvm
+from tvm import relax
+
+from .keep_compressed import fold_constants_keeping_compressed
+from .targets import ResolvedTarget
+
+logger = logging.getLogger(__name__)
+
+PassList = list[tvm.transform.Pass]
+
+
+@dataclass(frozen=True)
+class Phases:
+    """The three pass lists of one build, in order."""
+
+    legalize: PassList
+    schedule: PassList
+    finalize: PassList
+
+    def all(self) -> PassList:
+        return self.legalize + self.schedule + self.finalize
+
+
+def _legalize_common(target: tvm.target.Target) -> PassList:
+    return [
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        fold_constants_keeping_compressed(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def cpu_schedule_passes_or_default(target: tvm.target.Target) -> PassList:
+    """kiln's CPU schedule rules when that module is present, else none (TVM's default).
+
+    ``kiln.backends.tvm.schedules`` is written alongside this module; until it
+    provides ``cpu_schedule_passes(target)`` the kernels stay unscheduled.
+    """
+    try:
+        from .schedules import cpu_schedule_passes
+    except ImportError:
+        logger.debug("kiln CPU schedule rules not available; kernels use TVM's default")
+        return []
+    return list(cpu_schedule_passes(target))
+
+
+def _gpu_schedule(target: tvm.target.Target) -> PassList:
+    from tvm.s_tir import dlight
+
+    return [
+        dlight.ApplyDefaultSchedule(
+            dlight.gpu.Matmul(),
+            dlight.gpu.GEMV(),
+            dlight.gpu.Reduction(),
+            dlight.gpu.GeneralReduction(),
+            dlight.gpu.Fallback(),
+        )
+    ]
+
+
+def _finalize_cpu(target: tvm.target.Target) -> PassList:
+    from tvm.relax.backend import cpu_generic
+
+    return cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
+
+
+def _finalize_cuda(target: tvm.target.Target) -> PassList:
+    from tvm.relax.backend import cuda
+
+    return cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One target family's phase builders."""
+
+    legalize: Callable[[tvm.target.Target], PassList]
+    schedule: Callable[[tvm.target.Target], PassList]
+    finalize: Callable[[tvm.target.Target], PassList]
+
+
+FAMILIES: dict[str, Family] = {
+    "cpu": Family(_legalize_common, cpu_schedule_passes_or_default, _finalize_cpu),
+    "cuda": Family(_legalize_common, _gpu_schedule, _finalize_cuda),
+}
+
+
+def schedule_phase(target: ResolvedTarget) -> PassList:
+    """The schedule phase for ``target`` (the hook kiln's schedule rules fill)."""
+    return FAMILIES[target.family].schedule(target.tvm_target())
+
+
+def build_phases(target: ResolvedTarget) -> Phases:
+    """All three phases for ``target``."""
+    tvm_target = target.tvm_target()
+    family = FAMILIES[target.family]
+    return Phases(family.legalize(tvm_target), family.schedule(tvm_target),
+                  family.finalize(tvm_target))
+
+
+def relax_pipeline(target: ResolvedTarget) -> tvm.transform.Pass:
+    """One module pass running every phase under ``target`` (for ``tvm.compile``)."""
+    phases = build_phases(target)
+    tvm_target = target.tvm_target()
+
+    @tvm.transform.module_pass(opt_level=0, name=f"kiln_{target.family}_pipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with tvm_target:
+            return tvm.transform.Sequential(phases.all())(mod)
+
+    return _pipeline

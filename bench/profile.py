@@ -1,0 +1,65 @@
+"""Per-kernel time of one case's kiln build: ``python -m bench.profile CASE [--top 25]``.
+
+Uses the Relax VM's profiler on the bench-private build, to see which kernels
+dominate and which are left unscheduled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile")
+    parser.add_argument("case")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+
+    import tvm
+    from tvm import relax
+
+    from bench.build import compile_private
+    from bench.cases import CASES
+    from kiln.backends.tvm.schedules import unscheduled_kernels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        case = CASES[args.case](Path(tmp))
+        executable, lowered, compile_s = compile_private(case)
+    unscheduled = set(unscheduled_kernels(lowered))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    inputs = [tvm.runtime.tensor(case.inputs[name]) for name in case.inputs]
+    vm["main"](*inputs)
+    rows: dict[str, list[float]] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func, symbol, before_run, ret_value, *call_args):
+        if before_run:
+            started[symbol] = time.perf_counter()
+        else:
+            rows.setdefault(symbol, []).append((time.perf_counter() - started[symbol]) * 1e6)
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(3):
+        vm["main"](*inputs)
+    # one run's worth of calls: call slot i of a symbol is averaged over the 3 runs
+    rows = {k: [sum(v[i::len(v) // 3]) / 3 for i in range(len(v) // 3)]
+            for k, v in rows.items() if not k.startswith("vm.builtin")}
+    total = sum(sum(v) for v in rows.values())
+    print(f"{args.case}: compile {compile_s:.1f} s, total kernel time {total / 1e3:.2f} ms, "
+          f"{len(unscheduled)} unscheduled")
+    for name, values in sorted(rows.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
+        mark = " UNSCHEDULED" if name in unscheduled else ""
+        print(f"{sum(values) / 1e3:9.3f} ms {100 * sum(values) / total:5.1f}% x{len(values):<3} {name}{mark}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

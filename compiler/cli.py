@@ -1,0 +1,260 @@
+"""The ``kiln`` command line.
+
+    kiln compile MODEL [--spec SPEC] [--input NAME=1x3x224x224] [--target T] [-o OUTDIR]
+    kiln plan MODEL --spec SPEC
+    kiln run OUTDIR --inputs in.npz [--output out.npz]
+    kiln passes
+    kiln schema
+
+Errors from bad input print one or two lines and exit with code 2; ``--debug``
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from kiln.compiler.errors import KilnError
+
+logger = logging.getLogger("kiln")
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 132)  # logs and pipes: do not squeeze tables
+    return console
+
+
+@contextmanager
+def _progress(enabled: bool):
+    """A spinner with the current step on stderr (only on a terminal)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = _console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield lambda text: logger.info("%s", text)
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("kiln", total=None)
+        yield lambda text: progress.update(task, description=text)
+
+
+def _input_shapes(bindings: list[str] | None) -> dict[str, list[int]]:
+    from kiln.compiler.frontend import parse_input_binding
+
+    shapes = {}
+    for text in bindings or ():
+        name, dims = parse_input_binding(text)
+        shapes[name] = dims
+    return shapes
+
+
+def _load_spec(ref: str | None):
+    from kiln.compiler.spec import default_spec, load_spec
+
+    return load_spec(ref) if ref else default_spec()
+
+
+def _target_arg(text: str | None):
+    if text is None:
+        return None
+    if text.lstrip().startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise KilnError(f"--target: not valid JSON ({error.msg})") from None
+    return text
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from kiln.compiler.pipeline import compile_model
+
+    spec = _load_spec(args.spec)
+    target = _target_arg(args.target)
+    if args.no_build:
+        target = None
+    elif target is None:
+        target = spec.target
+    out = Path(args.output) if args.output else None
+    started = time.perf_counter()
+    with _progress(not args.quiet) as say:
+        result = compile_model(args.model, spec, input_shapes=_input_shapes(args.input),
+                               target=target, progress=say)
+        if out is not None:
+            result.save(out, target=target, progress=say)
+    console = _console()
+    if not args.quiet:
+        console.print(result.report.table())
+        for line in result.report.compiled_lines():
+            console.print(line)
+        if out is not None:
+            written = ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
+            console.print(f"wrote {out}/: {written} ({time.perf_counter() - started:.1f} s)")
+        else:
+            console.print("nothing written (no -o OUTDIR)")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from kiln.compiler.pipeline import plan_model
+
+    spec = _load_spec(args.spec)
+    plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input))
+    console = _console()
+    for entry in plan:
+        accepted = [c for c in entry.candidates if c.accepted]
+        refused = [c for c in entry.candidates if not c.accepted]
+        console.print(f"[bold]{entry.name}[/bold]  select: {entry.selector} "
+                      f"({entry.selected} nodes); would rewrite {len(accepted)}, "
+                      f"refuses {len(refused)}")
+        for c in accepted:
+            console.print(f"  + {c.label}", markup=False)
+        for c in refused:
+            console.print(f"  - {c.label}: {c.reason}", markup=False)
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from kiln.compiler import registry
+
+    console = _console()
+    for name, info in sorted(registry.available().items()):
+        try:
+            cls = registry.get_pass_class(name)
+        except KilnError as error:
+            console.print(f"{name}  [red]unavailable[/red]: {error}")
+            continue
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        kind = "exact" if cls.exact else "lossy"
+        origin = "" if info.origin == "builtin" else f" [plugin: {info.origin}]"
+        console.print(f"[bold]{name}[/bold] ({kind}){origin}: {doc}")
+        for field_name, field in cls.config_class.model_fields.items():
+            default = field.default
+            desc = f" - {field.description}" if field.description else ""
+            console.print(f"    {field_name}: {_type_name(field.annotation)} = {default!r}{desc}",
+                          markup=False)
+        console.print("    (every pass also takes: select, optional, budget)", markup=False)
+    return 0
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def spec_json_schema() -> dict:
+    """The spec's JSON Schema, with each registered pass's options."""
+    from kiln.compiler import registry
+    from kiln.compiler.spec import Budget, Selector, Spec
+
+    schema = Spec.model_json_schema(mode="validation")
+    schema.setdefault("$defs", {})
+    schema["properties"].pop("source", None)
+    schema["$defs"]["Selector"] = Selector.model_json_schema()
+    schema["$defs"]["Budget"] = Budget.model_json_schema()
+    items = []
+    for name in sorted(registry.available()):
+        try:
+            cls = registry.get_pass_class(name)
+        except KilnError:
+            continue
+        options = cls.config_class.model_json_schema()
+        props = dict(options.get("properties", {}))
+        props["select"] = {"$ref": "#/$defs/Selector"}
+        props["optional"] = {"type": "boolean"}
+        props["budget"] = {"$ref": "#/$defs/Budget"}
+        for key, value in options.get("$defs", {}).items():
+            schema["$defs"].setdefault(key, value)
+        body = {"type": "object", "properties": props, "additionalProperties": False}
+        items.append({"type": "object", "properties": {name: {"anyOf": [body, {"type": "null"}]}},
+                      "required": [name], "additionalProperties": False,
+                      "description": (cls.__doc__ or "").strip().splitlines()[0]})
+        items.append({"const": name})
+    schema["properties"]["passes"] = {"type": "array", "items": {"anyOf": items}}
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "kiln spec"
+    return schema
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(json.dumps(spec_json_schema(), indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from kiln.backends import tvm as tvm_backend
+
+    outputs = tvm_backend.run_artifact(Path(args.artifact), Path(args.inputs),
+                                       Path(args.output) if args.output else None)
+    console = _console()
+    for i, array in enumerate(outputs):
+        console.print(f"output {i}: shape {list(array.shape)} {array.dtype}", markup=False)
+    if args.output:
+        console.print(f"wrote {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="rewrite, verify, export ONNX and build a model")
+    p.add_argument("model", help="model.onnx, model.pt2 or MODULE:CALLABLE")
+    p.add_argument("--spec", "-s", help="a spec file or built-in spec name")
+    p.add_argument("--input", "-i", action="append", metavar="NAME=DIMS",
+                   help="bind an input shape, e.g. x=1x3x640x640 (repeatable)")
+    p.add_argument("--target", "-t", help="target preset (host, arm64, cuda-sm90, ...) or JSON")
+    p.add_argument("--no-build", action="store_true", help="skip the TVM build")
+    p.add_argument("-o", "--output", metavar="OUTDIR", help="folder for model.onnx, report.json...")
+    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("plan", help="show what each pass would touch, changing nothing")
+    p.add_argument("model")
+    p.add_argument("--spec", "-s", required=True)
+    p.add_argument("--input", "-i", action="append", metavar="NAME=DIMS")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz")
+    p.add_argument("artifact", metavar="OUTDIR")
+    p.add_argument("--inputs", required=True, help=".npz with one array per input name")
+    p.add_argument("--output", help="write outputs to this .npz")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("passes", help="list every pass with its options")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("schema", help="print the spec's JSON Schema")
+    p.set_defaults(func=cmd_schema)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KilnError as error:
+        if args.debug:
+            raise
+        sys.stderr.write(f"kiln: error: {error}\n")
+        return error.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("kiln: interrupted\n")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""The contract every kiln pass fulfils (built-in or plugin).
+
+A pass is an ``onnx_ir.passes.InPlacePass`` with a frozen pydantic config. It
+works in two steps so that ``kiln plan`` can show what a pass would do without
+doing it:
+
+- ``candidates(model)`` finds every place the pass could apply among the
+  selected nodes and returns a ``Candidate`` per place, with ``reason`` set
+  when the place is refused (a shared weight, a non-constant input...);
+- ``rewrite(model, accepted)`` changes the model for the accepted candidates
+  and returns how many it rewrote.
+
+``call`` runs both. Passes never mutate a matched weight in place: they make
+a new initializer and redirect its users.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import onnx_ir as ir
+from pydantic import BaseModel, ConfigDict
+
+from kiln.compiler import ir as kir
+
+
+class PassConfig(BaseModel):
+    """Base of pass configs: frozen, keyword-only, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One place a pass could rewrite; ``reason`` is why it was refused (None: accepted)."""
+
+    anchor: ir.Node | None
+    label: str
+    reason: str | None = None
+    nodes: tuple[ir.Node, ...] = ()
+    data: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def accepted(self) -> bool:
+        return self.reason is None
+
+
+NodeFilter = Callable[[ir.Node], bool]
+
+
+class KilnPass(ir.passes.InPlacePass):
+    """Base class of kiln passes.
+
+    Subclasses set ``name`` (the spec name), ``config_class`` and ``exact``
+    (True when the rewrite must keep outputs equal to float32 tolerance), and
+    implement ``candidates`` and ``rewrite``.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[PassConfig]] = PassConfig
+    exact: ClassVar[bool] = True
+    # Set by passes whose selection is about weights rather than nodes (dedupe).
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: PassConfig | None = None, *,
+                 selected: NodeFilter | None = None) -> None:
+        super().__init__()
+        self.config = config if config is not None else self.config_class()
+        self._selected = selected
+        self.last_candidates: list[Candidate] = []
+
+    def selected(self, node: ir.Node) -> bool:
+        return self._selected is None or self._selected(node)
+
+    def selected_nodes(self, model: ir.Model) -> list[ir.Node]:
+        return [node for node in kir.nodes(model) if self.selected(node)]
+
+    # -- to implement -------------------------------------------------------------------
+    def candidates(self, model: ir.Model) -> list[Candidate]:
+        raise NotImplementedError
+
+    def rewrite(self, model: ir.Model, accepted: Sequence[Candidate]) -> int:
+        raise NotImplementedError
+
+    # -- onnx_ir pass protocol ------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        found = self.candidates(model)
+        self.last_candidates = found
+        accepted = [c for c in found if c.accepted]
+        changed = self.rewrite(model, accepted) if accepted else 0
+        return ir.passes.PassResult(model, modified=changed > 0)
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    """A value name not yet used in the graph (deterministic: base, base_1, ...)."""
+    taken = set(graph.initializers)
+    for node in graph:
+        for value in node.outputs:
+            if value.name:
+                taken.add(value.name)
+    for value in graph.inputs:
+        if value.name:
+            taken.add(value.name)
+    if base not in taken:
+        return base
+    i = 1
+    while f"{base}_{i}" in taken:
+        i += 1
+    return f"{base}_{i}"
+
+
+def add_initializer(graph: ir.Graph, base_name: str, array) -> ir.Value:
+    """A new initializer holding ``array`` (numpy), registered under a unique name."""
+    name = unique_name(graph, base_name)
+    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(
+        ir.DataType.from_numpy(array.dtype)), const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def remove_unused_initializers(graph: ir.Graph, names: Sequence[str]) -> None:
+    for name in names:
+        value = graph.initializers.get(name)
+        if value is not None and not value.uses() and not value.is_graph_output() \
+                and not value.is_graph_input():
+            del graph.initializers[name]
+
+
+def replace_value(graph: ir.Graph, old: ir.Value, new: ir.Value, *,
+                  take_name: bool = True) -> None:
+    """Point every use of ``old`` at ``new``; ``new`` takes ``old``'s name (a graph output
+    always keeps its name), so rewritten graphs keep readable, stable value names."""
+    was_output = old.is_graph_output()
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if was_output or take_name:
+        old.name = None
+        new.name = name
+
+
+def copy_metadata(source: ir.Node, target: ir.Node) -> None:
+    """Keep the module path and other metadata of the node a rewrite replaces."""
+    for key, value in source.metadata_props.items():
+        target.metadata_props[key] = value

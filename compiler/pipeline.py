@@ -1,0 +1,343 @@
+"""The pipeline driver: load -> (pass -> verify)* -> save ONNX -> build with TVM.
+
+This is the one module (with the CLI) that ties passes and backends together.
+Every pass is checked with ONNX Runtime against the model before it and the
+source model: exact passes must match to float32 tolerance, lossy passes must
+meet their ``budget`` (or ``on_budget_exceeded: skip_pass`` undoes them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+from pydantic import ValidationError
+
+from kiln.compiler import ir as kir
+from kiln.compiler import registry
+from kiln.compiler.errors import KilnError, PassError, SpecError, VerificationError
+from kiln.compiler.frontend import load_model
+from kiln.compiler.pass_api import Candidate, KilnPass, PassConfig
+from kiln.compiler.report import CompiledReport, CompileReport, PassReport
+from kiln.compiler.selectors import describe, node_selected, select_nodes
+from kiln.compiler.spec import (Budget, PassEntry, Spec, default_spec, load_spec,
+                                validation_error_to_spec_error)
+from kiln.compiler.verify import ErrorMetrics, Feeds, compare, make_samples
+
+logger = logging.getLogger(__name__)
+
+
+def kiln_version() -> str:
+    try:
+        return version("kiln")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class PassStep:
+    """A spec entry resolved to a pass class and a validated config."""
+
+    entry: PassEntry
+    pass_class: type[KilnPass]
+    config: PassConfig
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+def build_steps(spec: Spec) -> list[PassStep]:
+    """Resolve every pass of the spec; unknown passes and bad options are SpecErrors."""
+    steps = []
+    for i, entry in enumerate(spec.passes):
+        try:
+            cls = registry.get_pass_class(entry.name)
+        except KilnError as error:
+            raise spec.error(("passes", i), str(error)) from None
+        try:
+            config = cls.config_class(**entry.options)
+        except ValidationError as error:
+            file, _ = spec.locate(("passes", i))
+            known = {(): list(cls.config_class.model_fields)}
+            located = validation_error_to_spec_error(
+                error, entry.options, _Locator(spec, ("passes", i)), file or spec.source,
+                known=known)
+            raise SpecError(f"pass {entry.name!r}: {located.detail}", file=located.file,
+                            line=located.line,
+                            path=f"passes[{i}].{entry.name}" + (
+                                f".{located.path}" if located.path else "")) from None
+        steps.append(PassStep(entry, cls, config))
+    return steps
+
+
+class _Locator:
+    """Adapts Spec.locate for paths relative to one pass's options."""
+
+    def __init__(self, spec: Spec, prefix: tuple) -> None:
+        self.spec, self.prefix = spec, prefix
+
+    def find(self, path: tuple) -> tuple[str | None, int | None]:
+        return self.spec.locate(self.prefix + ("options",) + tuple(path))
+
+
+def _selection(model: ir.Model, step: PassStep, spec: Spec):
+    """The node filter of a step; a selector that matches nothing is a SpecError."""
+    selector = step.entry.select
+    if selector is None:
+        return None
+    chosen = select_nodes(model, selector)
+    if not chosen and not step.entry.optional:
+        i = step.entry.index
+        raise spec.error(("passes", i, "select"),
+                         f"selector of pass {step.name!r} matches no node ({describe(selector)}); "
+                         "fix it or set `optional: true`")
+    ids = {id(node) for node in chosen}
+    return lambda node: id(node) in ids
+
+
+def _merged_shapes(spec: Spec, input_shapes: Mapping[str, Sequence[int]] | None):
+    shapes: dict[str, list[int]] = dict(spec.inputs or {})
+    shapes.update({k: list(v) for k, v in (input_shapes or {}).items()})
+    return shapes
+
+
+def _clone(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+@dataclass
+class PlanEntry:
+    name: str
+    selector: str
+    selected: int
+    candidates: list[Candidate]
+
+
+@dataclass
+class CompileResult:
+    """What ``compile_model`` produced: the rewritten model, its report and how to save it."""
+
+    model: ir.Model
+    report: CompileReport
+    spec: Spec
+    source: str
+    samples: list[Feeds] = field(default_factory=list)
+    reference_outputs: list[list] = field(default_factory=list)
+    target: str | dict | None = None
+
+    @property
+    def model_hash(self) -> str:
+        spec_text = json.dumps(self.spec.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(kir.model_bytes(self.model) + spec_text.encode()).hexdigest()
+
+    def save(self, outdir: str | os.PathLike, *, target: str | dict | None = None,
+             progress: Callable[[str], Any] | None = None) -> Path:
+        """Write model.onnx (and, with a target, model.so + manifest.json) and report.json."""
+        from kiln.backends.onnx import save_model, write_atomic
+
+        out = Path(outdir)
+        if out.exists() and not out.is_dir():
+            raise KilnError(f"{out}: exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        protect = (Path(self.source),) if Path(self.source).exists() else ()
+        self.report.model_hash = self.model_hash
+        if self.spec.output.onnx:
+            self.report.onnx_bytes = save_model(self.model, out / "model.onnx", protect=protect,
+                                                producer_version=kiln_version())
+        target = target if target is not None else self.target
+        if target is not None and self.spec.output.tvm:
+            self.report.compiled = _build_and_check(self, target, out, progress)
+        write_atomic(out / "report.json", self.report.to_json().encode(), protect=protect)
+        return out
+
+
+def _build_and_check(result: CompileResult, target, out: Path, progress) -> CompiledReport:
+    from kiln.backends import tvm as tvm_backend
+
+    preset = tvm_backend.resolve_target(target)
+    if progress:
+        progress(f"building for {preset.name}")
+    built = tvm_backend.build_artifact(result.model, preset, out, model_hash=result.model_hash)
+    report = CompiledReport(target=preset.name, library=str(built.lib_path),
+                            build_seconds=built.seconds, verified=False)
+    if built.runs_on_host and result.samples:
+        compiled = tvm_backend.load(out)
+        outputs = [compiled(**feeds) for feeds in result.samples]
+        names = [v.name for v in result.model.graph.outputs]
+        metrics = compare(result.reference_outputs, outputs, names,
+                          rtol=result.spec.verify.rtol * 10, atol=result.spec.verify.atol * 10)
+        report.verified = True
+        report.sqnr_db = metrics.sqnr_db
+        report.max_abs_err = metrics.max_abs_err
+        if not metrics.within_tolerance:
+            raise VerificationError(f"the compiled module for {preset.name} does not match "
+                                    f"ONNX Runtime: {metrics.describe()}",
+                                    output=metrics.worst_output, sqnr_db=metrics.sqnr_db,
+                                    max_abs_err=metrics.max_abs_err)
+    else:
+        report.binary = tvm_backend.check_binary(built.lib_path, preset)
+    return report
+
+
+def _budget_failure(metrics: ErrorMetrics, budget: Budget | None) -> str | None:
+    if budget is None:
+        return None
+    if budget.sqnr_db is not None and metrics.sqnr_db < budget.sqnr_db:
+        return f"SQNR {metrics.sqnr_db:.1f} dB is below the budget of {budget.sqnr_db} dB"
+    if budget.max_abs_err is not None and metrics.max_abs_err > budget.max_abs_err:
+        return (f"max abs error {metrics.max_abs_err:.3g} is over the budget of "
+                f"{budget.max_abs_err}")
+    return None
+
+
+def _run_pass(instance: KilnPass, model: ir.Model, name: str, ran: Sequence[str]):
+    try:
+        return instance(model)
+    except KilnError:
+        raise
+    except Exception as error:
+        logger.debug("pass %s failed", name, exc_info=True)
+        raise PassError(f"{type(error).__name__}: {error}", pass_name=name,
+                        ran_before=ran) from error
+
+
+class _Runner:
+    """Runs a model on the verification samples with ONNX Runtime."""
+
+    def __init__(self, samples: list[Feeds]) -> None:
+        self.samples = samples
+
+    def __call__(self, model: ir.Model) -> list[list]:
+        from kiln.backends.ort import ReferenceRunner
+
+        if not self.samples:
+            return []
+        runner = ReferenceRunner(model)
+        return [runner.run(feeds) for feeds in self.samples]
+
+
+def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None,
+                  target: str | dict | None = None,
+                  progress: Callable[[str], Any] | None = None) -> CompileResult:
+    """Load ``source``, run the spec's passes with verification after each, and return
+    the result (call ``.save(outdir)`` to write it)."""
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    spec = spec or default_spec()
+    steps = build_steps(spec)
+    say = progress or (lambda _text: None)
+    started = time.perf_counter()
+    say("loading model")
+    model = load_model(source, input_shapes=_merged_shapes(spec, input_shapes))
+    report = CompileReport(model=str(source), spec=spec.name or (spec.source or "<spec>"),
+                           kiln_version=kiln_version(), params_source=kir.count_params(model),
+                           bytes_source=kir.count_weight_bytes(model))
+    samples = make_samples(model, spec) if spec.verify.enabled else []
+    run = _Runner(samples)
+    output_names = [v.name for v in model.graph.outputs]
+    say("reference run")
+    source_outputs = run(model)
+    report.verify_samples = len(samples)
+    report.load_seconds = time.perf_counter() - started
+    previous = source_outputs
+    ran: list[str] = []
+    for step in steps:
+        say(f"pass {step.name}")
+        t0 = time.perf_counter()
+        entry = step.entry
+        selected = _selection(model, step, spec)
+        skip_allowed = spec.verify.on_budget_exceeded == "skip_pass"
+        snapshot = _clone(model) if skip_allowed and not step.pass_class.exact else None
+        p = PassReport(name=step.name, exact=step.pass_class.exact,
+                       params_before=kir.count_params(model),
+                       bytes_before=kir.count_weight_bytes(model))
+        instance = step.pass_class(step.config, selected=selected)
+        result = _run_pass(instance, model, step.name, ran)
+        model = result.model
+        p.matched = sum(1 for c in instance.last_candidates if c.accepted)
+        p.refused = sum(1 for c in instance.last_candidates if not c.accepted)
+        p.modified = bool(result.modified)
+        p.params_after = kir.count_params(model)
+        p.bytes_after = kir.count_weight_bytes(model)
+        if samples and p.modified:
+            outputs = run(model)
+            vs_prev = compare(previous, outputs, output_names, rtol=spec.verify.rtol,
+                              atol=spec.verify.atol)
+            vs_source = compare(source_outputs, outputs, output_names, rtol=spec.verify.rtol,
+                                atol=spec.verify.atol)
+            p.sqnr_db, p.max_abs_err = vs_prev.sqnr_db, vs_prev.max_abs_err
+            p.sqnr_db_vs_source = vs_source.sqnr_db
+            p.max_abs_err_vs_source = vs_source.max_abs_err
+            p.worst_output = vs_prev.worst_output
+            if step.pass_class.exact and not vs_prev.within_tolerance:
+                raise VerificationError(
+                    f"exact pass {step.name!r} changed the outputs beyond float32 tolerance: "
+                    f"{vs_prev.describe()}", pass_name=step.name, output=vs_prev.worst_output,
+                    sqnr_db=vs_prev.sqnr_db, max_abs_err=vs_prev.max_abs_err)
+            failure = _budget_failure(vs_prev, entry.budget)
+            if failure is None:
+                end_to_end = _budget_failure(vs_source, spec.verify.budget)
+                failure = f"end to end, {end_to_end}" if end_to_end else None
+            if failure is not None:
+                if snapshot is not None:
+                    model = snapshot
+                    p.skipped = True
+                    p.note = f"undone: {failure}"
+                    p.params_after, p.bytes_after = p.params_before, p.bytes_before
+                    logger.warning("pass %s undone: %s", step.name, failure)
+                    outputs = previous
+                else:
+                    raise VerificationError(
+                        f"pass {step.name!r}: {failure} (output {vs_prev.worst_output!r})",
+                        pass_name=step.name, output=vs_prev.worst_output,
+                        sqnr_db=vs_prev.sqnr_db, max_abs_err=vs_prev.max_abs_err)
+            previous = outputs
+        elif p.modified:
+            p.sqnr_db = p.sqnr_db_vs_source = None
+            p.max_abs_err = p.max_abs_err_vs_source = None
+            p.note = "not verified (verify.enabled: false)"
+        else:
+            prev_report = report.passes[-1] if report.passes else None
+            if prev_report is not None:
+                p.sqnr_db_vs_source = prev_report.sqnr_db_vs_source
+                p.max_abs_err_vs_source = prev_report.max_abs_err_vs_source
+        p.seconds = time.perf_counter() - t0
+        report.passes.append(p)
+        ran.append(step.name)
+    return CompileResult(model=model, report=report, spec=spec, source=os.fspath(source),
+                         samples=samples, reference_outputs=source_outputs, target=target
+                         if target is not None else spec.target)
+
+
+def plan_model(source: str | os.PathLike, spec: Spec | str, *,
+               input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[PlanEntry]:
+    """What each pass would touch, and why candidates were refused, changing nothing on disk.
+
+    Passes are applied in order to an in-memory copy so that each sees the model
+    the earlier passes leave (no verification).
+    """
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    steps = build_steps(spec)
+    model = load_model(source, input_shapes=_merged_shapes(spec, input_shapes))
+    plan = []
+    for step in steps:
+        selected = _selection(model, step, spec)
+        count = sum(1 for node in kir.nodes(model) if selected is None or selected(node))
+        instance = step.pass_class(step.config, selected=selected)
+        _run_pass(instance, model, step.name, [e.name for e in plan])
+        plan.append(PlanEntry(step.name, describe(step.entry.select), count,
+                              list(instance.last_candidates)))
+    return plan
