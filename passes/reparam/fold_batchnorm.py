@@ -80,6 +80,18 @@ def _per_channel(array: np.ndarray, channels: int, out_rank: int, axis: int) -> 
     return np.broadcast_to(flat, (channels,)).astype(np.float64)
 
 
+def _output_rank(producer: ir.Node, weight: np.ndarray) -> int | None:
+    out = producer.outputs[0]
+    if out.shape is not None:
+        return len(out.shape)
+    if producer.op_type == "Conv":
+        return weight.ndim
+    if producer.op_type == "Gemm":
+        return 2
+    data = producer.inputs[0]
+    return len(data.shape) if data is not None and data.shape is not None else None
+
+
 class FoldBatchNorm(KilnPass):
     """Fold BatchNormalization or per-channel Mul/Add into the Conv/Gemm/MatMul before it."""
 
@@ -139,7 +151,7 @@ class FoldBatchNorm(KilnPass):
                     and _const(producer.inputs[2]) is None:
                 return refuse("Gemm C is not a constant")
         channels = _out_channels(producer, weight)
-        out_rank = len(out.shape) if out.shape is not None else None
+        out_rank = _output_rank(producer, weight)
 
         if consumer.op_type == "BatchNormalization":
             return self._inspect_bn(producer, consumer, label, channels, out_rank, refuse)
@@ -282,7 +294,7 @@ class FoldBatchNorm(KilnPass):
             for node in extra:
                 node.outputs[0].shape = producer.outputs[0].shape
                 node.outputs[0].type = producer.outputs[0].type
-        tail_inputs = [v.name for n in fold.tail for v in n.inputs[1:] if v is not None]
+        tail_inputs = [v.name for n in fold.tail for v in n.inputs if v is not None and v.name]
         if extra:
             new.outputs[0].name = unique_name(graph, f"{base}_unshifted")
         last = fold.tail[-1].outputs[0]

@@ -1,0 +1,111 @@
+"""The package mapping and the layer rules of STYLE.md."""
+
+from __future__ import annotations
+
+import ast
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOP = {"compiler": "kiln.compiler", "passes": "kiln.passes", "backends": "kiln.backends",
+       "specs": "kiln.specs"}
+# The core of compiler/ (knows no pass and no backend); the driver and CLI sit on top.
+CORE = {"errors", "ir", "spec", "selectors", "pass_api", "frontend", "example_models"}
+DRIVER = {"pipeline", "cli", "registry", "verify", "report"}
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _packages_on_disk() -> set[str]:
+    found = set()
+    for folder, name in TOP.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([name, *rel.parts]) if rel.parts else name)
+    return found
+
+
+def test_every_subpackage_is_mapped():
+    config = _pyproject()["tool"]["setuptools"]
+    listed = set(config["packages"])
+    missing = _packages_on_disk() - listed
+    assert not missing, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(missing)}"
+    for folder, name in TOP.items():
+        assert config["package-dir"][name] == folder
+
+
+def test_package_dir_has_no_stale_entries():
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    assert listed <= _packages_on_disk()
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted((ROOT / folder).rglob("*.py"))
+
+
+def test_core_imports_no_pass_and_no_backend():
+    for path in _files("compiler"):
+        if path.stem in DRIVER:
+            continue
+        bad = {n for n in _imports(path) if n.startswith(("kiln.passes", "kiln.backends"))}
+        assert not bad, f"{path.relative_to(ROOT)} (core) imports {sorted(bad)}"
+
+
+def test_passes_import_only_the_core():
+    for path in _files("passes"):
+        for name in _imports(path):
+            assert not name.startswith("kiln.backends"), f"{path} imports {name}"
+            if name.startswith("kiln.compiler."):
+                module = name.split(".")[2]
+                assert module in CORE, f"{path.relative_to(ROOT)} imports driver module {name}"
+
+
+def test_backends_import_only_the_core():
+    for path in _files("backends"):
+        for name in _imports(path):
+            assert not name.startswith("kiln.passes"), f"{path} imports {name}"
+            if name.startswith("kiln.compiler."):
+                module = name.split(".")[2]
+                assert module in CORE, f"{path.relative_to(ROOT)} imports driver module {name}"
+
+
+def test_only_tvm_backend_imports_tvm():
+    for folder in ("compiler", "passes", "backends"):
+        for path in _files(folder):
+            if path.is_relative_to(ROOT / "backends" / "tvm"):
+                continue
+            bad = {n for n in _imports(path) if n == "tvm" or n.startswith("tvm.")}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_only_ort_backend_imports_onnxruntime():
+    for folder in ("compiler", "passes", "backends"):
+        for path in _files(folder):
+            if path.is_relative_to(ROOT / "backends" / "ort"):
+                continue
+            bad = {n for n in _imports(path) if n.startswith("onnxruntime")}
+            assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_one_pass_per_module_with_a_mirrored_test():
+    from kiln.compiler.registry import BUILTIN_PASSES
+
+    for name, target in BUILTIN_PASSES.items():
+        module = target.split(":")[0]
+        parts = module.split(".")[2:]  # kiln.passes.<family>.<module>
+        assert parts[-1] == name, f"pass {name!r} lives in module {module}"
+        test = ROOT / "tests" / "passes" / Path(*parts[:-1]) / f"test_{parts[-1]}.py"
+        assert test.exists(), f"missing test {test.relative_to(ROOT)}"
