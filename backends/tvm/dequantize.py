@@ -179,7 +179,10 @@ def dequantize_expr(x, scale, zero_point, *, axis: int, block_size: int, out_dty
                     x_shape: list[int] | None = None):
     """Relax for ``(x - zero_point) * scale`` with per-tensor/axis/block parameters.
 
-    ``x`` is already a numeric tensor (ints or the FP4 lookup's floats).
+    ``x`` is already a numeric tensor (ints or the FP4 lookup's floats). Blocks
+    that divide the axis are done by viewing ``x`` as ``[..., D/B, B, ...]`` and
+    broadcasting the parameters over ``B``, so constant folding never stores a
+    scale expanded to the weight's full size.
     """
     from tvm import relax
 
@@ -188,6 +191,15 @@ def dequantize_expr(x, scale, zero_point, *, axis: int, block_size: int, out_dty
     if len(shape) <= 1:
         axis = 0
     y = relax.op.astype(x, out_dtype)
+    if block_size and shape[axis] % block_size == 0:
+        grouped = shape[:axis] + [shape[axis] // block_size, block_size] + shape[axis + 1:]
+        y = relax.op.reshape(y, grouped)
+        if zero_point is not None:
+            zp = relax.op.expand_dims(relax.op.astype(zero_point, out_dtype), axis + 1)
+            y = relax.op.subtract(y, zp)
+        s = scale if _dtype(scale) == out_dtype else relax.op.astype(scale, out_dtype)
+        y = relax.op.multiply(y, relax.op.expand_dims(s, axis + 1))
+        return relax.op.reshape(y, shape)
     if zero_point is not None:
         zp = _expand_param(zero_point, x_shape=shape, axis=axis, block_size=block_size)
         y = relax.op.subtract(y, relax.op.astype(zp, out_dtype))

@@ -29,6 +29,7 @@ import onnx
 import onnx_ir as ir
 
 from kiln.compiler.errors import LoweringError
+from kiln.compiler.ir import graph_inputs
 
 from .dequantize import (
     PACKED_DOMAIN,
@@ -138,9 +139,10 @@ def _format_ops(ops: dict[str, str]) -> str:
     return ", ".join(f"{op} (node {node!r})" for op, node in ops.items())
 
 
-def _check_static_inputs(model: ir.Model, target_name: str | None) -> None:
+def check_static_inputs(model: ir.Model, target_name: str | None = None) -> None:
+    """Raise LoweringError naming every input whose shape is not fully static."""
     dynamic = []
-    for value in model.graph.inputs:
+    for value in graph_inputs(model):
         if value.shape is None or not all(isinstance(d, int) for d in value.shape):
             dims = "?" if value.shape is None else list(value.shape)
             dynamic.append(f"{value.name!r} {dims}")
@@ -150,11 +152,18 @@ def _check_static_inputs(model: ir.Model, target_name: str | None) -> None:
 
 
 def _refold(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Constant-fold a copy with onnxscript's optimizer (shape chains -> constants)."""
-    import onnxscript.optimizer
+    """Constant-fold a copy with onnxscript's folder (shape chains -> constants).
+
+    Folding only: onnxscript's rewrite rules (BatchNorm fusion, ...) are kiln
+    passes that a spec chooses, not something lowering does behind its back.
+    """
+    from onnx_ir.passes import common
+    from onnxscript.optimizer import fold_constants
 
     copy = ir.serde.deserialize_model(proto)
-    onnxscript.optimizer.optimize(copy)
+    common.InlinePass()(copy)
+    fold_constants(copy, onnx_shape_inference=True)
+    common.RemoveUnusedNodesPass()(copy)
     return ir.serde.serialize_model(copy)
 
 
@@ -179,7 +188,7 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
     Raises LoweringError listing every unsupported op, or naming the node
     TVM's importer failed on.
     """
-    _check_static_inputs(model, target_name)
+    check_static_inputs(model, target_name)
     proto = _to_onnx(model, target_name)
 
     problems = unsupported_ops(proto)
@@ -190,8 +199,8 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
 
     from tvm.relax.frontend.onnx import from_onnx
 
-    shapes = {v.name: list(v.shape) for v in model.graph.inputs}
-    dtypes = {v.name: str(v.dtype.numpy()) for v in model.graph.inputs}
+    shapes = {v.name: list(v.shape) for v in graph_inputs(model)}
+    dtypes = {v.name: str(v.dtype.numpy()) for v in graph_inputs(model)}
     captured = io.StringIO()
     _current_node.value = None
     with _extended_convert_map(), warnings.catch_warnings(record=True) as caught, \

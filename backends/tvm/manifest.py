@@ -85,6 +85,22 @@ def read_manifest(outdir: Path) -> Manifest:
     return Manifest.from_json(path.read_text(), source=str(path))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def replace_atomic(tmp: Path | str, path: Path | str, *, mode: int = 0o644) -> None:
+    """Give ``tmp`` (a finished file next to ``path``) its final mode and rename it over ``path``.
+
+    ``tempfile.mkstemp`` creates files 0600; ``mode`` (less the umask) is what a
+    plainly written file would have.
+    """
+    os.chmod(tmp, mode & ~_umask())
+    os.replace(tmp, path)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace``.
 
@@ -97,7 +113,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        replace_atomic(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -81,13 +81,13 @@ def _gpu_schedule(target: tvm.target.Target) -> PassList:
 
 
 def _finalize_cpu(target: tvm.target.Target) -> PassList:
-    from tvm.relax.backend import cpu_generic
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
     return cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)
 
 
 def _finalize_cuda(target: tvm.target.Target) -> PassList:
-    from tvm.relax.backend import cuda
+    from tvm.relax.backend.cuda import pipeline as cuda
 
     return cuda.dataflow_lower_passes(target) + cuda.finalize_passes(target)
 

@@ -1,0 +1,184 @@
+"""Build a compiled artifact: ``model.so`` (kernels + weights) and ``manifest.json``.
+
+Steps: lower to Relax (:mod:`.lower`), run the target family's phases
+(:mod:`.pipeline`) through ``tvm.compile``, export the library (with the
+target's cross linker), check the binary's kind, and write the manifest.
+Both files are written atomically, so an interrupted build never leaves a
+library that does not match its manifest under the final names.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from kiln.compiler.errors import LoweringError
+from kiln.compiler.ir import graph_inputs
+
+from .binary_check import check_binary
+from .lower import check_static_inputs, lower_to_relax
+from .manifest import (
+    LIBRARY_NAME,
+    MANIFEST_NAME,
+    Manifest,
+    TensorSpec,
+    replace_atomic,
+    write_atomic,
+)
+from .pipeline import relax_pipeline
+from .targets import ResolvedTarget, require_cross_compiler, resolve_target
+
+logger = logging.getLogger(__name__)
+
+#: ``progress(step, done, total)``: called as each build step starts and at the end.
+Progress = Callable[[str, int, int], None]
+InputDecl = tuple[str, Sequence[int], str]
+
+_STEPS = ("lower", "compile", "export", "check")
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    """What :func:`build_artifact` produced and how long it took."""
+
+    library: Path
+    manifest: Path
+    seconds: float
+    runs_on_host: bool
+    target: str
+    binary: str
+    step_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def kiln_version() -> str:
+    try:
+        return metadata.version("kiln")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _model_inputs(model: ir.Model) -> list[TensorSpec]:
+    return [TensorSpec(v.name, tuple(int(d) for d in v.shape), str(v.dtype.numpy()))
+            for v in graph_inputs(model)]
+
+
+def _check_declared_inputs(found: list[TensorSpec], declared: Sequence[InputDecl],
+                           target: str) -> None:
+    """The caller's (name, shape, dtype) list must describe the model's inputs."""
+    want = [TensorSpec(name, tuple(int(d) for d in shape), str(dtype))
+            for name, shape, dtype in declared]
+    if want != found:
+        have = ", ".join(f"{t.name} {t.describe()}" for t in found)
+        said = ", ".join(f"{t.name} {t.describe()}" for t in want)
+        raise LoweringError(f"declared inputs ({said}) do not match the model's ({have})",
+                            target=target)
+
+
+def _relax_outputs(mod, names: list[str]) -> list[TensorSpec]:
+    """Output specs from the Relax main's return type (static after import)."""
+    from tvm import relax
+
+    ret = mod["main"].ret_ty
+    fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    specs = []
+    for name, ty in zip(names, fields, strict=True):
+        shape = tuple(int(d) for d in ty.shape.values)
+        specs.append(TensorSpec(name, shape, str(ty.dtype)))
+    return specs
+
+
+def _export(executable, library: Path, cross_cc: str | None) -> None:
+    """``export_library`` into a temp file next to ``library``, then rename over it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{library.name}.", suffix=".so", dir=library.parent)
+    os.close(fd)
+    try:
+        kwargs = {"cc": cross_cc} if cross_cc else {}
+        executable.export_library(tmp, **kwargs)
+        replace_atomic(tmp, library, mode=0o755)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarget,
+                   outdir: Path, *, model_hash: str,
+                   inputs: Sequence[InputDecl] | None = None,
+                   progress: Progress | None = None) -> BuildResult:
+    """Compile ``model`` for ``target`` into ``outdir/model.so`` + ``outdir/manifest.json``.
+
+    ``model`` has static input shapes and folded constants (the frontend's
+    output). ``inputs``, when given, must match the model's inputs (name,
+    shape, dtype, in order). ``model_hash`` identifies the model+spec in the
+    manifest. Raises LoweringError (unsupported ops, import or compile
+    failure) or KilnError (missing cross compiler).
+    """
+    import tvm
+
+    resolved = target if isinstance(target, ResolvedTarget) else resolve_target(target)
+    cross_cc = require_cross_compiler(resolved)
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    report = progress or (lambda step, done, total: None)
+    times: dict[str, float] = {}
+    start = time.perf_counter()
+
+    def step(name: str) -> None:
+        now = time.perf_counter()
+        if times:
+            last = next(reversed(times))
+            times[last] = now - times[last]
+        times[name] = now
+        report(name, _STEPS.index(name), len(_STEPS))
+        logger.info("build %s: %s", resolved.name, name)
+
+    check_static_inputs(model, resolved.name)
+    model_inputs = _model_inputs(model)
+    if inputs is not None:
+        _check_declared_inputs(model_inputs, inputs, resolved.name)
+
+    step("lower")
+    mod = lower_to_relax(model, target_name=resolved.name)
+    outputs = _relax_outputs(mod, [v.name for v in model.graph.outputs])
+
+    step("compile")
+    try:
+        executable = tvm.compile(mod, target=resolved.tvm_target(),
+                                 relax_pipeline=relax_pipeline(resolved))
+    except Exception as err:  # TVM raises its own error types from C++
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise LoweringError(f"TVM compile failed: {detail}", target=resolved.name) from err
+
+    step("export")
+    library = outdir / LIBRARY_NAME
+    try:
+        _export(executable, library, cross_cc)
+    except Exception as err:
+        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise LoweringError(f"exporting the library failed: {detail}",
+                            target=resolved.name) from err
+
+    step("check")
+    binary = check_binary(library, resolved)
+    manifest = Manifest(
+        target_name=resolved.name, target=resolved.target, target_family=resolved.family,
+        target_arch=resolved.arch, inputs=tuple(model_inputs), outputs=tuple(outputs),
+        model_hash=model_hash, kiln_version=kiln_version(), tvm_version=str(tvm.__version__))
+    manifest_path = outdir / MANIFEST_NAME
+    write_atomic(manifest_path, manifest.to_json().encode())
+    last = next(reversed(times))
+    times[last] = time.perf_counter() - times[last]
+    seconds = time.perf_counter() - start
+    report("done", len(_STEPS), len(_STEPS))
+    logger.info("built %s for %s in %.1f s (%s)", library, resolved.name, seconds, binary)
+    return BuildResult(library=library, manifest=manifest_path, seconds=seconds,
+                       runs_on_host=resolved.runs_on_this_host(), target=resolved.name,
+                       binary=binary, step_seconds=times)

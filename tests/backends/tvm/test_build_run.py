@@ -1,0 +1,104 @@
+"""Build for the host, run the artifact, compare with ONNX Runtime; runtime input errors."""
+
+from __future__ import annotations
+
+import json
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from kiln.backends.tvm import build_artifact, load, run_artifact
+from kiln.compiler.errors import KilnError
+
+from .onnx_models import (
+    REL_TOL,
+    blocked_int4_matmul,
+    ort_outputs,
+    relative_error,
+    tiny_cnn,
+    to_ir,
+)
+
+
+@pytest.fixture(scope="module")
+def cnn_artifact(tmp_path_factory):
+    outdir = tmp_path_factory.mktemp("tiny_cnn")
+    steps = []
+    result = build_artifact(to_ir(tiny_cnn()), "host", outdir, model_hash="sha256:test",
+                            inputs=[("x", [1, 3, 32, 32], "float32")],
+                            progress=lambda step, done, total: steps.append(step))
+    return outdir, result, steps
+
+
+def test_host_build_matches_onnxruntime(cnn_artifact):
+    outdir, result, steps = cnn_artifact
+    assert result.runs_on_host and result.library.is_file()
+    assert steps[0] == "lower" and steps[-1] == "done"
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    (ref,) = ort_outputs(tiny_cnn(), {"x": x})
+    (out,) = load(outdir)(x)
+    assert out.shape == ref.shape
+    assert relative_error(out, ref) < REL_TOL
+
+
+def test_manifest_describes_the_artifact(cnn_artifact):
+    outdir, _, _ = cnn_artifact
+    manifest = json.loads((outdir / "manifest.json").read_text())
+    assert manifest["inputs"] == [{"name": "x", "shape": [1, 3, 32, 32], "dtype": "float32"}]
+    assert manifest["outputs"] == [{"name": "y", "shape": [1, 10], "dtype": "float32"}]
+    assert manifest["target_name"] == "host" and manifest["target"]["kind"] == "llvm"
+    assert manifest["model_hash"] == "sha256:test"
+    assert manifest["tvm_version"].startswith("0.27") and manifest["kiln_version"]
+    assert not list(outdir.glob(".*tmp*")), "temp files left behind"
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: m(y=x), "unknown input 'y'; inputs are: x"),
+    (lambda m, x: m(x[:, :, :30, :30].copy()),
+     "input 'x': expected shape [1,3,32,32] float32, got [1,3,30,30] float32"),
+    (lambda m, x: m(x.astype(np.float64)),
+     "input 'x': expected shape [1,3,32,32] float32, got [1,3,32,32] float64"),
+    (lambda m, x: m(), "missing input 'x' ([1,3,32,32] float32)"),
+    (lambda m, x: m(x, x), "expected 1 input(s) (x), got 2 positional"),
+])
+def test_wrong_inputs_are_one_line_errors(cnn_artifact, call, message):
+    outdir, _, _ = cnn_artifact
+    model = load(outdir)
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    with pytest.raises(KilnError) as info:
+        call(model, x)
+    assert str(info.value) == message
+
+
+def test_run_artifact_reads_and_writes_npz(cnn_artifact, tmp_path):
+    outdir, _, _ = cnn_artifact
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    outputs = run_artifact(outdir, tmp_path / "in.npz", tmp_path / "out.npz")
+    with np.load(tmp_path / "out.npz") as saved:
+        np.testing.assert_array_equal(saved["y"], outputs[0])
+    np.testing.assert_array_equal(load(outdir)(x=x)[0], outputs[0])
+
+
+def test_declared_inputs_must_match_the_model(tmp_path):
+    from kiln.compiler.errors import LoweringError
+
+    with pytest.raises(LoweringError, match="declared inputs"):
+        build_artifact(to_ir(tiny_cnn()), "host", tmp_path, model_hash="h",
+                       inputs=[("x", [1, 3, 64, 64], "float32")])
+
+
+@pytest.mark.parametrize("dtype, zero_point, k", [
+    (ml_dtypes.int4, True, 128),
+    (ml_dtypes.uint4, False, 128),
+    (ml_dtypes.int4, True, 80),  # a partial last block
+])
+def test_blocked_4bit_dequantize_matmul_matches_onnxruntime(tmp_path, dtype, zero_point, k):
+    model = blocked_int4_matmul(k=k, dtype=dtype, zero_point=zero_point)
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="h")
+    x = np.random.default_rng(2).standard_normal((4, k)).astype(np.float32)
+    # ORT's graph optimizer would swap in MatMulNBits (~1e-3 off); compare with the exact graph.
+    (ref,) = ort_outputs(model, {"x": x}, optimize=False)
+    (out,) = load(tmp_path)(x)
+    assert relative_error(out, ref) < REL_TOL

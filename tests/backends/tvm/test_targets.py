@@ -1,0 +1,58 @@
+"""Target presets: names, host detection, raw dicts, missing cross compiler."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.backends.tvm import TARGETS, resolve_target
+from kiln.backends.tvm import targets as targets_module
+from kiln.backends.tvm.targets import cpu_from_flags, require_cross_compiler
+from kiln.compiler.errors import KilnError
+
+
+def test_every_preset_resolves_to_a_valid_tvm_target():
+    for name in TARGETS:
+        resolved = resolve_target(name)
+        assert resolved.name == name
+        resolved.tvm_target()  # TVM accepts the dict
+    assert resolve_target("cuda-sm90").target["arch"] == "sm_90"
+    assert resolve_target("cuda-sm90").target["host"]["kind"] == "llvm"
+    assert resolve_target("arm64").cross_cc == "aarch64-linux-gnu-gcc"
+
+
+def test_host_gets_a_real_cpu_name():
+    mcpu = resolve_target("host").target.get("mcpu")
+    assert mcpu and mcpu != "native"
+
+
+def test_unknown_target_lists_presets():
+    with pytest.raises(KilnError) as info:
+        resolve_target("tpu-v9")
+    message = str(info.value)
+    assert "tpu-v9" in message
+    for name in ("host", "arm64", "cuda-sm90", "x86-64-v3"):
+        assert name in message
+
+
+def test_raw_dict_target():
+    resolved = resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    assert resolved.family == "cpu" and resolved.arch == "aarch64"
+    assert resolve_target({"kind": "cuda", "arch": "sm_80"}).family == "cuda"
+    with pytest.raises(KilnError, match="not supported"):
+        resolve_target({"kind": "vulkan"})
+
+
+@pytest.mark.parametrize("vendor, flags, expected", [
+    ("AuthenticAMD", {"avx512f", "avx512_bf16", "avx512_vnni", "avx2", "fma"}, "znver4"),
+    ("GenuineIntel", {"avx512f", "avx512bw", "avx2", "fma"}, "skylake-avx512"),
+    ("GenuineIntel", {"avx2", "fma", "avx"}, "haswell"),
+    ("GenuineIntel", {"sse2"}, "x86-64"),
+])
+def test_cpu_from_flags(vendor, flags, expected):
+    assert cpu_from_flags(vendor, flags) == expected
+
+
+def test_missing_cross_compiler_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(targets_module.shutil, "which", lambda name: None)
+    with pytest.raises(KilnError, match="apt-get install gcc-aarch64-linux-gnu"):
+        require_cross_compiler(resolve_target("arm64"))
