@@ -12,12 +12,15 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
 
+# tirx.BufferLoad is a constructor function in TVM 0.27; the node class is ir.TensorLoad.
+BufferLoad = tvm.ir.TensorLoad
+
 __all__ = [
     "MatmulMatch",
     "RuleContext",
     "SBlockInfo",
     "const_extent",
-    "inline_elementwise",
+    "inline_epilogue",
     "match_matmul",
     "normalize_prim_func",
 ]
@@ -38,18 +41,18 @@ def const_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-def _loads(expr: tirx.PrimExpr) -> list[tirx.BufferLoad]:
-    found: list[tirx.BufferLoad] = []
+def _loads(expr) -> list:
+    found: list = []
 
     def visit(node):
-        if isinstance(node, tirx.BufferLoad):
+        if isinstance(node, BufferLoad):
             found.append(node)
 
     tirx.stmt_functor.post_order_visit(expr, visit)
     return found
 
 
-def _strip_cast(expr: tirx.PrimExpr) -> tirx.PrimExpr:
+def _strip_cast(expr):
     while isinstance(expr, tirx.Cast):
         expr = expr.value
     return expr
@@ -94,14 +97,14 @@ def match_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> MatmulM
     if not isinstance(value, tirx.Add):
         return None
     lhs, rhs = _strip_cast(value.a), _strip_cast(value.b)
-    if isinstance(rhs, tirx.BufferLoad) and rhs.buffer.same_as(store.buffer):
+    if isinstance(rhs, BufferLoad) and rhs.source.same_as(store.buffer):
         lhs, rhs = rhs, lhs
-    if not (isinstance(lhs, tirx.BufferLoad) and lhs.buffer.same_as(store.buffer)):
+    if not (isinstance(lhs, BufferLoad) and lhs.source.same_as(store.buffer)):
         return None
     if not isinstance(rhs, tirx.Mul):
         return None
     a_load, b_load = _strip_cast(rhs.a), _strip_cast(rhs.b)
-    if not (isinstance(a_load, tirx.BufferLoad) and isinstance(b_load, tirx.BufferLoad)):
+    if not (isinstance(a_load, BufferLoad) and isinstance(b_load, BufferLoad)):
         return None
     iters = list(stmt.iter_vars)
     red = [n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce]
@@ -146,32 +149,36 @@ def match_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> MatmulM
         return None
     b_dims = tuple("unit" if r is None else "k" if r == k else "j" if r == col else "batch"
                    for r in b_roles)
-    reads = [region.buffer for region in stmt.reads]
-    b_read_index = next((n for n, buf in enumerate(reads) if buf.same_as(b_load.buffer)), None)
-    if b_read_index is None or a_load.buffer.same_as(b_load.buffer):
+    reads = [region.source for region in stmt.reads]
+    b_read_index = next((n for n, buf in enumerate(reads) if buf.same_as(b_load.source)), None)
+    if b_read_index is None or a_load.source.same_as(b_load.source):
         return None
-    return MatmulMatch(batch=batch, rows=rows, col=col, red=k, a=a_load.buffer, b=b_load.buffer,
+    return MatmulMatch(batch=batch, rows=rows, col=col, red=k, a=a_load.source, b=b_load.source,
                        c=store.buffer, b_dims=b_dims, b_read_index=b_read_index)
 
 
-def inline_elementwise(sch: s_tir.Schedule, keep: set[str]) -> None:
-    """compute_inline every injective block into its consumers, as long as any succeeds.
+def inline_epilogue(sch: s_tir.Schedule, main: str) -> list[str]:
+    """compute_inline the injective blocks after ``main`` into their consumers.
 
-    Blocks named in ``keep`` are left alone; the last block of the function (the one
-    writing the output) cannot be compute-inlined and stays.
+    Returns the names of the blocks after ``main`` that remain (the last one, which
+    writes the function's output, always does).  Blocks before ``main`` are left alone
+    so that the main block's operands keep their plain indices.
     """
     changed = True
     while changed:
         changed = False
         infos = normalize_prim_func(sch)
         if infos is None:
-            return
-        for info in infos:
-            if info.name in keep or not info.is_injective():
+            return []
+        names = [info.name for info in infos]
+        for info in infos[names.index(main) + 1:]:
+            if not info.is_injective():
                 continue
             try:
                 sch.compute_inline(info.block_rv)
-            except tvm.error.TVMError:
+            except Exception:  # noqa: BLE001 - TVM signals "cannot inline" with several kinds
                 continue
             changed = True
             break
+    names = [info.name for info in normalize_prim_func(sch)]
+    return names[names.index(main) + 1:]

@@ -29,7 +29,7 @@ from kiln.backends.tvm.schedules.analysis import (
     MatmulMatch,
     RuleContext,
     const_extent,
-    inline_elementwise,
+    inline_epilogue,
     match_matmul,
     normalize_prim_func,
 )
@@ -60,8 +60,13 @@ def _columns_per_tile(n: int, lanes: int, m: int) -> int:
     return lanes
 
 
-def schedule_matmul(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
-    """Schedule the single matmul block of ``sch`` (plus fused epilogue); False if no match."""
+def schedule_matmul(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    """Schedule the single matmul block of ``func`` (plus fused epilogue); None if no match."""
+    sch = s_tir.Schedule(func)
+    return sch if _schedule_matmul(sch, ctx) else None
+
+
+def _schedule_matmul(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     infos = normalize_prim_func(sch)
     if infos is None:
         return False
@@ -72,19 +77,15 @@ def schedule_matmul(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     match = match_matmul(sch, reductions[0].block_rv)
     if match is None:
         return False
-    func_params = [sch.mod["main"].buffer_map[p] for p in sch.mod["main"].params]
+    func_params = list(sch.mod["main"].params)  # TVM 0.27: params are the buffers themselves
     b_param = next((n for n, buf in enumerate(func_params) if buf.same_as(match.b)), None)
     b_is_const = b_param is not None and b_param in ctx.const_params
 
     # Epilogue: inline the elementwise chain after the matmul into its last block.
-    producers_of_a = set()
-    inline_elementwise(sch, keep={main_name} | producers_of_a)
-    block = sch.get_sblock(main_name)
-    infos = normalize_prim_func(sch)
-    names = [info.name for info in infos]
-    after = names[names.index(main_name) + 1:]
+    after = inline_epilogue(sch, main_name)
     if len(after) > 1:
         return False
+    block = sch.get_sblock(main_name)
 
     stmt = sch.get(block)
     iters = list(stmt.iter_vars)

@@ -50,7 +50,7 @@ def _bindings(sch: s_tir.Schedule, block):
     found = []
 
     def visit(node):
-        if isinstance(node, tirx.SBlockRealize) and node.block.same_as(target):
+        if isinstance(node, s_tir.SBlockRealize) and node.block.same_as(target):
             found.append(node.iter_values)
 
     if body is not None:
@@ -109,10 +109,11 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, *, spatial_only: 
         sch.vectorize(vec)
 
 
-def schedule_elementwise(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
+def schedule_elementwise(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None or not all(info.is_injective() for info in infos):
-        return False
+        return None
     # inline everything that can be inlined, producers first
     changed = True
     while changed:
@@ -130,27 +131,25 @@ def schedule_elementwise(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
             break
     for info in normalize_prim_func(sch):
         parallel_vectorize(sch, info.block_rv, ctx.vector_lanes_f32)
-    return True
+    return sch
 
 
-def schedule_reduction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
-    infos = normalize_prim_func(sch)
+def schedule_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    """Softmax / layer norm style kernels via dlight's CPU Reduction rule."""
+    infos = normalize_prim_func(s_tir.Schedule(func))
     if infos is None or all(info.is_injective() for info in infos):
-        return False
-    dlight = DlightCPUReduction().apply(sch.mod["main"], ctx.target, False)
-    if dlight is not None:
-        sch.work_on("main")
-        # take over the dlight schedule's module
-        scheduled = dlight[0] if isinstance(dlight, list) else dlight
-        sch.__init__(scheduled.mod)  # type: ignore[misc]
-        return True
-    return False
+        return None
+    scheduled = DlightCPUReduction().apply(func, ctx.target, False)
+    if isinstance(scheduled, list):
+        scheduled = scheduled[0] if scheduled else None
+    return scheduled
 
 
-def schedule_fallback(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
+def schedule_fallback(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
-        return False
+        return None
     for info in infos:
         if info.is_injective():
             parallel_vectorize(sch, info.block_rv, ctx.vector_lanes_f32)
@@ -159,4 +158,4 @@ def schedule_fallback(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
             if prefix and _numel(sch, prefix) >= 16:
                 outer = sch.fuse(*prefix) if len(prefix) > 1 else prefix[0]
                 sch.parallel(outer)
-    return True
+    return sch

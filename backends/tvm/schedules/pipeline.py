@@ -36,11 +36,11 @@ log = logging.getLogger(__name__)
 SCHEDULED_ATTR = "tirx.is_scheduled"
 RULE_ATTR = "kiln.schedule_rule"
 
-Rule = Callable[[s_tir.Schedule, RuleContext], bool]
+Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 
 
 def _rules() -> tuple[tuple[str, Rule], ...]:
-    """The CPU rules, most specific first; each returns False when the kernel is not its kind."""
+    """The CPU rules, most specific first; each returns None when the kernel is not its kind."""
     from kiln.backends.tvm.schedules.dense import schedule_matmul
     from kiln.backends.tvm.schedules.elementwise import (
         schedule_elementwise,
@@ -73,7 +73,7 @@ def _const_params(mod: tvm.IRModule) -> dict[str, frozenset[int]]:
                 gvar = value.args[0]
                 args = value.args[1]
                 fields = args.fields if isinstance(args, relax.Tuple) else [args]
-                consts = {n for n, arg in enumerate(fields) if isinstance(arg, relax.Constant)}
+                consts = {n for n, arg in enumerate(fields) if isinstance(arg, tvm.ir.GenericConst)}
                 seen.setdefault(gvar.name_hint, []).append(consts)
     return {name: frozenset(set.intersection(*sets)) for name, sets in seen.items()}
 
@@ -89,13 +89,12 @@ def _vector_lanes_f32(target: tvm.target.Target) -> int:
 def schedule_primfunc(func: tirx.PrimFunc, ctx: RuleContext) -> tuple[tirx.PrimFunc, str] | None:
     """Apply the first CPU rule that accepts ``func``; None when none does."""
     for name, rule in _rules():
-        sch = s_tir.Schedule(func)
         try:
-            applied = rule(sch, ctx)
+            sch = rule(func, ctx)
         except Exception as err:  # noqa: BLE001 - a rule that fails leaves the kernel to the next
-            log.debug("rule %s failed: %s", name, err)
+            log.debug("rule %s failed: %s", name, err, exc_info=log.isEnabledFor(logging.DEBUG))
             continue
-        if applied:
+        if sch is not None:
             scheduled = sch.mod["main"].with_attr(SCHEDULED_ATTR, True).with_attr(RULE_ATTR, name)
             return scheduled, name
     return None
