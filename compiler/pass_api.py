@@ -50,6 +50,23 @@ class Candidate:
 NodeFilter = Callable[[ir.Node], bool]
 
 
+class CalibrationContext:
+    """What a pass that needs activations gets from the driver (passes cannot run models).
+
+    ``samples`` are the spec's calibration inputs (name -> array);
+    ``activations(model, names)`` runs the model on them and returns, for each
+    requested value name, one array per sample.
+    """
+
+    def __init__(self, samples: list[dict[str, Any]],
+                 collect: Callable[[ir.Model, list[str]], dict[str, list[Any]]]) -> None:
+        self.samples = samples
+        self._collect = collect
+
+    def activations(self, model: ir.Model, names: Sequence[str]) -> dict[str, list[Any]]:
+        return self._collect(model, list(names))
+
+
 class KilnPass(ir.passes.InPlacePass):
     """Base class of kiln passes.
 
@@ -64,11 +81,17 @@ class KilnPass(ir.passes.InPlacePass):
     # Set by passes whose selection is about weights rather than nodes (dedupe).
     summary: ClassVar[str] = ""
 
+    # True for passes that call ``self.calibration.activations`` (the driver then
+    # provides a CalibrationContext).
+    needs_calibration: ClassVar[bool] = False
+
     def __init__(self, config: PassConfig | None = None, *,
-                 selected: NodeFilter | None = None) -> None:
+                 selected: NodeFilter | None = None,
+                 calibration: CalibrationContext | None = None) -> None:
         super().__init__()
         self.config = config if config is not None else self.config_class()
         self._selected = selected
+        self.calibration = calibration
         self.last_candidates: list[Candidate] = []
 
     def selected(self, node: ir.Node) -> bool:

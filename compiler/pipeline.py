@@ -27,7 +27,7 @@ from kiln.compiler import ir as kir
 from kiln.compiler import registry
 from kiln.compiler.errors import KilnError, PassError, SpecError, VerificationError
 from kiln.compiler.frontend import load_model
-from kiln.compiler.pass_api import Candidate, KilnPass, PassConfig
+from kiln.compiler.pass_api import CalibrationContext, Candidate, KilnPass, PassConfig
 from kiln.compiler.report import CompiledReport, CompileReport, PassReport
 from kiln.compiler.selectors import describe, node_selected, select_nodes
 from kiln.compiler.spec import (Budget, PassEntry, Spec, default_spec, load_spec,
@@ -201,6 +201,17 @@ def _budget_failure(metrics: ErrorMetrics, budget: Budget | None) -> str | None:
     return None
 
 
+def _calibration_context(model: ir.Model, spec: Spec,
+                         steps: Sequence[PassStep]) -> CalibrationContext | None:
+    """Calibration samples (count from ``calibration.samples``) for passes that need them."""
+    if not any(step.pass_class.needs_calibration for step in steps):
+        return None
+    from kiln.backends.ort import collect_activations
+
+    samples = make_samples(model, spec, count=spec.calibration.samples, seed=spec.calibration.seed)
+    return CalibrationContext(samples, lambda m, names: collect_activations(m, names, samples))
+
+
 def _run_pass(instance: KilnPass, model: ir.Model, name: str, ran: Sequence[str]):
     try:
         return instance(model)
@@ -245,6 +256,7 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
                            kiln_version=kiln_version(), params_source=kir.count_params(model),
                            bytes_source=kir.count_weight_bytes(model))
     samples = make_samples(model, spec) if spec.verify.enabled else []
+    calibration = _calibration_context(model, spec, steps)
     run = _Runner(samples)
     output_names = [v.name for v in model.graph.outputs]
     say("reference run")
@@ -263,7 +275,9 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
         p = PassReport(name=step.name, exact=step.pass_class.exact,
                        params_before=kir.count_params(model),
                        bytes_before=kir.count_weight_bytes(model))
-        instance = step.pass_class(step.config, selected=selected)
+        instance = step.pass_class(step.config, selected=selected,
+                                   calibration=calibration if step.pass_class.needs_calibration
+                                   else None)
         result = _run_pass(instance, model, step.name, ran)
         model = result.model
         p.matched = sum(1 for c in instance.last_candidates if c.accepted)
@@ -332,11 +346,13 @@ def plan_model(source: str | os.PathLike, spec: Spec | str, *,
         spec = load_spec(spec)
     steps = build_steps(spec)
     model = load_model(source, input_shapes=_merged_shapes(spec, input_shapes))
+    calibration = _calibration_context(model, spec, steps)
     plan = []
     for step in steps:
         selected = _selection(model, step, spec)
         count = sum(1 for node in kir.nodes(model) if selected is None or selected(node))
-        instance = step.pass_class(step.config, selected=selected)
+        instance = step.pass_class(step.config, selected=selected, calibration=calibration
+                                   if step.pass_class.needs_calibration else None)
         _run_pass(instance, model, step.name, [e.name for e in plan])
         plan.append(PlanEntry(step.name, describe(step.entry.select), count,
                               list(instance.last_candidates)))

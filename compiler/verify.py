@@ -84,14 +84,15 @@ def _npz_samples(path: Path, shapes: dict[str, tuple[list[int], np.dtype]],
     return samples
 
 
-def make_samples(model: ir.Model, spec: Spec, *, count: int | None = None) -> list[Feeds]:
+def make_samples(model: ir.Model, spec: Spec, *, count: int | None = None,
+                 seed: int | None = None) -> list[Feeds]:
     """Inputs for verification and calibration: the spec's npz samples or seeded random."""
     shapes = static_input_shapes(model)
     count = count or spec.verify.samples
     source = spec.calibration.source
     if source.startswith("npz:"):
         return _npz_samples(Path(source[4:]), shapes, count)
-    rng = np.random.default_rng(spec.verify.seed)
+    rng = np.random.default_rng(spec.verify.seed if seed is None else seed)
     return [{name: _random_array(rng, shape, dtype) for name, (shape, dtype) in shapes.items()}
             for _ in range(count)]
 

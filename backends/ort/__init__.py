@@ -42,3 +42,32 @@ class ReferenceRunner:
 
 def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     return ReferenceRunner(model).run(feeds)
+
+
+def collect_activations(model: ir.Model, names: list[str],
+                        samples: list[Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """Values of intermediate tensors (by name) on each sample, by exposing them as outputs."""
+    import onnx
+
+    proto = kir.to_proto(model)
+    existing = {o.name for o in proto.graph.output}
+    known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.input)}
+    for name in names:
+        if name in existing:
+            continue
+        info = known.get(name) or onnx.helper.make_empty_tensor_value_info(name)
+        proto.graph.output.append(info)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(proto.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    result: dict[str, list[np.ndarray]] = {name: [] for name in names}
+    for feeds in samples:
+        values = session.run(names, {k: feeds[k] for k in inputs})
+        for name, value in zip(names, values):
+            result[name].append(value)
+    return result
