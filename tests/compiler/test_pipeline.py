@@ -144,3 +144,34 @@ def test_source_model_is_not_modified(tmp_path):
     original = ir.load(EXAMPLE)
     compile_model(EXAMPLE, "reparam")
     assert [n.op_type for n in ir.load(EXAMPLE).graph] == [n.op_type for n in original.graph]
+
+
+class RecordActivations(KilnPass):
+    """Test pass: reads the activations feeding every Gemm through the calibration context."""
+
+    name = "record_activations"
+    needs_calibration = True
+    seen: dict = {}
+
+    def candidates(self, model):
+        names = [n.inputs[0].name for n in model.graph if n.op_type == "Gemm"]
+        RecordActivations.seen = self.calibration.activations(model, names)
+        return []
+
+    def rewrite(self, model, accepted):
+        return 0
+
+
+def test_calibration_context_gives_activations(monkeypatch):
+    monkeypatch.setitem(registry.BUILTIN_PASSES, "record_activations",
+                        f"{__name__}:RecordActivations")
+    registry.available.cache_clear()
+    try:
+        spec = spec_from_text("kiln: 1\ncalibration: {samples: 3, seed: 5}\n"
+                              "passes: [record_activations]\n")
+        compile_model(EXAMPLE, spec)
+    finally:
+        registry.available.cache_clear()
+    (values,) = RecordActivations.seen.values()
+    assert len(values) == 3 and values[0].shape == (1, 16)
+    assert not np.allclose(values[0], values[1])
