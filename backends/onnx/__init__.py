@@ -35,6 +35,9 @@ def write_atomic(path: Path, data: bytes, *, protect: tuple[Path, ...] = ()) -> 
             pass
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual mode
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
