@@ -14,7 +14,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=20, help="timed runs per engine (median)")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--gap-ms", type=float, default=5.0,
+                        help="sleep before each timed call so the previous engine's pool goes idle")
     parser.add_argument("--workdir", default=None, help="where built artifacts go (default: a temp dir)")
+    parser.add_argument("--private", action="store_true",
+                        help="build through TVM directly (bench-private) instead of kiln's API")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)

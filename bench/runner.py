@@ -43,14 +43,22 @@ def _ort_runner(case: PreparedCase, threads: int) -> Callable[[], list[np.ndarra
     return lambda: session.run(None, feeds)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int) -> dict[str, float]:
-    """Median wall time in ms of each callable, run A B C A B C ... after a warm-up of each."""
+def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int,
+                     gap_s: float = 0.0) -> dict[str, float]:
+    """Median wall time in ms of each callable, run A B C A B C ... after a warm-up of each.
+
+    ``gap_s`` of sleep before each timed call lets the previous engine's thread pool stop
+    spinning (TVM's, ORT's and OpenMP's workers spin after a parallel region; on 2 cores a
+    spinning pool measurably slows the next engine).
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(runs):
         for name, fn in fns.items():
+            if gap_s:
+                time.sleep(gap_s)
             start = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - start) * 1e3)
@@ -74,7 +82,7 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     case = CASES[name](workdir)
-    built = build_case(case, workdir / name)
+    built = build_case(case, workdir / name, private=args.private)
     if built.unscheduled:
         log.info("%s: %d kernels left unscheduled: %s", name, len(built.unscheduled),
                  ", ".join(built.unscheduled))
@@ -85,7 +93,7 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     fns: dict[str, Callable[[], object]] = {"kiln": lambda: built.run(case.inputs), "ort": ort_run}
     if case.torch_fn is not None:
         fns["torch"] = case.torch_fn
-    times = time_interleaved(fns, args.runs, args.warmup)
+    times = time_interleaved(fns, args.runs, args.warmup, args.gap_ms / 1e3)
     return {
         "case": name,
         "kiln_ms": round(times["kiln"], 4),
@@ -96,7 +104,7 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         "compile_s": round(built.compile_s, 2),
         "tuned": False,
         "max_rel_err_vs_ort": float(f"{error:.3g}"),
-        "unscheduled_kernels": len(built.unscheduled),
+        "unscheduled_kernels": len(built.unscheduled) if built.unscheduled is not None else None,
         "built_via": built.via,
     }
 
@@ -113,7 +121,8 @@ def format_table(results: list[dict], geo: float | None) -> str:
         torch_ms = f"{r['torch_ms']:.3f}" if r["torch_ms"] is not None else "-"
         lines.append(f"{r['case']:<16}{r['kiln_ms']:>11.3f}{r['ort_ms']:>10.3f}{torch_ms:>10}"
                      f"{r['ratio_vs_ort']:>10.2f}{r['bytes'] / 1e6:>8.1f}{r['compile_s']:>11.1f}"
-                     f"{r['unscheduled_kernels']:>9}{r['max_rel_err_vs_ort']:>10.1e}")
+                     f"{'-' if r['unscheduled_kernels'] is None else r['unscheduled_kernels']:>9}"
+                     f"{r['max_rel_err_vs_ort']:>10.1e}")
     if geo is not None:
         lines.append(f"geomean kiln/ort: {geo:.3f}")
     return "\n".join(lines)
@@ -139,7 +148,7 @@ def run_bench(args: argparse.Namespace) -> int:
             print(format_table(results[-1:], None).splitlines()[-1], flush=True)
     geo = geomean([r["ratio_vs_ort"] for r in results if r["case"].endswith("-fp32")])
     print()
-    print(f"threads={args.threads} runs={args.runs} (median, interleaved)")
+    print(f"threads={args.threads} runs={args.runs} gap={args.gap_ms} ms (median, interleaved)")
     print(format_table(results, geo))
     if args.json:
         payload = {"commit": _git_commit(), "threads": args.threads, "runs": args.runs,

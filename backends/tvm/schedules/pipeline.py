@@ -8,7 +8,7 @@ naive loop nest).  kiln's CPU build instead runs::
     legalize + fuse       LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
     schedule (kiln)       cpu_schedule_passes(target):
                             ScheduleCPUKernels   a rule per PrimFunc (dense, conv, ...)
-                            SplitLayoutRewritePreproc, FoldConstant, DeadCodeElimination
+                            SplitLayoutRewritePreproc, FoldWeightPrepack
                                                  weight packing moved to compile time
     dataflow lowering     RewriteDataflowReshape, ToNonDataflow, RemovePurityChecking, CallTIRRewrite
     finalize              StaticPlanBlockMemory, LowerAllocTensor, KillAfterLastUse,
@@ -30,6 +30,7 @@ from tvm import relax, s_tir, tirx
 from tvm.target.codegen import llvm_get_vector_width
 
 from kiln.backends.tvm.schedules.analysis import RuleContext
+from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +139,7 @@ def cpu_schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     return [
         ScheduleCPUKernels(target),
         relax.transform.SplitLayoutRewritePreproc(),
-        relax.transform.FoldConstant(),
-        relax.transform.DeadCodeElimination(),
+        fold_weight_prepack(),
     ]
 
 
