@@ -158,7 +158,10 @@ class CompileResult:
         target = target if target is not None else self.target
         if target is not None and self.spec.output.tvm:
             self.report.compiled = _build_and_check(self, target, out, progress)
-        write_atomic(out / "report.json", self.report.to_json().encode(), protect=protect)
+        if "json" in self.spec.output.report:
+            write_atomic(out / "report.json", self.report.to_json().encode(), protect=protect)
+        if "html" in self.spec.output.report:
+            write_atomic(out / "report.html", self.report.to_html().encode(), protect=protect)
         return out
 
 

@@ -175,3 +175,10 @@ def test_calibration_context_gives_activations(monkeypatch):
     (values,) = RecordActivations.seen.values()
     assert len(values) == 3 and values[0].shape == (1, 16)
     assert not np.allclose(values[0], values[1])
+
+
+def test_html_report(tmp_path):
+    spec = spec_from_text("kiln: 1\npasses: [fold_batchnorm]\noutput: {report: [json, html]}\n")
+    out = compile_model(EXAMPLE, spec).save(tmp_path)
+    page = (out / "report.html").read_text()
+    assert "<td>fold_batchnorm</td>" in page and (out / "report.json").exists()
