@@ -27,13 +27,19 @@ SPEC_VERSION = 1
 KeyPath = tuple[str | int, ...]
 
 
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_\-*/:@+]+\Z")
+
+
 def format_path(path: KeyPath) -> str:
+    """``passes[1].select.op``; a key that is not plain text is quoted: ``inputs['input.1']``."""
     out = ""
     for part in path:
-        if isinstance(part, int):
+        if isinstance(part, int) and not isinstance(part, bool):
             out += f"[{part}]"
+        elif isinstance(part, str) and _PLAIN_KEY.match(part):
+            out += f".{part}" if out else part
         else:
-            out += f".{part}" if out else str(part)
+            out += f"[{part!r}]"
     return out
 
 
@@ -263,16 +269,24 @@ def _compose(text: str, file: str) -> tuple[Any, _Locations]:
 
     def build_scalar(n: yaml.Node) -> Any:
         if isinstance(n, yaml.ScalarNode):
-            return _scalar(n)
+            return _scalar(n, file)
         return [] if isinstance(n, yaml.SequenceNode) else {}
 
     return build(node, ()), locations
 
 
-def _scalar(n: yaml.ScalarNode) -> Any:
+def _scalar(n: yaml.ScalarNode, file: str | None = None) -> Any:
     loader = _UniqueKeyLoader("")
     try:
         return loader.construct_object(n)
+    except yaml.YAMLError as error:
+        # Tags the safe loader refuses (!!python/..., merge keys `<<`) and bad !!binary etc.
+        if n.tag == "tag:yaml.org,2002:merge":
+            problem = "merge keys (`<<`) are not supported; use `extends:`"
+        else:
+            problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+            problem = f"invalid YAML: {problem}"
+        raise SpecError(problem, file=file, line=n.start_mark.line + 1) from None
     finally:
         loader.dispose()
 
@@ -354,6 +368,19 @@ def _merge(base: Any, override: Any) -> Any:
     return override
 
 
+def _check_version(data: dict[Any, Any], locations: _Locations, label: str | None) -> None:
+    if "kiln" not in data:
+        raise SpecError(f"missing version key (add `kiln: {SPEC_VERSION}` at the top)",
+                        file=label, line=1)
+    version = data["kiln"]
+    # `type() is int`: YAML `true` is a bool, and True == 1 in Python.
+    if type(version) is not int or version != SPEC_VERSION:
+        file, line = locations.find(("kiln",))
+        raise SpecError(f"spec version {version!r} is not supported "
+                        f"(this kiln reads version {SPEC_VERSION})", file=file or label,
+                        line=line, path="kiln")
+
+
 def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], _Locations]:
     label = str(path)
     try:
@@ -368,14 +395,7 @@ def _read(path: Path, chain: tuple[Path, ...]) -> tuple[dict[str, Any], _Locatio
     if not isinstance(data, dict):
         raise SpecError("a spec must be a mapping of keys (kiln:, passes:, ...)", file=label,
                         line=1)
-    if "kiln" not in data:
-        raise SpecError(f"missing version key (add `kiln: {SPEC_VERSION}` at the top)",
-                        file=label, line=1)
-    if data["kiln"] != SPEC_VERSION:
-        _, line = locations.find(("kiln",))
-        raise SpecError(f"spec version {data['kiln']!r} is not supported "
-                        f"(this kiln reads version {SPEC_VERSION})", file=label, line=line,
-                        path="kiln")
+    _check_version(data, locations, label)
     parent_ref = data.get("extends")
     if parent_ref is None:
         return data, locations
@@ -490,7 +510,8 @@ def _known_keys(data: Any) -> dict[KeyPath, list[str]]:
 
 def _locate_pass_keys(data: dict[str, Any], locations: _Locations) -> None:
     """Validation paths say passes[i].select; YAML has passes[i].<name>.select."""
-    for i, item in enumerate(data.get("passes") or []):
+    passes = data.get("passes")
+    for i, item in enumerate(passes if isinstance(passes, list) else []):
         if isinstance(item, dict) and len(item) == 1:
             (name,) = item
             _copy_sub(locations, ("passes", i, name), ("passes", i))
@@ -500,6 +521,7 @@ def spec_from_data(data: Any, *, file: str | None = None,
                    locations: _Locations | None = None) -> Spec:
     locations = locations or _Locations()
     if isinstance(data, dict):
+        _check_version(data, locations, file)
         _locate_pass_keys(data, locations)
         for i, item in enumerate(data.get("passes") or [] if isinstance(data.get("passes"), list)
                                  else []):
@@ -545,9 +567,7 @@ def spec_from_text(text: str, *, file: str = "<spec>") -> Spec:
     data, locations = _compose(text, file)
     if not isinstance(data, dict):
         raise SpecError("a spec must be a mapping of keys (kiln:, passes:, ...)", file=file, line=1)
-    if "kiln" not in data:
-        raise SpecError(f"missing version key (add `kiln: {SPEC_VERSION}` at the top)",
-                        file=file, line=1)
+    _check_version(data, locations, file)
     if "extends" in data:
         import tempfile
 
