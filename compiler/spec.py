@@ -232,6 +232,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     pass
 
 
+_PLAIN_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
+
+
 def _compose(text: str, file: str) -> tuple[Any, _Locations]:
     try:
         node = yaml.compose(text, Loader=_UniqueKeyLoader)
@@ -246,6 +249,10 @@ def _compose(text: str, file: str) -> tuple[Any, _Locations]:
 
     def build(n: yaml.Node, path: KeyPath) -> Any:
         locations.lines.setdefault(path, (file, n.start_mark.line + 1))
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)) and n.tag not in _PLAIN_TAGS:
+            # !!python/..., !!set, !!omap: the spec language has plain maps and lists only.
+            raise SpecError(f"invalid YAML: tag {n.tag!r} is not supported", file=file,
+                            line=n.start_mark.line + 1, path=format_path(path))
         if isinstance(n, yaml.MappingNode):
             out: dict[Any, Any] = {}
             for key_node, value_node in n.value:
@@ -297,7 +304,8 @@ def _alias_pass_options(locations: _Locations, path: KeyPath, name: Any, value_n
         return
 
     def walk(n: yaml.Node, sub: KeyPath) -> None:
-        locations.lines[path + sub] = (file, n.start_mark.line + 1)
+        # setdefault: a block value starts on the line after its key; the key's line wins.
+        locations.lines.setdefault(path + sub, (file, n.start_mark.line + 1))
         if isinstance(n, yaml.MappingNode):
             for k, v in n.value:
                 key = _scalar(k) if isinstance(k, yaml.ScalarNode) else None
