@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import sys
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -107,15 +108,40 @@ def _export_torch(module, args, source: str) -> ir.Model:
     return program.model
 
 
+class _CollectRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def load_pt2(path: Path) -> ir.Model:
     if not path.exists():
         raise FrontendError(f"{path}: no such file")
+    if path.is_dir():
+        raise FrontendError(f"{path}: is a folder, expected a .pt2 file")
+    if not zipfile.is_zipfile(path):
+        # torch.export.load would log a traceback before failing on a non-archive.
+        raise FrontendError(f"{path}: not a torch.export program (not a .pt2 zip archive)")
     try:
         import torch
-
+    except ImportError:
+        raise FrontendError(f"{path}: PyTorch is not installed (pip install torch)") from None
+    # torch.export.load logs the real failure (with a traceback) as a warning, then raises
+    # "check the warnings above": keep the log record and report its error instead.
+    export_log = logging.getLogger("torch.export")
+    collected = _CollectRecords()
+    handlers, propagate = export_log.handlers[:], export_log.propagate
+    export_log.handlers, export_log.propagate = [collected], False
+    try:
         program = torch.export.load(str(path))
     except Exception as error:
-        raise FrontendError(f"{path}: not a torch.export program ({_first_line(error)})") from error
+        cause = next((r.exc_info[1] for r in collected.records if r.exc_info), None) or error
+        raise FrontendError(f"{path}: not a torch.export program ({_first_line(cause)})") from error
+    finally:
+        export_log.handlers, export_log.propagate = handlers, propagate
     return _export_torch(program, (), str(path))
 
 
