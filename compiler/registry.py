@@ -25,6 +25,9 @@ ENTRY_POINT_GROUP = "kiln.passes"
 BUILTIN_PASSES: dict[str, str] = {
     "fold_batchnorm": "kiln.passes.reparam.fold_batchnorm:FoldBatchNorm",
     "dedupe_weights": "kiln.passes.share.dedupe_weights:DedupeWeights",
+    "quantize": "kiln.passes.quant.quantize:Quantize",
+    "migrate_scales": "kiln.passes.quant.migrate_scales:MigrateScales",
+    "salient_split": "kiln.passes.quant.salient_split:SalientSplit",
 }
 
 
