@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kiln.compiler.errors import KilnError
+from kiln.compiler.errors import KilnError, OutputError
 
 logger = logging.getLogger("kiln")
 
@@ -76,6 +76,20 @@ def _target_arg(text: str | None):
     return text
 
 
+def _check_outdir(out: Path, model: Path, writes_onnx: bool) -> None:
+    """Refuse, before any work, an OUTDIR that is a file or whose model.onnx is the input."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder")
+    try:
+        clobbers = writes_onnx and model.exists() and \
+            (out / "model.onnx").resolve() == model.resolve()
+    except OSError:
+        clobbers = False
+    if clobbers:
+        raise OutputError(f"{out / 'model.onnx'}: is the input model; refusing to write over "
+                          "it (choose another -o OUTDIR)")
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from kiln.compiler.pipeline import compile_model
 
@@ -86,12 +100,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
     elif target is None:
         target = spec.target
     out = Path(args.output) if args.output else None
+    if out is not None:
+        _check_outdir(out, Path(args.model), spec.output.onnx)
     started = time.perf_counter()
     with _progress(not args.quiet) as say:
         result = compile_model(args.model, spec, input_shapes=_input_shapes(args.input),
                                target=target, progress=say)
         if out is not None:
-            result.save(out, target=target, progress=say)
+            try:
+                result.save(out, target=target, progress=say)
+            except OSError as error:
+                where = error.filename or out
+                raise OutputError(f"{where}: cannot write output ({error.strerror or error})") \
+                    from error
     console = _console()
     if not args.quiet:
         console.print(result.report.table())
@@ -159,8 +180,12 @@ def spec_json_schema() -> dict:
     schema = Spec.model_json_schema(mode="validation")
     schema.setdefault("$defs", {})
     schema["properties"].pop("source", None)
-    schema["$defs"]["Selector"] = Selector.model_json_schema()
-    schema["$defs"]["Budget"] = Budget.model_json_schema()
+    for name, model in (("Selector", Selector), ("Budget", Budget)):
+        sub = model.model_json_schema()
+        # Its own $defs (SelectorBase, ParamCondition) must sit at the root for "#/$defs/..".
+        for key, value in sub.pop("$defs", {}).items():
+            schema["$defs"].setdefault(key, value)
+        schema["$defs"][name] = sub
     items = []
     for name in sorted(registry.available()):
         try:
@@ -239,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _short_message(error: KilnError) -> str:
+    """At most two lines, whatever text a library put into the error."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 2:
+        lines = lines[:2]
+        lines[1] += " ... (more with --debug)"
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -249,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     except KilnError as error:
         if args.debug:
             raise
-        sys.stderr.write(f"kiln: error: {error}\n")
+        sys.stderr.write(f"kiln: error: {_short_message(error)}\n")
         return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("kiln: interrupted\n")

@@ -53,7 +53,9 @@ def _as_list(value: Any) -> Any:
     return value
 
 
-StrList = Annotated[list[str], BeforeValidator(_as_list)]
+# One string or a list of them (`op: Conv` or `op: [Conv, Gemm]`), in the schema too.
+StrList = Annotated[list[str], BeforeValidator(_as_list,
+                                               json_schema_input_type=str | list[str])]
 
 
 def _check_patterns(patterns: list[str] | None) -> list[str] | None:

@@ -176,3 +176,16 @@ def test_subprocess_bad_input_binding():
     proc = kiln("plan", str(EXAMPLE), "--spec", "reparam", "--input", "y=1x3x32x32")
     message = _check(proc.returncode, proc.stderr, proc.stdout)
     assert message == f"{EXAMPLE}: no input named 'y' (inputs: x)"
+
+
+def test_long_library_messages_are_cut_to_two_lines(capsys, monkeypatch):
+    """Errors carrying a library's multi-line text still print at most two lines."""
+    from kiln.compiler import pipeline
+    from kiln.compiler.errors import FrontendError
+
+    def load_model(source, **_):
+        raise FrontendError(f"{source}: the loader said:\nline one\nline two\nline three")
+
+    monkeypatch.setattr(pipeline, "load_model", load_model)
+    message = compile_error(capsys, str(EXAMPLE))
+    assert message == f"{EXAMPLE}: the loader said:\nline one ... (more with --debug)"
