@@ -11,17 +11,18 @@ import dataclasses
 import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import SBlockInfo, normalize_prim_func
+from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
 # tirx.BufferLoad is a constructor function in TVM 0.27; the node class is ir.TensorLoad.
 BufferLoad = tvm.ir.TensorLoad
 
 __all__ = [
-    "MatmulMatch",
+    "ContractionMatch",
     "RuleContext",
     "SBlockInfo",
     "const_extent",
     "inline_epilogue",
-    "match_matmul",
+    "match_contraction",
     "normalize_prim_func",
 ]
 
@@ -41,17 +42,6 @@ def const_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-def _loads(expr) -> list:
-    found: list = []
-
-    def visit(node):
-        if isinstance(node, BufferLoad):
-            found.append(node)
-
-    tirx.stmt_functor.post_order_visit(expr, visit)
-    return found
-
-
 def _strip_cast(expr):
     while isinstance(expr, tirx.Cast):
         expr = expr.value
@@ -59,18 +49,24 @@ def _strip_cast(expr):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MatmulMatch:
-    """Roles of a ``C[..] += A[..] * B[..]`` block's iterators (indices into its iter_vars)."""
+class ContractionMatch:
+    """Roles of a ``C[..] += A[..] * B[..]`` block's iterators (positions in its iter_vars).
 
-    batch: tuple[int, ...]  # index A, B and C
-    rows: tuple[int, ...]  # index A and C only (M, possibly several dims)
-    col: int  # indexes B and C only (N)
-    red: int  # the reduction (K), indexes A and B
+    Covers matmul, batch matmul, dense and direct convolution (NCHW or NHWC):
+    ``B`` is the operand whose columns are vectorized (a weight when one is constant),
+    ``A`` is broadcast one element at a time.
+    """
+
+    batch: tuple[int, ...]  # spatial iters used by A, B and C
+    rows: tuple[int, ...]  # spatial iters used by A and C only (M; conv: n, h, w)
+    col: int  # the spatial iter used by B and C only (N; conv: output channel)
+    reds: tuple[int, ...]  # reduction iters (K; conv: ci, ry, rx)
     a: tirx.Buffer
     b: tirx.Buffer
     c: tirx.Buffer
-    b_dims: tuple[str, ...]  # per dim of B: "k", "j", "batch" or "unit"
+    b_dims: tuple[int | None, ...]  # per dim of B: the iter it is indexed by (None: const 0)
     b_read_index: int  # position of B in the block's reads
+    b_is_param: int | None  # B's position among the PrimFunc's params, if it is one
 
 
 def _index_roles(indices, iter_vars) -> list[int | None] | None:
@@ -87,8 +83,19 @@ def _index_roles(indices, iter_vars) -> list[int | None] | None:
     return roles
 
 
-def match_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> MatmulMatch | None:
-    """Match ``C[s...] = C[s...] + A[...] * B[...]`` with one reduction iter and plain indices."""
+def _vars_in(expr, iter_vars) -> set[int]:
+    positions = {iv.var: n for n, iv in enumerate(iter_vars)}
+    return {positions[v] for v in collect_vars_used_in_prim_expr(expr) if v in positions}
+
+
+def match_contraction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
+                      const_params: frozenset[int] = frozenset()) -> ContractionMatch | None:
+    """Match ``C[s...] = C[s...] + A[f(s, r)] * B[g(s, r)]``: one column iter, any reductions.
+
+    C must be indexed by plain iters; B must be indexed by plain iters (a weight or a
+    row-major operand); A may use affine indices (a convolution's ``h * stride + ry``).
+    When both operands fit as B, a constant one (``const_params``) is preferred.
+    """
     stmt = sch.get(block)
     if not isinstance(stmt.body, tirx.BufferStore) or stmt.init is None:
         return None
@@ -103,58 +110,57 @@ def match_matmul(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV) -> MatmulM
         return None
     if not isinstance(rhs, tirx.Mul):
         return None
-    a_load, b_load = _strip_cast(rhs.a), _strip_cast(rhs.b)
-    if not (isinstance(a_load, BufferLoad) and isinstance(b_load, BufferLoad)):
+    x_load, y_load = _strip_cast(rhs.a), _strip_cast(rhs.b)
+    if not (isinstance(x_load, BufferLoad) and isinstance(y_load, BufferLoad)):
+        return None
+    if x_load.source.same_as(y_load.source):
         return None
     iters = list(stmt.iter_vars)
-    red = [n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce]
-    if len(red) != 1 or any(iv.iter_type not in (tirx.IterVar.DataPar, tirx.IterVar.CommReduce)
-                            for iv in iters):
+    if any(iv.iter_type not in (tirx.IterVar.DataPar, tirx.IterVar.CommReduce) for iv in iters):
         return None
-    k = red[0]
+    reds = tuple(n for n, iv in enumerate(iters) if iv.iter_type == tirx.IterVar.CommReduce)
+    if not reds:
+        return None
     c_roles = _index_roles(store.indices, iters)
-    a_roles = _index_roles(a_load.indices, iters)
-    b_roles = _index_roles(b_load.indices, iters)
-    if c_roles is None or a_roles is None or b_roles is None:
+    if c_roles is None:
         return None
-    if k not in a_roles or k not in b_roles:
-        # the operand holding the reduction iter in both is required; swap if A is B
-        return None
-    # A is the operand that shares a spatial iter with C other than batch dims and B is the
-    # one holding the single column iter; swap when the multiplication is written B * A.
-    def spatial_only(roles):
-        return {r for r in roles if r is not None and r != k}
+    c_set = {r for r in c_roles if r is not None}
+    params = list(sch.mod["main"].params)
 
-    c_set = spatial_only(c_roles)
-    a_set, b_set = spatial_only(a_roles), spatial_only(b_roles)
-    if not (a_set <= c_set and b_set <= c_set):
-        return None
-    cols = b_set - a_set
-    if len(cols) != 1:
-        a_load, b_load = b_load, a_load
-        a_roles, b_roles = b_roles, a_roles
-        a_set, b_set = b_set, a_set
-        cols = b_set - a_set
+    def param_index(buf):
+        return next((n for n, p in enumerate(params) if p.same_as(buf)), None)
+
+    def attempt(a_load, b_load):
+        b_roles = _index_roles(b_load.indices, iters)
+        if b_roles is None:
+            return None
+        a_set = set().union(*(_vars_in(i, iters) for i in a_load.indices))
+        b_set = {r for r in b_roles if r is not None}
+        if not set(reds) <= (a_set | b_set) or not all(r in b_set for r in reds):
+            return None
+        if not (a_set - set(reds)) <= c_set or not (b_set - set(reds)) <= c_set:
+            return None
+        cols = (b_set - a_set) - set(reds)
         if len(cols) != 1:
             return None
-    col = next(iter(cols))
-    batch = tuple(sorted(a_set & b_set))
-    rows = tuple(sorted(c_set - b_set - {col}))
-    # spatial iters of C that are in neither operand (extent 1 only)
-    stray = c_set - a_set - b_set
-    if any(int(iters[n].dom.extent) != 1 for n in stray if isinstance(iters[n].dom.extent, tirx.IntImm)):
+        col = next(iter(cols))
+        batch = tuple(sorted((a_set & b_set) - set(reds)))
+        rows = tuple(n for n in c_roles if n is not None and n not in b_set)
+        if len([r for r in b_roles if r is not None]) != len(b_set):  # an iter used twice in B
+            return None
+        reads = [region.source for region in stmt.reads]
+        b_read_index = next((n for n, buf in enumerate(reads) if buf.same_as(b_load.source)), None)
+        if b_read_index is None:
+            return None
+        return ContractionMatch(batch=batch, rows=rows, col=col, reds=reds, a=a_load.source,
+                                b=b_load.source, c=store.buffer, b_dims=tuple(b_roles),
+                                b_read_index=b_read_index, b_is_param=param_index(b_load.source))
+
+    candidates = [m for m in (attempt(x_load, y_load), attempt(y_load, x_load)) if m is not None]
+    if not candidates:
         return None
-    rows = tuple(sorted(set(rows) | stray))
-    if len(set(r for r in b_roles if r is not None)) != len([r for r in b_roles if r is not None]):
-        return None
-    b_dims = tuple("unit" if r is None else "k" if r == k else "j" if r == col else "batch"
-                   for r in b_roles)
-    reads = [region.source for region in stmt.reads]
-    b_read_index = next((n for n, buf in enumerate(reads) if buf.same_as(b_load.source)), None)
-    if b_read_index is None or a_load.source.same_as(b_load.source):
-        return None
-    return MatmulMatch(batch=batch, rows=rows, col=col, red=k, a=a_load.source, b=b_load.source,
-                       c=store.buffer, b_dims=b_dims, b_read_index=b_read_index)
+    candidates.sort(key=lambda m: 0 if m.b_is_param is not None and m.b_is_param in const_params else 1)
+    return candidates[0]
 
 
 def inline_epilogue(sch: s_tir.Schedule, main: str) -> list[str]:

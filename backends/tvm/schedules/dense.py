@@ -26,11 +26,10 @@ import logging
 from tvm import s_tir, tirx
 
 from kiln.backends.tvm.schedules.analysis import (
-    MatmulMatch,
     RuleContext,
     const_extent,
     inline_epilogue,
-    match_matmul,
+    match_contraction,
     normalize_prim_func,
 )
 
@@ -39,34 +38,41 @@ log = logging.getLogger(__name__)
 PREPROC_ANNOTATION = "meta_schedule.layout_rewrite_preproc"
 # Register tile: MR rows x NR columns of fp32 accumulators. 4 x 64 on AVX-512 is 16 zmm
 # accumulators + 4 B vectors + 1 broadcast, under the 32 registers.
-ROWS_PER_TILE = (4, 8, 6, 2, 1)
 K_UNROLL = 4
 
 
-def _pick(extent: int, choices) -> int:
-    for c in choices:
-        if extent % c == 0:
-            return c
+# Accumulator registers a micro-kernel may use (of 32 on AVX-512; 16 on AVX2 halves it).
+ACCUMULATORS = 24
+
+
+def _tile_columns(n: int, lanes: int) -> tuple[int, int] | None:
+    """(NR, vector lanes) for N output columns: a few vector registers wide, dividing N."""
+    for nr in (4 * lanes, 3 * lanes, 2 * lanes, lanes):
+        if n % nr == 0:
+            return nr, lanes
+    half = max(lanes // 2, 4)
+    for nr in (6 * half, 4 * half, 3 * half, 2 * half, half):
+        if n % nr == 0:
+            return nr, half
+    if n <= 4 * lanes:
+        return n, n
+    return None
+
+
+def _tile_rows(m: int, cap: int) -> int:
+    for mr in range(min(cap, m), 0, -1):
+        if m % mr == 0 and (mr >= 3 or mr == m or m < 3):
+            return mr
     return 1
 
 
-def _columns_per_tile(n: int, lanes: int, m: int) -> int:
-    """NR: several vector registers wide, dividing N when possible."""
-    for mult in (4, 2, 1):
-        if n % (lanes * mult) == 0:
-            return lanes * mult
-    if n < lanes:
-        return n
-    return lanes
-
-
-def schedule_matmul(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    """Schedule the single matmul block of ``func`` (plus fused epilogue); None if no match."""
+def schedule_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    """Schedule the single contraction block of ``func`` (matmul, dense, conv) plus its epilogue."""
     sch = s_tir.Schedule(func)
-    return sch if _schedule_matmul(sch, ctx) else None
+    return sch if _schedule_contraction(sch, ctx) else None
 
 
-def _schedule_matmul(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
+def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     infos = normalize_prim_func(sch)
     if infos is None:
         return False
@@ -74,98 +80,115 @@ def _schedule_matmul(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     if len(reductions) != 1:
         return False
     main_name = reductions[0].name
-    match = match_matmul(sch, reductions[0].block_rv)
+    match = match_contraction(sch, reductions[0].block_rv, ctx.const_params)
     if match is None:
         return False
-    func_params = list(sch.mod["main"].params)  # TVM 0.27: params are the buffers themselves
-    b_param = next((n for n, buf in enumerate(func_params) if buf.same_as(match.b)), None)
-    b_is_const = b_param is not None and b_param in ctx.const_params
+    b_is_const = match.b_is_param is not None and match.b_is_param in ctx.const_params
 
-    # Epilogue: inline the elementwise chain after the matmul into its last block.
     after = inline_epilogue(sch, main_name)
     if len(after) > 1:
         return False
     block = sch.get_sblock(main_name)
+    before = [info.name for info in normalize_prim_func(sch)]
+    before = before[: before.index(main_name)]
 
     stmt = sch.get(block)
     iters = list(stmt.iter_vars)
+    if not all(isinstance(iv.dom.extent, tirx.IntImm) for iv in iters):
+        return False
     extents = [int(iv.dom.extent) for iv in iters]
+    c_col_last = stmt.body.indices[-1].same_as(iters[match.col].var)
     loops = sch.get_loops(block)
     if len(loops) != len(iters):
         return False
-    lanes = ctx.vector_lanes_f32
-    n = extents[match.col]
-    k = extents[match.red]
-    m = 1
-    for r in match.rows:
-        m *= extents[r]
-    nr = _columns_per_tile(n, lanes, m)
-    mr = _pick(m, ROWS_PER_TILE)
-    ku = _pick(k, (K_UNROLL, 2, 1))
+    tiles = _tile_columns(extents[match.col], ctx.vector_lanes_f32)
+    if tiles is None:
+        return False
+    nr, lanes = tiles
+    row_inner = match.rows[-1] if match.rows else None
+    mr = _tile_rows(extents[row_inner], max(1, ACCUMULATORS // max(1, nr // lanes))) \
+        if row_inner is not None else 1
 
-    # Pack B: [N/NR, K, NR] so the micro-kernel streams it.
-    pack_b = b_is_const or (match.b_dims and match.b_dims[-1] != "j" and "batch" not in match.b_dims)
+    # Pack B as Bp[j // NR, <other dims>, j % NR] so the micro-kernel streams it.
+    b_col_last = match.b_dims and match.b_dims[-1] == match.col
     pack_block = None
-    if pack_b and n % nr == 0 and "batch" not in match.b_dims:
+    if (b_is_const or not b_col_last) and not match.batch:
         pack_block = sch.cache_read(block, match.b_read_index, "global")
-        b_dims = match.b_dims
+        col_dim = match.b_dims.index(match.col)
 
         def pack(*idx):
-            j = idx[b_dims.index("j")]
-            kk = idx[b_dims.index("k")]
-            return (j // nr, kk, j % nr)
+            rest = [v for d, v in enumerate(idx) if d != col_dim]
+            return (idx[col_dim] // nr, *rest, idx[col_dim] % nr)
 
         sch.transform_layout(pack_block, ("write", 0), pack)
         if b_is_const:
             sch.annotate(pack_block, PREPROC_ANNOTATION, True)
         loops = sch.get_loops(block)
+    elif not b_col_last:
+        return False
 
     c_local = sch.cache_write(block, 0, "local")
+    if not c_col_last:
+        # keep the accumulator tile column-contiguous (vector registers), whatever C's layout
+        col_dim = [n for n, idx in enumerate(stmt.body.indices)
+                   if idx.same_as(iters[match.col].var)][0]
+        sch.transform_layout(block, ("write", 0),
+                             lambda *idx: (*[v for d, v in enumerate(idx) if d != col_dim],
+                                           idx[col_dim]))
 
     batch_loops = [loops[n] for n in match.batch]
-    row_loops = [loops[n] for n in match.rows]
-    sch.reorder(*batch_loops, *row_loops, loops[match.col], loops[match.red])
-    batch = sch.fuse(*batch_loops) if len(batch_loops) > 1 else (batch_loops[0] if batch_loops else None)
-    rows = sch.fuse(*row_loops) if len(row_loops) > 1 else (row_loops[0] if row_loops else None)
-    col, red = loops[match.col], loops[match.red]
-
+    outer_rows = [loops[n] for n in match.rows[:-1]]
+    red_loops = [loops[n] for n in match.reds]
+    col = loops[match.col]
     j_o, j_i = sch.split(col, [None, nr])
-    j_v_o, j_v = sch.split(j_i, [None, min(lanes, nr)])
-    k_o, k_i = sch.split(red, [None, ku])
-    if rows is not None:
-        i_o, i_i = sch.split(rows, [None, mr])
-        sch.reorder(j_o, i_o, k_o, k_i, i_i, j_v_o, j_v)
-        outer = [batch] if batch is not None else []
-        outer += [j_o, i_o]
+    j_v_o, j_v = sch.split(j_i, [None, lanes])
+    *red_outer, red_last = red_loops
+    red_extent = extents[match.reds[-1]]
+    if red_extent > 4 and red_extent % K_UNROLL == 0:
+        k_o, k_i = sch.split(red_last, [None, K_UNROLL])
+        red_outer = [*red_outer, k_o]
     else:
-        sch.reorder(j_o, k_o, k_i, j_v_o, j_v)
+        k_i = red_last
+    if row_inner is not None:
+        i_o, i_i = sch.split(loops[row_inner], [None, mr])
+        outer = [*batch_loops, *outer_rows, j_o, i_o]
+        sch.reorder(*outer, *red_outer, k_i, i_i, j_v_o, j_v)
+    else:
         i_i = None
-        outer = ([batch] if batch is not None else []) + [j_o]
+        outer = [*batch_loops, j_o]
+        sch.reorder(*outer, *red_outer, k_i, j_v_o, j_v)
     fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
     sch.parallel(fused)
     sch.vectorize(j_v)
     sch.unroll(j_v_o)
     if i_i is not None:
         sch.unroll(i_i)
-    sch.unroll(k_i)
+    if red_extent <= 8:
+        sch.unroll(k_i)
 
     sch.reverse_compute_at(c_local, fused, preserve_unit_loops=True)
-    sch.decompose_reduction(block, k_o)
-    # Fuse the epilogue into the write-back of the register tile.
+    sch.decompose_reduction(block, red_outer[0] if red_outer else k_i)
     if after:
         epilogue = sch.get_sblock(after[0])
         try:
             sch.reverse_compute_inline(epilogue)
         except Exception:  # noqa: BLE001 - TVM raises several kinds; fall back to compute_at
             sch.reverse_compute_at(epilogue, fused, preserve_unit_loops=True)
-            _vectorize_innermost(sch, epilogue, lanes)
-    _vectorize_innermost(sch, c_local, lanes)
-    init = sch.get_sblock(main_name + "_init")
-    _vectorize_innermost(sch, init, lanes)
+    if c_col_last:  # else the write-back is strided (NCHW conv): leave it scalar
+        _vectorize_innermost(sch, c_local, lanes)
+    _vectorize_innermost(sch, sch.get_sblock(main_name + "_init"), lanes)
 
     if pack_block is not None and not b_is_const:
-        # run-time pack: parallel over the packed panels
         _parallel_vectorize(sch, pack_block, lanes)
+    # producers of A (padding, reshapes) stay separate loop nests: run them in parallel
+    for name in before:
+        blk = sch.get_sblock(name)
+        if pack_block is not None and sch.get(blk).same_as(sch.get(pack_block)):
+            continue
+        try:
+            _parallel_vectorize(sch, blk, lanes)
+        except Exception:  # noqa: BLE001 - best effort on a side loop nest
+            pass
     return True
 
 
@@ -191,8 +214,4 @@ def _parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     _vectorize_innermost(sch, block, lanes)
 
 
-def is_matmul_block(sch: s_tir.Schedule, block) -> MatmulMatch | None:
-    return match_matmul(sch, block)
-
-
-__all__ = ["schedule_matmul", "PREPROC_ANNOTATION", "tirx"]
+__all__ = ["schedule_contraction", "PREPROC_ANNOTATION"]

@@ -21,54 +21,20 @@ PARALLEL_MIN_ELEMENTS = 1 << 13
 
 
 def _spatial_prefix(sch: s_tir.Schedule, block) -> list:
-    """The block's outer loops that bind only spatial iters (stops at the first reduction)."""
+    """The block's outer loops over spatial iters, up to the first reduction.
+
+    Valid on a normalized function (one loop per block iter, in iter order).
+    """
     stmt = sch.get(block)
     loops = sch.get_loops(block)
-    reduce_vars = {iv.var for iv in stmt.iter_vars if iv.iter_type != tirx.IterVar.DataPar}
-    realize = sch.get_sref(block).stmt  # noqa: F841 - keep for debugging
-    bindings = _bindings(sch, block)
+    if len(loops) != len(stmt.iter_vars):
+        return []
     prefix = []
-    for loop in loops:
-        loop_var = sch.get(loop).loop_var
-        uses_reduce = False
-        for iv, value in zip(stmt.iter_vars, bindings, strict=True):
-            if iv.var in reduce_vars and _uses_var(value, loop_var):
-                uses_reduce = True
-        if uses_reduce:
+    for loop, iv in zip(loops, stmt.iter_vars, strict=True):
+        if iv.iter_type != tirx.IterVar.DataPar:
             break
         prefix.append(loop)
     return prefix
-
-
-def _bindings(sch: s_tir.Schedule, block):
-    parent = sch.get_sref(block).parent
-    # SBlockRealize holds iter_values; find it by walking from the loop
-    stmt = parent.stmt if parent is not None else None
-    body = stmt.body if stmt is not None and hasattr(stmt, "body") else None
-    target = sch.get(block)
-
-    found = []
-
-    def visit(node):
-        if isinstance(node, s_tir.SBlockRealize) and node.block.same_as(target):
-            found.append(node.iter_values)
-
-    if body is not None:
-        tirx.stmt_functor.post_order_visit(body, visit)
-    if not found:
-        tirx.stmt_functor.post_order_visit(sch.mod["main"].body, visit)
-    return list(found[0])
-
-
-def _uses_var(expr, var) -> bool:
-    hit = []
-
-    def visit(node):
-        if isinstance(node, tirx.Var) and node.same_as(var):
-            hit.append(True)
-
-    tirx.stmt_functor.post_order_visit(expr, visit)
-    return bool(hit)
 
 
 def _numel(sch: s_tir.Schedule, loops) -> int:
@@ -80,14 +46,16 @@ def _numel(sch: s_tir.Schedule, loops) -> int:
 
 
 def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, *, spatial_only: bool = False) -> None:
-    """Parallel over the fused outer loops, vectorize the innermost (when spatial and divisible)."""
+    """Parallel over the fused outer loops; the innermost loop stays serial, vectorized when
+    it is spatial and a multiple of the lanes (a tail would scalarize it)."""
     loops = sch.get_loops(block)
     if not loops:
         return
     prefix = _spatial_prefix(sch, block) if spatial_only else loops
-    inner_is_spatial = len(prefix) == len(loops)
+    if not prefix:
+        return
     vec = None
-    if inner_is_spatial:
+    if len(prefix) == len(loops):
         inner = loops[-1]
         extent = const_extent(sch, inner)
         if extent is not None and extent >= lanes and extent % lanes == 0:
@@ -96,13 +64,11 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, *, spatial_only: 
             else:
                 vec = inner
             loops = sch.get_loops(block)
-            prefix = loops[:-1] if vec.same_as(loops[-1]) else loops
-            if vec is not None and extent == lanes:
-                prefix = loops[:-1]
-            elif vec is not None:
-                prefix = loops[:-1]
-    numel = _numel(sch, prefix)
-    if prefix and numel * (lanes if vec is not None else 1) >= PARALLEL_MIN_ELEMENTS:
+            prefix = loops[:-1]
+        elif len(loops) > 1:
+            prefix = loops[:-1]
+    numel = _numel(sch, loops)
+    if prefix and numel >= PARALLEL_MIN_ELEMENTS:
         outer = sch.fuse(*prefix) if len(prefix) > 1 else prefix[0]
         sch.parallel(outer)
     if vec is not None:

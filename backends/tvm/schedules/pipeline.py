@@ -42,16 +42,19 @@ Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 
 def _rules() -> tuple[tuple[str, Rule], ...]:
     """The CPU rules, most specific first; each returns None when the kernel is not its kind."""
-    from kiln.backends.tvm.schedules.dense import schedule_matmul
+    from kiln.backends.tvm.schedules.dense import schedule_contraction
     from kiln.backends.tvm.schedules.elementwise import (
         schedule_elementwise,
         schedule_fallback,
         schedule_reduction,
     )
 
+    from kiln.backends.tvm.schedules.window import schedule_window_reduction
+
     return (
-        ("dense", schedule_matmul),
+        ("contraction", schedule_contraction),
         ("elementwise", schedule_elementwise),
+        ("window", schedule_window_reduction),
         ("reduction", schedule_reduction),
         ("fallback", schedule_fallback),
     )

@@ -1,0 +1,112 @@
+"""Depthwise convolution and pooling: window reductions vectorized along the output row.
+
+``C[n, c, h, w] = reduce over (ry, rx) of f(X[n, c, h*s + ry, w*s + rx], W[c, ry, rx])``
+has no column the weights could be vectorized over (each channel has its own few
+taps), so the vector axis is the output's innermost spatial iter ``w``::
+
+    parallel for (n, c, h, w_o):
+      acc[U * lanes] = init
+      for ry, rx:                        # the window, unrolled when small
+        acc[:] = acc[:] (+|max) X[.., w_o*U*lanes + 0 .. U*lanes] * W[c, ry, rx]
+      C[..] = epilogue(acc)
+
+This serves depthwise conv, max/avg pooling and any reduction whose output's
+innermost iter also indexes the input's innermost dim.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+from kiln.backends.tvm.schedules.analysis import RuleContext, inline_epilogue, normalize_prim_func
+from kiln.backends.tvm.schedules.analysis import collect_vars_used_in_prim_expr
+
+# Vectors per accumulator tile (independent FMA chains hide the FMA latency).
+VECTORS_PER_TILE = 6
+
+
+def schedule_window_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reductions = [info for info in infos if not info.is_injective()]
+    if len(reductions) != 1:
+        return None
+    name = reductions[0].name
+    block = reductions[0].block_rv
+    stmt = sch.get(block)
+    if not isinstance(stmt.body, tirx.BufferStore) or stmt.init is None:
+        return None
+    iters = list(stmt.iter_vars)
+    if not all(isinstance(iv.dom.extent, tirx.IntImm) for iv in iters):
+        return None
+    last = stmt.body.indices[-1]
+    if not isinstance(last, tirx.Var):
+        return None
+    v_pos = next((n for n, iv in enumerate(iters) if iv.var.same_as(last)), None)
+    if v_pos is None or iters[v_pos].iter_type != tirx.IterVar.DataPar:
+        return None
+    # some read must have v in its innermost index (contiguous along the output row)
+    reads = [r for r in stmt.reads if not r.source.same_as(stmt.body.buffer)]
+    if not any(iters[v_pos].var in collect_vars_used_in_prim_expr(r.region[-1].min) for r in reads):
+        return None
+    extent = int(iters[v_pos].dom.extent)
+    lanes = ctx.vector_lanes_f32
+    while lanes > 4 and extent % lanes:
+        lanes //= 2
+    if extent % lanes:
+        return None
+    unroll = 1
+    for u in range(VECTORS_PER_TILE, 0, -1):
+        if extent % (u * lanes) == 0:
+            unroll = u
+            break
+
+    after = inline_epilogue(sch, name)
+    if len(after) > 1:
+        return None
+    block = sch.get_sblock(name)
+    before = [info.name for info in normalize_prim_func(sch)]
+    before = before[: before.index(name)]
+    loops = sch.get_loops(block)
+    if len(loops) != len(iters):
+        return None
+    local = sch.cache_write(block, 0, "local")
+    spatial = [loops[n] for n, iv in enumerate(iters)
+               if iv.iter_type == tirx.IterVar.DataPar and n != v_pos]
+    reds = [loops[n] for n, iv in enumerate(iters) if iv.iter_type != tirx.IterVar.DataPar]
+    v_o, v_u, v_l = sch.split(loops[v_pos], [None, unroll, lanes])
+    sch.reorder(*spatial, v_o, *reds, v_u, v_l)
+    if spatial:
+        rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        sch.parallel(rows)
+    outer = v_o
+    sch.vectorize(v_l)
+    sch.unroll(v_u)
+    for red, n in zip(reds, [n for n, iv in enumerate(iters) if iv.iter_type != tirx.IterVar.DataPar],
+                      strict=True):
+        if int(iters[n].dom.extent) <= 7:
+            sch.unroll(red)
+    sch.reverse_compute_at(local, outer, preserve_unit_loops=True)
+    if reds:
+        sch.decompose_reduction(block, reds[0])
+    if after:
+        try:
+            sch.reverse_compute_inline(sch.get_sblock(after[0]))
+        except Exception:  # noqa: BLE001 - fall back to computing the epilogue per tile
+            sch.reverse_compute_at(sch.get_sblock(after[0]), outer, preserve_unit_loops=True)
+    for blk in (local, sch.get_sblock(name + "_init")):
+        inner = sch.get_loops(blk)[-1]
+        ext = sch.get(inner).extent
+        if isinstance(ext, tirx.IntImm) and int(ext) % lanes == 0:
+            _, vec = sch.split(inner, [None, lanes])
+            sch.vectorize(vec)
+    from kiln.backends.tvm.schedules.elementwise import parallel_vectorize
+
+    for producer in before:
+        try:
+            parallel_vectorize(sch, sch.get_sblock(producer), ctx.vector_lanes_f32)
+        except Exception:  # noqa: BLE001 - best effort on a side loop nest
+            pass
+    return sch
