@@ -146,6 +146,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+
     from kiln.compiler import registry
 
     console = _console()
@@ -153,12 +155,13 @@ def cmd_passes(args: argparse.Namespace) -> int:
         try:
             cls = registry.get_pass_class(name)
         except KilnError as error:
-            console.print(f"{name}  [red]unavailable[/red]: {error}")
+            console.print(f"{escape(name)}  [red]unavailable[/red]: {escape(str(error))}")
             continue
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         kind = "exact" if cls.exact else "lossy"
         origin = "" if info.origin == "builtin" else f" [plugin: {info.origin}]"
-        console.print(f"[bold]{name}[/bold] ({kind}){origin}: {doc}")
+        # escape: "[plugin: ...]" and docstrings with brackets are not rich markup.
+        console.print(f"[bold]{escape(name)}[/bold] ({kind}){escape(origin)}: {escape(doc)}")
         for field_name, field in cls.config_class.model_fields.items():
             default = field.default
             desc = f" - {field.description}" if field.description else ""
