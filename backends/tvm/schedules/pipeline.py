@@ -56,7 +56,7 @@ def _rules() -> tuple[tuple[str, Rule], ...]:
         ("elementwise", schedule_elementwise),
         ("window", schedule_window_reduction),
         ("reduction", schedule_reduction),
-        ("fallback", schedule_fallback),
+        (FALLBACK_RULE, schedule_fallback),
     )
 
 
@@ -179,11 +179,23 @@ def cpu_build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def unscheduled_kernels(mod: tvm.IRModule) -> list[str]:
-    """Names of the PrimFuncs no schedule rule (kiln's or a tuning record) has touched."""
+FALLBACK_RULE = "fallback"
+
+
+def unscheduled_kernels(mod: tvm.IRModule, *, include_fallback: bool = True) -> list[str]:
+    """Names of the PrimFuncs no schedule rule (kiln's or a tuning record) has handled.
+
+    With ``include_fallback`` (the default) kernels that only got the fallback rule
+    (outer loops made parallel, nothing else) are named too: they run near TVM's default.
+    """
     names = []
     for gvar, func in mod.functions.items():
-        if isinstance(func, tirx.PrimFunc) and not (func.attrs and func.attrs.get(SCHEDULED_ATTR)):
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        attrs = func.attrs or {}
+        if not attrs.get(SCHEDULED_ATTR):
+            names.append(gvar.name_hint)
+        elif include_fallback and str(attrs.get(RULE_ATTR, "")) == FALLBACK_RULE:
             names.append(gvar.name_hint)
     return sorted(names)
 

@@ -1,0 +1,164 @@
+"""kiln's CPU schedule rules: each kernel kind gets its rule, and numerics are unchanged.
+
+Small shapes (a second or two per build on 2 cores); timings are never asserted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+torch = pytest.importorskip("torch")
+
+from tvm import relax  # noqa: E402
+
+from kiln.backends.tvm.schedules import (  # noqa: E402
+    cpu_build_pipeline,
+    cpu_schedule_passes,
+    unscheduled_kernels,
+)
+from kiln.backends.tvm.schedules.pipeline import schedule_rules_used  # noqa: E402
+
+# fp32 results may differ from the reference only by summation order.
+RTOL = 1e-5
+TARGET = {"kind": "llvm", "num-cores": 2}
+
+
+def _build(builder_fn, *inputs: np.ndarray):
+    """Build a Relax function made by ``builder_fn(bb, *vars)``; return (lowered mod, outputs)."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{n}", relax.TensorType(a.shape, "float32")) for n, a in enumerate(inputs)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(builder_fn(bb, *params))
+        bb.emit_func_output(out)
+    target = tvm.target.Target(TARGET)
+    with tvm.transform.PassContext(opt_level=3):
+        lowered = cpu_build_pipeline(target)(bb.get())
+    executable = tvm.compile(lowered, target=target, relax_pipeline=None)
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    result = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
+    return lowered, result.numpy()
+
+
+def _assert_close(got: np.ndarray, want: np.ndarray) -> None:
+    scale = max(float(np.abs(want).max()), 1e-6)
+    assert float(np.abs(got - want).max()) / scale < RTOL
+
+
+def _rng():
+    return np.random.default_rng(0)
+
+
+def _kernel_rules(mod) -> dict[str, str]:
+    return schedule_rules_used(mod)
+
+
+@pytest.mark.parametrize("m,k,n", [(32, 64, 48), (1, 256, 128), (7, 40, 24)])
+def test_dense_with_epilogue_is_scheduled_packed_and_exact(m, k, n):
+    rng = _rng()
+    w = (rng.standard_normal((k, n)) / np.sqrt(k)).astype("float32")
+    bias = rng.standard_normal(n).astype("float32")
+    x = rng.standard_normal((m, k)).astype("float32")
+
+    def model(bb, xv):
+        y = bb.emit(relax.op.matmul(xv, relax.const(w)))
+        y = bb.emit(relax.op.add(y, relax.const(bias)))
+        return bb.emit(relax.op.nn.gelu(y))
+
+    lowered, got = _build(model, x)
+    assert unscheduled_kernels(lowered) == []
+    rules = _kernel_rules(lowered)
+    assert list(rules.values()) == ["contraction"]
+    # the weight was packed at compile time: only the compute kernel is left
+    (name,) = rules
+    assert name.endswith("_prepacked")
+    assert not [g for g in lowered.functions if "weight_prepack" in g.name_hint]
+    ref = torch.nn.functional.gelu(torch.from_numpy(x) @ torch.from_numpy(w) + torch.from_numpy(bias))
+    _assert_close(got, ref.numpy())
+
+
+def test_batch_matmul_of_two_activations():
+    rng = _rng()
+    a = rng.standard_normal((4, 16, 32)).astype("float32")
+    b = rng.standard_normal((4, 32, 16)).astype("float32")
+    lowered, got = _build(lambda bb, x, y: bb.emit(relax.op.matmul(x, y)), a, b)
+    assert unscheduled_kernels(lowered) == []
+    assert "contraction" in _kernel_rules(lowered).values()
+    _assert_close(got, a @ b)
+
+
+@pytest.mark.parametrize("ci,co,hw,k,stride,groups", [
+    (8, 32, 12, 3, 1, 1),     # general 3x3
+    (16, 48, 10, 1, 1, 1),    # 1x1 (a GEMM)
+    (8, 16, 16, 3, 2, 1),     # strided
+    (32, 32, 16, 3, 1, 32),   # depthwise
+])
+def test_conv2d_bias_relu_is_scheduled_and_exact(ci, co, hw, k, stride, groups):
+    rng = _rng()
+    w = (rng.standard_normal((co, ci // groups, k, k)) / np.sqrt(ci * k * k / groups)).astype("float32")
+    bias = rng.standard_normal((1, co, 1, 1)).astype("float32")
+    x = rng.standard_normal((1, ci, hw, hw)).astype("float32")
+
+    def model(bb, xv):
+        y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), strides=stride, padding=k // 2,
+                                       groups=groups))
+        y = bb.emit(relax.op.add(y, relax.const(bias)))
+        return bb.emit(relax.op.nn.relu(y))
+
+    lowered, got = _build(model, x)
+    assert unscheduled_kernels(lowered) == []
+    expected_rule = "window" if groups == ci else "contraction"
+    assert expected_rule in _kernel_rules(lowered).values()
+    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
+                                                stride=stride, padding=k // 2, groups=groups)
+                     + torch.from_numpy(bias))
+    _assert_close(got, ref.numpy())
+
+
+def test_softmax_and_layer_norm_are_scheduled_and_exact():
+    rng = _rng()
+    x = rng.standard_normal((16, 64)).astype("float32")
+    gamma = rng.standard_normal(64).astype("float32")
+    beta = rng.standard_normal(64).astype("float32")
+
+    def model(bb, xv):
+        y = bb.emit(relax.op.nn.layer_norm(xv, relax.const(gamma), relax.const(beta), axes=[-1]))
+        return bb.emit(relax.op.nn.softmax(y, axis=-1))
+
+    lowered, got = _build(model, x)
+    assert unscheduled_kernels(lowered) == []
+    ref = torch.softmax(torch.nn.functional.layer_norm(torch.from_numpy(x), (64,),
+                                                       torch.from_numpy(gamma),
+                                                       torch.from_numpy(beta)), dim=-1)
+    _assert_close(got, ref.numpy())
+
+
+def test_elementwise_is_scheduled_and_exact():
+    rng = _rng()
+    x = rng.standard_normal((4, 33, 64)).astype("float32")
+
+    def model(bb, xv):
+        y = bb.emit(relax.op.permute_dims(xv, [0, 2, 1]))
+        return bb.emit(relax.op.sigmoid(y))
+
+    lowered, got = _build(model, x)
+    assert unscheduled_kernels(lowered) == []
+    _assert_close(got, 1 / (1 + np.exp(-x.transpose(0, 2, 1))))
+
+
+def test_unscheduled_kernels_names_kernels_without_a_schedule():
+    """TVM's own legalization leaves kernels unscheduled; the report names them."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((8, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(relax.op.matmul(x, x))
+        bb.emit_func_output(out)
+    legalized = relax.transform.LegalizeOps()(bb.get())
+    assert unscheduled_kernels(legalized) == ["matmul"]
+    target = tvm.target.Target(TARGET)
+    with target, tvm.transform.PassContext(opt_level=3):
+        scheduled = tvm.transform.Sequential(cpu_schedule_passes(target))(legalized)
+    assert unscheduled_kernels(scheduled) == []
