@@ -4,27 +4,46 @@ target into ``model.so`` + ``manifest.json``, and run the result.
     result = build_artifact(model, "host", outdir, model_hash=h)
     outputs = load(outdir)(x)
 
-Only this package imports ``tvm`` (kiln's layer rule).
+Only this package imports ``tvm`` (kiln's layer rule). Names are imported on
+first use: running an artifact needs only TVM's runtime (``load`` works with
+``TVM_USE_RUNTIME_LIB=1``, as on an edge board), and ``import kiln`` stays fast.
 """
 
-from .binary_check import check_binary
-from .build import BuildResult, build_artifact
-from .lower import lower_to_relax
-from .manifest import Manifest, TensorSpec
-from .runtime import CompiledModel, load, run_artifact
-from .targets import TARGETS, ResolvedTarget, resolve_target
+from __future__ import annotations
 
-__all__ = [
-    "TARGETS",
-    "BuildResult",
-    "CompiledModel",
-    "Manifest",
-    "ResolvedTarget",
-    "TensorSpec",
-    "build_artifact",
-    "check_binary",
-    "load",
-    "lower_to_relax",
-    "resolve_target",
-    "run_artifact",
-]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "TARGETS": "targets",
+    "ResolvedTarget": "targets",
+    "resolve_target": "targets",
+    "lower_to_relax": "lower",
+    "BuildResult": "build",
+    "build_artifact": "build",
+    "CompiledModel": "runtime",
+    "load": "runtime",
+    "run_artifact": "runtime",
+    "check_binary": "binary_check",
+    "Manifest": "manifest",
+    "TensorSpec": "manifest",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from .binary_check import check_binary
+    from .build import BuildResult, build_artifact
+    from .lower import lower_to_relax
+    from .manifest import Manifest, TensorSpec
+    from .runtime import CompiledModel, load, run_artifact
+    from .targets import TARGETS, ResolvedTarget, resolve_target
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

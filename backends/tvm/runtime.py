@@ -51,7 +51,7 @@ class CompiledModel:
 
     def __init__(self, outdir: Path, manifest: Manifest) -> None:
         import tvm
-        from tvm import relax
+        from tvm.runtime.vm import VirtualMachine
 
         self.outdir = Path(outdir)
         self.manifest = manifest
@@ -70,7 +70,7 @@ class CompiledModel:
         if not library.is_file():
             raise KilnError(f"{outdir}: {manifest.library} is missing")
         self._library = tvm.runtime.load_module(str(library))
-        self._vm = relax.VirtualMachine(self._library, self.device)
+        self._vm = VirtualMachine(self._library, self.device)
         self._main = self._vm["main"]
 
     @property
