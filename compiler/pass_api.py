@@ -93,6 +93,8 @@ class KilnPass(ir.passes.InPlacePass):
         self._selected = selected
         self.calibration = calibration
         self.last_candidates: list[Candidate] = []
+        # One line for the report (e.g. "4.25 bits/weight over 12 weights").
+        self.note = ""
 
     def selected(self, node: ir.Node) -> bool:
         return self._selected is None or self._selected(node)

@@ -289,6 +289,7 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
         p.modified = bool(result.modified)
         p.params_after = kir.count_params(model)
         p.bytes_after = kir.count_weight_bytes(model)
+        p.note = instance.note
         if samples and p.modified:
             outputs = run(model)
             vs_prev = compare(previous, outputs, output_names, rtol=spec.verify.rtol,
@@ -312,7 +313,7 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
                 if snapshot is not None:
                     model = snapshot
                     p.skipped = True
-                    p.note = f"undone: {failure}"
+                    p.note = f"undone: {failure}" + (f" ({p.note})" if p.note else "")
                     p.params_after, p.bytes_after = p.params_before, p.bytes_before
                     logger.warning("pass %s undone: %s", step.name, failure)
                     outputs = previous
@@ -325,7 +326,7 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
         elif p.modified:
             p.sqnr_db = p.sqnr_db_vs_source = None
             p.max_abs_err = p.max_abs_err_vs_source = None
-            p.note = "not verified (verify.enabled: false)"
+            p.note = "; ".join(filter(None, [p.note, "not verified (verify.enabled: false)"]))
         else:
             prev_report = report.passes[-1] if report.passes else None
             if prev_report is not None:
