@@ -29,7 +29,20 @@ _EXPORTS = {
     "TensorSpec": "manifest",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "TARGETS",
+    "BuildResult",
+    "CompiledModel",
+    "Manifest",
+    "ResolvedTarget",
+    "TensorSpec",
+    "build_artifact",
+    "check_binary",
+    "load",
+    "lower_to_relax",
+    "resolve_target",
+    "run_artifact",
+]
 
 if TYPE_CHECKING:
     from .binary_check import check_binary

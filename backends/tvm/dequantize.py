@@ -98,8 +98,9 @@ def pack_four_bit_weights(model: onnx.ModelProto) -> int:
                 if zp.name not in widened_zp:
                     wide = np.int8 if kind == "int4" else np.uint8
                     values = numpy_helper.to_array(zp).astype(wide)
-                    graph.initializer.append(numpy_helper.from_array(values, zp.name + "__kiln_wide"))
-                    widened_zp[zp.name] = zp.name + "__kiln_wide"
+                    wide_name = zp.name + "__kiln_wide"
+                    graph.initializer.append(numpy_helper.from_array(values, wide_name))
+                    widened_zp[zp.name] = wide_name
                 inputs.append(widened_zp[zp.name])
             else:
                 inputs.append(node.input[2])

@@ -88,7 +88,7 @@ class CompiledModel:
         if len(arrays) > len(specs):
             raise KilnError(f"expected {len(specs)} input(s) ({', '.join(names)}), "
                             f"got {len(arrays)} positional")
-        given: dict[str, Any] = dict(zip(names, arrays))
+        given: dict[str, Any] = dict(zip(names, arrays, strict=False))
         for name, value in named.items():
             if name not in names:
                 raise KilnError(f"unknown input {name!r}; inputs are: {', '.join(names)}")
@@ -152,7 +152,8 @@ def run_artifact(outdir: Path | str, inputs_npz: Path | str,
     outputs = model(**_npz_inputs(model, Path(inputs_npz)))
     if output_npz is not None:
         buffer = io.BytesIO()
-        np.savez(buffer, **{spec.name: array for spec, array in zip(model.outputs, outputs)})
+        named = {spec.name: array for spec, array in zip(model.outputs, outputs, strict=True)}
+        np.savez(buffer, **named)
         write_atomic(Path(output_npz), buffer.getvalue())
         logger.info("wrote %d output(s) to %s", len(outputs), output_npz)
     return outputs

@@ -176,7 +176,7 @@ def compare(host_dir: Path, inputs: Path, arm_outputs: Path) -> float:
     if len(got) != len(expected):
         raise EdgeCheckError(f"arm64 run gave {len(got)} outputs, host {len(expected)}")
     worst = 0.0
-    for out, ref in zip(got, expected):
+    for out, ref in zip(got, expected, strict=True):
         if out.shape != ref.shape:
             raise EdgeCheckError(f"arm64 output shape {out.shape} != host {ref.shape}")
         scale = float(np.max(np.abs(ref))) or 1.0

@@ -54,7 +54,7 @@ def _compile_and_compare(source, shapes, feeds, outdir, record_property):
     errors = [relative_error(out, ref) for out, ref in zip(outputs, references, strict=True)]
     record_property("build_seconds", round(result.seconds, 1))
     record_property("max_rel_error_vs_ort", max(errors))
-    for out, ref, err in zip(outputs, references, errors):
+    for out, ref, err in zip(outputs, references, errors, strict=True):
         assert out.shape == ref.shape
         assert err < REL_TOL, f"relative error {err:.2e} vs ONNX Runtime"
     return outputs
