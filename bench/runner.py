@@ -38,6 +38,10 @@ def _ort_runner(case: PreparedCase, threads: int) -> Callable[[], list[np.ndarra
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # ORT's idle workers spin by default and keep spinning between runs: in one process
+    # with TVM's pool on 2 cores that made kiln 35x slower (ocr-cls: 2.4 ms -> 85 ms)
+    # while ORT alone ran the same with or without spinning (1.59 vs 1.65 ms).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(case.onnx_path), options, providers=["CPUExecutionProvider"])
     feeds = dict(case.inputs)
     return lambda: session.run(None, feeds)
