@@ -76,6 +76,25 @@ def _target_arg(text: str | None):
     return text
 
 
+def _check_target_name(target, spec, *, from_spec: bool) -> None:
+    """An unknown preset name fails now, not after the passes (a raw dict is TVM's to check)."""
+    if not isinstance(target, str):
+        return
+    from kiln.backends.tvm.targets import TARGETS
+
+    if target in TARGETS:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(target, TARGETS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    message = (f"unknown target {target!r}{hint}; known targets: {', '.join(TARGETS)} "
+               "(or a TVM target dict)")
+    if from_spec:
+        raise spec.error(("target",), message)
+    raise KilnError(f"--target: {message}")
+
+
 def _check_outdir(out: Path, model: Path, writes_onnx: bool) -> None:
     """Refuse, before any work, an OUTDIR that is a file or whose model.onnx is the input."""
     if out.exists() and not out.is_dir():
@@ -95,6 +114,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args.spec)
     target = _target_arg(args.target)
+    _check_target_name(spec.target, spec, from_spec=True)
+    _check_target_name(target, spec, from_spec=False)
     if args.no_build:
         target = None
     elif target is None:

@@ -253,3 +253,23 @@ def test_debug_shows_the_traceback(tmp_path):
     proc = kiln("--debug", "plan", EXAMPLE, "--spec", spec)
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "SpecError" in proc.stderr
+
+
+def test_unknown_target_in_spec_fails_before_any_work(tmp_path, capsys):
+    spec = write(tmp_path, "kiln: 1\nname: edge\ntarget: arm46\n")
+    out = tmp_path / "out"
+    code = main(["compile", EXAMPLE, "--spec", spec, "--no-build", "-o", str(out)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert line.startswith(f"kiln: error: {spec}:3 target: unknown target 'arm46' "
+                           "(did you mean 'arm64'?)"), line
+    assert not out.exists()
+
+
+def test_unknown_target_option(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["compile", EXAMPLE, "--target", "hots", "-o", str(out)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert line.startswith("kiln: error: --target: unknown target 'hots' (did you mean 'host'?)")
+    assert not out.exists()
