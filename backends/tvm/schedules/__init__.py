@@ -1,6 +1,31 @@
-"""kiln's default CPU schedules (no tuning budget) and the Relax pipeline that applies them.
+"""kiln's default CPU schedules (no tuning budget) and the Relax phase that applies them.
 
-Skeleton: filled in by later commits.
+TVM 0.27's CPU build leaves every kernel a naive loop nest. These rules give each
+PrimFunc a schedule right after fusion, from what its blocks compute:
+
+=============  ==========================================================================
+rule           kernels
+=============  ==========================================================================
+contraction    ``C += A * B`` with one column iter: dense, matmul, batch matmul, conv2d
+               (NCHW direct: 1x1, KxK, strided, grouped-as-dense), conv2d_transpose.
+               Register tile MR x NR (NR a few SIMD vectors of output channels /
+               columns), constant weights packed ``[N/NR, ..., NR]`` at compile time,
+               parallel outer loops, the fused epilogue applied in the tile write-back.
+elementwise    all-injective kernels: inlined, parallel outer loops, vectorized rows.
+window         depthwise conv, pooling: vectorized along the output row.
+reduction      softmax / layer norm: dlight's CPU Reduction rule.
+fallback       anything else: outer loops parallel (named by ``unscheduled_kernels``).
+=============  ==========================================================================
+
+Integration (``tvm.compile``'s ``relax_pipeline``)::
+
+    legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
+    schedule   cpu_schedule_passes(target)      <- this package
+    finalize   dataflow lowering + VM lowering (relax.backend.cpu_generic)
+
+``cpu_build_pipeline(target)`` is that whole pipeline as one pass;
+``unscheduled_kernels(mod)`` names the PrimFuncs left at TVM's default (or with only
+the fallback rule) in a module after the schedule phase.
 """
 
 from __future__ import annotations
@@ -8,7 +33,9 @@ from __future__ import annotations
 from kiln.backends.tvm.schedules.pipeline import (
     cpu_build_pipeline,
     cpu_schedule_passes,
+    schedule_rules_used,
     unscheduled_kernels,
 )
 
-__all__ = ["cpu_build_pipeline", "cpu_schedule_passes", "unscheduled_kernels"]
+__all__ = ["cpu_build_pipeline", "cpu_schedule_passes", "schedule_rules_used",
+           "unscheduled_kernels"]
