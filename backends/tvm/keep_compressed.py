@@ -28,7 +28,11 @@ MIN_ELEMENTS = 256
 
 @mutator
 class _LiftCompressedConstants(PyExprMutator):
-    """Replaces each large low-bit constant with a fresh Var, remembering its value."""
+    """Replaces each large low-bit constant with a Var (one per tensor), remembering its value.
+
+    One Var per tensor matters: the nibble unpack reads the packed weight twice,
+    and two Vars would become two kernel parameters for the same buffer.
+    """
 
     def __init__(self, mod=None) -> None:
         super().__init__(mod)
@@ -38,6 +42,9 @@ class _LiftCompressedConstants(PyExprMutator):
         value = op.value
         if str(value.dtype) not in COMPRESSED_DTYPES or _numel(value.shape) < MIN_ELEMENTS:
             return op
+        for var, seen in self.lifted:
+            if seen.same_as(value):
+                return var
         var = relax.Var(f"kiln_compressed_{len(self.lifted)}", op.ty)
         self.lifted.append((var, value))
         return var

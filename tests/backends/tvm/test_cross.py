@@ -88,3 +88,12 @@ def test_cuda_artifact_matches_onnxruntime_on_the_gpu(cuda_build, encoder_model)
     (ref,) = ort_outputs(encoder_model, {encoder_model.graph.inputs[0].name: x})
     (out,) = load(cuda_build.library.parent)(x)
     assert relative_error(out, ref) < REL_TOL
+
+
+def test_cuda_build_of_int4_weights_fuses_decode_into_one_kernel(tmp_path):
+    from .onnx_models import blocked_int4_matmul
+
+    result = build_artifact(to_ir(blocked_int4_matmul(k=256, n=128, m=1)), "cuda-sm90",
+                            tmp_path, model_hash="h")
+    description = check_binary(result.library, "cuda-sm90")
+    assert description.endswith("1 CUDA kernel(s) as CUDA C, compiled at load time")

@@ -61,3 +61,35 @@ def test_int4_weights_stay_packed_through_folding():
     constants = _constants(legalized)
     assert ("uint8", (128, 32)) in constants
     assert not [c for c in constants if c[0] == "float32" and c[1] == (128, 64)]
+
+
+def test_decode_fuses_into_its_matmul_and_stays_exact(tmp_path):
+    """With fusion (the CUDA legalize phase), the int4 decode and the matmul become one
+    PrimFunc that reads the packed uint8 weight; built for the host it is still exact."""
+    import numpy as np
+    import tvm
+    from tvm import relax, tirx
+
+    from kiln.backends.tvm.fuse_decode import fuse_decode_into_contraction
+    from kiln.backends.tvm.pipeline import _legalize
+
+    from .onnx_models import REL_TOL, ort_outputs, relative_error
+
+    model = blocked_int4_matmul(k=128, n=64)
+    mod = lower_to_relax(to_ir(model))
+    target = resolve_target("host")
+    with target.tvm_target():
+        fused = tvm.transform.Sequential(_legalize(target.tvm_target(), fuse_decode=True))(mod)
+    kernels = {gv.name_hint: f for gv, f in fused.functions.items() if isinstance(f, tirx.PrimFunc)}
+    assert len(kernels) == 1 and "matmul" in next(iter(kernels))
+    assert ("uint8", (128, 32)) in _constants(fused)
+    with target.tvm_target():
+        unchanged = fuse_decode_into_contraction()(fused)  # nothing left to fuse
+    assert len(unchanged.functions) == len(fused.functions)
+
+    executable = tvm.compile(fused, target=target.tvm_target())
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    x = np.random.default_rng(3).standard_normal((4, 128)).astype(np.float32)
+    out = vm["main"](tvm.runtime.tensor(x)).numpy()
+    (ref,) = ort_outputs(model, {"x": x}, optimize=False)
+    assert relative_error(out, ref) < REL_TOL
