@@ -230,7 +230,9 @@ def resolve_target(name_or_dict: str | dict[str, Any]) -> ResolvedTarget:
         elif preset.family == "cuda":
             target["host"] = host_target_dict()
         arch = host_arch() if preset.name == "host" else preset.arch
-        return ResolvedTarget(preset.name, target, preset.family, preset.cross_cc, arch)
+        # on a machine of the target's own architecture the system compiler links it
+        cross_cc = None if arch == host_arch() else preset.cross_cc
+        return ResolvedTarget(preset.name, target, preset.family, cross_cc, arch)
     if not isinstance(name_or_dict, dict) or "kind" not in name_or_dict:
         raise KilnError(f"target must be a preset name ({_known()}) or a TVM target dict "
                         f"with a 'kind', got {name_or_dict!r}")

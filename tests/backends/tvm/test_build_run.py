@@ -102,3 +102,27 @@ def test_blocked_4bit_dequantize_matmul_matches_onnxruntime(tmp_path, dtype, zer
     (ref,) = ort_outputs(model, {"x": x}, optimize=False)
     (out,) = load(tmp_path)(x)
     assert relative_error(out, ref) < REL_TOL
+
+
+def test_fp4_e2m1_blocked_weights(tmp_path):
+    """FP4 (opset 23) weights go through the nibble lookup table; checked against numpy."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from .onnx_models import BLOCK
+
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 16, size=(64, 16)).astype(np.uint8)
+    weights = codes.view(ml_dtypes.float4_e2m1fn)
+    scale = (rng.random((64 // BLOCK, 16)) + 0.5).astype(np.float32)
+    nodes = [helper.make_node("DequantizeLinear", ["w", "s"], ["wf"], axis=0, block_size=BLOCK),
+             helper.make_node("MatMul", ["x", "wf"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "fp4", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 16])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(scale, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="h")
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    dense = weights.astype(np.float32) * np.repeat(scale, BLOCK, axis=0)
+    (out,) = load(tmp_path)(x)
+    assert relative_error(out, x @ dense) < REL_TOL
