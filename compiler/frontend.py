@@ -21,6 +21,7 @@ import io
 import logging
 import os
 import sys
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -101,8 +102,12 @@ def _export_torch(module, args, source: str) -> ir.Model:
     # The exporter logs progress to stdout and warns about missing torchvision ops.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(buffer):
-            program = torch.onnx.export(module, args, dynamo=True, verbose=False)
+        with contextlib.redirect_stdout(buffer), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # optimize=False: the exporter would fold BatchNorm itself; that is a pass the
+            # spec chooses (fold_batchnorm). kiln folds constants in fold_constants().
+            program = torch.onnx.export(module, args, dynamo=True, verbose=False,
+                                        optimize=False)
     except Exception as error:
         raise FrontendError(f"{source}: torch.onnx.export failed ({_first_line(error)})") from error
     return program.model
@@ -200,7 +205,9 @@ def bind_inputs(model: ir.Model, shapes: InputShapes, *, source: str = "model") 
             value = by_name[key]
         else:
             names = ", ".join(by_name) or "none"
-            raise FrontendError(f"{source}: no input named {key!r} (inputs: {names})")
+            error = FrontendError(f"{source}: no input named {key!r} (inputs: {names})")
+            error.input_key = key
+            raise error
         dims = [int(d) for d in dims]
         if value.shape is not None and len(value.shape) != len(dims):
             raise FrontendError(f"{source}: input {value.name!r} has rank {len(value.shape)}, "

@@ -25,7 +25,8 @@ from pydantic import ValidationError
 
 from kiln.compiler import ir as kir
 from kiln.compiler import registry
-from kiln.compiler.errors import KilnError, PassError, SpecError, VerificationError
+from kiln.compiler.errors import (FrontendError, KilnError, PassError, SpecError,
+                                  VerificationError)
 from kiln.compiler.frontend import load_model
 from kiln.compiler.pass_api import CalibrationContext, Candidate, KilnPass, PassConfig
 from kiln.compiler.report import CompiledReport, CompileReport, PassReport
@@ -205,6 +206,28 @@ def _budget_failure(metrics: ErrorMetrics, budget: Budget | None) -> str | None:
     return None
 
 
+def _load(source, spec: Spec, input_shapes) -> ir.Model:
+    """Load the model; a spec `inputs:` key naming no input points at its spec line."""
+    try:
+        return load_model(source, input_shapes=_merged_shapes(spec, input_shapes))
+    except FrontendError as error:
+        key = getattr(error, "input_key", None)
+        if key is not None and spec.inputs and key in spec.inputs and \
+                key not in (input_shapes or {}):
+            raise spec.error(("inputs", key), str(error)) from None
+        raise
+
+
+def _with_spec_location(spec: Spec, path: tuple, make):
+    """Run ``make``; a SpecError without a location gets the spec key's file and line."""
+    try:
+        return make()
+    except SpecError as error:
+        if error.file is None and error.line is None:
+            raise spec.error(path, error.detail) from None
+        raise
+
+
 def _calibration_context(model: ir.Model, spec: Spec,
                          steps: Sequence[PassStep]) -> CalibrationContext | None:
     """Calibration samples (count from ``calibration.samples``) for passes that need them."""
@@ -212,7 +235,8 @@ def _calibration_context(model: ir.Model, spec: Spec,
         return None
     from kiln.backends.ort import collect_activations
 
-    samples = make_samples(model, spec, count=spec.calibration.samples, seed=spec.calibration.seed)
+    samples = _with_spec_location(spec, ("calibration", "source"), lambda: make_samples(
+        model, spec, count=spec.calibration.samples, seed=spec.calibration.seed))
     return CalibrationContext(samples, lambda m, names: collect_activations(m, names, samples))
 
 
@@ -230,15 +254,16 @@ def _run_pass(instance: KilnPass, model: ir.Model, name: str, ran: Sequence[str]
 class _Runner:
     """Runs a model on the verification samples with ONNX Runtime."""
 
-    def __init__(self, samples: list[Feeds]) -> None:
+    def __init__(self, samples: list[Feeds], *, label: str) -> None:
         self.samples = samples
+        self.label = label
 
-    def __call__(self, model: ir.Model) -> list[list]:
+    def __call__(self, model: ir.Model, stage: str = "") -> list[list]:
         from kiln.backends.ort import ReferenceRunner
 
         if not self.samples:
             return []
-        runner = ReferenceRunner(model)
+        runner = ReferenceRunner(model, label=f"{self.label}{stage}")
         return [runner.run(feeds) for feeds in self.samples]
 
 
@@ -255,13 +280,14 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
     say = progress or (lambda _text: None)
     started = time.perf_counter()
     say("loading model")
-    model = load_model(source, input_shapes=_merged_shapes(spec, input_shapes))
+    model = _load(source, spec, input_shapes)
     report = CompileReport(model=str(source), spec=spec.name or (spec.source or "<spec>"),
                            kiln_version=kiln_version(), params_source=kir.count_params(model),
                            bytes_source=kir.count_weight_bytes(model))
-    samples = make_samples(model, spec) if spec.verify.enabled else []
+    samples = _with_spec_location(spec, ("calibration", "source"),
+                                  lambda: make_samples(model, spec)) if spec.verify.enabled else []
     calibration = _calibration_context(model, spec, steps)
-    run = _Runner(samples)
+    run = _Runner(samples, label=str(source))
     output_names = [v.name for v in model.graph.outputs]
     say("reference run")
     source_outputs = run(model)
@@ -291,7 +317,7 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
         p.bytes_after = kir.count_weight_bytes(model)
         p.note = instance.note
         if samples and p.modified:
-            outputs = run(model)
+            outputs = run(model, f" after pass {step.name!r}")
             vs_prev = compare(previous, outputs, output_names, rtol=spec.verify.rtol,
                               atol=spec.verify.atol)
             vs_source = compare(source_outputs, outputs, output_names, rtol=spec.verify.rtol,
@@ -350,7 +376,7 @@ def plan_model(source: str | os.PathLike, spec: Spec | str, *,
     if isinstance(spec, str):
         spec = load_spec(spec)
     steps = build_steps(spec)
-    model = load_model(source, input_shapes=_merged_shapes(spec, input_shapes))
+    model = _load(source, spec, input_shapes)
     calibration = _calibration_context(model, spec, steps)
     plan = []
     for step in steps:

@@ -14,7 +14,7 @@ from kiln.compiler.errors import VerificationError
 class ReferenceRunner:
     """An ONNX Runtime session over an ``onnx_ir`` model (serialized once)."""
 
-    def __init__(self, model: ir.Model, *, threads: int = 0) -> None:
+    def __init__(self, model: ir.Model, *, threads: int = 0, label: str = "the model") -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -28,7 +28,8 @@ class ReferenceRunner:
                                                 providers=["CPUExecutionProvider"])
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise VerificationError(f"ONNX Runtime cannot load the model: {first}") from error
+            raise VerificationError(f"{label}: ONNX Runtime cannot load it: {first}") from error
+        self.label = label
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -37,7 +38,8 @@ class ReferenceRunner:
             return self.session.run(None, {k: feeds[k] for k in self.input_names})
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise VerificationError(f"ONNX Runtime failed to run the model: {first}") from error
+            raise VerificationError(f"{self.label}: ONNX Runtime failed to run it: {first}") \
+                from error
 
 
 def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
