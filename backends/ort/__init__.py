@@ -21,8 +21,10 @@ class ReferenceRunner:
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        # Keep ORT from rewriting the graph: the reference must be the model as written.
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        # Keep ORT from rewriting the graph: the reference must be the model as written
+        # (with optimizations ORT swaps blocked DequantizeLinear+MatMul for its own
+        # MatMulNBits kernel, which rounds differently).
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         try:
             self.session = ort.InferenceSession(kir.model_bytes(model), options,
                                                 providers=["CPUExecutionProvider"])
