@@ -102,19 +102,44 @@ class Budget(_Strict):
     max_abs_err: float | None = Field(default=None, ge=0)
 
 
+class Preprocess(_Strict):
+    """How images from a ``folder:`` calibration source become one model input:
+    resize to ``size`` (H, W), convert ``color``, scale pixel values by ``scale``,
+    subtract ``mean`` and divide by ``std`` per channel, lay out as ``layout``."""
+
+    size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
+    color: Literal["rgb", "bgr", "gray"] = "rgb"
+    scale: float = 1.0 / 255.0
+    mean: list[float] = [0.0]
+    std: list[Annotated[float, Field(gt=0)]] = [1.0]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    input: str | None = None      # the model input fed (default: the first)
+
+
 class Calibration(_Strict):
-    """Data for passes that need activations; the same samples feed verification."""
+    """Data for passes that need activations; the same samples feed verification.
+
+    ``source`` is ``random`` (seeded normal inputs), ``npz:PATH`` (one array per
+    input name, samples along the first axis) or ``folder:PATH`` (images, with
+    ``preprocess``)."""
 
     source: str = "random"
     samples: int = Field(default=8, ge=1, le=100000)
     seed: int = 0
+    preprocess: Preprocess | None = None
 
     @field_validator("source")
     @classmethod
     def _valid_source(cls, value: str) -> str:
-        if value == "random" or value.startswith("npz:"):
+        if value == "random" or value.startswith(("npz:", "folder:")):
             return value
-        raise ValueError(f"{value!r} is not one of random, npz:PATH")
+        raise ValueError(f"{value!r} is not one of random, npz:PATH, folder:PATH")
+
+    @model_validator(mode="after")
+    def _folder_needs_preprocess(self) -> "Calibration":
+        if self.source.startswith("folder:") and self.preprocess is None:
+            raise ValueError("a folder: source needs `preprocess:` (at least size: [H, W])")
+        return self
 
 
 class Verify(_Strict):

@@ -84,6 +84,60 @@ def _npz_samples(path: Path, shapes: dict[str, tuple[list[int], np.dtype]],
     return samples
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _folder_samples(folder: Path, recipe, shapes: dict[str, tuple[list[int], np.dtype]],
+                    count: int, seed: int) -> list[Feeds]:
+    """Images from a folder (sorted by name), preprocessed into the model's image input.
+
+    Other inputs, if any, get seeded random values.
+    """
+    from PIL import Image
+
+    if not folder.is_dir():
+        raise SpecError(f"calibration folder {str(folder)!r} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise SpecError(f"calibration folder {str(folder)!r} has no images "
+                        f"({', '.join(IMAGE_SUFFIXES)})")
+    name = recipe.input or next(iter(shapes))
+    if name not in shapes:
+        raise SpecError(f"preprocess.input {name!r} is not a model input ({', '.join(shapes)})")
+    shape, dtype = shapes[name]
+    height, width = recipe.size
+    channels = 1 if recipe.color == "gray" else 3
+    expected = [1, channels, height, width] if recipe.layout == "NCHW" else \
+        [1, height, width, channels]
+    if len(shape) != 4 or shape[1:] != expected[1:]:
+        raise SpecError(f"preprocessed images are {expected[1:]} ({recipe.layout}), input "
+                        f"{name!r} is {shape}")
+    mean = np.asarray(recipe.mean, dtype=np.float32)
+    std = np.asarray(recipe.std, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    samples: list[Feeds] = []
+    for path in files[:count]:
+        try:
+            with Image.open(path) as image:
+                image = image.convert("L" if channels == 1 else "RGB").resize(
+                    (width, height), Image.BILINEAR)
+                pixels = np.asarray(image, dtype=np.float32)
+        except OSError as error:
+            raise SpecError(f"calibration image {str(path)!r} cannot be read ({error})") from None
+        if channels == 1:
+            pixels = pixels[..., None]
+        elif recipe.color == "bgr":
+            pixels = pixels[..., ::-1]
+        pixels = (pixels * recipe.scale - mean) / std
+        if recipe.layout == "NCHW":
+            pixels = pixels.transpose(2, 0, 1)
+        feeds = {other: _random_array(rng, s, d) for other, (s, d) in shapes.items()
+                 if other != name}
+        feeds[name] = np.ascontiguousarray(pixels[None]).astype(dtype)
+        samples.append(feeds)
+    return samples
+
+
 def make_samples(model: ir.Model, spec: Spec, *, count: int | None = None,
                  seed: int | None = None) -> list[Feeds]:
     """Inputs for verification and calibration: the spec's npz samples or seeded random."""
@@ -92,6 +146,9 @@ def make_samples(model: ir.Model, spec: Spec, *, count: int | None = None,
     source = spec.calibration.source
     if source.startswith("npz:"):
         return _npz_samples(Path(source[4:]), shapes, count)
+    if source.startswith("folder:"):
+        return _folder_samples(Path(source[7:]), spec.calibration.preprocess, shapes, count,
+                               spec.calibration.seed if seed is None else seed)
     rng = np.random.default_rng(spec.verify.seed if seed is None else seed)
     return [{name: _random_array(rng, shape, dtype) for name, (shape, dtype) in shapes.items()}
             for _ in range(count)]

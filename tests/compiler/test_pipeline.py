@@ -182,3 +182,29 @@ def test_html_report(tmp_path):
     out = compile_model(EXAMPLE, spec).save(tmp_path)
     page = (out / "report.html").read_text()
     assert "<td>fold_batchnorm</td>" in page and (out / "report.json").exists()
+
+
+def test_folder_calibration_with_preprocessing(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "notes.txt").write_text("not an image")
+    spec = spec_from_text(
+        f"kiln: 1\ncalibration:\n  source: 'folder:{folder}'\n  samples: 3\n"
+        "  preprocess: {size: [32, 32], mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25]}\n"
+        "verify: {samples: 5}\npasses: [fold_batchnorm]\n")
+    result = compile_model(EXAMPLE, spec)
+    assert result.report.verify_samples == 3  # all the images there are
+    x = result.samples[0]["x"]
+    assert x.shape == (1, 3, 32, 32) and x.dtype == np.float32
+    assert -2.1 <= x.min() < 0 < x.max() <= 2.1
+    with pytest.raises(SpecError, match="needs `preprocess:`"):
+        spec_from_text(f"kiln: 1\ncalibration: {{source: 'folder:{folder}'}}\n")
+    bad = spec_from_text(f"kiln: 1\ncalibration:\n  source: 'folder:{folder}'\n"
+                         "  preprocess: {size: [32, 32], color: gray}\n", file="g.yaml")
+    with pytest.raises(SpecError, match=r"g.yaml:3 calibration.source: preprocessed images"):
+        compile_model(EXAMPLE, bad)
