@@ -177,7 +177,8 @@ def _build_and_check(result: CompileResult, target, out: Path, progress) -> Comp
         progress=(lambda step, done, total: progress(f"build: {step} ({done}/{total})"))
         if progress else None)
     report = CompiledReport(target=preset.name, library=built.library.name,
-                            build_seconds=built.seconds, verified=False, binary=built.binary)
+                            build_seconds=built.seconds, verified=False, binary=built.binary,
+                            unscheduled=list(getattr(built, "unscheduled", []) or []))
     if built.runs_on_host and result.samples:
         compiled = tvm_backend.load(out)
         outputs = [compiled(**feeds) for feeds in result.samples]

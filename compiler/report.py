@@ -54,6 +54,8 @@ class CompiledReport:
     sqnr_db: float | None = None
     max_abs_err: float | None = None
     binary: str = ""
+    # Kernels no kiln rule (nor tuning record) scheduled, by name.
+    unscheduled: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -167,7 +169,11 @@ class CompileReport:
         c = self.compiled
         check = (f"matches ONNX Runtime: SQNR {sqnr_text(c.sqnr_db)}, max abs error "
                  f"{c.max_abs_err:.3g}" if c.verified else f"not run here ({c.binary})")
-        return [f"built {c.library} for {c.target} in {c.build_seconds:.1f} s; {check}"]
+        lines = [f"built {c.library} for {c.target} in {c.build_seconds:.1f} s; {check}"]
+        if c.unscheduled:
+            shown = ", ".join(c.unscheduled[:8]) + (" ..." if len(c.unscheduled) > 8 else "")
+            lines.append(f"{len(c.unscheduled)} kernel(s) left at TVM's default schedule: {shown}")
+        return lines
 
 
 def sqnr_text(x: float | None) -> str:
