@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 #: Internal op (never leaves the backend) for a DequantizeLinear whose x is packed nibbles.
 PACKED_OP = "KilnDequantizeLinearPacked"
 PACKED_DOMAIN = "kiln.internal"
+#: Internal op for ``kiln.DequantizeTable`` whose codes are packed nibbles.
+PACKED_TABLE_OP = "KilnDequantizeTablePacked"
+#: The domain of kiln's model-local functions (``kiln.passes.quant.kiln_ops``).
+KILN_DOMAIN = "kiln"
 
 _FOUR_BIT = {
     TensorProto.INT4: "int4",
@@ -62,6 +66,44 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return packed
 
 
+#: Output columns per nibble tile: a byte holds column ``j`` (low nibble) and ``j + 16``
+#: (high nibble) of a 32-column tile, so one 16-byte load unpacks to two 16-lane vectors.
+TILE_COLUMNS = 32
+_HALF_TILE = TILE_COLUMNS // 2
+
+
+def column_axis(shape: list[int], axis: int, block_size: int, *, scale_rank: int) -> int:
+    """The output-channel axis of a 2-D 4-bit weight to tile nibbles along, or -1 (flat).
+
+    Blocked (``block_size``): the other axis than the blocked one; per axis: ``axis``
+    itself; per tensor: the last. Only 2-D weights whose column count is a multiple
+    of :data:`TILE_COLUMNS` are tiled.
+    """
+    if len(shape) != 2:
+        return -1
+    axis = axis + 2 if axis < 0 else axis
+    if block_size:
+        col = 1 - axis
+    elif scale_rank == 1:
+        col = axis
+    else:
+        col = 1
+    return col if shape[col] % TILE_COLUMNS == 0 else -1
+
+
+def pack_nibbles_tiled(codes: np.ndarray, col_axis: int) -> np.ndarray:
+    """Pack a 2-D code matrix as ``P[c // 32, r, c % 16]``, nibble ``(c % 32) // 16``.
+
+    ``c`` is the index along ``col_axis``, ``r`` along the other axis: each 32-column
+    tile is one contiguous ``[R, 16]`` byte panel that a GEMV streams along R.
+    """
+    codes = np.ascontiguousarray(codes, dtype=np.uint8) & 0xF
+    by_col = codes if col_axis == 1 else codes.T  # [R, C]
+    rows, cols = by_col.shape
+    tiles = by_col.reshape(rows, cols // TILE_COLUMNS, 2, _HALF_TILE).transpose(1, 0, 2, 3)
+    return np.ascontiguousarray(tiles[:, :, 0, :] | (tiles[:, :, 1, :] << 4))
+
+
 def _initializers(graph: onnx.GraphProto) -> dict[str, TensorProto]:
     return {t.name: t for t in graph.initializer}
 
@@ -86,12 +128,19 @@ def pack_four_bit_weights(model: onnx.ModelProto) -> int:
         if x is None or four_bit_kind(x.data_type) is None:
             continue
         kind = four_bit_kind(x.data_type)
-        if x.name not in packed_names:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        scale = inits.get(node.input[1])
+        col_axis = column_axis(list(x.dims), int(attrs.get("axis", 1)),
+                               int(attrs.get("block_size", 0)),
+                               scale_rank=len(scale.dims) if scale is not None else 0)
+        key = (x.name, col_axis)
+        if key not in packed_names:
             codes = numpy_helper.to_array(x).view(np.uint8)
-            packed = numpy_helper.from_array(pack_nibbles(codes), x.name + "__kiln_nibbles")
+            packed_codes = pack_nibbles(codes) if col_axis < 0 else pack_nibbles_tiled(codes, col_axis)
+            packed = numpy_helper.from_array(packed_codes, f"{x.name}__kiln_nibbles{col_axis}")
             graph.initializer.append(packed)
-            packed_names[x.name] = packed.name
-        inputs = [packed_names[x.name], node.input[1]]
+            packed_names[key] = packed.name
+        inputs = [packed_names[key], node.input[1]]
         if len(node.input) > 2 and node.input[2]:
             zp = inits.get(node.input[2])
             if zp is not None and four_bit_kind(zp.data_type) is not None:
@@ -104,12 +153,34 @@ def pack_four_bit_weights(model: onnx.ModelProto) -> int:
                 inputs.append(widened_zp[zp.name])
             else:
                 inputs.append(node.input[2])
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         new = helper.make_node(
             PACKED_OP, inputs, list(node.output), name=node.name, domain=PACKED_DOMAIN,
-            element=kind, shape=list(x.dims), axis=int(attrs.get("axis", 1)),
+            element=kind, shape=list(x.dims), axis=int(attrs.get("axis", 1)), layout=col_axis,
             block_size=int(attrs.get("block_size", 0)),
             output_dtype=int(attrs.get("output_dtype", 0)))
+        node.CopyFrom(new)
+        rewritten += 1
+    for node in graph.node:
+        if node.domain != KILN_DOMAIN or node.op_type != "DequantizeTable":
+            continue
+        x = inits.get(node.input[0])
+        if x is None or four_bit_kind(x.data_type) not in ("int4", "uint4"):
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        shape = list(x.dims)
+        axis = int(attrs.get("axis", 0))
+        col_axis = column_axis(shape, axis, 1, scale_rank=len(shape))
+        key = (x.name, col_axis)
+        if key not in packed_names:
+            codes = numpy_helper.to_array(x).view(np.uint8)
+            packed_codes = pack_nibbles(codes) if col_axis < 0 else pack_nibbles_tiled(codes, col_axis)
+            packed = numpy_helper.from_array(packed_codes, f"{x.name}__kiln_nibbles{col_axis}")
+            graph.initializer.append(packed)
+            packed_names[key] = packed.name
+        new = helper.make_node(
+            PACKED_TABLE_OP, [packed_names[key], *node.input[1:]], list(node.output),
+            name=node.name, domain=PACKED_DOMAIN, element=four_bit_kind(x.data_type),
+            shape=shape, axis=axis, block_size=int(attrs.get("block_size", 1)), layout=col_axis)
         node.CopyFrom(new)
         rewritten += 1
     if rewritten:
@@ -239,6 +310,98 @@ def unpack_nibbles_expr(packed, *, shape: list[int], element: str):
     raise ValueError(f"unknown 4-bit element kind {element!r}")
 
 
+def _attr_str(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _te_nibble(packed, idx, *, shape: list[int], layout: int):
+    """The 4-bit code (int32, 0..15) at ``idx`` of a weight packed by kiln (tiled or flat)."""
+    from tvm import tirx
+
+    if layout >= 0:
+        c, r = idx[layout], idx[1 - layout]
+        byte = packed[c // TILE_COLUMNS, r, c % _HALF_TILE]
+        shift = (c % TILE_COLUMNS) // _HALF_TILE * 4
+    elif shape and shape[-1] % 2 == 0:
+        byte = packed[(*idx[:-1], idx[-1] // 2)]
+        shift = idx[-1] % 2 * 4
+    else:
+        flat = idx[0] if idx else 0
+        for dim, i in zip(shape[1:], idx[1:], strict=True):
+            flat = flat * dim + i
+        byte = packed[flat // 2]
+        shift = flat % 2 * 4
+    return (tirx.Cast("int32", byte) >> tirx.Cast("int32", shift)) & 15
+
+
+def _te_param(param, idx, *, axis: int, block_size: int):
+    """A scale/zero point read at ``idx``: per tensor, per axis, or per block of ``axis``."""
+    pshape = [int(d) for d in param.shape]
+    if not pshape:
+        return param[()]
+    if len(pshape) == len(idx) and len(idx) > 1:
+        at = []
+        for d, i in enumerate(idx):
+            if pshape[d] == 1:
+                at.append(0)
+            elif d == axis and block_size:
+                at.append(i // block_size)
+            else:
+                at.append(i)
+        return param[tuple(at)]
+    if len(pshape) == 1 and pshape[0] > 1:
+        i = idx[axis] if idx else 0
+        return param[i // block_size if block_size else i]
+    return param[(0,) * len(pshape)]
+
+
+def _norm_axis(axis: int, rank: int) -> int:
+    if rank <= 1:
+        return 0
+    return axis + rank if axis < 0 else axis
+
+
+def emit_four_bit_decode(bb, packed, scale, zero_point, *, shape: list[int], element: str,
+                         layout: int, axis: int, block_size: int, out_dtype: str):
+    """One TE kernel ``(code(packed) - zero_point) * scale`` reading the packed nibbles.
+
+    Written as a single compute (not a chain of Relax ops) so that fusing it into its
+    matmul leaves one expression per weight element for kiln's decode-GEMV rule.
+    """
+    from tvm import te, tirx
+
+    axis = _norm_axis(axis, len(shape))
+    args = [packed, scale] + ([zero_point] if zero_point is not None else [])
+    if element == "float4e2m1":
+        from tvm import relax
+
+        args.append(relax.const(_FP4_E2M1_VALUES))
+
+    def compute(p, s, *rest):
+        z = rest[0] if zero_point is not None else None
+        table = rest[-1] if element == "float4e2m1" else None
+
+        def body(*idx):
+            code = _te_nibble(p, idx, shape=shape, layout=layout)
+            if element == "int4":
+                value = tirx.Cast(out_dtype, (code ^ 8) - 8)
+            elif element == "uint4":
+                value = tirx.Cast(out_dtype, code)
+            elif element == "float4e2m1":
+                value = tirx.Cast(out_dtype, table[code])
+            else:
+                raise ValueError(f"unknown 4-bit element kind {element!r}")
+            if z is not None:
+                value = value - tirx.Cast(out_dtype, _te_param(z, idx, axis=axis,
+                                                               block_size=block_size))
+            return value * tirx.Cast(out_dtype, _te_param(s, idx, axis=axis,
+                                                          block_size=block_size))
+
+        return te.compute(shape, body, name="kiln_decode4")
+
+    return bb.emit_te(compute, *args, primfunc_name_hint="kiln_decode4")
+
+
 class PackedDequantizeLinear:
     """Converter for :data:`PACKED_OP` (the importer calls ``get_converter(opset)``)."""
 
@@ -247,14 +410,109 @@ class PackedDequantizeLinear:
         def convert(bb, inputs, attr, params):
             packed, scale = inputs[0], inputs[1]
             zero_point = inputs[2] if len(inputs) > 2 else None
-            shape = [int(d) for d in attr["shape"]]
-            values = unpack_nibbles_expr(packed, shape=shape, element=attr["element"].decode()
-                                         if isinstance(attr["element"], bytes) else attr["element"])
             output_dtype = int(attr.get("output_dtype", 0))
             out_dtype = _onnx_dtype_name(output_dtype) if output_dtype else _dtype(scale)
-            return dequantize_expr(values, scale, zero_point, axis=int(attr.get("axis", 1)),
-                                   block_size=int(attr.get("block_size", 0)),
-                                   out_dtype=out_dtype, x_shape=shape)
+            return emit_four_bit_decode(
+                bb, packed, scale, zero_point, shape=[int(d) for d in attr["shape"]],
+                element=_attr_str(attr["element"]), layout=int(attr.get("layout", -1)),
+                axis=int(attr.get("axis", 1)), block_size=int(attr.get("block_size", 0)),
+                out_dtype=out_dtype)
+
+        return convert
+
+
+def _emit_table_decode(bb, codes, table, scale, *, code_of, shape: list[int], axis: int,
+                       block_size: int, name: str):
+    """``table[code(idx)] * scale[idx with axis // block_size]`` as one TE kernel."""
+    from tvm import te, tirx
+
+    axis = _norm_axis(axis, len(shape))
+    out_dtype = _dtype(table)
+
+    def compute(c, t, s):
+        def body(*idx):
+            value = t[code_of(c, idx)]
+            return value * tirx.Cast(out_dtype, _te_param(s, idx, axis=axis,
+                                                          block_size=block_size))
+
+        return te.compute(shape, body, name=name)
+
+    return bb.emit_te(compute, codes, table, scale, primfunc_name_hint=name)
+
+
+class DequantizeTable:
+    """Converter for ``kiln.DequantizeTable(codes, table, scale){axis, block_size}``."""
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            from tvm import tirx
+
+            codes, table, scale = inputs[0], inputs[1], inputs[2]
+            shape = _static_shape(codes)
+            return _emit_table_decode(
+                bb, codes, table, scale, shape=shape,
+                code_of=lambda c, idx: tirx.Cast("int32", c[idx]),
+                axis=int(attr.get("axis", 0)), block_size=int(attr.get("block_size", 1)),
+                name="kiln_decode_table")
+
+        return convert
+
+
+class PackedDequantizeTable:
+    """Converter for :data:`PACKED_TABLE_OP`: ``kiln.DequantizeTable`` over packed nibbles."""
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            packed, table, scale = inputs[0], inputs[1], inputs[2]
+            shape = [int(d) for d in attr["shape"]]
+            layout = int(attr.get("layout", -1))
+            return _emit_table_decode(
+                bb, packed, table, scale, shape=shape,
+                code_of=lambda c, idx: _te_nibble(c, idx, shape=shape, layout=layout),
+                axis=int(attr.get("axis", 0)), block_size=int(attr.get("block_size", 1)),
+                name="kiln_decode_table4")
+
+        return convert
+
+
+class UnpackBits:
+    """Converter for ``kiln.UnpackBits(packed){bits, shape}`` (see ``kiln_ops``).
+
+    Code ``i`` (C order) occupies bits ``[i*bits, (i+1)*bits)`` of the little-endian
+    byte stream, so it is read from at most two bytes; the kernel reads the packed
+    bytes directly (nothing is unpacked ahead of time).
+    """
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            from tvm import relax, te, tirx
+
+            packed = inputs[0]
+            bits = int(attr["bits"])
+            shape = [int(d) for d in attr["shape"]]
+            nbytes = math.prod(_static_shape(packed))
+            mask = (1 << bits) - 1
+
+            def compute(p):
+                def body(*idx):
+                    flat = idx[0] if idx else 0
+                    for dim, i in zip(shape[1:], idx[1:], strict=True):
+                        flat = flat * dim + i
+                    bit = tirx.Cast("int32", flat) * bits
+                    byte = bit >> 3
+                    # the last code never crosses the end, so clamping the second byte is safe
+                    nxt = tirx.min(byte + 1, nbytes - 1)
+                    word = tirx.Cast("int32", p[byte]) | (tirx.Cast("int32", p[nxt]) << 8)
+                    return tirx.Cast("uint8", (word >> (bit & 7)) & mask)
+
+                return te.compute(shape, body, name="kiln_unpack_bits")
+
+            flat_packed = packed if len(_static_shape(packed)) == 1 else \
+                bb.normalize(relax.op.reshape(packed, [nbytes]))
+            return bb.emit_te(compute, flat_packed, primfunc_name_hint="kiln_unpack_bits")
 
         return convert
 

@@ -32,9 +32,14 @@ from kiln.compiler.errors import LoweringError
 from kiln.compiler.ir import graph_inputs
 
 from .dequantize import (
+    KILN_DOMAIN,
     PACKED_DOMAIN,
     PACKED_OP,
+    PACKED_TABLE_OP,
+    DequantizeTable,
     PackedDequantizeLinear,
+    PackedDequantizeTable,
+    UnpackBits,
     blocked_dequantize_linear,
     four_bit_misuse,
     pack_four_bit_weights,
@@ -74,7 +79,14 @@ def kiln_converters(base: dict) -> dict:
     table = dict(base)
     table["DequantizeLinear"] = blocked_dequantize_linear(base["DequantizeLinear"])
     table[PACKED_OP] = PackedDequantizeLinear
+    table[PACKED_TABLE_OP] = PackedDequantizeTable
+    # kiln's model-local functions, converted as ops so their weights stay packed
+    table.update(KILN_OPS)
     return table
+
+
+#: ``kiln`` domain ops (model-local functions, ``kiln.passes.quant.kiln_ops``) with converters.
+KILN_OPS = {"UnpackBits": UnpackBits, "DequantizeTable": DequantizeTable}
 
 
 @contextlib.contextmanager
@@ -126,7 +138,9 @@ def unsupported_ops(model: onnx.ModelProto) -> dict[str, str]:
     found: dict[str, str] = {}
     for index, node in enumerate(_walk_nodes(model.graph)):
         name = node.name or f"#{index} ({node.op_type})"
-        if node.domain == PACKED_DOMAIN and node.op_type == PACKED_OP:
+        if node.domain == PACKED_DOMAIN and node.op_type in (PACKED_OP, PACKED_TABLE_OP):
+            continue
+        if node.domain == KILN_DOMAIN and node.op_type in KILN_OPS:
             continue
         if node.domain not in _STANDARD_DOMAINS:
             found.setdefault(f"{node.domain}::{node.op_type}", name)
@@ -161,10 +175,41 @@ def _refold(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxscript.optimizer import fold_constants
 
     copy = ir.serde.deserialize_model(proto)
+    # kiln's functions are lowered as ops (packed weights stay packed): not inlined here
+    kiln = {key: copy.functions.pop(key) for key in list(copy.functions)
+            if key[0] == KILN_DOMAIN and key[1] in KILN_OPS}
     common.InlinePass()(copy)
     fold_constants(copy, onnx_shape_inference=True)
     common.RemoveUnusedNodesPass()(copy)
+    copy.functions.update(kiln)
     return ir.serde.serialize_model(copy)
+
+
+def _drop_kiln_functions(proto: onnx.ModelProto, target_name: str | None) -> onnx.ModelProto:
+    """Remove kiln's function bodies (their ops have converters); inline any other function.
+
+    kiln's ops are converted directly so that packed weights stay packed; a model's
+    other local functions are inlined with onnx_ir's InlinePass (kiln's own calls
+    are kept: their functions are set aside while inlining).
+    """
+    kiln = [f for f in proto.functions if f.domain == KILN_DOMAIN and f.name in KILN_OPS]
+    others = [f for f in proto.functions if not (f.domain == KILN_DOMAIN and f.name in KILN_OPS)]
+    if others:
+        from onnx_ir.passes import common
+
+        proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        del proto.functions[:]
+        proto.functions.extend(others)
+        model = ir.serde.deserialize_model(proto)
+        common.InlinePass()(model)
+        proto = ir.serde.serialize_model(model)
+        if proto.functions:
+            raise LoweringError("model has local functions that could not be inlined: "
+                                + ", ".join(f"{f.domain}::{f.name}" for f in proto.functions),
+                                target=target_name)
+    elif kiln:
+        del proto.functions[:]
+    return proto
 
 
 def _to_onnx(model: ir.Model, target_name: str | None) -> onnx.ModelProto:
@@ -173,9 +218,7 @@ def _to_onnx(model: ir.Model, target_name: str | None) -> onnx.ModelProto:
     if any(n.op_type in _SHAPE_OPS for n in _walk_nodes(proto.graph)):
         logger.info("model still computes shapes; folding constants before import")
         proto = _refold(proto)
-    if any(f for f in proto.functions):
-        raise LoweringError("model has local functions; inline them before lowering "
-                            "(onnxscript.optimizer.optimize does)", target=target_name)
+    proto = _drop_kiln_functions(proto, target_name)
     pack_four_bit_weights(proto)
     return proto
 
