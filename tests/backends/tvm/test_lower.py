@@ -54,12 +54,13 @@ def test_int4_weights_stay_packed_through_folding():
     import tvm
 
     mod = lower_to_relax(to_ir(blocked_int4_matmul(k=128, n=64)))
-    assert ("uint8", (128, 32)) in _constants(mod)
+    # 32-column nibble tiles: P[n // 32, k, n % 16] (dequantize.pack_nibbles_tiled)
+    assert ("uint8", (2, 128, 16)) in _constants(mod)
     target = resolve_target("host")
     with target.tvm_target():
         legalized = tvm.transform.Sequential(build_phases(target).legalize)(mod)
     constants = _constants(legalized)
-    assert ("uint8", (128, 32)) in constants
+    assert ("uint8", (2, 128, 16)) in constants
     assert not [c for c in constants if c[0] == "float32" and c[1] == (128, 64)]
 
 
