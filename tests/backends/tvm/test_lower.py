@@ -83,7 +83,7 @@ def test_decode_fuses_into_its_matmul_and_stays_exact(tmp_path):
         fused = tvm.transform.Sequential(_legalize(target.tvm_target(), fuse_decode=True))(mod)
     kernels = {gv.name_hint: f for gv, f in fused.functions.items() if isinstance(f, tirx.PrimFunc)}
     assert len(kernels) == 1 and "matmul" in next(iter(kernels))
-    assert ("uint8", (128, 32)) in _constants(fused)
+    assert ("uint8", (2, 128, 16)) in _constants(fused)
     with target.tvm_target():
         unchanged = fuse_decode_into_contraction()(fused)  # nothing left to fuse
     assert len(unchanged.functions) == len(fused.functions)
