@@ -1,0 +1,55 @@
+"""`kiln compile` end to end for the host: PyTorch models through passes, ONNX and TVM,
+the compiled module checked against ONNX Runtime inside the compile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from kiln.backends.tvm import load
+from kiln.compiler.pipeline import compile_model
+
+# The compiled module vs ONNX Runtime on the same inputs (relative to max |output|).
+MATCH_RTOL = 1e-4
+
+
+def _check(out, source_fn):
+    report = json.loads((out / "report.json").read_text())
+    compiled = report["compiled"]
+    assert compiled["verified"] and compiled["target"] == "host"
+    module, args = source_fn()
+    with torch.no_grad():
+        expected = module(*args).numpy()
+    (got,) = load(out)(*[a.numpy() for a in args])
+    err = np.abs(got - expected).max() / np.abs(expected).max()
+    assert err < MATCH_RTOL, err
+    return report
+
+
+def test_cnn_with_reparam_spec(tmp_path):
+    from tests.torch_models import cnn_with_batchnorm
+
+    result = compile_model("tests.torch_models:cnn_with_batchnorm", "reparam")
+    out = result.save(tmp_path, target="host")
+    report = _check(out, cnn_with_batchnorm)
+    fold = report["passes"][1]
+    assert fold["name"] == "fold_batchnorm" and fold["matched"] == 2
+
+
+def test_small_encoder_fp32(tmp_path):
+    from tests.torch_models import small_encoder
+
+    out = compile_model("tests.torch_models:small_encoder", "fp32").save(tmp_path, target="host")
+    _check(out, small_encoder)
+
+
+@pytest.mark.slow
+def test_bench_encoder_fp32(tmp_path):
+    """The 4-layer d=256 seq-128 encoder of bench/."""
+    from tests.torch_models import encoder
+
+    out = compile_model("tests.torch_models:encoder", "fp32").save(tmp_path, target="host")
+    _check(out, encoder)
