@@ -121,6 +121,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     elif target is None:
         target = spec.target
     out = Path(args.output) if args.output else None
+    if args.tune is not None and args.tune < 0:
+        raise KilnError(f"--tune {args.tune}: the number of trials must be >= 0")
+    if out is None and (args.tune or args.tuning_db):
+        raise KilnError("--tune/--tuning-db need -o OUTDIR (tuning happens while building)")
     if out is not None:
         _check_outdir(out, Path(args.model), spec.output.onnx)
     started = time.perf_counter()
@@ -129,7 +133,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                target=target, progress=say)
         if out is not None:
             try:
-                result.save(out, target=target, progress=say)
+                result.save(out, target=target, progress=say, tune_trials=args.tune,
+                            tuning_db=args.tuning_db)
             except OSError as error:
                 where = error.filename or out
                 raise OutputError(f"{where}: cannot write output ({error.strerror or error})") \
@@ -264,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bind an input shape, e.g. x=1x3x640x640 (repeatable)")
     p.add_argument("--target", "-t", help="target preset (host, arm64, cuda-sm90, ...) or JSON")
     p.add_argument("--no-build", action="store_true", help="skip the TVM build")
+    p.add_argument("--tune", type=int, metavar="TRIALS", default=None,
+                   help="MetaSchedule trials (overrides the spec's tune.trials; 0: none)")
+    p.add_argument("--tuning-db", metavar="DIR", default=None,
+                   help="tuning database folder (default: the user's cache folder)")
     p.add_argument("-o", "--output", metavar="OUTDIR", help="folder for model.onnx, report.json...")
     p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
     p.set_defaults(func=cmd_compile)

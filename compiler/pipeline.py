@@ -143,7 +143,8 @@ class CompileResult:
         return hashlib.sha256(kir.model_bytes(self.model) + spec_text.encode()).hexdigest()
 
     def save(self, outdir: str | os.PathLike, *, target: str | dict | None = None,
-             progress: Callable[[str], Any] | None = None) -> Path:
+             progress: Callable[[str], Any] | None = None, tune_trials: int | None = None,
+             tuning_db: str | os.PathLike | None = None) -> Path:
         """Write model.onnx (and, with a target, model.so + manifest.json) and report.json."""
         from kiln.backends.onnx import save_model, write_atomic
 
@@ -158,7 +159,10 @@ class CompileResult:
                                                 producer_version=kiln_version())
         target = target if target is not None else self.target
         if target is not None and self.spec.output.tvm:
-            self.report.compiled = _build_and_check(self, target, out, progress)
+            trials = self.spec.tune.trials if tune_trials is None else tune_trials
+            db = tuning_db if tuning_db is not None else self.spec.tune.db
+            self.report.compiled = _build_and_check(self, target, out, progress, trials,
+                                                    Path(db) if db else None)
         if "json" in self.spec.output.report:
             write_atomic(out / "report.json", self.report.to_json().encode(), protect=protect)
         if "html" in self.spec.output.report:
@@ -166,15 +170,16 @@ class CompileResult:
         return out
 
 
-def _build_and_check(result: CompileResult, target, out: Path, progress) -> CompiledReport:
+def _build_and_check(result: CompileResult, target, out: Path, progress, tune_trials: int,
+                     tuning_db: Path | None) -> CompiledReport:
     from kiln.backends import tvm as tvm_backend
 
     preset = tvm_backend.resolve_target(target)
     if progress:
         progress(f"building for {preset.name}")
     built = tvm_backend.build_artifact(
-        result.model, preset, out, model_hash=result.model_hash,
-        progress=(lambda step, done, total: progress(f"build: {step} ({done}/{total})"))
+        result.model, preset, out, model_hash=result.model_hash, tune_trials=tune_trials,
+        tuning_db=tuning_db, progress=(lambda step, done, total: progress(f"build: {step} ({done}/{total})"))
         if progress else None)
     report = CompiledReport(target=preset.name, library=built.library.name,
                             build_seconds=built.seconds, verified=False, binary=built.binary,

@@ -156,7 +156,11 @@ class Verify(_Strict):
 
 
 class Tune(_Strict):
+    """MetaSchedule tuning budget; records go to a persistent per-target database
+    (``db``, default under the user's cache folder) reused by every later compile."""
+
     trials: int = Field(default=0, ge=0)
+    db: str | None = None
 
 
 class Output(_Strict):
