@@ -318,20 +318,23 @@ def _te_nibble(packed, idx, *, shape: list[int], layout: int):
     """The 4-bit code (int32, 0..15) at ``idx`` of a weight packed by kiln (tiled or flat)."""
     from tvm import tirx
 
+    # The nibble is chosen with a Select on an index condition (not a shift by an index
+    # expression): the data path stays 8/32-bit, which TVM would otherwise widen to int64.
     if layout >= 0:
         c, r = idx[layout], idx[1 - layout]
         byte = packed[c // TILE_COLUMNS, r, c % _HALF_TILE]
-        shift = (c % TILE_COLUMNS) // _HALF_TILE * 4
+        low = c % TILE_COLUMNS < _HALF_TILE
     elif shape and shape[-1] % 2 == 0:
         byte = packed[(*idx[:-1], idx[-1] // 2)]
-        shift = idx[-1] % 2 * 4
+        low = idx[-1] % 2 == 0
     else:
         flat = idx[0] if idx else 0
         for dim, i in zip(shape[1:], idx[1:], strict=True):
             flat = flat * dim + i
         byte = packed[flat // 2]
-        shift = flat % 2 * 4
-    return (tirx.Cast("int32", byte) >> tirx.Cast("int32", shift)) & 15
+        low = flat % 2 == 0
+    value = tirx.Cast("int32", byte)
+    return tirx.Select(low, value & 15, value >> 4)
 
 
 def _te_param(param, idx, *, axis: int, block_size: int):
@@ -353,6 +356,11 @@ def _te_param(param, idx, *, axis: int, block_size: int):
         i = idx[axis] if idx else 0
         return param[i // block_size if block_size else i]
     return param[(0,) * len(pshape)]
+
+
+#: 0x4B000000 is the float 2^23: OR-ing a small int into its mantissa gives 2^23 + v.
+_MAGIC_BITS = 0x4B000000
+_MAGIC_FLOAT = 8388608.0
 
 
 def _norm_axis(axis: int, rank: int) -> int:
@@ -383,7 +391,14 @@ def emit_four_bit_decode(bb, packed, scale, zero_point, *, shape: list[int], ele
 
         def body(*idx):
             code = _te_nibble(p, idx, shape=shape, layout=layout)
-            if element == "int4":
+            if element in ("int4", "uint4") and out_dtype == "float32":
+                # int -> float without a conversion instruction: 2^23 + v has v in its low
+                # mantissa bits (exact for 0 <= v < 2^23); int4 is (code ^ 8) - 8.
+                biased = (code ^ 8) if element == "int4" else code
+                offset = _MAGIC_FLOAT + (8.0 if element == "int4" else 0.0)
+                value = tirx.reinterpret("float32", biased | _MAGIC_BITS) - tirx.const(offset,
+                                                                                      "float32")
+            elif element == "int4":
                 value = tirx.Cast(out_dtype, (code ^ 8) - 8)
             elif element == "uint4":
                 value = tirx.Cast(out_dtype, code)

@@ -37,18 +37,21 @@ def _is_decode(call) -> bool:
     return any(str(a.value.dtype) in LOW_BIT_DTYPES for a in args)
 
 
-def _check(ctx) -> bool:
-    decode = ctx.annotated_expr["decode"]
-    consumer = ctx.annotated_expr["consumer"]
-    if not _is_decode(decode):
-        return False
-    if not _CONTRACTION.search(consumer.args[0].name_hint):
-        return False
-    var = ctx.value_to_bound_var.get(decode)
-    return var is not None and len(ctx.var_usages.get(var, [])) == 1
+def _checker(consumers: re.Pattern):
+    def check(ctx) -> bool:
+        decode = ctx.annotated_expr["decode"]
+        consumer = ctx.annotated_expr["consumer"]
+        if not _is_decode(decode):
+            return False
+        if not consumers.search(consumer.args[0].name_hint):
+            return False
+        var = ctx.value_to_bound_var.get(decode)
+        return var is not None and len(ctx.var_usages.get(var, [])) == 1
+
+    return check
 
 
-def _patterns() -> list[relax.transform.FusionPattern]:
+def _patterns(consumers: re.Pattern = _CONTRACTION) -> list[relax.transform.FusionPattern]:
     decode = is_op("relax.call_tir")(GlobalVarPattern(), wildcard(), add_constraint=False)
     patterns = []
     for n_args in range(2, _MAX_ARGS + 1):
@@ -59,18 +62,28 @@ def _patterns() -> list[relax.transform.FusionPattern]:
                                                add_constraint=False)
             patterns.append(relax.transform.FusionPattern(
                 "kiln.decode_contraction", consumer,
-                {"decode": decode, "consumer": consumer}, _check))
+                {"decode": decode, "consumer": consumer}, _checker(consumers)))
     return patterns
 
 
-def fuse_decode_into_contraction() -> tvm.transform.Pass:
-    """Pass: group (decode -> matmul/conv) call_tir pairs and fuse each into one PrimFunc."""
+#: What kiln's CPU rules schedule with the decode inside (schedules/quant_gemv.py): matmul
+#: and dense; a CPU convolution keeps its decode as a separate kernel.
+CPU_CONSUMERS = r"matmul|dense"
+
+
+def fuse_decode_into_contraction(consumers: str | None = None) -> tvm.transform.Pass:
+    """Pass: group (decode -> matmul/conv) call_tir pairs and fuse each into one PrimFunc.
+
+    ``consumers`` (a regex over the consumer kernel's name) narrows which contractions
+    take their decode; by default matmul, dense and conv.
+    """
+    pattern = re.compile(consumers) if consumers else _CONTRACTION
 
     @tvm.transform.module_pass(opt_level=0, name="FuseDecodeIntoContraction")
     def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         before = len(mod.functions)
         # bind_constants=False: FuseTIR takes no tensor constants inside a primitive function.
-        grouped = relax.transform.FuseOpsByPattern(_patterns(), bind_constants=False,
+        grouped = relax.transform.FuseOpsByPattern(_patterns(pattern), bind_constants=False,
                                                    annotate_codegen=False)(mod)
         fused = len(grouped.functions) - before
         if fused <= 0:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import tvm
 from tvm import relax
 
-from .fuse_decode import fuse_decode_into_contraction
+from .fuse_decode import CPU_CONSUMERS, fuse_decode_into_contraction
 from .keep_compressed import fold_constants_keeping_compressed
 from .targets import ResolvedTarget
 
@@ -56,10 +56,9 @@ def _legalize(target: tvm.target.Target, *, fuse_decode: bool) -> PassList:
 
 
 def _legalize_cpu(target: tvm.target.Target) -> PassList:
-    # Decode stays a separate kernel on CPU until kiln's CPU rules schedule a decode
-    # prologue: fused under the current contraction rule, a 1x4096x4096 int4 GEMV took
-    # 46 ms vs 22 ms unfused (2 threads).
-    return _legalize(target, fuse_decode=False)
+    # Weight decode fuses into matmul/dense only: kiln's decode_contraction rule
+    # (schedules/quant_gemv.py) decodes inside the K loop; convs keep a separate decode.
+    return _legalize(target, fuse_decode=False) + [fuse_decode_into_contraction(CPU_CONSUMERS)]
 
 
 def _legalize_cuda(target: tvm.target.Target) -> PassList:

@@ -51,7 +51,10 @@ def _rules() -> tuple[tuple[str, Rule], ...]:
 
     from kiln.backends.tvm.schedules.window import schedule_window_reduction
 
+    from kiln.backends.tvm.schedules.quant_gemv import schedule_decode_contraction
+
     return (
+        ("decode_contraction", schedule_decode_contraction),
         ("contraction", schedule_contraction),
         ("elementwise", schedule_elementwise),
         ("window", schedule_window_reduction),

@@ -1,0 +1,194 @@
+"""Matmul/dense kernels that decode compressed weights inside the K loop (CPU).
+
+``fuse_decode`` leaves one PrimFunc per (weight decode -> matmul) pair: injective
+blocks that turn packed codes (int4 nibbles, int8, kiln's bit-packed or table codes)
+plus scales into a float weight ``W[k, n]``, then ``C[i, n] += A[i, k] * W[k, n]`` and
+an optional epilogue. This rule never writes the float weight to memory::
+
+    parallel for n_o in N / NR:            # NR output columns per task
+      acc[M, NR] = 0                       # registers
+      for k:                               # (rows M <= GEMV_ROWS: decode inlined here)
+        w[0:NR] = decode(packed[.., k, ..], scale[k // g, n_o*NR : +NR])   # vector unpack
+        for i in M: acc[i, :] += A[i, k] * w[:]                             # fp32 FMA
+      C[:, n_o*NR : +NR] = epilogue(acc)
+
+For more rows (prefill, encoders) the decoded ``[K, NR]`` panel is computed once per
+``n_o`` into a thread-local buffer and a register-tiled micro-kernel runs over all
+rows. With kiln's 32-column nibble tiles (``dequantize.pack_nibbles_tiled``) a
+16-byte load gives 32 codes: ``b & 15`` is columns 0..15, ``b >> 4`` columns 16..31,
+so after the column split the nibble choice is a constant per unrolled vector.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from tvm import s_tir, tirx
+
+from kiln.backends.tvm.schedules.analysis import (
+    RuleContext,
+    const_extent,
+    inline_epilogue,
+    match_contraction,
+    normalize_prim_func,
+)
+
+log = logging.getLogger(__name__)
+
+#: Element types whose presence among a decode's inputs marks a compressed weight.
+LOW_BIT_DTYPES = frozenset({"int8", "uint8", "int4", "uint4"})
+#: Up to this many rows the decode is inlined into the K loop (decoded once per row).
+GEMV_ROWS = 4
+#: Rows per register tile in the panel (GEMM) form.
+PANEL_MR = 4
+#: Output columns per parallel task; 64 = two 32-column nibble tiles, four fp32 vectors.
+GEMV_NR = 64
+K_UNROLL = 4
+
+
+def _low_bit_params(func: tirx.PrimFunc) -> set[str]:
+    # in TVM 0.27 a PrimFunc's params are its buffers
+    return {str(p.name) for p in func.params if str(getattr(p, "dtype", "")) in LOW_BIT_DTYPES}
+
+
+def schedule_decode_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    """Schedule a fused (weight decode -> matmul/dense) PrimFunc; None when it is not one."""
+    low_bit = _low_bit_params(func)
+    if not low_bit:
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reductions = [info for info in infos if not info.is_injective()]
+    if len(reductions) != 1:
+        return None
+    main_name = reductions[0].name
+    names = [info.name for info in infos]
+    producers = infos[: names.index(main_name)]
+    if not producers:
+        return None
+    # the decode chain reads constants only (at least one low-bit) and feeds B
+    reads = {region.source.name for p in producers for region in sch.get(p.block_rv).reads}
+    if not reads & low_bit:
+        return None
+    match = match_contraction(sch, reductions[0].block_rv)
+    if match is None or match.b.name not in {str(sch.get(p.block_rv).writes[0].source.name)
+                                             for p in producers}:
+        return None
+    if match.batch or len(match.reds) != 1:
+        return None
+    stmt = sch.get(reductions[0].block_rv)
+    extents = [int(iv.dom.extent) for iv in stmt.iter_vars]
+    n = extents[match.col]
+    lanes = ctx.vector_lanes_f32
+    nr = next((t for t in (GEMV_NR, 32, 2 * lanes, lanes) if n % t == 0), None)
+    if nr is None:
+        return None
+    rows = 1
+    for r in match.rows:
+        rows *= extents[r]
+
+    # inline every decode block but the last (its output is the weight B)
+    last = producers[-1]
+    for info in reversed(producers[:-1]):
+        sch.compute_inline(sch.get_sblock(info.name))
+    after = inline_epilogue(sch, main_name)
+    if len(after) > 1:
+        return None
+    if rows <= GEMV_ROWS:
+        sch.compute_inline(sch.get_sblock(last.name))
+        _schedule_gemv(sch, main_name, match, extents, nr, lanes, after)
+    else:
+        _schedule_panel(sch, main_name, last.name, match, extents, nr, lanes, after)
+    return sch
+
+
+def _finish(sch, main_name, c_local, fused, red_outer, after, lanes) -> None:
+    sch.reverse_compute_at(c_local, fused, preserve_unit_loops=True)
+    sch.decompose_reduction(sch.get_sblock(main_name), red_outer)
+    if after:
+        epilogue = sch.get_sblock(after[0])
+        try:
+            sch.reverse_compute_inline(epilogue)
+        except Exception:  # noqa: BLE001 - TVM raises several kinds; fall back to compute_at
+            sch.reverse_compute_at(epilogue, fused, preserve_unit_loops=True)
+    for block in (c_local, sch.get_sblock(main_name + "_init")):
+        loops = sch.get_loops(block)
+        inner = loops[-1]
+        extent = const_extent(sch, inner)
+        if extent and extent > lanes and extent % lanes == 0:
+            _, inner = sch.split(inner, [None, lanes])
+        if extent and extent >= 2:
+            sch.vectorize(inner)
+
+
+def _schedule_gemv(sch, main_name, match, extents, nr, lanes, after) -> None:
+    block = sch.get_sblock(main_name)
+    c_local = sch.cache_write(block, 0, "local")
+    loops = sch.get_loops(block)
+    rows = [loops[r] for r in match.rows]
+    j_o, j_t, j_v = sch.split(loops[match.col], [None, nr // lanes, lanes])
+    k = loops[match.reds[0]]
+    k_extent = extents[match.reds[0]]
+    if k_extent % K_UNROLL == 0 and k_extent > K_UNROLL:
+        k_o, k_i = sch.split(k, [None, K_UNROLL])
+    else:
+        k_o, k_i = k, None
+    inner = [k_i] if k_i is not None else []
+    sch.reorder(j_o, k_o, *inner, *rows, j_t, j_v)
+    sch.parallel(j_o)
+    sch.vectorize(j_v)
+    sch.unroll(j_t)
+    for r in rows:
+        sch.unroll(r)
+    if k_i is not None:
+        sch.unroll(k_i)
+    _finish(sch, main_name, c_local, j_o, k_o, after, lanes)
+
+
+def _schedule_panel(sch, main_name, decode_name, match, extents, nr, lanes, after) -> None:
+    block = sch.get_sblock(main_name)
+    c_local = sch.cache_write(block, 0, "local")
+    loops = sch.get_loops(block)
+    *outer_rows, row = [loops[r] for r in match.rows]
+    m = extents[match.rows[-1]]
+    mr = next(t for t in (PANEL_MR, 3, 2, 1) if m % t == 0)
+    j_o, j_t, j_v = sch.split(loops[match.col], [None, nr // lanes, lanes])
+    i_o, i_i = sch.split(row, [None, mr])
+    k = loops[match.reds[0]]
+    sch.reorder(j_o, *outer_rows, i_o, k, i_i, j_t, j_v)
+    sch.parallel(j_o)
+    sch.vectorize(j_v)
+    sch.unroll(j_t)
+    sch.unroll(i_i)
+    # the decoded [K, NR] panel: once per column task, reused by every row tile
+    decode = sch.get_sblock(decode_name)
+    sch.compute_at(decode, j_o, preserve_unit_loops=True)
+    d_loops = sch.get_loops(decode)[1:]
+    if d_loops:
+        inner = d_loops[-1]
+        extent = const_extent(sch, inner)
+        if extent and extent > lanes and extent % lanes == 0:
+            _, inner = sch.split(inner, [None, lanes])
+        if extent and extent >= 2:
+            sch.vectorize(inner)
+    tile = sch.fuse(*outer_rows, i_o) if outer_rows else i_o
+    sch.reverse_compute_at(c_local, tile, preserve_unit_loops=True)
+    sch.decompose_reduction(sch.get_sblock(main_name), k)
+    if after:
+        epilogue = sch.get_sblock(after[0])
+        try:
+            sch.reverse_compute_inline(epilogue)
+        except Exception:  # noqa: BLE001
+            sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)
+    for blk in (c_local, sch.get_sblock(main_name + "_init")):
+        inner = sch.get_loops(blk)[-1]
+        extent = const_extent(sch, inner)
+        if extent and extent > lanes and extent % lanes == 0:
+            _, inner = sch.split(inner, [None, lanes])
+        if extent and extent >= 2:
+            sch.vectorize(inner)
+
+
+__all__ = ["schedule_decode_contraction"]
