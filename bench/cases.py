@@ -113,3 +113,6 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "gemv-fp32": _matmul_case("gemv-fp32", 1, 4096, 4096),
     "matmul-fp32": _matmul_case("matmul-fp32", 128, 1024, 256),
 }
+
+from bench.cases_quant import QUANT_CASES  # noqa: E402 (quantized cases; they use PreparedCase)
+CASES.update(QUANT_CASES)

@@ -195,6 +195,55 @@ def pack_four_bit_weights(model: onnx.ModelProto) -> int:
     return rewritten
 
 
+#: kiln.UnpackBits outputs up to this many codes that feed index computations (a
+#: salient-rows mask -> NonZero) are evaluated before import, so the indices fold.
+MAX_FOLDED_CODES = 1 << 16
+#: Consumers that read unpacked codes as a weight (those stay packed in the kernel).
+_DECODE_CONSUMERS = frozenset({"DequantizeLinear", "DequantizeTable"})
+
+
+def unpack_bits(packed: np.ndarray, bits: int, shape: list[int]) -> np.ndarray:
+    """numpy ``kiln.UnpackBits``: code i is bits [i*bits, (i+1)*bits) of the LE byte stream."""
+    n = math.prod(shape)
+    stream = np.unpackbits(np.asarray(packed, np.uint8).reshape(-1), bitorder="little")
+    fields = stream[: n * bits].reshape(n, bits).astype(np.uint16)
+    codes = (fields << np.arange(bits, dtype=np.uint16)).sum(axis=1)
+    return codes.astype(np.uint8).reshape(shape)
+
+
+def fold_index_unpacks(model: onnx.ModelProto) -> int:
+    """Evaluate small constant ``kiln.UnpackBits`` nodes that feed non-decode ops (in place).
+
+    Their codes are an index computation (masks), not a weight: as initializers they
+    let constant folding resolve what reads them (NonZero, Concat) to static indices.
+    Returns how many nodes were replaced.
+    """
+    graph = model.graph
+    inits = _initializers(graph)
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    keep, folded = [], 0
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if (node.domain == KILN_DOMAIN and node.op_type == "UnpackBits"
+                and node.input[0] in inits
+                and math.prod(attrs.get("shape", [])) <= MAX_FOLDED_CODES
+                and readers.get(node.output[0], set()) - _DECODE_CONSUMERS):
+            codes = unpack_bits(numpy_helper.to_array(inits[node.input[0]]), int(attrs["bits"]),
+                                [int(d) for d in attrs["shape"]])
+            graph.initializer.append(numpy_helper.from_array(codes, node.output[0]))
+            folded += 1
+            continue
+        keep.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        logger.debug("evaluated %d index kiln.UnpackBits node(s) before import", folded)
+    return folded
+
+
 def four_bit_misuse(model: onnx.ModelProto) -> dict[str, str]:
     """4-bit tensors that TVM cannot take: ``{"<op> reads 4-bit <name>": node}``.
 

@@ -41,6 +41,7 @@ from .dequantize import (
     PackedDequantizeTable,
     UnpackBits,
     blocked_dequantize_linear,
+    fold_index_unpacks,
     four_bit_misuse,
     pack_four_bit_weights,
 )
@@ -215,7 +216,8 @@ def _drop_kiln_functions(proto: onnx.ModelProto, target_name: str | None) -> onn
 def _to_onnx(model: ir.Model, target_name: str | None) -> onnx.ModelProto:
     """The backend's own ONNX copy, folded if needed, with 4-bit weights packed."""
     proto = ir.serde.serialize_model(model)
-    if any(n.op_type in _SHAPE_OPS for n in _walk_nodes(proto.graph)):
+    if fold_index_unpacks(proto) or \
+            any(n.op_type in _SHAPE_OPS for n in _walk_nodes(proto.graph)):
         logger.info("model still computes shapes; folding constants before import")
         proto = _refold(proto)
     proto = _drop_kiln_functions(proto, target_name)

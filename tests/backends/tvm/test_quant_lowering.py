@@ -1,0 +1,208 @@
+"""Every quantized form kiln's passes emit lowers with TVM, builds, and matches ONNX Runtime.
+
+Forms: int8 per channel, int4/uint4 blocked (two nibble layouts), int3/int2 through
+``kiln.UnpackBits``, FP8 E4M3/E5M2, FP4 E2M1/E3M0 through ``kiln.DequantizeTable``,
+NUPES power, codebook Gather, static W8A8 QDQ, dynamic activations, salient_split.
+The int4 GEMV/GEMM kernels read the packed weight (kiln's decode_contraction rule);
+arm64 and cuda-sm90 builds of an int4 model are checked for their binary kind.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from kiln.backends.tvm import build_artifact, check_binary, load
+from kiln.compiler import ir as kir
+from kiln.passes.quant.quantize import Quantize, QuantizeConfig
+from tests.passes.quant import models
+
+#: kiln's build vs ONNX Runtime on the same quantized graph, relative to max |y|: the
+#: decode is exact in float32, only the summation order differs.
+REL_TOL = 1e-5
+#: With quantized activations a summation-order difference may move a value across a
+#: rounding boundary of the next QuantizeLinear (one step of its scale).
+QDQ_REL_TOL = 2e-2
+
+WEIGHT_FORMS = {
+    "int8-per-channel": {"dtype": "int8"},
+    "int4-g32": {"dtype": "int4", "granularity": {"group": 32}},
+    "int4-g128": {"dtype": "int4", "granularity": {"group": 128}},
+    "uint4-g32-zero-point": {"dtype": "uint4", "granularity": {"group": 32},
+                             "symmetric": False},
+    "int3-g32": {"dtype": "int3", "granularity": {"group": 32}},
+    "int2-g32": {"dtype": "int2", "granularity": {"group": 32}},
+    "fp8-e4m3-g32": {"dtype": "fp8_e4m3", "granularity": {"group": 32}},
+    "fp8-e5m2": {"dtype": "fp8_e5m2"},
+    "fp4-e2m1-g32": {"dtype": "fp4_e2m1", "granularity": {"group": 32}},
+    "fp4-e3m0-g32": {"dtype": "fp4_e3m0", "granularity": {"group": 32}},
+    "nupes-power": {"dtype": "power"},
+    "codebook": {"dtype": "codebook", "vector": 4, "centroids": 64, "iterations": 8},
+}
+
+
+def _reference(model: ir.Model, feeds) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # The exact graph, not ORT's MatMulNBits rewrite (~1e-3 off). ORT 1.32 has no Shape
+    # kernel for UINT4 (inside kiln.DequantizeTable's body): for kiln's functions the
+    # basic level folds it away; that level has no MatMulNBits fusion.
+    has_functions = bool(model.functions)
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+                                        if has_functions else
+                                        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    session = ort.InferenceSession(kir.model_bytes(model), options,
+                                   providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
+def _relative_error(got, want) -> float:
+    got = np.asarray(got, np.float64).reshape(np.shape(want))
+    want = np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
+
+
+def _build_and_compare(model: ir.Model, tmp_path, tol: float = REL_TOL) -> None:
+    feeds = models.feeds(model)
+    want = _reference(model, feeds)
+    build_artifact(model, "host", tmp_path, model_hash="h")
+    (got,) = load(tmp_path)(**feeds)
+    assert _relative_error(got, want) < tol
+
+
+@pytest.mark.parametrize("form", list(WEIGHT_FORMS))
+def test_weight_form_builds_and_matches_onnxruntime(form, tmp_path):
+    model = models.mlp(d_in=128, hidden=256, d_out=64)
+    Quantize(QuantizeConfig(weights=WEIGHT_FORMS[form]))(model)
+    _build_and_compare(model, tmp_path)
+
+
+def test_static_w8a8_qdq_builds_and_matches(tmp_path):
+    model = models.mlp(d_in=128, hidden=256, d_out=64)
+    Quantize(QuantizeConfig(weights={"dtype": "int8"}, activations={"calibration": "minmax"}),
+             calibration=models.calibration(model))(model)
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph)
+    _build_and_compare(model, tmp_path, QDQ_REL_TOL)
+
+
+def test_dynamic_quantize_linear_builds_and_matches(tmp_path):
+    model = models.mlp(d_in=128, hidden=256, d_out=64)
+    Quantize(QuantizeConfig(weights={"dtype": "int8"}, activations={"dynamic": True}))(model)
+    assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph)
+    _build_and_compare(model, tmp_path, QDQ_REL_TOL)
+
+
+def test_salient_split_builds_and_matches(tmp_path):
+    from kiln.passes.quant.salient_split import SalientSplit, SalientSplitConfig
+
+    model = models.mlp(d_in=256, hidden=256, d_out=64)
+    SalientSplit(SalientSplitConfig(salient=0.25, block=128),
+                 calibration=models.calibration(model))(model)
+    assert any(n.op_type == "UnpackBits" for n in model.graph)
+    _build_and_compare(model, tmp_path)
+
+
+def test_conv_weights_build_and_match(tmp_path):
+    """Convolutions keep a separate decode kernel on CPU (not fused); still exact."""
+    model = models.conv()
+    Quantize(QuantizeConfig(weights={"dtype": "int8"}))(model)
+    _build_and_compare(model, tmp_path)
+
+
+def _int4_matmul(m: int, k: int, n: int, group: int) -> ir.Model:
+    from bench.cases_quant import gemv_int4_model
+
+    return ir.serde.deserialize_model(gemv_int4_model(m, k, n, group, seed=3))
+
+
+def _scheduled(model: ir.Model) -> dict[str, str]:
+    import tvm
+
+    from kiln.backends.tvm.lower import lower_to_relax
+    from kiln.backends.tvm.pipeline import build_phases
+    from kiln.backends.tvm.schedules import schedule_rules_used
+    from kiln.backends.tvm.targets import resolve_target
+
+    target = resolve_target("host")
+    phases = build_phases(target)
+    with target.tvm_target():
+        mod = tvm.transform.Sequential(phases.legalize + phases.schedule)(lower_to_relax(model))
+    return schedule_rules_used(mod)
+
+
+@pytest.mark.parametrize("m, group", [(1, 32), (1, 128), (8, 32)])
+def test_int4_matmul_decodes_inside_its_kernel(m, group, tmp_path):
+    """GEMV (decode inlined in the K loop) and GEMM (a decoded panel per column task)
+    are one kernel scheduled by decode_contraction, reading the packed weight."""
+    model = _int4_matmul(m, 256, 256, group)
+    rules = _scheduled(model)
+    assert list(rules.values()) == ["decode_contraction"], rules
+    x = np.random.default_rng(5).standard_normal((m, 256)).astype(np.float32)
+    want = _reference(model, {"x": x})
+    build_artifact(model, "host", tmp_path, model_hash="h")
+    (got,) = load(tmp_path)(x)
+    assert _relative_error(got, want) < REL_TOL
+
+
+def test_int4_library_holds_packed_weights(tmp_path):
+    """The 512x512 int4 weight is 128 KiB packed; a float32 copy would be 1 MiB."""
+    result = build_artifact(_int4_matmul(1, 512, 512, 32), "host", tmp_path, model_hash="h")
+    assert result.library.stat().st_size < 512 * 1024
+
+
+def test_arm64_build_of_int4_weights(tmp_path):
+    import shutil
+
+    if not shutil.which("aarch64-linux-gnu-gcc"):
+        pytest.skip("aarch64-linux-gnu-gcc is not installed")
+    result = build_artifact(_int4_matmul(1, 256, 256, 32), "arm64", tmp_path, model_hash="h")
+    assert check_binary(result.library, "arm64") == "aarch64 ELF shared library"
+
+
+def test_cuda_sm90_build_of_int4_weights(tmp_path):
+    result = build_artifact(_int4_matmul(1, 256, 256, 32), "cuda-sm90", tmp_path,
+                            model_hash="h")
+    assert "CUDA kernel" in check_binary(result.library, "cuda-sm90")
+
+
+BUILTIN_QUANT_SPECS = {"int8": QDQ_REL_TOL, "int4-weights": REL_TOL, "fp4-llm": REL_TOL}
+
+
+def _compile_mlp(spec: str, tmp_path):
+    import onnx
+
+    from kiln.compiler.pipeline import compile_model
+
+    model = models.mlp(d_in=256, hidden=512, d_out=128, batch=4)
+    source = tmp_path / "mlp.onnx"
+    onnx.save(ir.serde.serialize_model(model), source)
+    return compile_model(str(source), spec)
+
+
+@pytest.mark.parametrize("spec", list(BUILTIN_QUANT_SPECS))
+def test_builtin_quant_spec_compiles_for_host_and_matches(spec, tmp_path):
+    """``kiln compile --spec SPEC --target host`` on a small MLP: the quantized model the
+    pipeline writes builds for the host and matches ONNX Runtime on that model."""
+    result = _compile_mlp(spec, tmp_path)
+    out = result.save(tmp_path / "out")
+    saved = ir.load(out / "model.onnx")
+    assert any(n.op_type in ("DequantizeLinear", "DequantizeTable") for n in saved.graph)
+    build_artifact(result.model, "host", out, model_hash=result.model_hash)
+    feeds = models.feeds(result.model)
+    (got,) = load(out)(**feeds)
+    assert _relative_error(got, _reference(result.model, feeds)) < BUILTIN_QUANT_SPECS[spec]
+
+
+@pytest.mark.xfail(reason="compile_model checks the compiled module against the fp32 source "
+                          "outputs (CompileResult.reference_outputs = source_outputs) at "
+                          "rtol*10, so any lossy spec fails; it should use the final model's "
+                          "outputs", strict=False)
+@pytest.mark.parametrize("spec", list(BUILTIN_QUANT_SPECS))
+def test_save_with_target_host_verifies_quantized_specs(spec, tmp_path):
+    result = _compile_mlp(spec, tmp_path)
+    out = result.save(tmp_path / "out", target="host")
+    assert (out / "model.so").exists()
+    assert result.report.compiled is not None and result.report.compiled.verified
