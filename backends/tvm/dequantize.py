@@ -17,8 +17,10 @@ float32), and the unpack + scale is fused into the consumer's kernel inputs.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+import threading
 
 import numpy as np
 import onnx
@@ -418,6 +420,71 @@ def _norm_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
+def _te_value(p, z, table, idx, *, shape, element, layout, axis, block_size, out_dtype):
+    """``code(packed)[idx] - zero_point`` in ``out_dtype`` (no scale)."""
+    from tvm import tirx
+
+    code = _te_nibble(p, idx, shape=shape, layout=layout)
+    if element in ("int4", "uint4") and out_dtype == "float32":
+        # int -> float without a conversion instruction: 2^23 + v has v in its low
+        # mantissa bits (exact for 0 <= v < 2^23); int4 is (code ^ 8) - 8.
+        biased = (code ^ 8) if element == "int4" else code
+        offset = _MAGIC_FLOAT + (8.0 if element == "int4" else 0.0)
+        value = tirx.reinterpret("float32", biased | _MAGIC_BITS) - tirx.const(offset, "float32")
+    elif element == "int4":
+        value = tirx.Cast(out_dtype, (code ^ 8) - 8)
+    elif element == "uint4":
+        value = tirx.Cast(out_dtype, code)
+    elif element == "float4e2m1":
+        value = tirx.Cast(out_dtype, table[code])
+    else:
+        raise ValueError(f"unknown 4-bit element kind {element!r}")
+    if z is not None:
+        value = value - tirx.Cast(out_dtype, _te_param(z, idx, axis=axis, block_size=block_size))
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class FourBitDecode:
+    """A 4-bit decode emitted by :func:`emit_four_bit_decode` (its inputs and layout)."""
+
+    packed: object
+    scale: object
+    zero_point: object | None
+    shape: tuple[int, ...]
+    element: str
+    layout: int
+    axis: int
+    block_size: int
+    out_dtype: str
+
+    def args(self) -> list:
+        from tvm import relax
+
+        extra = [self.zero_point] if self.zero_point is not None else []
+        if self.element == "float4e2m1":
+            extra.append(relax.const(_FP4_E2M1_VALUES))
+        return [self.packed, self.scale, *extra]
+
+    def value(self, p, rest, idx):
+        z = rest[0] if self.zero_point is not None else None
+        table = rest[-1] if self.element == "float4e2m1" else None
+        return _te_value(p, z, table, idx, shape=list(self.shape), element=self.element,
+                         layout=self.layout, axis=self.axis, block_size=self.block_size,
+                         out_dtype=self.out_dtype)
+
+
+#: Decodes emitted during the current import, by the Relax var bound to their output;
+#: a MatMul reading one at GEMV shape emits :func:`emit_grouped_gemv` instead.
+_decodes = threading.local()
+
+
+def reset_decodes(*, grouped_gemv: bool = True) -> None:
+    """Start an import; ``grouped_gemv`` enables :func:`emit_grouped_gemv` for it."""
+    _decodes.by_var = {}
+    _decodes.grouped = grouped_gemv
+
+
 def emit_four_bit_decode(bb, packed, scale, zero_point, *, shape: list[int], element: str,
                          layout: int, axis: int, block_size: int, out_dtype: str):
     """One TE kernel ``(code(packed) - zero_point) * scale`` reading the packed nibbles.
@@ -427,43 +494,105 @@ def emit_four_bit_decode(bb, packed, scale, zero_point, *, shape: list[int], ele
     """
     from tvm import te, tirx
 
-    axis = _norm_axis(axis, len(shape))
-    args = [packed, scale] + ([zero_point] if zero_point is not None else [])
-    if element == "float4e2m1":
-        from tvm import relax
-
-        args.append(relax.const(_FP4_E2M1_VALUES))
+    decode = FourBitDecode(packed, scale, zero_point, tuple(shape), element, layout,
+                           _norm_axis(axis, len(shape)), block_size, out_dtype)
 
     def compute(p, s, *rest):
-        z = rest[0] if zero_point is not None else None
-        table = rest[-1] if element == "float4e2m1" else None
-
         def body(*idx):
-            code = _te_nibble(p, idx, shape=shape, layout=layout)
-            if element in ("int4", "uint4") and out_dtype == "float32":
-                # int -> float without a conversion instruction: 2^23 + v has v in its low
-                # mantissa bits (exact for 0 <= v < 2^23); int4 is (code ^ 8) - 8.
-                biased = (code ^ 8) if element == "int4" else code
-                offset = _MAGIC_FLOAT + (8.0 if element == "int4" else 0.0)
-                value = tirx.reinterpret("float32", biased | _MAGIC_BITS) - tirx.const(offset,
-                                                                                      "float32")
-            elif element == "int4":
-                value = tirx.Cast(out_dtype, (code ^ 8) - 8)
-            elif element == "uint4":
-                value = tirx.Cast(out_dtype, code)
-            elif element == "float4e2m1":
-                value = tirx.Cast(out_dtype, table[code])
-            else:
-                raise ValueError(f"unknown 4-bit element kind {element!r}")
-            if z is not None:
-                value = value - tirx.Cast(out_dtype, _te_param(z, idx, axis=axis,
-                                                               block_size=block_size))
-            return value * tirx.Cast(out_dtype, _te_param(s, idx, axis=axis,
-                                                          block_size=block_size))
+            return decode.value(p, rest, idx) * tirx.Cast(
+                out_dtype, _te_param(s, idx, axis=decode.axis, block_size=block_size))
 
         return te.compute(shape, body, name="kiln_decode4")
 
-    return bb.emit_te(compute, *args, primfunc_name_hint="kiln_decode4")
+    var = bb.emit_te(compute, *decode.args(), primfunc_name_hint="kiln_decode4")
+    if not hasattr(_decodes, "by_var"):
+        reset_decodes()
+    _decodes.by_var[var] = decode
+    return var
+
+
+#: Block names of the grouped GEMV (kiln's quant_gemv rule schedules them).
+GROUPED_PARTIAL = "kiln_gemv_group_sum"
+GROUPED_OUTPUT = "kiln_gemv"
+#: Up to this many rows a MatMul on a 4-bit blocked weight uses the grouped GEMV.
+GROUPED_MAX_ROWS = 4
+
+
+def grouped_gemv_decode(x, w):
+    """The decode behind ``w`` when ``x @ w`` can be a grouped GEMV, else None.
+
+    Needs a 2-D ``[K, N]`` weight in 32-column nibble tiles, blocked along K, and at
+    most :data:`GROUPED_MAX_ROWS` rows of ``x``.
+    """
+    if not getattr(_decodes, "grouped", True):
+        return None
+    decode = getattr(_decodes, "by_var", {}).get(w)
+    if decode is None or len(decode.shape) != 2 or decode.layout != 1 or decode.axis != 0 \
+            or not decode.block_size or decode.shape[0] % decode.block_size:
+        return None
+    try:
+        x_shape = _static_shape(x)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not x_shape or x_shape[-1] != decode.shape[0] or _dtype(x) != decode.out_dtype:
+        return None
+    if math.prod(x_shape[:-1]) > GROUPED_MAX_ROWS:
+        return None
+    return decode
+
+
+def emit_grouped_gemv(bb, x, decode: FourBitDecode):
+    """``x @ dequantize(w)`` with the scale applied once per group, not per weight::
+
+        part[m, g, n] = sum_b x[m, g*B + b] * (code[g*B + b, n] - z[g, n])
+        y[m, n]       = sum_g part[m, g, n] * s[g, n]
+
+    One kernel reading the packed weight; kiln's quant_gemv rule keeps ``part`` in
+    registers (computed at the group loop), so per weight there is one FMA and no
+    scale multiply.
+    """
+    from tvm import relax, te
+
+    x_shape = _static_shape(x)
+    k, n = decode.shape
+    rows = math.prod(x_shape[:-1])
+    group = decode.block_size
+    x2 = bb.normalize(relax.op.reshape(x, [rows, k])) if len(x_shape) != 2 else x
+
+    def compute(xt, p, s, *rest):
+        b = te.reduce_axis((0, group), "b")
+        part = te.compute(
+            (rows, k // group, n),
+            lambda m, g, j: te.sum(xt[m, g * group + b]
+                                   * decode.value(p, rest, (g * group + b, j)), axis=b),
+            name=GROUPED_PARTIAL)
+        gg = te.reduce_axis((0, k // group), "g")
+        return te.compute((rows, n), lambda m, j: te.sum(part[m, gg, j] * s[gg, j], axis=gg),
+                          name=GROUPED_OUTPUT)
+
+    y = bb.emit_te(compute, x2, *decode.args(), primfunc_name_hint="kiln_gemv_int4")
+    if len(x_shape) != 2:
+        y = bb.normalize(relax.op.reshape(y, [*x_shape[:-1], n]))
+    return y
+
+
+def kiln_matmul(fallback_cls):
+    """Converter for MatMul: a GEMV on a 4-bit blocked weight becomes a grouped GEMV."""
+
+    class KilnMatMul:
+        @classmethod
+        def get_converter(cls, opset: int):
+            fallback = fallback_cls.get_converter(opset)
+
+            def convert(bb, inputs, attr, params):
+                decode = grouped_gemv_decode(inputs[0], inputs[1])
+                if decode is None:
+                    return fallback(bb, inputs, attr, params)
+                return emit_grouped_gemv(bb, inputs[0], decode)
+
+            return convert
+
+    return KilnMatMul
 
 
 class PackedDequantizeLinear:

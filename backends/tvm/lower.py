@@ -43,6 +43,8 @@ from .dequantize import (
     blocked_dequantize_linear,
     fold_index_unpacks,
     four_bit_misuse,
+    kiln_matmul,
+    reset_decodes,
     pack_four_bit_weights,
 )
 
@@ -79,6 +81,7 @@ def kiln_converters(base: dict) -> dict:
     """TVM's converter table plus kiln's forms (the table :func:`lower_to_relax` uses)."""
     table = dict(base)
     table["DequantizeLinear"] = blocked_dequantize_linear(base["DequantizeLinear"])
+    table["MatMul"] = kiln_matmul(base["MatMul"])
     table[PACKED_OP] = PackedDequantizeLinear
     table[PACKED_TABLE_OP] = PackedDequantizeTable
     # kiln's model-local functions, converted as ops so their weights stay packed
@@ -225,6 +228,18 @@ def _to_onnx(model: ir.Model, target_name: str | None) -> onnx.ModelProto:
     return proto
 
 
+def _grouped_gemv_for(target_name: str | None) -> bool:
+    """kiln's grouped int4 GEMV kernel is scheduled by its CPU rule; GPUs use dlight."""
+    if target_name is None:
+        return True
+    from .targets import resolve_target
+
+    try:
+        return resolve_target(target_name).family == "cpu"
+    except Exception:  # noqa: BLE001 - an unknown name only labels errors here
+        return True
+
+
 def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
     """Import ``model`` (static input shapes, constants folded) into a Relax IRModule.
 
@@ -248,6 +263,7 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
     dtypes = {v.name: str(v.dtype.numpy()) for v in graph_inputs(model)}
     captured = io.StringIO()
     _current_node.value = None
+    reset_decodes(grouped_gemv=_grouped_gemv_for(target_name))
     with _extended_convert_map(), warnings.catch_warnings(record=True) as caught, \
             contextlib.redirect_stdout(captured):
         warnings.simplefilter("always")
@@ -258,6 +274,10 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
             detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise LoweringError(f"TVM's ONNX importer failed on {op} (node {node!r}): {detail}",
                                 target=target_name, ops={op: node}) from err
+    # a weight decode taken over by a grouped GEMV (dequantize.emit_grouped_gemv) is unused
+    from tvm import relax
+
+    mod = relax.transform.DeadCodeElimination(["main"])(mod)
     for warning in caught:
         logger.debug("importer: %s", warning.message)
     if captured.getvalue():

@@ -51,6 +51,11 @@ def _low_bit_params(func: tirx.PrimFunc) -> set[str]:
     return {str(p.name) for p in func.params if str(getattr(p, "dtype", "")) in LOW_BIT_DTYPES}
 
 
+#: Block names of kiln's grouped GEMV (``dequantize.emit_grouped_gemv``).
+GROUPED_PARTIAL = "kiln_gemv_group_sum"
+GROUPED_OUTPUT = "kiln_gemv"
+
+
 def schedule_decode_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
     """Schedule a fused (weight decode -> matmul/dense) PrimFunc; None when it is not one."""
     low_bit = _low_bit_params(func)
@@ -58,6 +63,8 @@ def schedule_decode_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.
         return None
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
+    if infos is not None and any(i.name == GROUPED_PARTIAL for i in infos):
+        return sch if _schedule_grouped_gemv(sch, ctx) else None
     if infos is None:
         return None
     reductions = [info for info in infos if not info.is_injective()]
@@ -189,6 +196,78 @@ def _schedule_panel(sch, main_name, decode_name, match, extents, nr, lanes, afte
             _, inner = sch.split(inner, [None, lanes])
         if extent and extent >= 2:
             sch.vectorize(inner)
+
+
+def _schedule_grouped_gemv(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
+    """``part[m, g, n] = sum_b x * code`` kept in registers at the group loop, then
+    ``y[m, n] += part * s[g, n]``: parallel over column tiles, vectorized columns."""
+    lanes = ctx.vector_lanes_f32
+    infos = normalize_prim_func(sch)
+    names = [info.name for info in infos]
+    if GROUPED_OUTPUT not in names:
+        return False
+    for info in infos[: names.index(GROUPED_PARTIAL)]:  # x's reshape
+        if not info.is_injective():
+            return False
+        sch.compute_inline(info.block_rv)
+    after = inline_epilogue(sch, GROUPED_OUTPUT)
+    if len(after) > 1:
+        return False
+    out = sch.get_sblock(GROUPED_OUTPUT)
+    part = sch.get_sblock(GROUPED_PARTIAL)
+    *rows, n, g = sch.get_loops(out)  # a unit row loop may be gone after normalizing
+    extent = const_extent(sch, n)
+    nr = next((t for t in (GEMV_NR, 32, 2 * lanes, lanes) if extent and extent % t == 0), None)
+    if nr is None:
+        return False
+    out_local = sch.cache_write(out, 0, "local")
+    n_o, n_t, n_v = sch.split(n, [None, nr // lanes, lanes])
+    sch.reorder(n_o, g, *rows, n_t, n_v)
+    sch.parallel(n_o)
+    for m in rows:
+        sch.unroll(m)
+    sch.unroll(n_t)
+    sch.vectorize(n_v)
+    sch.compute_at(part, g, preserve_unit_loops=True)
+    sch.set_scope(part, 0, "local")
+    p_loops = sch.get_loops(part)
+    g_at = [sch.get(loop).same_as(sch.get(g)) for loop in p_loops].index(True)
+    *p_rows, pn, pb = p_loops[g_at + 1:]  # rows and the unit group loop, columns, b
+    pn_t, pn_v = sch.split(pn, [None, lanes])
+    b_extent = const_extent(sch, pb) or 1
+    if b_extent % K_UNROLL == 0 and b_extent > K_UNROLL:
+        b_o, b_i = sch.split(pb, [None, K_UNROLL])
+        sch.reorder(b_o, b_i, *p_rows, pn_t, pn_v)
+        sch.unroll(b_i)
+    else:
+        b_o = pb
+        sch.reorder(b_o, *p_rows, pn_t, pn_v)
+    for loop in p_rows:
+        sch.unroll(loop)
+    sch.unroll(pn_t)
+    sch.vectorize(pn_v)
+    sch.reverse_compute_at(out_local, n_o, preserve_unit_loops=True)
+    sch.decompose_reduction(out, g)
+    sch.decompose_reduction(part, b_o)
+    if after:
+        epilogue = sch.get_sblock(after[0])
+        try:
+            sch.reverse_compute_inline(epilogue)
+        except Exception:  # noqa: BLE001 - TVM raises several kinds; fall back to compute_at
+            sch.reverse_compute_at(epilogue, n_o, preserve_unit_loops=True)
+    for name in (GROUPED_OUTPUT + "_init", GROUPED_PARTIAL + "_init"):
+        _vectorize_last(sch, sch.get_sblock(name), lanes)
+    _vectorize_last(sch, out_local, lanes)
+    return True
+
+
+def _vectorize_last(sch, block, lanes: int) -> None:
+    inner = sch.get_loops(block)[-1]
+    extent = const_extent(sch, inner)
+    if extent and extent > lanes and extent % lanes == 0:
+        _, inner = sch.split(inner, [None, lanes])
+    if extent and extent >= 2:
+        sch.vectorize(inner)
 
 
 __all__ = ["schedule_decode_contraction"]
