@@ -401,6 +401,7 @@ def run_spec_case(name: str, workdir: Path, threads: int, runs: int) -> dict:
     fns = {"kiln": lambda: compiled(*args), "ort": lambda: session.run(None, feeds),
            "torch": case.torch_fn}
     times = _time(fns, runs)
+    kernels = kernel_profile(case.onnx_path, case.input_shapes, feeds)
     return {
         "case": name, "ort_form": ort_form,
         "kiln_ms": round(times["kiln"], 4), "ort_ms": round(times["ort"], 4),
@@ -408,7 +409,50 @@ def run_spec_case(name: str, workdir: Path, threads: int, runs: int) -> dict:
         "kiln_over_ort": round(times["kiln"] / times["ort"], 3),
         "max_rel_err_vs_ort_exact": float(f"{_rel_err(got, want):.3g}"),
         "sqnr_db_vs_fp32": round(_sqnr_db(got, reference), 1),
-        "so_bytes": size, "compile_s": round(compile_s, 2)}
+        "so_bytes": size, "compile_s": round(compile_s, 2),
+        "kiln_kernel_ms": kernels}
+
+
+#: Kernels that read compressed weights (grouped GEMV, fused decode + matmul).
+_QUANT_KERNEL = ("kiln_gemv", "decode", "dequantize")
+
+
+def kernel_profile(onnx_path: Path, input_shapes, feeds, repeats: int = 5) -> dict[str, float]:
+    """Per-kernel time (ms, mean of ``repeats`` runs) of kiln's host build, split into
+    kernels that read compressed weights and the rest, plus the three slowest."""
+    import tvm
+    from tvm import relax
+
+    from kiln.backends.tvm.lower import lower_to_relax
+    from kiln.backends.tvm.pipeline import relax_pipeline
+    from kiln.backends.tvm.targets import resolve_target
+    from kiln.compiler.frontend import load_model
+
+    target = resolve_target("host")
+    mod = lower_to_relax(load_model(str(onnx_path), input_shapes=input_shapes))
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target.tvm_target(),
+                                          relax_pipeline=relax_pipeline(target)), tvm.cpu())
+    inputs = [tvm.runtime.tensor(feeds[name]) for name in input_shapes]
+    vm["main"](*inputs)
+    spent: dict[str, float] = {}
+    started: dict[str, float] = {}
+
+    def instrument(func, symbol, before_run, ret_value, *call_args):
+        if before_run:
+            started[symbol] = time.perf_counter()
+        elif not symbol.startswith("vm.builtin"):
+            spent[symbol] = spent.get(symbol, 0.0) + time.perf_counter() - started[symbol]
+        return 0
+
+    vm.set_instrument(instrument)
+    for _ in range(repeats):
+        vm["main"](*inputs)
+    ms = {k: v * 1e3 / repeats for k, v in spent.items()}
+    quant = sum(v for k, v in ms.items() if any(t in k for t in _QUANT_KERNEL))
+    top = sorted(ms.items(), key=lambda kv: -kv[1])[:3]
+    return {"compressed_weight_kernels": round(quant, 3),
+            "other_kernels": round(sum(ms.values()) - quant, 3),
+            **{f"top:{k}": round(v, 3) for k, v in top}}
 
 
 def format_markdown(payload: dict) -> str:
@@ -422,12 +466,15 @@ def format_markdown(payload: dict) -> str:
                      f"{r['floor_ms']:.3f} ({r['bandwidth_gbs']} GB/s) | "
                      f"{r['kiln_over_floor']:.2f} | {r['kiln_over_ort']:.2f} | "
                      f"{r['cache_resident_floor_ms']:.3f} ({r['cache_resident_bandwidth_gbs']} GB/s) |")
-    lines += ["", "| case | kiln ms | ORT ms (form) | torch fp32 ms | kiln/ORT | SQNR vs fp32 dB |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| case | kiln ms | ORT ms (form) | torch fp32 ms | kiln/ORT | SQNR vs fp32 dB "
+              "| kiln kernels: compressed-weight / other ms |",
+              "|---|---|---|---|---|---|---|"]
     for r in payload["models"]:
+        k = r.get("kiln_kernel_ms", {})
         lines.append(f"| {r['case']} | {r['kiln_ms']:.3f} | {r['ort_ms']:.3f} ({r['ort_form']}) | "
                      f"{r['torch_fp32_ms']:.3f} | {r['kiln_over_ort']:.2f} | "
-                     f"{r['sqnr_db_vs_fp32']} |")
+                     f"{r['sqnr_db_vs_fp32']} | {k.get('compressed_weight_kernels', '-')} / "
+                     f"{k.get('other_kernels', '-')} |")
     return "\n".join(lines) + "\n"
 
 
