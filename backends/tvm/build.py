@@ -1,7 +1,9 @@
 """Build a compiled artifact: ``model.so`` (kernels + weights) and ``manifest.json``.
 
-Steps: lower to Relax (:mod:`.lower`), run the target family's phases
-(:mod:`.pipeline`) through ``tvm.compile``, export the library (with the
+Steps: lower to Relax (:mod:`.lower`), optionally tune its kernels into the
+target's tuning database (:mod:`.tuning`), run the target family's phases
+(:mod:`.pipeline`; every matching tuning record applied, kiln's rules for the
+rest) through ``tvm.compile``, export the library (with the
 target's cross linker), check the binary's kind, and write the manifest.
 Both files are written atomically, so an interrupted build never leaves a
 library that does not match its manifest under the final names.
@@ -9,6 +11,7 @@ library that does not match its manifest under the final names.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -35,6 +38,8 @@ from .manifest import (
     write_atomic,
 )
 from .pipeline import relax_pipeline
+from .schedules import schedule_rules_used, unscheduled_kernels
+from .tuning import TUNED_RULE, database_dirs, describe, open_database, tune_relax_module
 from .targets import ResolvedTarget, require_cross_compiler, resolve_target
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int, int], None]
 InputDecl = tuple[str, Sequence[int], str]
 
-_STEPS = ("lower", "compile", "export", "check")
+_STEPS = ("lower", "tune", "compile", "export", "check")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,13 @@ class BuildResult:
     target: str
     binary: str
     step_seconds: dict[str, float] = field(default_factory=dict)
+    #: kernels left at TVM's default or with only the fallback rule (see
+    #: ``schedules.unscheduled_kernels``), and kernel -> rule ("tuned" for a record)
+    unscheduled: list[str] = field(default_factory=list)
+    rules: dict[str, str] = field(default_factory=dict)
+    #: the tuning databases read (most trusted first) and, when tuning ran, its summary
+    tuning_dbs: list[str] = field(default_factory=list)
+    tuning: dict[str, Any] | None = None
 
 
 def kiln_version() -> str:
@@ -112,13 +124,17 @@ def _export(executable, library: Path, cross_cc: str | None) -> None:
 def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarget,
                    outdir: Path, *, model_hash: str,
                    inputs: Sequence[InputDecl] | None = None,
-                   progress: Progress | None = None) -> BuildResult:
+                   progress: Progress | None = None, tune_trials: int = 0,
+                   tuning_db: Path | None = None) -> BuildResult:
     """Compile ``model`` for ``target`` into ``outdir/model.so`` + ``outdir/manifest.json``.
 
     ``model`` has static input shapes and folded constants (the frontend's
     output). ``inputs``, when given, must match the model's inputs (name,
     shape, dtype, in order). ``model_hash`` identifies the model+spec in the
-    manifest. Raises LoweringError (unsupported ops, import or compile
+    manifest. ``tune_trials`` > 0 first tunes the kernels that have no record
+    with MetaSchedule (that many trials in all) into the database under
+    ``tuning_db`` (default: the user cache, see :mod:`.tuning`); every build
+    applies the records that match, whether or not it tuned. Raises LoweringError (unsupported ops, import or compile
     failure) or KilnError (missing cross compiler).
     """
     import tvm
@@ -149,13 +165,41 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     mod = lower_to_relax(model, target_name=resolved.name)
     outputs = _relax_outputs(mod, [v.name for v in model.graph.outputs])
 
+    step("tune")
+    tuning_summary = None
+    if tune_trials > 0:
+        def tune_progress(_step: str, done: int, total: int) -> None:
+            report(f"tune {done}/{total} trials", _STEPS.index("tune"), len(_STEPS))
+
+        summary = tune_relax_module(mod, resolved, trials=tune_trials, tuning_db=tuning_db,
+                                    progress=tune_progress)
+        tuning_summary = json.loads(describe(summary))
+    db_dirs = database_dirs(resolved, tuning_db)
+    database = open_database(db_dirs)
+
     step("compile")
+    scheduled: dict[str, Any] = {}
+
+    def on_scheduled(scheduled_mod) -> None:
+        scheduled["unscheduled"] = unscheduled_kernels(scheduled_mod)
+        scheduled["rules"] = schedule_rules_used(scheduled_mod)
+
     try:
         executable = tvm.compile(mod, target=resolved.tvm_target(),
-                                 relax_pipeline=relax_pipeline(resolved))
+                                 relax_pipeline=relax_pipeline(resolved, database, on_scheduled))
     except Exception as err:  # TVM raises its own error types from C++
         detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise LoweringError(f"TVM compile failed: {detail}", target=resolved.name) from err
+
+    unscheduled = scheduled.get("unscheduled", [])
+    rules = scheduled.get("rules", {})
+    if unscheduled:
+        logger.warning("%d kernel(s) without a schedule rule or tuning record (near TVM's "
+                       "default speed): %s", len(unscheduled), ", ".join(unscheduled))
+    tuned = sum(1 for r in rules.values() if r == TUNED_RULE)
+    if database is not None:
+        logger.info("tuning records applied to %d of %d kernels (%s)", tuned, len(rules),
+                    ", ".join(str(d) for d in db_dirs))
 
     step("export")
     library = outdir / LIBRARY_NAME
@@ -181,4 +225,5 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     logger.info("built %s for %s in %.1f s (%s)", library, resolved.name, seconds, binary)
     return BuildResult(library=library, manifest=manifest_path, seconds=seconds,
                        runs_on_host=resolved.runs_on_this_host(), target=resolved.name,
-                       binary=binary, step_seconds=times)
+                       binary=binary, step_seconds=times, unscheduled=unscheduled,
+                       rules=rules, tuning_dbs=[str(d) for d in db_dirs], tuning=tuning_summary)

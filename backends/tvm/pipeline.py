@@ -1,10 +1,12 @@
 """The Relax build pipeline, as phases of plain pass lists per target family.
 
-    legalize  high-level ops -> TensorIR, constant folding (compressed weights
+    legalize  high-level ops -> TensorIR (CPU: erf/GELU/exp legalized to
+              vectorizable polynomials, :mod:`.schedules.fast_math`), constant folding (compressed weights
               kept compressed), operator fusion; for CUDA also the weight decode
               fused into the matmul/conv that reads it (:mod:`.fuse_decode`)
-    schedule  TensorIR schedules: dlight's GPU rules for CUDA; kiln's CPU rules
-              (``kiln.backends.tvm.schedules.cpu_schedule_passes``) for CPUs
+    schedule  tuning records first (a MetaSchedule database, :mod:`.tuning`), then
+              TensorIR rules for the rest: dlight's GPU rules for CUDA; kiln's CPU
+              rules (``kiln.backends.tvm.schedules.cpu_schedule_passes``) for CPUs
     finalize  dataflow lowering, memory planning, VM lowering
 
 Each family maps to one function per phase in :data:`FAMILIES`; there is no
@@ -42,11 +44,12 @@ class Phases:
         return self.legalize + self.schedule + self.finalize
 
 
-def _legalize(target: tvm.target.Target, *, fuse_decode: bool) -> PassList:
+def _legalize(target: tvm.target.Target, *, fuse_decode: bool,
+              legalize_map: dict | None = None) -> PassList:
     passes = [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(legalize_map),
         relax.transform.AnnotateTIROpPattern(),
         fold_constants_keeping_compressed(),
         relax.transform.FuseOps(),
@@ -58,7 +61,10 @@ def _legalize(target: tvm.target.Target, *, fuse_decode: bool) -> PassList:
 def _legalize_cpu(target: tvm.target.Target) -> PassList:
     # Weight decode fuses into matmul/dense only: kiln's decode_contraction rule
     # (schedules/quant_gemv.py) decodes inside the K loop; convs keep a separate decode.
-    return _legalize(target, fuse_decode=False) + [fuse_decode_into_contraction(CPU_CONSUMERS)]
+    from .schedules.fast_math import cpu_legalize_map
+
+    return _legalize(target, fuse_decode=False, legalize_map=cpu_legalize_map()) + [
+        fuse_decode_into_contraction(CPU_CONSUMERS)]
 
 
 def _legalize_cuda(target: tvm.target.Target) -> PassList:
@@ -121,22 +127,45 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def schedule_phase(target: ResolvedTarget) -> PassList:
-    """The schedule phase for ``target`` (the hook kiln's schedule rules fill)."""
-    return FAMILIES[target.family].schedule(target.tvm_target())
+def schedule_phase(target: ResolvedTarget, database=None) -> PassList:
+    """The schedule phase for ``target``: records from ``database`` (a MetaSchedule
+    database or None), then the family's rules for the kernels left."""
+    from .tuning import apply_tuning_records
+
+    tuned = [apply_tuning_records(database)] if database is not None else []
+    return tuned + FAMILIES[target.family].schedule(target.tvm_target())
 
 
-def build_phases(target: ResolvedTarget) -> Phases:
-    """All three phases for ``target``."""
+def observe(callback: Callable[[tvm.IRModule], None], name: str) -> tvm.transform.Pass:
+    """A pass that hands the module to ``callback`` and changes nothing (build reports)."""
+
+    @tvm.transform.module_pass(opt_level=0, name=f"kiln.Observe.{name}")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        callback(mod)
+        return mod
+
+    return _pass
+
+
+def build_phases(target: ResolvedTarget, database=None,
+                 on_scheduled: Callable[[tvm.IRModule], None] | None = None) -> Phases:
+    """All three phases for ``target``; ``on_scheduled`` sees the module after scheduling."""
     tvm_target = target.tvm_target()
     family = FAMILIES[target.family]
-    return Phases(family.legalize(tvm_target), family.schedule(tvm_target),
-                  family.finalize(tvm_target))
+    schedule = schedule_phase(target, database)
+    if on_scheduled is not None:
+        schedule = [*schedule, observe(on_scheduled, "scheduled")]
+    return Phases(family.legalize(tvm_target), schedule, family.finalize(tvm_target))
 
 
-def relax_pipeline(target: ResolvedTarget) -> tvm.transform.Pass:
-    """One module pass running every phase under ``target`` (for ``tvm.compile``)."""
-    phases = build_phases(target)
+def relax_pipeline(target: ResolvedTarget, database=None,
+                   on_scheduled: Callable[[tvm.IRModule], None] | None = None
+                   ) -> tvm.transform.Pass:
+    """One module pass running every phase under ``target`` (for ``tvm.compile``).
+
+    ``database``: tuning records applied before the schedule rules (see :mod:`.tuning`).
+    """
+    phases = build_phases(target, database, on_scheduled)
     tvm_target = target.tvm_target()
 
     @tvm.transform.module_pass(opt_level=0, name=f"kiln_{target.family}_pipeline")

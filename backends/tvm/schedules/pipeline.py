@@ -5,7 +5,7 @@ legalizes ops into PrimFuncs but neither fuses nor schedules them (every kernel 
 naive loop nest).  kiln's CPU build instead runs::
 
     library dispatch      DispatchSampling, DispatchSortScan
-    legalize + fuse       LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
+    legalize + fuse       LegalizeOps (fast_math: vectorizable erf/gelu/exp/softmax), AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
     schedule (kiln)       cpu_schedule_passes(target):
                             ScheduleCPUKernels   a rule per PrimFunc (dense, conv, ...)
                             SplitLayoutRewritePreproc, FoldWeightPrepack
@@ -21,13 +21,14 @@ their own pipeline insert ``cpu_schedule_passes(target)`` right after ``FuseTIR`
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import Callable
 
 import tvm
 from tvm import relax, s_tir, tirx
-from tvm.target.codegen import llvm_get_vector_width
+from tvm.target.codegen import llvm_get_vector_width, target_has_features
 
 from kiln.backends.tvm.schedules.analysis import RuleContext
 from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
@@ -40,27 +41,26 @@ RULE_ATTR = "kiln.schedule_rule"
 Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 
 
+#: The CPU rules, most specific first: (name, "module:function"). Each function takes
+#: ``(PrimFunc, RuleContext)`` and returns a Schedule, or None when the kernel is not its
+#: kind. A new rule module registers itself with one line here (imported lazily).
+RULES: tuple[tuple[str, str], ...] = (
+    ("decode_contraction", "kiln.backends.tvm.schedules.quant_gemv:schedule_decode_contraction"),
+    ("contraction", "kiln.backends.tvm.schedules.dense:schedule_contraction"),
+    ("elementwise", "kiln.backends.tvm.schedules.elementwise:schedule_elementwise"),
+    ("window", "kiln.backends.tvm.schedules.window:schedule_window_reduction"),
+    ("reduction", "kiln.backends.tvm.schedules.elementwise:schedule_reduction"),
+    ("fallback", "kiln.backends.tvm.schedules.elementwise:schedule_fallback"),
+)
+
+
 def _rules() -> tuple[tuple[str, Rule], ...]:
-    """The CPU rules, most specific first; each returns None when the kernel is not its kind."""
-    from kiln.backends.tvm.schedules.dense import schedule_contraction
-    from kiln.backends.tvm.schedules.elementwise import (
-        schedule_elementwise,
-        schedule_fallback,
-        schedule_reduction,
-    )
-
-    from kiln.backends.tvm.schedules.window import schedule_window_reduction
-
-    from kiln.backends.tvm.schedules.quant_gemv import schedule_decode_contraction
-
-    return (
-        ("decode_contraction", schedule_decode_contraction),
-        ("contraction", schedule_contraction),
-        ("elementwise", schedule_elementwise),
-        ("window", schedule_window_reduction),
-        ("reduction", schedule_reduction),
-        (FALLBACK_RULE, schedule_fallback),
-    )
+    """The registered rules, imported."""
+    loaded = []
+    for name, where in RULES:
+        module, _, attr = where.partition(":")
+        loaded.append((name, getattr(importlib.import_module(module), attr)))
+    return tuple(loaded)
 
 
 def _const_params(mod: tvm.IRModule) -> dict[str, frozenset[int]]:
@@ -86,7 +86,15 @@ def _const_params(mod: tvm.IRModule) -> dict[str, frozenset[int]]:
 
 
 def _vector_lanes_f32(target: tvm.target.Target) -> int:
+    """fp32 lanes of the target's widest vector ISA (LLVM's own vector width query
+    reports the host's, whatever the target's mcpu)."""
     try:
+        if target.kind.name == "llvm":
+            if target_has_features("avx512f", target):
+                return 16
+            if target_has_features("avx2", target) or target_has_features("avx", target):
+                return 8
+            return 4
         bits = int(llvm_get_vector_width(target))
     except Exception:  # noqa: BLE001 - non-LLVM targets
         bits = 128
@@ -151,10 +159,12 @@ def cpu_schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
 
 def cpu_build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     """The full Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)`` on CPU."""
+    from kiln.backends.tvm.schedules.fast_math import cpu_legalize_map
+
     phases = [
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(cpu_legalize_map()),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
