@@ -466,6 +466,27 @@ class FourBitDecode:
             extra.append(relax.const(_FP4_E2M1_VALUES))
         return [self.packed, self.scale, *extra]
 
+    def raw_value(self, p, rest, idx):
+        """``(u, offset)`` with ``value = u - offset``: u is the code as float32 (one
+        conversion), offset a constant or the zero point; the grouped GEMV subtracts
+        ``offset * sum(x)`` once per group instead of once per weight."""
+        from tvm import tirx
+
+        code = _te_nibble(p, idx, shape=list(self.shape), layout=self.layout)
+        z = rest[0] if self.zero_point is not None else None
+        if self.element == "int4":
+            u, bias = tirx.Cast(self.out_dtype, code ^ 8), 8.0
+        elif self.element == "uint4":
+            u, bias = tirx.Cast(self.out_dtype, code), 0.0
+        else:
+            u, bias = tirx.Cast(self.out_dtype, rest[-1][code]), 0.0
+        offset = tirx.const(bias, self.out_dtype) if bias else None
+        if z is not None:
+            zv = tirx.Cast(self.out_dtype, _te_param(z, idx, axis=self.axis,
+                                                     block_size=self.block_size))
+            offset = zv if offset is None else offset + zv
+        return u, offset
+
     def value(self, p, rest, idx):
         z = rest[0] if self.zero_point is not None else None
         table = rest[-1] if self.element == "float4e2m1" else None
@@ -514,6 +535,7 @@ def emit_four_bit_decode(bb, packed, scale, zero_point, *, shape: list[int], ele
 #: Block names of the grouped GEMV (kiln's quant_gemv rule schedules them).
 GROUPED_PARTIAL = "kiln_gemv_group_sum"
 GROUPED_OUTPUT = "kiln_gemv"
+GROUPED_XSUM = "kiln_gemv_x_sum"
 #: Up to this many rows a MatMul on a 4-bit blocked weight uses the grouped GEMV.
 GROUPED_MAX_ROWS = 4
 
@@ -542,14 +564,15 @@ def grouped_gemv_decode(x, w):
 
 
 def emit_grouped_gemv(bb, x, decode: FourBitDecode):
-    """``x @ dequantize(w)`` with the scale applied once per group, not per weight::
+    """``x @ dequantize(w)`` with the scale and offset applied once per group::
 
-        part[m, g, n] = sum_b x[m, g*B + b] * (code[g*B + b, n] - z[g, n])
-        y[m, n]       = sum_g part[m, g, n] * s[g, n]
+        part[m, g, n] = sum_b x[m, g*B + b] * u[g*B + b, n]      (u: the code as float)
+        xsum[m, g]    = sum_b x[m, g*B + b]
+        y[m, n]       = sum_g s[g, n] * (part[m, g, n] - offset[g, n] * xsum[m, g])
 
-    One kernel reading the packed weight; kiln's quant_gemv rule keeps ``part`` in
-    registers (computed at the group loop), so per weight there is one FMA and no
-    scale multiply.
+    (``value = u - offset``: offset 8 for int4's ``code ^ 8``, the zero point for
+    uint4.) One kernel reading the packed weight; kiln's quant_gemv rule keeps ``part``
+    in registers at the group loop: per weight one int->float conversion and one FMA.
     """
     from tvm import relax, te
 
@@ -564,11 +587,22 @@ def emit_grouped_gemv(bb, x, decode: FourBitDecode):
         part = te.compute(
             (rows, k // group, n),
             lambda m, g, j: te.sum(xt[m, g * group + b]
-                                   * decode.value(p, rest, (g * group + b, j)), axis=b),
+                                   * decode.raw_value(p, rest, (g * group + b, j))[0], axis=b),
             name=GROUPED_PARTIAL)
+        has_offset = decode.raw_value(p, rest, (0, 0))[1] is not None
         gg = te.reduce_axis((0, k // group), "g")
-        return te.compute((rows, n), lambda m, j: te.sum(part[m, gg, j] * s[gg, j], axis=gg),
-                          name=GROUPED_OUTPUT)
+        if not has_offset:
+            return te.compute((rows, n), lambda m, j: te.sum(part[m, gg, j] * s[gg, j], axis=gg),
+                              name=GROUPED_OUTPUT)
+        bx = te.reduce_axis((0, group), "bx")
+        xsum = te.compute((rows, k // group),
+                          lambda m, g: te.sum(xt[m, g * group + bx], axis=bx), name=GROUPED_XSUM)
+
+        def out(m, j):
+            offset = decode.raw_value(p, rest, (gg * group, j))[1]
+            return te.sum(s[gg, j] * (part[m, gg, j] - offset * xsum[m, gg]), axis=gg)
+
+        return te.compute((rows, n), out, name=GROUPED_OUTPUT)
 
     y = bb.emit_te(compute, x2, *decode.args(), primfunc_name_hint="kiln_gemv_int4")
     if len(x_shape) != 2:

@@ -54,6 +54,7 @@ def _low_bit_params(func: tirx.PrimFunc) -> set[str]:
 #: Block names of kiln's grouped GEMV (``dequantize.emit_grouped_gemv``).
 GROUPED_PARTIAL = "kiln_gemv_group_sum"
 GROUPED_OUTPUT = "kiln_gemv"
+GROUPED_XSUM = "kiln_gemv_x_sum"
 
 
 def schedule_decode_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
@@ -207,9 +208,14 @@ def _schedule_grouped_gemv(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     if GROUPED_OUTPUT not in names:
         return False
     for info in infos[: names.index(GROUPED_PARTIAL)]:  # x's reshape
+        if info.name == GROUPED_XSUM:
+            continue
         if not info.is_injective():
             return False
         sch.compute_inline(info.block_rv)
+    if GROUPED_XSUM in names:  # per-group sums of x: tiny, once per call
+        xsum = sch.get_sblock(GROUPED_XSUM)
+        sch.decompose_reduction(xsum, sch.get_loops(xsum)[-1])
     after = inline_epilogue(sch, GROUPED_OUTPUT)
     if len(after) > 1:
         return False
