@@ -485,7 +485,8 @@ def format_markdown(payload: dict) -> str:
                      f"{r['ort_matmulnbits_ms']:.3f} | "
                      f"{r['floor_ms']:.3f} ({r['bandwidth_gbs']} GB/s) | "
                      f"{r['kiln_over_floor']:.2f} | {r['kiln_over_ort']:.2f} | "
-                     f"{r['cache_resident_floor_ms']:.3f} ({r['cache_resident_bandwidth_gbs']} GB/s) |")
+                     f"{r['cache_resident_floor_ms']:.3f} "
+                     f"({r['cache_resident_bandwidth_gbs']} GB/s) |")
     lines += ["", "| case | kiln ms | kiln numpy call ms | ORT ms (form) | torch fp32 ms "
               "| kiln/ORT | SQNR vs fp32 dB | kiln kernels: compressed-weight / other ms |",
               "|---|---|---|---|---|---|---|---|"]

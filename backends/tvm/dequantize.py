@@ -1,4 +1,4 @@
-"""Low-bit weights on import: blocked and 4-bit ``DequantizeLinear`` for TVM's ONNX importer.
+"""Low-bit weights on import: kiln's quantized forms for TVM's ONNX importer.
 
 ONNX (opset 21+) writes ``y = (x - zero_point) * scale`` where ``scale`` and
 ``zero_point`` either are scalars (per tensor), 1-D along ``axis`` (per axis),
@@ -8,11 +8,21 @@ or, with ``block_size = B``, have ``x``'s shape except ``ceil(D / B)`` along
 TVM 0.27's importer rejects ``block_size`` and cannot even read 4-bit
 initializers (numpy keeps one int4 per byte, TVM packs two). So before import
 :func:`pack_four_bit_weights` rewrites every 4-bit weight feeding
-``DequantizeLinear`` into a ``uint8`` tensor with two nibbles per byte (ONNX's
-own packing order: element ``2i`` in the low nibble) and the node into the
-internal op :data:`PACKED_OP`. Its converter unpacks the nibbles with Relax
-bit ops; the weights stay packed in the compiled library (never re-exported as
-float32), and the unpack + scale is fused into the consumer's kernel inputs.
+``DequantizeLinear`` (or ``kiln.DequantizeTable``) into ``uint8`` nibbles and the
+node into an internal op (:data:`PACKED_OP`, :data:`PACKED_TABLE_OP`). A 2-D weight
+whose output-channel count is a multiple of 32 is packed in 32-column tiles
+(:func:`pack_nibbles_tiled`: ``P[n // 32, k, n % 16]``, low nibble column ``n``,
+high nibble ``n + 16``), so that a 16-byte load decodes into two vectors of
+consecutive columns; other shapes keep ONNX's flat order.
+
+Each decode is one TE kernel reading the packed bytes (never a float32 copy of
+the weight): 4-bit codes (:func:`emit_four_bit_decode`), ``kiln.UnpackBits``
+(int3/int2 codes and masks, :class:`UnpackBits`) and ``kiln.DequantizeTable``
+(FP4 E2M1/E3M0, binarized signs). A MatMul of at most :data:`GROUPED_MAX_ROWS` rows
+on a blocked 4-bit weight becomes one grouped GEMV kernel
+(:func:`emit_grouped_gemv`: the scale applied once per group); other
+contractions get the decode fused in by ``fuse_decode`` and scheduled by kiln's
+``decode_contraction`` CPU rule (or dlight on CUDA).
 """
 
 from __future__ import annotations
@@ -110,6 +120,15 @@ def _initializers(graph: onnx.GraphProto) -> dict[str, TensorProto]:
     return {t.name: t for t in graph.initializer}
 
 
+def _add_packed(graph: onnx.GraphProto, x: TensorProto, col_axis: int) -> str:
+    """Append ``x``'s codes packed (tiled along ``col_axis``, or flat when -1); its name."""
+    codes = numpy_helper.to_array(x).view(np.uint8)
+    packed = pack_nibbles(codes) if col_axis < 0 else pack_nibbles_tiled(codes, col_axis)
+    tensor = numpy_helper.from_array(packed, f"{x.name}__kiln_nibbles{col_axis}")
+    graph.initializer.append(tensor)
+    return tensor.name
+
+
 def pack_four_bit_weights(model: onnx.ModelProto) -> int:
     """Rewrite 4-bit weights that feed DequantizeLinear into packed uint8 (in place).
 
@@ -137,11 +156,7 @@ def pack_four_bit_weights(model: onnx.ModelProto) -> int:
                                scale_rank=len(scale.dims) if scale is not None else 0)
         key = (x.name, col_axis)
         if key not in packed_names:
-            codes = numpy_helper.to_array(x).view(np.uint8)
-            packed_codes = pack_nibbles(codes) if col_axis < 0 else pack_nibbles_tiled(codes, col_axis)
-            packed = numpy_helper.from_array(packed_codes, f"{x.name}__kiln_nibbles{col_axis}")
-            graph.initializer.append(packed)
-            packed_names[key] = packed.name
+            packed_names[key] = _add_packed(graph, x, col_axis)
         inputs = [packed_names[key], node.input[1]]
         if len(node.input) > 2 and node.input[2]:
             zp = inits.get(node.input[2])
@@ -174,11 +189,7 @@ def pack_four_bit_weights(model: onnx.ModelProto) -> int:
         col_axis = column_axis(shape, axis, 1, scale_rank=len(shape))
         key = (x.name, col_axis)
         if key not in packed_names:
-            codes = numpy_helper.to_array(x).view(np.uint8)
-            packed_codes = pack_nibbles(codes) if col_axis < 0 else pack_nibbles_tiled(codes, col_axis)
-            packed = numpy_helper.from_array(packed_codes, f"{x.name}__kiln_nibbles{col_axis}")
-            graph.initializer.append(packed)
-            packed_names[key] = packed.name
+            packed_names[key] = _add_packed(graph, x, col_axis)
         new = helper.make_node(
             PACKED_TABLE_OP, [packed_names[key], *node.input[1:]], list(node.output),
             name=node.name, domain=PACKED_DOMAIN, element=four_bit_kind(x.data_type),

@@ -3,7 +3,12 @@
 TVM's importer does the standard ops; kiln extends its converter table (a
 module-level function, ``_get_convert_map``, swapped for the duration of one
 import under a lock) with the forms kiln's passes produce: blocked
-``DequantizeLinear`` and 4-bit weights (see :mod:`.dequantize`).
+``DequantizeLinear``, 4-bit weights, kiln's model-local functions
+``kiln.UnpackBits`` / ``kiln.DequantizeTable`` (converted as ops, so their
+weights stay packed; their function bodies are dropped), and MatMul on a 4-bit
+weight as a grouped GEMV on CPU targets (see :mod:`.dequantize`). Other local
+functions are inlined. Small bit-packed masks feeding index computations are
+evaluated before import so that the indices fold to constants.
 
 Before importing, every node is checked and one :class:`LoweringError` lists
 every unsupported op type with one node name each, so a user sees all the
