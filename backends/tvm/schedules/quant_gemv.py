@@ -12,6 +12,11 @@ an optional epilogue. This rule never writes the float weight to memory::
         for i in M: acc[i, :] += A[i, k] * w[:]                             # fp32 FMA
       C[:, n_o*NR : +NR] = epilogue(acc)
 
+A GEMV on a blocked 4-bit weight arrives instead as kiln's grouped GEMV (blocks
+``kiln_gemv_group_sum`` / ``kiln_gemv``, from ``dequantize.emit_grouped_gemv``): the
+per-group sums ``part[g, n:n+NR]`` live in registers at the group loop, so a weight
+costs one int->float conversion and one FMA, and the scale one FMA per group.
+
 For more rows (prefill, encoders) the decoded ``[K, NR]`` panel is computed once per
 ``n_o`` into a thread-local buffer and a register-tiled micro-kernel runs over all
 rows. With kiln's 32-column nibble tiles (``dequantize.pack_nibbles_tiled``) a
