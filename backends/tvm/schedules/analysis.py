@@ -89,12 +89,13 @@ def _vars_in(expr, iter_vars) -> set[int]:
 
 
 def match_contraction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
-                      const_params: frozenset[int] = frozenset()) -> ContractionMatch | None:
+                      const_params: frozenset[int] = frozenset(), *, all_candidates: bool = False):
     """Match ``C[s...] = C[s...] + A[f(s, r)] * B[g(s, r)]``: one column iter, any reductions.
 
     C must be indexed by plain iters; B must be indexed by plain iters (a weight or a
     row-major operand); A may use affine indices (a convolution's ``h * stride + ry``).
-    When both operands fit as B, a constant one (``const_params``) is preferred.
+    When both operands fit as B, a constant one (``const_params``) is preferred;
+    ``all_candidates`` returns every fit, preferred first (a list), or None.
     """
     stmt = sch.get(block)
     if not isinstance(stmt.body, tirx.BufferStore) or stmt.init is None:
@@ -160,7 +161,7 @@ def match_contraction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
     if not candidates:
         return None
     candidates.sort(key=lambda m: 0 if m.b_is_param is not None and m.b_is_param in const_params else 1)
-    return candidates[0]
+    return candidates[0] if not all_candidates else candidates
 
 
 def inline_epilogue(sch: s_tir.Schedule, main: str) -> list[str]:

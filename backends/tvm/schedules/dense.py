@@ -42,7 +42,7 @@ K_UNROLL = 4
 
 
 # Accumulator registers a micro-kernel may use (of 32 on AVX-512; 16 on AVX2 halves it).
-ACCUMULATORS = 24
+ACCUMULATORS = 25
 
 
 def _tile_columns(n: int, lanes: int) -> tuple[int, int] | None:
@@ -51,12 +51,19 @@ def _tile_columns(n: int, lanes: int) -> tuple[int, int] | None:
         if n % nr == 0:
             return nr, lanes
     half = max(lanes // 2, 4)
-    for nr in (6 * half, 4 * half, 3 * half, 2 * half, half):
+    for nr in (6 * half, 5 * half, 4 * half, 3 * half, 2 * half, half):
         if n % nr == 0:
             return nr, half
     if n <= 4 * lanes:
         return n, n
     return None
+
+
+def _numel(buf: tirx.Buffer) -> int:
+    total = 1
+    for dim in buf.shape:
+        total *= int(dim) if isinstance(dim, tirx.IntImm) else 1 << 20
+    return total
 
 
 def _tile_rows(m: int, cap: int) -> int:
@@ -80,8 +87,18 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     if len(reductions) != 1:
         return False
     main_name = reductions[0].name
-    match = match_contraction(sch, reductions[0].block_rv, ctx.const_params)
-    if match is None:
+    candidates = match_contraction(sch, reductions[0].block_rv, ctx.const_params,
+                                   all_candidates=True)
+    if not candidates:
+        return False
+    # the preferred B (a weight) unless its column count has no register tile (e.g. a
+    # 6625-class head): then the other operand's columns (the rows of C) are vectorized
+    for match in candidates:
+        extent = sch.get(reductions[0].block_rv).iter_vars[match.col].dom.extent
+        if isinstance(extent, tirx.IntImm) and \
+                _tile_columns(int(extent), ctx.vector_lanes_f32) is not None:
+            break
+    else:
         return False
     b_is_const = match.b_is_param is not None and match.b_is_param in ctx.const_params
 
@@ -151,7 +168,10 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         k_i = red_last
     if row_inner is not None:
         i_o, i_i = sch.split(loops[row_inner], [None, mr])
-        outer = [*batch_loops, *outer_rows, j_o, i_o]
+        # sweep the smaller operand's tiles innermost, so the larger one's tile stays in cache
+        a_numel = _numel(match.a)
+        b_numel = _numel(match.b)
+        outer = [*batch_loops, *outer_rows, *((i_o, j_o) if a_numel > b_numel else (j_o, i_o))]
         sch.reorder(*outer, *red_outer, k_i, i_i, j_v_o, j_v)
     else:
         i_i = None

@@ -101,14 +101,84 @@ def schedule_elementwise(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedul
 
 
 def schedule_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    """Softmax / layer norm style kernels via dlight's CPU Reduction rule."""
+    """Softmax / layer norm style kernels: kiln's vectorized row reduction when the kernel
+    has that shape, else dlight's CPU Reduction rule (scalar reductions)."""
+    try:
+        scheduled = schedule_row_reduction(func, ctx)
+    except Exception:  # noqa: BLE001 - a shape the row rule did not foresee: dlight's rule
+        scheduled = None
+    if scheduled is not None:
+        return scheduled
     infos = normalize_prim_func(s_tir.Schedule(func))
     if infos is None or all(info.is_injective() for info in infos):
         return None
     scheduled = DlightCPUReduction().apply(func, ctx.target, False)
     if isinstance(scheduled, list):
         scheduled = scheduled[0] if scheduled else None
+    if scheduled is None:
+        return None
     return scheduled
+
+
+def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+    """Softmax / layer norm: rows in parallel, each row's reductions as vector partial sums.
+
+    Every block is ``S^n`` (injective) or ``S^n R`` (a reduction over the innermost axis),
+    the same ``n`` rows. Each reduction over K (a multiple of the lanes) is ``rfactor``-ed
+    into ``acc[lanes] += x[k_o * lanes : (k_o + 1) * lanes]`` (vector adds/max in
+    registers) plus a sum of the lanes; all blocks are computed per row under one
+    parallel row loop; the injective blocks are vectorized along the row.
+    """
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None or len(infos) < 2 or not infos[-1].is_injective():
+        return None
+    kinds = [info.dom_kind() for info in infos]
+    rows = len(kinds[-1]) - 1
+    if rows < 1 or not any(k.endswith("R") for k in kinds):
+        return None
+    lanes = ctx.vector_lanes_f32
+    for info, kind in zip(infos, kinds, strict=True):
+        if kind not in ("S" * rows, "S" * (rows + 1), "S" * rows + "R"):
+            return None
+        if kind.endswith("R"):
+            extent = const_extent(sch, sch.get_loops(info.block_rv)[-1])
+            if extent is None or extent % lanes or extent < 2 * lanes:
+                return None
+    rf_blocks = []
+    for info, kind in zip(infos, kinds, strict=True):
+        if kind.endswith("R"):
+            k_o, k_i = sch.split(sch.get_loops(info.block_rv)[-1], [None, lanes])
+            rf = sch.rfactor(k_i, factor_axis=0)
+            sch.set_scope(rf, 0, "local")
+            rf_blocks.append(rf)
+    last = infos[-1].block_rv
+    loops = sch.get_loops(last)
+    row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+    if _numel(sch, sch.get_loops(last)) >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(row)
+    inner = sch.get_loops(last)[-1]
+    extent = const_extent(sch, inner)
+    if extent is not None and extent % lanes == 0:
+        _, vec = sch.split(inner, [None, lanes])
+        sch.vectorize(vec)
+    for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
+        sch.compute_at(block, row, preserve_unit_loops=True)
+    for rf in rf_blocks:
+        # under the row loop: (lane, unit rows..., k_o): make the lane innermost
+        lane, *rest = sch.get_loops(rf)[1:]
+        sch.reorder(*rest, lane)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
+        sch.vectorize(sch.get_loops(init)[-1])
+    for info, kind in zip(infos[:-1], kinds[:-1], strict=True):
+        if kind == "S" * (rows + 1):
+            block_loops = sch.get_loops(sch.get_sblock(info.name))
+            ext = const_extent(sch, block_loops[-1])
+            if ext is not None and ext % lanes == 0:
+                _, vec = sch.split(block_loops[-1], [None, lanes])
+                sch.vectorize(vec)
+    return sch
 
 
 def schedule_fallback(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:

@@ -162,3 +162,46 @@ def test_unscheduled_kernels_names_kernels_without_a_schedule():
     with target, tvm.transform.PassContext(opt_level=3):
         scheduled = tvm.transform.Sequential(cpu_schedule_passes(target))(legalized)
     assert unscheduled_kernels(scheduled) == []
+
+
+def test_row_reductions_are_vectorized_partial_sums():
+    rng = _rng()
+    x = rng.standard_normal((16, 64)).astype("float32")
+    gamma = rng.standard_normal(64).astype("float32")
+    beta = rng.standard_normal(64).astype("float32")
+
+    def model(bb, xv):
+        return bb.emit(relax.op.nn.layer_norm(xv, relax.const(gamma), relax.const(beta),
+                                              axes=[-1]))
+
+    lowered, got = _build(model, x)
+    (func,) = [f for g, f in lowered.functions.items() if g.name_hint == "layer_norm"]
+    script = func.script()
+    # rfactor-ed accumulators: a local per-lane partial sum, updated in a vector loop
+    assert "_rf_local" in script and "T.vectorized" in script
+    assert _kernel_rules(lowered)["layer_norm"] == "reduction"
+    ref = torch.nn.functional.layer_norm(torch.from_numpy(x), (64,), torch.from_numpy(gamma),
+                                         torch.from_numpy(beta))
+    _assert_close(got, ref.numpy())
+
+
+def test_dense_whose_columns_have_no_tile_vectorizes_the_rows():
+    """A classifier head (N = 75 here, 6625 in PP-OCR rec) has no register tile over N:
+    the rows of C (the activation's M) become the vector axis instead."""
+    rng = _rng()
+    w = (rng.standard_normal((40, 75)) / np.sqrt(40)).astype("float32")
+    x = rng.standard_normal((1, 8, 40)).astype("float32")
+    lowered, got = _build(lambda bb, xv: bb.emit(relax.op.matmul(xv, relax.const(w))), x)
+    assert list(_kernel_rules(lowered).values()) == ["contraction"]
+    _assert_close(got, x @ w)
+
+
+def test_gelu_and_erf_use_the_vectorizable_polynomial():
+    rng = _rng()
+    x = (3 * rng.standard_normal((8, 64))).astype("float32")
+    lowered, got = _build(lambda bb, xv: bb.emit(relax.op.nn.gelu(xv)), x)
+    script = lowered.script()
+    assert "erf(" not in script.replace("fast_erf", "")  # no libm erff call left
+    ref = torch.nn.functional.gelu(torch.from_numpy(x).double()).numpy()
+    # the polynomial differs from libm's erf by < 1e-6 absolute
+    assert float(np.abs(got - ref).max()) < 1e-5
