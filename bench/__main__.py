@@ -19,6 +19,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=None, help="where built artifacts go (default: a temp dir)")
     parser.add_argument("--private", action="store_true",
                         help="build through TVM directly (bench-private) instead of kiln's API")
+    parser.add_argument("--tuning", choices=("shipped", "user", "off"), default="shipped",
+                        help="tuning records applied: kiln's shipped database (default), "
+                             "also the user's cache, or none (kiln's rules only)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)

@@ -30,6 +30,8 @@ class BuiltCase:
     compile_s: float
     via: str  # "kiln" or "bench-private"
     unscheduled: list[str] | None  # None: the build path does not report it
+    tuned: int | None = None  # kernels scheduled by a tuning record (None: not reported)
+    rules: dict[str, str] | None = None  # kernel -> schedule rule
 
 
 def _kiln_api_present() -> bool:
@@ -46,17 +48,19 @@ def _dir_bytes(path: Path) -> int:
 
 
 def build_case(case: PreparedCase, outdir: Path, target: str = "host", *,
-               private: bool = False) -> BuiltCase:
+               private: bool = False, tuning: str = "shipped") -> BuiltCase:
+    """``tuning``: "shipped" (only the database shipped with kiln), "user" (the user's
+    cache too), "off" (kiln's rules only)."""
     outdir.mkdir(parents=True, exist_ok=True)
     if not private and _kiln_api_present():
         try:
-            return _build_with_kiln(case, outdir, target)
+            return _build_with_kiln(case, outdir, target, tuning)
         except (ImportError, AttributeError, TypeError) as err:  # API still moving
             log.warning("kiln build API not usable yet (%s); using the bench-private build", err)
     return _build_private(case, outdir)
 
 
-def _build_with_kiln(case: PreparedCase, outdir: Path, target: str) -> BuiltCase:
+def _build_with_kiln(case: PreparedCase, outdir: Path, target: str, tuning: str) -> BuiltCase:
     from kiln.backends.tvm.build import build_artifact
     from kiln.backends.tvm.runtime import load
     from kiln.compiler.frontend import load_model
@@ -64,7 +68,10 @@ def _build_with_kiln(case: PreparedCase, outdir: Path, target: str) -> BuiltCase
     start = time.perf_counter()
     model = load_model(str(case.onnx_path), input_shapes=case.input_shapes)
     digest = hashlib.sha256(case.onnx_path.read_bytes()).hexdigest()[:16]
-    build_artifact(model, target, outdir, model_hash=digest)
+    # "shipped": an empty user root, so only kiln's own database applies
+    user_db = {"shipped": outdir / "no-user-tuning-db", "user": None, "off": None}[tuning]
+    result = build_artifact(model, target, outdir, model_hash=digest, tuning_db=user_db,
+                            apply_tuning=tuning != "off")
     compile_s = time.perf_counter() - start
     module = load(outdir)
 
@@ -72,8 +79,10 @@ def _build_with_kiln(case: PreparedCase, outdir: Path, target: str) -> BuiltCase
         out = module(*[feeds[name] for name in case.inputs])
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
+    rules = dict(getattr(result, "rules", {}) or {})
     return BuiltCase(run=run, bytes=_dir_bytes(outdir), compile_s=compile_s, via="kiln",
-                     unscheduled=None)
+                     unscheduled=list(getattr(result, "unscheduled", []) or []),
+                     tuned=sum(1 for r in rules.values() if r == "tuned"), rules=rules)
 
 
 def compile_private(case: PreparedCase):

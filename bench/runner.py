@@ -86,7 +86,7 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
 
     torch.set_num_threads(args.threads)
     case = CASES[name](workdir)
-    built = build_case(case, workdir / name, private=args.private)
+    built = build_case(case, workdir / name, private=args.private, tuning=args.tuning)
     if built.unscheduled:
         log.info("%s: %d kernels left unscheduled: %s", name, len(built.unscheduled),
                  ", ".join(built.unscheduled))
@@ -106,7 +106,7 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         "ratio_vs_ort": round(times["kiln"] / times["ort"], 4),
         "bytes": built.bytes,
         "compile_s": round(built.compile_s, 2),
-        "tuned": False,
+        "tuned": built.tuned,  # kernels scheduled by a tuning record
         "max_rel_err_vs_ort": float(f"{error:.3g}"),
         "unscheduled_kernels": len(built.unscheduled) if built.unscheduled is not None else None,
         "built_via": built.via,
@@ -119,13 +119,14 @@ def geomean(values: list[float]) -> float | None:
 
 def format_table(results: list[dict], geo: float | None) -> str:
     header = f"{'case':<16}{'kiln ms':>11}{'ort ms':>10}{'torch ms':>10}{'kiln/ort':>10}" \
-             f"{'MB':>8}{'compile s':>11}{'unsched':>9}{'rel err':>10}"
+             f"{'MB':>8}{'compile s':>11}{'unsched':>9}{'tuned':>7}{'rel err':>10}"
     lines = [header, "-" * len(header)]
     for r in results:
         torch_ms = f"{r['torch_ms']:.3f}" if r["torch_ms"] is not None else "-"
         lines.append(f"{r['case']:<16}{r['kiln_ms']:>11.3f}{r['ort_ms']:>10.3f}{torch_ms:>10}"
                      f"{r['ratio_vs_ort']:>10.2f}{r['bytes'] / 1e6:>8.1f}{r['compile_s']:>11.1f}"
                      f"{'-' if r['unscheduled_kernels'] is None else r['unscheduled_kernels']:>9}"
+                     f"{'-' if r.get('tuned') is None else r['tuned']:>7}"
                      f"{r['max_rel_err_vs_ort']:>10.1e}")
     if geo is not None:
         lines.append(f"geomean kiln/ort: {geo:.3f}")
@@ -156,6 +157,7 @@ def run_bench(args: argparse.Namespace) -> int:
     print(format_table(results, geo))
     if args.json:
         payload = {"commit": _git_commit(), "threads": args.threads, "runs": args.runs,
+                   "tuning": args.tuning,
                    "cases": results,
                    "geomean_ratio_vs_ort": round(geo, 4) if geo is not None else None}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")

@@ -125,7 +125,7 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
                    outdir: Path, *, model_hash: str,
                    inputs: Sequence[InputDecl] | None = None,
                    progress: Progress | None = None, tune_trials: int = 0,
-                   tuning_db: Path | None = None) -> BuildResult:
+                   tuning_db: Path | None = None, apply_tuning: bool = True) -> BuildResult:
     """Compile ``model`` for ``target`` into ``outdir/model.so`` + ``outdir/manifest.json``.
 
     ``model`` has static input shapes and folded constants (the frontend's
@@ -134,7 +134,8 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     manifest. ``tune_trials`` > 0 first tunes the kernels that have no record
     with MetaSchedule (that many trials in all) into the database under
     ``tuning_db`` (default: the user cache, see :mod:`.tuning`); every build
-    applies the records that match, whether or not it tuned. Raises LoweringError (unsupported ops, import or compile
+    applies the records that match, whether or not it tuned (``apply_tuning=False``:
+    kiln's rules only, e.g. to compare). Raises LoweringError (unsupported ops, import or compile
     failure) or KilnError (missing cross compiler).
     """
     import tvm
@@ -174,7 +175,7 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
         summary = tune_relax_module(mod, resolved, trials=tune_trials, tuning_db=tuning_db,
                                     progress=tune_progress)
         tuning_summary = json.loads(describe(summary))
-    db_dirs = database_dirs(resolved, tuning_db)
+    db_dirs = database_dirs(resolved, tuning_db) if apply_tuning else []
     database = open_database(db_dirs)
 
     step("compile")
