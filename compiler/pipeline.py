@@ -170,6 +170,13 @@ class CompileResult:
         return out
 
 
+# The compiled module is compared with ONNX Runtime running the final model: float
+# kernels may reorder sums (10x the verify tolerance); with quantized activations a
+# rounding tie can land one quantization step away, so there a floor on SQNR applies.
+COMPILED_TOLERANCE_FACTOR = 10.0
+COMPILED_QUANTIZED_MIN_SQNR_DB = 35.0
+
+
 def _build_and_check(result: CompileResult, target, out: Path, progress, tune_trials: int,
                      tuning_db: Path | None) -> CompiledReport:
     from kiln.backends import tvm as tvm_backend
@@ -179,7 +186,8 @@ def _build_and_check(result: CompileResult, target, out: Path, progress, tune_tr
         progress(f"building for {preset.name}")
     built = tvm_backend.build_artifact(
         result.model, preset, out, model_hash=result.model_hash, tune_trials=tune_trials,
-        tuning_db=tuning_db, progress=(lambda step, done, total: progress(f"build: {step} ({done}/{total})"))
+        tuning_db=tuning_db,
+        progress=(lambda step, done, total: progress(f"build: {step} ({done}/{total})"))
         if progress else None)
     report = CompiledReport(target=preset.name, library=built.library.name,
                             build_seconds=built.seconds, verified=False, binary=built.binary,
@@ -189,11 +197,16 @@ def _build_and_check(result: CompileResult, target, out: Path, progress, tune_tr
         outputs = [compiled(**feeds) for feeds in result.samples]
         names = [v.name for v in result.model.graph.outputs]
         metrics = compare(result.reference_outputs, outputs, names,
-                          rtol=result.spec.verify.rtol * 10, atol=result.spec.verify.atol * 10)
+                          rtol=result.spec.verify.rtol * COMPILED_TOLERANCE_FACTOR,
+                          atol=result.spec.verify.atol * COMPILED_TOLERANCE_FACTOR)
         report.verified = True
         report.sqnr_db = metrics.sqnr_db
         report.max_abs_err = metrics.max_abs_err
-        if not metrics.within_tolerance:
+        quantized = any(p.modified and not p.exact and not p.skipped
+                        for p in result.report.passes)
+        close_enough = metrics.within_tolerance or (
+            quantized and metrics.sqnr_db >= COMPILED_QUANTIZED_MIN_SQNR_DB)
+        if not close_enough:
             raise VerificationError(f"the compiled module for {preset.name} does not match "
                                     f"ONNX Runtime: {metrics.describe()}",
                                     output=metrics.worst_output, sqnr_db=metrics.sqnr_db,
@@ -368,7 +381,7 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
         report.passes.append(p)
         ran.append(step.name)
     return CompileResult(model=model, report=report, spec=spec, source=os.fspath(source),
-                         samples=samples, reference_outputs=source_outputs, target=target
+                         samples=samples, reference_outputs=previous, target=target
                          if target is not None else spec.target)
 
 

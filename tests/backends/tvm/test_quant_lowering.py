@@ -196,10 +196,6 @@ def test_builtin_quant_spec_compiles_for_host_and_matches(spec, tmp_path):
     assert _relative_error(got, _reference(result.model, feeds)) < BUILTIN_QUANT_SPECS[spec]
 
 
-@pytest.mark.xfail(reason="compile_model checks the compiled module against the fp32 source "
-                          "outputs (CompileResult.reference_outputs = source_outputs) at "
-                          "rtol*10, so any lossy spec fails; it should use the final model's "
-                          "outputs", strict=False)
 @pytest.mark.parametrize("spec", list(BUILTIN_QUANT_SPECS))
 def test_save_with_target_host_verifies_quantized_specs(spec, tmp_path):
     result = _compile_mlp(spec, tmp_path)
