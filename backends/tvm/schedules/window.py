@@ -23,6 +23,25 @@ from kiln.backends.tvm.schedules.analysis import collect_vars_used_in_prim_expr
 
 # Vectors per accumulator tile (independent FMA chains hide the FMA latency).
 VECTORS_PER_TILE = 6
+# Windows up to this many taps read their producers inline (the stack of an ONNX Sum).
+SMALL_WINDOW = 4
+
+
+def _inline_producers(sch: s_tir.Schedule, main: str) -> None:
+    changed = True
+    while changed:
+        changed = False
+        infos = normalize_prim_func(sch)
+        names = [info.name for info in infos]
+        for info in infos[: names.index(main)]:
+            if not info.is_injective():
+                continue
+            try:
+                sch.compute_inline(info.block_rv)
+            except Exception:  # noqa: BLE001 - TVM signals "cannot inline" with several kinds
+                continue
+            changed = True
+            break
 
 
 def schedule_window_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
@@ -55,7 +74,13 @@ def schedule_window_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sc
     lanes = ctx.vector_lanes_f32
     while lanes > 4 and extent % lanes:
         lanes //= 2
-    if extent % lanes:
+    window = 1
+    for iv in iters:
+        if iv.iter_type != tirx.IterVar.DataPar:
+            window *= int(iv.dom.extent)
+    if extent % lanes and window <= SMALL_WINDOW and extent <= 4 * ctx.vector_lanes_f32:
+        lanes = extent  # a short row (7x7 maps): one odd-width vector
+    elif extent % lanes:
         return None
     unroll = 1
     for u in range(VECTORS_PER_TILE, 0, -1):
@@ -63,6 +88,11 @@ def schedule_window_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sc
             unroll = u
             break
 
+    if window <= SMALL_WINDOW:
+        # a sum over a few stacked inputs (ONNX Sum -> broadcast_to + stack + sum): read
+        # the inputs in the reduction instead of materializing the stack
+        _inline_producers(sch, name)
+        block = sch.get_sblock(name)
     after = inline_epilogue(sch, name)
     if len(after) > 1:
         return None

@@ -205,3 +205,23 @@ def test_gelu_and_erf_use_the_vectorizable_polynomial():
     ref = torch.nn.functional.gelu(torch.from_numpy(x).double()).numpy()
     # the polynomial differs from libm's erf by < 1e-6 absolute
     assert float(np.abs(got - ref).max()) < 1e-5
+
+
+@pytest.mark.parametrize("hw", [8, 7])
+def test_sum_of_stacked_inputs_reads_them_inline(hw):
+    """ONNX Sum imports as broadcast_to + stack + sum: no stacked copy is materialized."""
+    rng = _rng()
+    a = rng.standard_normal((1, 8, hw, hw)).astype("float32")
+    b = rng.standard_normal((1, 8, hw, hw)).astype("float32")
+
+    def model(bb, x, y):
+        shape = x.ty.shape
+        stacked = bb.emit(relax.op.stack([relax.op.broadcast_to(x, shape),
+                                          relax.op.broadcast_to(y, shape)], axis=0))
+        return bb.emit(relax.op.sum(stacked, axis=[0]))
+
+    lowered, got = _build(model, a, b)
+    assert unscheduled_kernels(lowered) == []
+    (func,) = [f for g, f in lowered.functions.items() if "stack" in g.name_hint]
+    assert "T_stack_intermediate" not in func.script()
+    _assert_close(got, a + b)
