@@ -133,6 +133,26 @@ def format_table(results: list[dict], geo: float | None) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(payload: dict) -> str:
+    """The results as a Markdown table (for bench/RESULTS.md)."""
+    commit = (payload.get("commit") or "unknown")[:10]
+    lines = [f"Commit `{commit}`, {payload['threads']} threads, median of {payload['runs']} "
+             f"interleaved runs, tuning records: {payload.get('tuning', 'shipped')}.", "",
+             "| case | kiln ms | ORT ms | torch ms | kiln/ORT | MB | compile s | tuned kernels "
+             "| rel err vs ORT |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in payload["cases"]:
+        torch_ms = f"{r['torch_ms']:.2f}" if r.get("torch_ms") is not None else "-"
+        tuned = "-" if r.get("tuned") is None else str(r["tuned"])
+        lines.append(f"| {r['case']} | {r['kiln_ms']:.2f} | {r['ort_ms']:.2f} | {torch_ms} | "
+                     f"{r['ratio_vs_ort']:.2f} | {r['bytes'] / 1e6:.1f} | {r['compile_s']:.1f} | "
+                     f"{tuned} | {r['max_rel_err_vs_ort']:.1e} |")
+    if payload.get("geomean_ratio_vs_ort") is not None:
+        lines += ["", f"Geometric mean kiln/ORT (fp32 cases): "
+                      f"**{payload['geomean_ratio_vs_ort']:.2f}**"]
+    return "\n".join(lines) + "\n"
+
+
 def run_bench(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
@@ -161,4 +181,6 @@ def run_bench(args: argparse.Namespace) -> int:
                    "cases": results,
                    "geomean_ratio_vs_ort": round(geo, 4) if geo is not None else None}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+        print()
+        print(format_markdown(payload))
     return 0
