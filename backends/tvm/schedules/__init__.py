@@ -11,11 +11,20 @@ contraction    ``C += A * B`` with one column iter: dense, matmul, batch matmul,
                Register tile MR x NR (NR a few SIMD vectors of output channels /
                columns), constant weights packed ``[N/NR, ..., NR]`` at compile time,
                parallel outer loops, the fused epilogue applied in the tile write-back.
+               When N has no register tile (a 6625-class head) C's rows are vectorized.
 elementwise    all-injective kernels: inlined, parallel outer loops, vectorized rows.
-window         depthwise conv, pooling: vectorized along the output row.
-reduction      softmax / layer norm: dlight's CPU Reduction rule.
+window         depthwise conv, pooling: vectorized along the output row; a sum over a
+               few stacked inputs (ONNX Sum) reads them inline.
+reduction      softmax / layer norm: parallel rows, each row reduction ``rfactor``-ed
+               into vector partial sums; other reductions: dlight's CPU Reduction rule.
 fallback       anything else: outer loops parallel (named by ``unscheduled_kernels``).
 =============  ==========================================================================
+
+Rules are data: ``pipeline.RULES`` lists ``(name, "module:function")``, most specific
+first; a new rule module is registered with one line there. Kernels that have a
+MetaSchedule tuning record (``kiln.backends.tvm.tuning``) are scheduled by it before
+these rules run (rule name ``tuned``). ``fast_math`` legalizes erf/GELU/exp/softmax to
+vectorizable polynomials before fusion (the CPU legalize phase's custom map).
 
 Integration (``tvm.compile``'s ``relax_pipeline``)::
 
