@@ -334,8 +334,9 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
     # kiln's rule on the same kernels: the baseline a record must beat
     with ms_target:
         kiln_mod = ScheduleCPUKernels(ms_target)(legal)
-    kiln_funcs = {t.task_name: kiln_mod[t.task_name] for t in pending
-                  if kiln_mod[t.task_name].attrs and kiln_mod[t.task_name].attrs.get(SCHEDULED_ATTR)}
+    by_name = {gv.name_hint: f for gv, f in kiln_mod.functions.items()
+               if isinstance(f, tirx.PrimFunc) and f.attrs and f.attrs.get(SCHEDULED_ATTR)}
+    kiln_funcs = {t.task_name: by_name[t.task_name] for t in pending if t.task_name in by_name}
 
     report("tune", 0, trials)
     if target.family == "cpu":
