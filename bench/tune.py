@@ -4,6 +4,8 @@ Tunes each bench case's kernels with MetaSchedule (``kiln.backends.tvm.tuning``)
 ``backends/tvm/tuning_db/<target key>/`` (``--out`` to choose another root), keeping a
 record only where it beats kiln's own rule. Kernels that already have a record are
 skipped, so a run adds to the database; delete the target's folder to start over.
+``--recheck`` re-measures the records the cases use against kiln's current rules
+(alternating, best of two) and deletes those that are no longer faster.
 ``--trials`` is the budget per case (``--case-trials encoder-fp32=200,...`` overrides it).
 """
 
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--target", default="host")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recheck", action="store_true",
+                        help="no tuning: re-measure the records these cases use against "
+                             "kiln's current rules and delete those no longer faster")
     parser.add_argument("--out", default=None,
                         help="database root (default: the shipped backends/tvm/tuning_db)")
     args = parser.parse_args(argv)
@@ -39,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     from bench.cases import CASES
     from kiln.backends.tvm.lower import lower_to_relax
     from kiln.backends.tvm.targets import resolve_target
-    from kiln.backends.tvm.tuning import SHIPPED_ROOT, describe, tune_relax_module
+    from kiln.backends.tvm.tuning import (
+        SHIPPED_ROOT,
+        describe,
+        recheck_records,
+        tune_relax_module,
+    )
     from kiln.compiler.frontend import load_model
 
     budgets = {name: int(n) for name, n in
@@ -60,8 +70,11 @@ def main(argv: list[str] | None = None) -> int:
                     last[0] = time.perf_counter()
                     print(f"{name}: {done}/{total} trials", flush=True)
 
-            summary = tune_relax_module(mod, target, trials=trials, tuning_db=root,
-                                        progress=progress)
+            if args.recheck:
+                summary = recheck_records(mod, target, tuning_db=root)
+            else:
+                summary = tune_relax_module(mod, target, trials=trials, tuning_db=root,
+                                            progress=progress)
             print(f"{name}: {describe(summary)} ({time.perf_counter() - start:.0f} s)", flush=True)
             for kernel, (tuned_us, kiln_us) in summary.kept.items():
                 print(f"  kept    {kernel}: {tuned_us:.1f} us (kiln's rule {kiln_us:.1f} us)")

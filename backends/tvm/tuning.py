@@ -29,7 +29,6 @@ import contextlib
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -222,10 +221,11 @@ def _builder():
     return ms.builder.LocalBuilder(f_build=build_candidate, max_workers=os.cpu_count() or 1)
 
 
-def _mean_secs(run_secs) -> float | None:
+def _best_secs(run_secs) -> float | None:
+    """The fastest repeat: on a shared machine the slower ones measure the neighbours."""
     values = [float(v) for v in run_secs] if run_secs else []
     good = [v for v in values if v < 1e9]
-    return statistics.mean(good) if good else None
+    return min(good) if good else None
 
 
 def _measure(funcs: dict[str, tirx.PrimFunc], target: tvm.target.Target) -> dict[str, float]:
@@ -254,12 +254,100 @@ def _measure(funcs: dict[str, tirx.PrimFunc], target: tvm.target.Target) -> dict
     out = {}
     for name, future in zip(order, runner.run(inputs), strict=True):
         result = future.result()
-        secs = _mean_secs(result.run_secs) if not result.error_msg else None
+        secs = _best_secs(result.run_secs) if not result.error_msg else None
         if result.error_msg:
             log.debug("measuring %s failed: %s", name, result.error_msg[-1500:])
         if secs is not None:
             out[name] = secs
     return out
+
+
+def _measure_pairs(kiln_funcs: dict[str, tirx.PrimFunc], tuned_funcs: dict[str, tirx.PrimFunc],
+                   target: tvm.target.Target) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per call of kiln's and the record's schedule of each kernel, measured
+    alternately (kiln, record, kiln, record, ...) and each twice, keeping the faster run."""
+    funcs = {}
+    for name, func in tuned_funcs.items():
+        if name in kiln_funcs:
+            funcs[f"kiln:{name}"] = kiln_funcs[name]
+        funcs[f"ms:{name}"] = func
+    first, second = _measure(funcs, target), _measure(funcs, target)
+    measured = {k: min(v for v in (first.get(k), second.get(k)) if v is not None)
+                for k in funcs if k in first or k in second}
+    kiln = {k[5:]: v for k, v in measured.items() if k.startswith("kiln:")}
+    tuned = {k[3:]: v for k, v in measured.items() if k.startswith("ms:")}
+    return kiln, tuned
+
+
+def recheck_records(mod: tvm.IRModule, target: ResolvedTarget, *,
+                    tuning_db: Path | None = None) -> TuneSummary:
+    """Measure every record that serves this model's kernels against kiln's current rule
+    and delete the ones that are no longer faster (kiln's rules improve; a record tuned
+    on a busy machine may have won by noise)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules.pipeline import ScheduleCPUKernels
+
+    start = time.perf_counter()
+    db_dir = user_root(tuning_db) / target_key(target)
+    summary = TuneSummary(database=db_dir)
+    if not _has_records(db_dir):
+        return summary
+    ms_target = tuning_target(target)
+    legal = _legalized(mod, target)
+    tasks = ms.relax_integration.extract_tasks(legal, ms_target)
+    summary.tasks = len(tasks)
+    database = ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
+    with ms_target:
+        kiln_mod = ScheduleCPUKernels(ms_target)(legal)
+    by_name = {gv.name_hint: f for gv, f in kiln_mod.functions.items()
+               if isinstance(f, tirx.PrimFunc) and f.attrs and f.attrs.get(SCHEDULED_ATTR)}
+    kiln_funcs, tuned_funcs, workloads = {}, {}, {}
+    for task in tasks:
+        sch = database.query_schedule(task.dispatched[0], ms_target, task.task_name)
+        if sch is None:
+            continue
+        summary.already += 1
+        tuned_funcs[task.task_name] = sch.mod["main"]
+        workloads[task.task_name] = task.dispatched[0]
+        if task.task_name in by_name:
+            kiln_funcs[task.task_name] = by_name[task.task_name]
+    kiln_secs, tuned_secs = _measure_pairs(kiln_funcs, tuned_funcs, ms_target)
+    stale = []
+    for name in tuned_funcs:
+        tuned, kiln = tuned_secs.get(name), kiln_secs.get(name)
+        if tuned is None or kiln is None:
+            continue
+        times = (tuned * 1e6, kiln * 1e6)
+        if tuned >= kiln * KEEP_IF_FASTER_THAN:
+            summary.dropped[name] = times
+            stale.append(workloads[name])
+        else:
+            summary.kept[name] = times
+    if stale:
+        _drop_records(db_dir, stale)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _drop_records(db_dir: Path, workloads: list[tvm.IRModule]) -> None:
+    """Rewrite the database at ``db_dir`` without the records of ``workloads``."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    old = ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
+    with tempfile.TemporaryDirectory(prefix="kiln-db-", dir=db_dir.parent) as tmp:
+        new = ms.database.JSONDatabase(work_dir=tmp, allow_missing=True)
+        for record in old.get_all_tuning_records():
+            mod = record.workload.mod
+            if any(tvm_ffi.structural_equal(mod, w) for w in workloads):
+                continue
+            workload = new.commit_workload(mod)
+            new.commit_tuning_record(ms.database.TuningRecord(
+                record.trace, workload, record.run_secs, record.target, record.args_info))
+        del new
+        for name in (WORKLOAD_FILE, RECORD_FILE):
+            os.replace(Path(tmp) / name, db_dir / name)
 
 
 def _legalized(mod: tvm.IRModule, target: ResolvedTarget) -> tvm.IRModule:
@@ -363,11 +451,7 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
             if sch is not None:
                 ms_funcs[name] = sch.mod["main"]
         log.debug("best records: %s", list(best))
-        both = {**{f"kiln:{n}": kiln_funcs[n] for n in best if n in kiln_funcs},
-                **{f"ms:{n}": f for n, f in ms_funcs.items()}}
-        measured = _measure(both, ms_target)
-        kiln_secs = {k[5:]: v for k, v in measured.items() if k.startswith("kiln:")}
-        ms_secs = {k[3:]: v for k, v in measured.items() if k.startswith("ms:")}
+        kiln_secs, ms_secs = _measure_pairs(kiln_funcs, ms_funcs, ms_target)
     for name, (task, record) in best.items():
         tuned, kiln = ms_secs.get(name), kiln_secs.get(name)
         if tuned is None:
