@@ -59,6 +59,26 @@ def _tile_columns(n: int, lanes: int) -> tuple[int, int] | None:
     return None
 
 
+def _narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int) -> tuple[int, int]:
+    """A tile of fewer vectors but more rows when the widest one gets 1-2 rows.
+
+    Rows of 14 or 7 (resnet's late stages) admit no 3..6-row tile beside 4 vectors; with
+    one row each B vector loaded feeds one FMA. Score = FMAs per load, mr*nv / (mr + nv).
+    """
+    def score(rows: int, vectors: int) -> float:
+        return rows * vectors / (rows + vectors)
+
+    best = (score(mr, nr // lanes), nr, mr)
+    for vectors in (3, 2, 1):
+        width = vectors * lanes
+        if n % width:
+            continue
+        rows = _tile_rows(m, ACCUMULATORS // vectors)
+        if score(rows, vectors) > best[0]:
+            best = (score(rows, vectors), width, rows)
+    return best[1], best[2]
+
+
 def _numel(buf: tirx.Buffer) -> int:
     total = 1
     for dim in buf.shape:
@@ -125,6 +145,8 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     row_inner = match.rows[-1] if match.rows else None
     mr = _tile_rows(extents[row_inner], max(1, ACCUMULATORS // max(1, nr // lanes))) \
         if row_inner is not None else 1
+    if row_inner is not None and mr < 3 < extents[row_inner]:
+        nr, mr = _narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes)
 
     # Pack B as Bp[j // NR, <other dims>, j % NR] so the micro-kernel streams it.
     b_col_last = match.b_dims and match.b_dims[-1] == match.col
