@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test test-all test-edge bench clean
+.PHONY: setup demo test test-all test-edge bench tune clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ test-edge: setup
 
 bench: setup
 	$(PY) -m bench --json bench/results.json
+
+# Regenerate the shipped tuning database for this machine's target (slow: tens of
+# minutes), then drop records kiln's own rules now beat. See backends/tvm/tuning_db/README.md.
+tune: setup
+	$(PY) -m bench.tune --trials 160
+	$(PY) -m bench.tune --recheck
 
 clean:
 	rm -rf $(VENV) .kiln-demo build *.egg-info
