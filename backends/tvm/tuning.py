@@ -384,6 +384,19 @@ def _register_cpu_tensor_intrinsics() -> None:
         importlib.import_module(f"{name}.{sub}")
 
 
+def _reset_meta_schedule_handlers() -> None:
+    """Drop the handlers an earlier tuning run left on MetaSchedule's logger.
+
+    MetaSchedule configures file handlers in each run's (temporary) work dir and, on
+    the next run in the same process, copies the names of the logger's handlers into
+    its new config; a stale or unnamed one makes it fail (``None.format``).
+    """
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    for handler in list(ms_logger.handlers):
+        ms_logger.removeHandler(handler)
+        handler.close()
+
+
 def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
                       tuning_db: Path | None = None, progress: Progress | None = None,
                       seed: int | None = 0, keep_slower: bool = False) -> TuneSummary:
@@ -429,6 +442,7 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
     report("tune", 0, trials)
     if target.family == "cpu":
         _register_cpu_tensor_intrinsics()
+    _reset_meta_schedule_handlers()
     with tempfile.TemporaryDirectory(prefix="kiln-tune-") as work_dir:
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             pending, work_dir, seed=seed)
