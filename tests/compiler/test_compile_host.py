@@ -53,3 +53,22 @@ def test_bench_encoder_fp32(tmp_path):
 
     out = compile_model("tests.torch_models:encoder", "fp32").save(tmp_path, target="host")
     _check(out, encoder)
+
+
+def test_kiln_run_cli(tmp_path, capsys):
+    from kiln.compiler.cli import main
+
+    out = tmp_path / "build"
+    assert main(["compile", "compiler/examples/tiny_cnn.onnx", "--spec", "reparam",
+                 "--target", "host", "-o", str(out), "-q"]) == 0
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    assert main(["run", str(out), "--inputs", str(tmp_path / "in.npz"),
+                 "--output", str(tmp_path / "out.npz")]) == 0
+    assert "output 0: shape [1, 10] float32" in capsys.readouterr().out
+    (expected,) = load(out)(x)
+    saved = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(saved[saved.files[0]], expected)
+    np.savez(tmp_path / "bad.npz", y=x)
+    assert main(["run", str(out), "--inputs", str(tmp_path / "bad.npz")]) == 2
+    assert "x" in capsys.readouterr().err
