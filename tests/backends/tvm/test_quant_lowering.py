@@ -202,3 +202,22 @@ def test_save_with_target_host_verifies_quantized_specs(spec, tmp_path):
     out = result.save(tmp_path / "out", target="host")
     assert (out / "model.so").exists()
     assert result.report.compiled is not None and result.report.compiled.verified
+
+
+@pytest.mark.parametrize("target", ["arm64", "cuda-sm90"])
+@pytest.mark.parametrize("form", list(WEIGHT_FORMS))
+def test_weight_form_builds_for_arm64_and_cuda(form, target, tmp_path):
+    """Every weight form builds for the edge and GPU targets (the binary is checked, not run:
+    no arm64 board or GPU here; `make test-edge` runs an arm64 build under qemu)."""
+    import shutil
+
+    if target == "arm64" and not shutil.which("aarch64-linux-gnu-gcc"):
+        pytest.skip("aarch64-linux-gnu-gcc is not installed")
+    model = models.mlp(d_in=128, hidden=256, d_out=64)
+    Quantize(QuantizeConfig(weights=WEIGHT_FORMS[form]))(model)
+    result = build_artifact(model, target, tmp_path, model_hash="h")
+    kind = check_binary(result.library, target)
+    if target == "arm64":
+        assert kind == "aarch64 ELF shared library"
+    else:
+        assert "CUDA kernel" in kind
