@@ -6,6 +6,8 @@ import ast
 import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 TOP = {"compiler": "kiln.compiler", "passes": "kiln.passes", "backends": "kiln.backends",
        "specs": "kiln.specs"}
@@ -64,19 +66,12 @@ def test_core_imports_no_pass_and_no_backend():
         assert not bad, f"{path.relative_to(ROOT)} (core) imports {sorted(bad)}"
 
 
-def test_passes_import_only_the_core():
-    for path in _files("passes"):
+@pytest.mark.parametrize("folder, forbidden", [("passes", "kiln.backends"),
+                                               ("backends", "kiln.passes")])
+def test_passes_and_backends_import_only_the_core(folder, forbidden):
+    for path in _files(folder):
         for name in _imports(path):
-            assert not name.startswith("kiln.backends"), f"{path} imports {name}"
-            if name.startswith("kiln.compiler."):
-                module = name.split(".")[2]
-                assert module in CORE, f"{path.relative_to(ROOT)} imports driver module {name}"
-
-
-def test_backends_import_only_the_core():
-    for path in _files("backends"):
-        for name in _imports(path):
-            assert not name.startswith("kiln.passes"), f"{path} imports {name}"
+            assert not name.startswith(forbidden), f"{path} imports {name}"
             if name.startswith("kiln.compiler."):
                 module = name.split(".")[2]
                 assert module in CORE, f"{path.relative_to(ROOT)} imports driver module {name}"

@@ -377,8 +377,6 @@ class Quantize(KilnPass):
     exact = False
     needs_calibration = True
 
-    note: str = ""
-
     def candidates(self, model: ir.Model) -> list[Candidate]:
         found: list[Candidate] = []
         cfg: QuantizeConfig = self.config

@@ -94,7 +94,6 @@ class SalientSplit(KilnPass):
     config_class = SalientSplitConfig
     exact = False
     needs_calibration = True
-    note: str = ""
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
         found: list[Candidate] = []

@@ -22,6 +22,7 @@ __all__ = [
     "SBlockInfo",
     "const_extent",
     "inline_epilogue",
+    "inline_injective",
     "match_contraction",
     "normalize_prim_func",
 ]
@@ -164,21 +165,19 @@ def match_contraction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
     return candidates[0] if not all_candidates else candidates
 
 
-def inline_epilogue(sch: s_tir.Schedule, main: str) -> list[str]:
-    """compute_inline the injective blocks after ``main`` into their consumers.
-
-    Returns the names of the blocks after ``main`` that remain (the last one, which
-    writes the function's output, always does).  Blocks before ``main`` are left alone
-    so that the main block's operands keep their plain indices.
-    """
+def inline_injective(sch: s_tir.Schedule, main: str, *, side: str) -> bool:
+    """compute_inline, one at a time until none is left, the injective blocks on one
+    ``side`` ("before" or "after") of the block named ``main``; False if the function
+    has no block analysis."""
     changed = True
     while changed:
         changed = False
         infos = normalize_prim_func(sch)
         if infos is None:
-            return []
+            return False
         names = [info.name for info in infos]
-        for info in infos[names.index(main) + 1:]:
+        at = names.index(main)
+        for info in (infos[:at] if side == "before" else infos[at + 1:]):
             if not info.is_injective():
                 continue
             try:
@@ -187,5 +186,17 @@ def inline_epilogue(sch: s_tir.Schedule, main: str) -> list[str]:
                 continue
             changed = True
             break
+    return True
+
+
+def inline_epilogue(sch: s_tir.Schedule, main: str) -> list[str]:
+    """compute_inline the injective blocks after ``main`` into their consumers.
+
+    Returns the names of the blocks after ``main`` that remain (the last one, which
+    writes the function's output, always does).  Blocks before ``main`` are left alone
+    so that the main block's operands keep their plain indices.
+    """
+    if not inline_injective(sch, main, side="after"):
+        return []
     names = [info.name for info in normalize_prim_func(sch)]
     return names[names.index(main) + 1:]

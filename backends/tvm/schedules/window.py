@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from kiln.backends.tvm.schedules.analysis import RuleContext, inline_epilogue, normalize_prim_func
+from kiln.backends.tvm.schedules.analysis import (RuleContext, inline_epilogue,
+                                                  inline_injective, normalize_prim_func)
 from kiln.backends.tvm.schedules.analysis import collect_vars_used_in_prim_expr
 
 # Vectors per accumulator tile (independent FMA chains hide the FMA latency).
@@ -28,20 +29,7 @@ SMALL_WINDOW = 4
 
 
 def _inline_producers(sch: s_tir.Schedule, main: str) -> None:
-    changed = True
-    while changed:
-        changed = False
-        infos = normalize_prim_func(sch)
-        names = [info.name for info in infos]
-        for info in infos[: names.index(main)]:
-            if not info.is_injective():
-                continue
-            try:
-                sch.compute_inline(info.block_rv)
-            except Exception:  # noqa: BLE001 - TVM signals "cannot inline" with several kinds
-                continue
-            changed = True
-            break
+    inline_injective(sch, main, side="before")
 
 
 def schedule_window_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
