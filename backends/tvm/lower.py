@@ -87,11 +87,33 @@ def kiln_converters(base: dict) -> dict:
     table = dict(base)
     table["DequantizeLinear"] = blocked_dequantize_linear(base["DequantizeLinear"])
     table["MatMul"] = kiln_matmul(base["MatMul"])
+    table["Sum"] = _SumAsAdds
     table[PACKED_OP] = PackedDequantizeLinear
     table[PACKED_TABLE_OP] = PackedDequantizeTable
     # kiln's model-local functions, converted as ops so their weights stay packed
     table.update(KILN_OPS)
     return table
+
+
+class _SumAsAdds:
+    """ONNX ``Sum`` as a chain of broadcasting adds.
+
+    TVM's importer stacks the inputs (broadcast_to + stack + sum over a new axis): a
+    5-D intermediate that layout conversion cannot follow and the kernels must
+    materialize. Elementwise adds fuse into the producing conv's epilogue instead.
+    """
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            total = inputs[0]
+            for term in inputs[1:]:
+                total = relax.op.add(total, term)
+            return total
+
+        return convert
 
 
 #: ``kiln`` domain ops (model-local functions, ``kiln.passes.quant.kiln_ops``) with converters.
