@@ -9,8 +9,9 @@ TVM 0.27's importer rejects ``block_size`` and cannot even read 4-bit
 initializers (numpy keeps one int4 per byte, TVM packs two). So before import
 :func:`pack_four_bit_weights` rewrites every 4-bit weight feeding
 ``DequantizeLinear`` (or ``kiln.DequantizeTable``) into ``uint8`` nibbles and the
-node into an internal op (:data:`PACKED_OP`, :data:`PACKED_TABLE_OP`). A 2-D weight
-whose output-channel count is a multiple of 32 is packed in 32-column tiles
+node into an internal op (:data:`PACKED_OP`, :data:`PACKED_TABLE_OP`). A weight
+whose output-channel count is a multiple of 32 (2-D, or a conv's ``[O, I, kh, kw]``
+with ``k`` the flat ``(I, kh, kw)``) is packed in 32-column tiles
 (:func:`pack_nibbles_tiled`: ``P[n // 32, k, n % 16]``, low nibble column ``n``,
 high nibble ``n + 16``), so that a 16-byte load decodes into two vectors of
 consecutive columns; other shapes keep ONNX's flat order.
@@ -22,7 +23,7 @@ the weight): 4-bit codes (:func:`emit_four_bit_decode`), ``kiln.UnpackBits``
 on a blocked 4-bit weight becomes one grouped GEMV kernel
 (:func:`emit_grouped_gemv`: the scale applied once per group); other
 contractions get the decode fused in by ``fuse_decode`` and scheduled by kiln's
-``decode_contraction`` CPU rule (or dlight on CUDA).
+``decode_contraction`` / ``decode_conv`` CPU rules (or dlight on CUDA).
 """
 
 from __future__ import annotations
@@ -85,12 +86,15 @@ _HALF_TILE = TILE_COLUMNS // 2
 
 
 def column_axis(shape: list[int], axis: int, block_size: int, *, scale_rank: int) -> int:
-    """The output-channel axis of a 2-D 4-bit weight to tile nibbles along, or -1 (flat).
+    """The output-channel axis of a 4-bit weight to tile nibbles along, or -1 (flat).
 
-    Blocked (``block_size``): the other axis than the blocked one; per axis: ``axis``
-    itself; per tensor: the last. Only 2-D weights whose column count is a multiple
-    of :data:`TILE_COLUMNS` are tiled.
+    2-D (a MatMul/Gemm weight), blocked (``block_size``): the other axis than the
+    blocked one; per axis: ``axis`` itself; per tensor: the last. 3-D and up (a conv
+    weight ``[O, I, kh, ...]``): axis 0, the output channels. Only weights whose
+    column count is a multiple of :data:`TILE_COLUMNS` are tiled.
     """
+    if len(shape) >= 3:
+        return 0 if shape[0] % TILE_COLUMNS == 0 else -1
     if len(shape) != 2:
         return -1
     axis = axis + 2 if axis < 0 else axis
@@ -104,12 +108,15 @@ def column_axis(shape: list[int], axis: int, block_size: int, *, scale_rank: int
 
 
 def pack_nibbles_tiled(codes: np.ndarray, col_axis: int) -> np.ndarray:
-    """Pack a 2-D code matrix as ``P[c // 32, r, c % 16]``, nibble ``(c % 32) // 16``.
+    """Pack a code matrix as ``P[c // 32, r, c % 16]``, nibble ``(c % 32) // 16``.
 
-    ``c`` is the index along ``col_axis``, ``r`` along the other axis: each 32-column
-    tile is one contiguous ``[R, 16]`` byte panel that a GEMV streams along R.
+    ``c`` is the index along ``col_axis``, ``r`` the (C-order flat) index along the
+    other axes: each 32-column tile is one contiguous ``[R, 16]`` byte panel that a
+    GEMV streams along R, and a conv's panel decode reads 16 bytes per ``r``.
     """
     codes = np.ascontiguousarray(codes, dtype=np.uint8) & 0xF
+    if codes.ndim > 2:  # [O, I, kh, kw]: columns O, rows the flat (I, kh, kw)
+        codes = codes.reshape(codes.shape[0], -1)
     by_col = codes if col_axis == 1 else codes.T  # [R, C]
     rows, cols = by_col.shape
     tiles = by_col.reshape(rows, cols // TILE_COLUMNS, 2, _HALF_TILE).transpose(1, 0, 2, 3)
@@ -383,7 +390,10 @@ def _te_nibble(packed, idx, *, shape: list[int], layout: int):
     # The nibble is chosen with a Select on an index condition (not a shift by an index
     # expression): the data path stays 8/32-bit, which TVM would otherwise widen to int64.
     if layout >= 0:
-        c, r = idx[layout], idx[1 - layout]
+        c = idx[layout]
+        (_, r), *rest = [(shape[d], i) for d, i in enumerate(idx) if d != layout]
+        for dim, i in rest:  # the other axes' C-order flat index (a conv's [I, kh, kw])
+            r = r * dim + i
         byte = packed[c // TILE_COLUMNS, r, c % _HALF_TILE]
         low = c % TILE_COLUMNS < _HALF_TILE
     elif shape and shape[-1] % 2 == 0:

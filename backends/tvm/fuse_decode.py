@@ -66,9 +66,10 @@ def _patterns(consumers: re.Pattern = _CONTRACTION) -> list[relax.transform.Fusi
     return patterns
 
 
-#: What kiln's CPU rules schedule with the decode inside (schedules/quant_gemv.py): matmul
-#: and dense; a CPU convolution keeps its decode as a separate kernel.
-CPU_CONSUMERS = r"matmul|dense"
+#: What kiln's CPU rules schedule with the decode inside: matmul and dense
+#: (schedules/quant_gemv.py), conv (schedules/quant_conv.py: a decoded panel per task;
+#: depthwise through the window rule).
+CPU_CONSUMERS = r"matmul|dense|conv"
 
 
 def fuse_decode_into_contraction(consumers: str | None = None) -> tvm.transform.Pass:

@@ -45,6 +45,7 @@ Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 #: ``(PrimFunc, RuleContext)`` and returns a Schedule, or None when the kernel is not its
 #: kind. A new rule module registers itself with one line here (imported lazily).
 RULES: tuple[tuple[str, str], ...] = (
+    ("decode_conv", "kiln.backends.tvm.schedules.quant_conv:schedule_decode_conv"),
     ("decode_contraction", "kiln.backends.tvm.schedules.quant_gemv:schedule_decode_contraction"),
     ("contraction", "kiln.backends.tvm.schedules.dense:schedule_contraction"),
     ("elementwise", "kiln.backends.tvm.schedules.elementwise:schedule_elementwise"),

@@ -3,8 +3,9 @@
 Forms: int8 per channel, int4/uint4 blocked (two nibble layouts), int3/int2 through
 ``kiln.UnpackBits``, FP8 E4M3/E5M2, FP4 E2M1/E3M0 through ``kiln.DequantizeTable``,
 NUPES power, codebook Gather, static W8A8 QDQ, dynamic activations, salient_split.
-The int4 GEMV/GEMM kernels read the packed weight (kiln's decode_contraction rule);
-arm64 and cuda-sm90 builds of an int4 model are checked for their binary kind.
+The int4 GEMV/GEMM kernels read the packed weight (kiln's decode_contraction rule), a
+quantized conv its codes (decode_conv); arm64 and cuda-sm90 builds of an int4 model are
+checked for their binary kind.
 """
 
 from __future__ import annotations
@@ -105,10 +106,20 @@ def test_salient_split_builds_and_matches(tmp_path):
     _build_and_compare(model, tmp_path)
 
 
-def test_conv_weights_build_and_match(tmp_path):
-    """Convolutions keep a separate decode kernel on CPU (not fused); still exact."""
+CONV_FORMS = {"int8-per-channel": {"dtype": "int8"},
+              "int4-g8": {"dtype": "int4", "granularity": {"group": 8}}}
+
+
+@pytest.mark.parametrize("form", list(CONV_FORMS))
+def test_conv_weights_decode_inside_the_conv_and_match(form, tmp_path):
+    """A quantized conv is one kernel (decode_conv: a decoded weight panel per task), no
+    separate decode kernel; exact against ONNX Runtime."""
     model = models.conv()
-    Quantize(QuantizeConfig(weights={"dtype": "int8"}))(model)
+    Quantize(QuantizeConfig(weights=CONV_FORMS[form]))(model)
+    rules = _scheduled(model)
+    reading_codes = [name for name in rules if "dequantize" in name or "decode" in name]
+    assert reading_codes and all("conv2d" in name and rules[name] == "decode_conv"
+                                 for name in reading_codes), rules
     _build_and_compare(model, tmp_path)
 
 
