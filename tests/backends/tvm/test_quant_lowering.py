@@ -81,29 +81,44 @@ def test_weight_form_builds_and_matches_onnxruntime(form, tmp_path):
     _build_and_compare(model, tmp_path)
 
 
-def test_static_w8a8_qdq_builds_and_matches(tmp_path):
+def _static_w8a8() -> ir.Model:
     model = models.mlp(d_in=128, hidden=256, d_out=64)
     Quantize(QuantizeConfig(weights={"dtype": "int8"}, activations={"calibration": "minmax"}),
              calibration=models.calibration(model))(model)
     assert any(n.op_type == "QuantizeLinear" for n in model.graph)
-    _build_and_compare(model, tmp_path, QDQ_REL_TOL)
+    return model
 
 
-def test_dynamic_quantize_linear_builds_and_matches(tmp_path):
+def _dynamic_activations() -> ir.Model:
     model = models.mlp(d_in=128, hidden=256, d_out=64)
     Quantize(QuantizeConfig(weights={"dtype": "int8"}, activations={"dynamic": True}))(model)
     assert any(n.op_type == "DynamicQuantizeLinear" for n in model.graph)
-    _build_and_compare(model, tmp_path, QDQ_REL_TOL)
+    return model
 
 
-def test_salient_split_builds_and_matches(tmp_path):
+def _salient_split() -> ir.Model:
     from kiln.passes.quant.salient_split import SalientSplit, SalientSplitConfig
 
     model = models.mlp(d_in=256, hidden=256, d_out=64)
     SalientSplit(SalientSplitConfig(salient=0.25, block=128),
                  calibration=models.calibration(model))(model)
     assert any(n.op_type == "UnpackBits" for n in model.graph)
-    _build_and_compare(model, tmp_path)
+    return model
+
+
+#: Forms with quantized activations (and salient_split's mixed 4/1-bit weights): a model
+#: builder and the tolerance against ONNX Runtime.
+ACTIVATION_FORMS = {
+    "static-w8a8-qdq": (_static_w8a8, QDQ_REL_TOL),
+    "dynamic-activations": (_dynamic_activations, QDQ_REL_TOL),
+    "salient-split": (_salient_split, REL_TOL),
+}
+
+
+@pytest.mark.parametrize("form", list(ACTIVATION_FORMS))
+def test_activation_form_builds_and_matches(form, tmp_path):
+    make, tol = ACTIVATION_FORMS[form]
+    _build_and_compare(make(), tmp_path, tol)
 
 
 CONV_FORMS = {"int8-per-channel": {"dtype": "int8"},
@@ -215,20 +230,42 @@ def test_save_with_target_host_verifies_quantized_specs(spec, tmp_path):
     assert result.report.compiled is not None and result.report.compiled.verified
 
 
-@pytest.mark.parametrize("target", ["arm64", "cuda-sm90"])
-@pytest.mark.parametrize("form", list(WEIGHT_FORMS))
-def test_weight_form_builds_for_arm64_and_cuda(form, target, tmp_path):
-    """Every weight form builds for the edge and GPU targets (the binary is checked, not run:
-    no arm64 board or GPU here; `make test-edge` runs an arm64 build under qemu)."""
+def _build_for(model: ir.Model, target: str, tmp_path) -> None:
+    """Build for arm64 or cuda-sm90 and check the binary's kind (not run: no arm64 board
+    or GPU here; `make test-edge` runs an arm64 build under qemu)."""
     import shutil
 
     if target == "arm64" and not shutil.which("aarch64-linux-gnu-gcc"):
         pytest.skip("aarch64-linux-gnu-gcc is not installed")
-    model = models.mlp(d_in=128, hidden=256, d_out=64)
-    Quantize(QuantizeConfig(weights=WEIGHT_FORMS[form]))(model)
     result = build_artifact(model, target, tmp_path, model_hash="h")
     kind = check_binary(result.library, target)
     if target == "arm64":
         assert kind == "aarch64 ELF shared library"
     else:
         assert "CUDA kernel" in kind
+
+
+@pytest.mark.parametrize("target", ["arm64", "cuda-sm90"])
+@pytest.mark.parametrize("form", list(WEIGHT_FORMS))
+def test_weight_form_builds_for_arm64_and_cuda(form, target, tmp_path):
+    """Every weight form builds for the edge and GPU targets."""
+    model = models.mlp(d_in=128, hidden=256, d_out=64)
+    Quantize(QuantizeConfig(weights=WEIGHT_FORMS[form]))(model)
+    _build_for(model, target, tmp_path)
+
+
+@pytest.mark.parametrize("target", ["arm64", "cuda-sm90"])
+@pytest.mark.parametrize("form", list(ACTIVATION_FORMS))
+def test_activation_form_builds_for_arm64_and_cuda(form, target, tmp_path):
+    """Static W8A8 QDQ, dynamic activations and salient_split build for the edge and GPU
+    targets (QuantizeLinear / DynamicQuantizeLinear kernels, UnpackBits + ScatterND)."""
+    _build_for(ACTIVATION_FORMS[form][0](), target, tmp_path)
+
+
+@pytest.mark.parametrize("target", ["arm64", "cuda-sm90"])
+@pytest.mark.parametrize("form", list(CONV_FORMS))
+def test_conv_form_builds_for_arm64_and_cuda(form, target, tmp_path):
+    """A quantized conv (decode_conv on arm64; the fused decode + conv under dlight on CUDA)."""
+    model = models.conv()
+    Quantize(QuantizeConfig(weights=CONV_FORMS[form]))(model)
+    _build_for(model, target, tmp_path)
