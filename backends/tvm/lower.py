@@ -88,6 +88,7 @@ def kiln_converters(base: dict) -> dict:
     table["DequantizeLinear"] = blocked_dequantize_linear(base["DequantizeLinear"])
     table["MatMul"] = kiln_matmul(base["MatMul"])
     table["Sum"] = _SumAsAdds
+    table["Clip"] = clip_as_min_max(base["Clip"])
     table[PACKED_OP] = PackedDequantizeLinear
     table[PACKED_TABLE_OP] = PackedDequantizeTable
     # kiln's model-local functions, converted as ops so their weights stay packed
@@ -114,6 +115,61 @@ class _SumAsAdds:
             return total
 
         return convert
+
+
+def _constant_bound(expr) -> float | None:
+    """A Clip bound as a float when it is a scalar constant (NaN: no bound), else raise."""
+    import numpy as np
+    import tvm
+
+    if expr is None:
+        return None
+    if not isinstance(expr, tvm.ir.GenericConst) or expr.value.numpy().size != 1:
+        raise TypeError("not a constant scalar")
+    value = float(expr.value.numpy().reshape(()))
+    return None if np.isnan(value) else value
+
+
+def clip_as_min_max(base):
+    """ONNX ``Clip`` with constant bounds as Relax ``maximum``/``minimum`` with scalars.
+
+    TVM's importer emits prebuilt TensorIR kernels (and NaN checks of the bounds) that
+    layout conversion cannot see through; Relax's elementwise ops it can. Clips with
+    computed bounds keep the importer's conversion.
+    """
+
+    class _Clip:
+        @classmethod
+        def get_converter(cls, opset: int):
+            fallback = base.get_converter(opset)
+
+            def convert(bb, inputs, attr, params):
+                from tvm import relax
+
+                x = inputs[0]
+                dtype = x.ty.dtype
+                try:
+                    if opset < 11:
+                        lo = attr.get("min")
+                        hi = attr.get("max")
+                        lo = None if lo is None else float(lo)
+                        hi = None if hi is None else float(hi)
+                    else:
+                        extra = list(inputs[1:]) + [None, None]
+                        lo, hi = _constant_bound(extra[0]), _constant_bound(extra[1])
+                except TypeError:
+                    return fallback(bb, inputs, attr, params)
+                if not str(dtype).startswith("float"):
+                    return fallback(bb, inputs, attr, params)
+                if lo is not None:
+                    x = relax.op.maximum(x, relax.const(lo, dtype))
+                if hi is not None:
+                    x = relax.op.minimum(x, relax.const(hi, dtype))
+                return x
+
+            return convert
+
+    return _Clip
 
 
 #: ``kiln`` domain ops (model-local functions, ``kiln.passes.quant.kiln_ops``) with converters.

@@ -1,6 +1,7 @@
 """The Relax build pipeline, as phases of plain pass lists per target family.
 
-    legalize  high-level ops -> TensorIR (CPU: erf/GELU/exp legalized to
+    legalize  CPU: convolutions rewritten channels-last (NHWC, :mod:`.layout`);
+              high-level ops -> TensorIR (CPU: erf/GELU/exp legalized to
               vectorizable polynomials, :mod:`.schedules.fast_math`), constant folding (compressed weights
               kept compressed), operator fusion; for CUDA also the weight decode
               fused into the matmul/conv that reads it (:mod:`.fuse_decode`)
@@ -45,8 +46,9 @@ class Phases:
 
 
 def _legalize(target: tvm.target.Target, *, fuse_decode: bool,
-              legalize_map: dict | None = None) -> PassList:
+              legalize_map: dict | None = None, layout: PassList = ()) -> PassList:
     passes = [
+        *layout,
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(legalize_map),
@@ -61,9 +63,12 @@ def _legalize(target: tvm.target.Target, *, fuse_decode: bool,
 def _legalize_cpu(target: tvm.target.Target) -> PassList:
     # Weight decode fuses into matmul/dense only: kiln's decode_contraction rule
     # (schedules/quant_gemv.py) decodes inside the K loop; convs keep a separate decode.
+    # Convolutions run channels-last (NHWC, OHWI weights; :mod:`.layout`).
+    from .layout import channels_last_convs
     from .schedules.fast_math import cpu_legalize_map
 
-    return _legalize(target, fuse_decode=False, legalize_map=cpu_legalize_map()) + [
+    return _legalize(target, fuse_decode=False, legalize_map=cpu_legalize_map(),
+                     layout=[channels_last_convs()]) + [
         fuse_decode_into_contraction(CPU_CONSUMERS)]
 
 

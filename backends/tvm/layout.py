@@ -1,0 +1,184 @@
+"""Channels-last convolutions for CPU builds: NCHW graphs rewritten to NHWC before legalization.
+
+In NCHW a convolution's output tile (a few output rows x a few vectors of output
+channels, the register tile of kiln's contraction rule) is written back with a stride
+of H*W floats per channel: scalar stores. In NHWC the output channel is the innermost
+dimension, so the same tile is contiguous (vector stores), a 1x1 convolution *is* a
+GEMM over ``[H*W, C]``, the input channels a 3x3 window reads are contiguous, and
+depthwise convolutions and pooling vectorize over channels.
+
+Relax's ``ConvertLayout`` does the rewrite: every ``conv2d`` becomes NHWC with OHWI
+weights (the weight transposes are constants, folded at compile time), the ops between
+convolutions follow, and transposes remain only where a layout-unaware op forces one
+(in practice at the graph's inputs and outputs). ``conv2d_transpose`` stays NCHW:
+TVM 0.27 legalizes it only in that layout. Where TVM's layout inference gives up on a
+graph (it does on GoogLeNet's), the convolutions stay NCHW.
+
+Two things stop ``ConvertLayout`` from following an op, and are normalized first:
+
+- an elementwise op whose constant operand has a lower rank than the activation
+  (ONNX's ``[C, 1, 1]`` BatchNorm/bias constants), or comes first (the layout of the
+  first operand is the one followed): the constant is reshaped to full rank and moved
+  second here (:func:`align_constant_ranks`);
+- TensorIR kernels emitted by the importer (``call_tir``); kiln's converters emit
+  Relax ops instead where it matters (Clip, Sum: :mod:`.lower`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+log = logging.getLogger(__name__)
+
+#: conv2d's desired (data, weight) layouts on CPU; conv2d_transpose pinned to NCHW.
+DESIRED_LAYOUTS = {
+    "relax.nn.conv2d": ["NHWC", "OHWI"],
+    "relax.nn.conv2d_transpose": ["NCHW", "IOHW"],
+}
+
+#: Binary elementwise ops whose operands may be swapped (ConvertLayout follows the first).
+_COMMUTATIVE = frozenset({"relax.add", "relax.multiply", "relax.maximum", "relax.minimum"})
+#: Binary elementwise ops whose constant operand is aligned to the other's rank.
+_BINARY_OPS = frozenset({
+    "relax.add", "relax.subtract", "relax.multiply", "relax.divide", "relax.maximum",
+    "relax.minimum", "relax.power",
+})
+
+
+def _rank(expr: relax.Expr) -> int | None:
+    ty = getattr(expr, "ty", None)
+    ndim = getattr(ty, "ndim", -1) if ty is not None else -1
+    return int(ndim) if ndim is not None and int(ndim) >= 0 else None
+
+
+@mutator
+class _AlignConstantRanks(PyExprMutator):
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.aligned = 0
+
+    def visit_call_(self, op: relax.Call) -> relax.Expr:  # noqa: N802 - PyExprMutator's naming
+        call = super().visit_call_(op)
+        if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+                and call.op.name in _BINARY_OPS and len(call.args) == 2):
+            return call
+        ranks = [_rank(arg) for arg in call.args]
+        if None in ranks:
+            return call
+        full = max(ranks)
+        args = list(call.args)
+        changed = False
+        if call.op.name in _COMMUTATIVE and isinstance(args[0], tvm.ir.GenericConst) \
+                and not isinstance(args[1], tvm.ir.GenericConst):
+            args.reverse()  # the activation first: its layout is the one followed
+            ranks.reverse()
+            changed = True
+        for n, arg in enumerate(args):
+            if isinstance(arg, tvm.ir.GenericConst) and 0 < ranks[n] < full:
+                value = arg.value.numpy()
+                args[n] = relax.const(value.reshape((1,) * (full - value.ndim) + value.shape),
+                                      str(value.dtype))
+                changed = True
+        if not changed:
+            return call
+        self.aligned += 1
+        return relax.Call(call.op, args, call.attrs, call.ty_args)
+
+
+@mutator
+class _FoldConstantTransposes(PyExprMutator):
+    """``permute_dims``/``reshape`` of a constant, evaluated in numpy (not by building a
+    kernel per constant, as Relax's FoldConstant would: 10 s for PP-OCR rec's 130)."""
+
+    def __init__(self, mod: tvm.IRModule) -> None:
+        super().__init__(mod)
+        self.folded = 0
+
+    def visit_call_(self, op: relax.Call) -> relax.Expr:  # noqa: N802 - PyExprMutator's naming
+        call = super().visit_call_(op)
+        if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op)
+                and call.args and isinstance(call.args[0], tvm.ir.GenericConst)):
+            return call
+        value = call.args[0].value.numpy()
+        if call.op.name == "relax.permute_dims":
+            axes = call.attrs.axes
+            order = [int(a) for a in axes] if axes is not None else None
+            folded = np.ascontiguousarray(np.transpose(value, order))
+        elif call.op.name == "relax.reshape" and isinstance(call.ty, relax.TensorType) \
+                and call.ty.shape is not None:
+            folded = value.reshape([int(d) for d in call.ty.shape.values])
+        else:
+            return call
+        self.folded += 1
+        return relax.const(folded, str(value.dtype))
+
+
+def _function_pass(mutator_cls, name: str) -> tvm.transform.Pass:
+    @tvm.transform.module_pass(opt_level=0, name=name)
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        mutator_ = mutator_cls(mod)
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, relax.Function):
+                mutator_.builder_.update_func(gvar, mutator_.visit_expr(func))
+        log.debug("%s: %d calls rewritten", name,
+                  getattr(mutator_, "aligned", getattr(mutator_, "folded", 0)))
+        return mutator_.builder_.get()
+
+    return _pass
+
+
+def fold_constant_transposes() -> tvm.transform.Pass:
+    """Evaluate transposes and reshapes of constants at compile time, in numpy."""
+    return _function_pass(_FoldConstantTransposes, "kiln.FoldConstantTransposes")
+
+
+def align_constant_ranks() -> tvm.transform.Pass:
+    """Reshape low-rank constant operands of elementwise ops to the activation's rank,
+    and put the activation first in commutative ones."""
+    return _function_pass(_AlignConstantRanks, "kiln.AlignConstantRanks")
+
+
+def has_conv2d(mod: tvm.IRModule) -> bool:
+    """Whether any Relax function of ``mod`` calls ``relax.nn.conv2d``."""
+    conv = tvm.ir.Op.get("relax.nn.conv2d")
+    found = []
+
+    def visit(node) -> None:
+        if isinstance(node, relax.Call) and isinstance(node.op, tvm.ir.Op) and node.op.same_as(conv):
+            found.append(node)
+
+    for _, func in mod.functions.items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
+def channels_last_convs() -> tvm.transform.Pass:
+    """Rewrite the module's 2-D convolutions (and what follows them) to NHWC."""
+    align = align_constant_ranks()
+    convert = relax.transform.ConvertLayout(DESIRED_LAYOUTS)
+    fold = fold_constant_transposes()
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.ChannelsLastConvs")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not has_conv2d(mod):
+            return mod
+        aligned = align(mod)
+        try:
+            converted = convert(aligned)
+        except Exception as err:  # noqa: BLE001 - TVM's layout inference gives up on some graphs
+            detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            log.info("convolutions stay NCHW (layout conversion failed: %s)", detail)
+            return aligned
+        return fold(converted)
+
+    return _pass
+
+
+__all__ = ["DESIRED_LAYOUTS", "align_constant_ranks", "channels_last_convs",
+           "fold_constant_transposes", "has_conv2d"]
