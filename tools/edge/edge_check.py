@@ -1,16 +1,23 @@
-"""Edge check: build a small model for arm64, run it on an emulated arm64 Linux, and
+"""Edge check: build small models for arm64, run them on an emulated arm64 Linux, and
 compare with the host build.
 
     .venv/bin/python tools/edge/edge_check.py [--model compiler/examples/tiny_cnn.onnx]
+                                              [--no-quantized]
+
+Two models: the fp32 ``--model`` and an int4 weight-only one (:func:`quantized_model`:
+a conv and a MatMul quantized by kiln's ``quantize`` pass, int4 with a scale per 32
+input channels), whose arm64 kernels read the packed weights (kiln's ``decode_conv``
+and grouped-GEMV ``decode_contraction`` rules, checked in the build report).
 
 Steps (what ENVIRONMENT.md found to work; no binfmt or chroot needed):
-1. build the model for ``host`` and ``arm64`` (linked with aarch64-linux-gnu-gcc);
+1. build each model for ``host`` and ``arm64`` (linked with aarch64-linux-gnu-gcc);
 2. an arm64 Debian rootfs: ``debootstrap --foreign --arch=arm64 --variant=minbase
    --include=python3 bookworm``, then ``dpkg -x`` of every downloaded .deb;
 3. aarch64 wheels (numpy, ml_dtypes, typing_extensions, apache-tvm-ffi,
    apache-tvm) from ``pip download --only-binary=:all:``, unzipped into one folder;
 4. ``qemu-aarch64-static -L ROOTFS ROOTFS/usr/bin/python3.11 run_on_target.py``
-   with TVM's runtime-only mode, then compare the outputs (relative to the
+   with TVM's runtime-only mode (one emulated process runs every model: its start-up
+   is most of the emulated time), then compare the outputs (relative to the
    reference's max abs value).
 
 The rootfs and wheels are cached under ``~/.cache/kiln-edge`` (``KILN_EDGE_CACHE``),
@@ -136,17 +143,68 @@ def kiln_path(work: Path) -> Path:
     return path.parent
 
 
-def build(model_path: Path, work: Path) -> tuple[Path, Path, Path, float]:
-    """Host and arm64 artifacts of ``model_path`` plus a seeded input .npz."""
+#: Rules of the kernels that read compressed weights (kiln.backends.tvm.schedules).
+DECODE_RULES = ("decode_conv", "decode_contraction")
+
+
+def quantized_model(seed: int = 0):
+    """x[1, 32, 12, 12] -> Conv(64, 3x3) + bias -> Relu -> GlobalAveragePool -> Flatten
+    -> MatMul(w[64, 96]) -> y[1, 96], weights int4 with a scale per 32 input channels.
+
+    On arm64 the conv is one ``decode_conv`` kernel (panels decoded from 32-column
+    nibble tiles) and the one-row MatMul kiln's grouped GEMV: both read packed int4.
+    """
+    import onnx
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.passes.quant.quantize import Quantize, QuantizeConfig
+
+    rng = np.random.default_rng(seed)
+
+    def init(name, shape, scale):
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32),
+                                       name)
+
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "w2"], ["y"], name="fc")]
+    graph = helper.make_graph(
+        nodes, "edge_int4",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32, 12, 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 96])],
+        initializer=[init("w1", (64, 32, 3, 3), 0.1), init("b1", (64,), 0.1),
+                     init("w2", (64, 96), 0.1)])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto, full_check=True)
+    model = ir.serde.deserialize_model(proto)
+    Quantize(QuantizeConfig(weights={"dtype": "int4", "granularity": {"group": 32}}))(model)
+    return model
+
+
+def build(model, work: Path, *, compressed: bool = False) -> tuple[Path, Path, Path, float]:
+    """Host and arm64 artifacts of ``model`` (an ``onnx_ir.Model``) plus a seeded input .npz.
+
+    ``compressed``: the arm64 build must have kernels that read compressed weights.
+    """
     from kiln.backends.tvm import build_artifact
-    from kiln.compiler.frontend import load_model
     from kiln.compiler.ir import graph_inputs, model_digest
 
-    model = load_model(str(model_path))
     digest = model_digest(model)
     host = build_artifact(model, "host", work / "host", model_hash=digest)
     arm = build_artifact(model, "arm64", work / "arm64", model_hash=digest)
-    log.info("built: host %.1f s, arm64 %.1f s (%s)", host.seconds, arm.seconds, arm.binary)
+    log.info("built %s: host %.1f s, arm64 %.1f s (%s)", work.name, host.seconds, arm.seconds,
+             arm.binary)
+    if compressed:
+        decoding = sorted(name for name, rule in arm.rules.items() if rule in DECODE_RULES)
+        if not decoding:
+            raise EdgeCheckError(f"the arm64 build of {work.name} has no kernel that reads "
+                                 f"compressed weights (rules: {arm.rules})")
+        log.info("%s: compressed-weight kernels on arm64: %s", work.name, ", ".join(
+            f"{name} ({arm.rules[name]})" for name in decoding))
     rng = np.random.default_rng(0)
     feeds = {v.name: rng.standard_normal([int(d) for d in v.shape]).astype(v.dtype.numpy())
              for v in graph_inputs(model)}
@@ -155,16 +213,17 @@ def build(model_path: Path, work: Path) -> tuple[Path, Path, Path, float]:
     return host.library.parent, arm.library.parent, inputs, host.seconds + arm.seconds
 
 
-def run_emulated(rootfs: Path, site: Path, work: Path, artifact: Path, inputs: Path) -> Path:
-    output = work / "arm64_outputs.npz"
+def run_emulated(rootfs: Path, site: Path, work: Path,
+                 runs: list[tuple[Path, Path, Path]]) -> None:
+    """Run each (artifact, inputs, outputs) in one emulated Python process."""
     env = {"PATH": "/usr/bin:/bin", "HOME": str(work), "TVM_USE_RUNTIME_LIB": "1",
            "PYTHONPATH": f"{site}:{kiln_path(work)}", "PYTHONDONTWRITEBYTECODE": "1"}
     cmd = ["qemu-aarch64-static", "-L", str(rootfs),
            str(rootfs / "usr" / "bin" / f"python{TARGET_PYTHON}"),
-           str(Path(__file__).with_name("run_on_target.py")), str(artifact), str(inputs),
-           str(output)]
+           str(Path(__file__).with_name("run_on_target.py"))]
+    for artifact, inputs, output in runs:
+        cmd += [str(artifact), str(inputs), str(output)]
     _run(cmd, env=env)
-    return output
 
 
 def compare(host_dir: Path, inputs: Path, arm_outputs: Path) -> float:
@@ -188,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                         help="ONNX model with static input shapes (default: the tiny CNN example)")
+    parser.add_argument("--no-quantized", dest="quantized", action="store_false",
+                        help="skip the int4 weight-only model")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -197,17 +258,25 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     start = time.perf_counter()
     try:
+        from kiln.compiler.frontend import load_model
+
         check_tools()
         root = cache_root()
         work = Path(tempfile.mkdtemp(prefix="run-", dir=root))
-        host_dir, arm_dir, inputs, _ = build(args.model, work)
+        cases = {args.model.stem: build(load_model(str(args.model)), work / args.model.stem)}
+        if args.quantized:
+            cases["int4-weights"] = build(quantized_model(), work / "int4-weights",
+                                          compressed=True)
         built = time.perf_counter()
         rootfs = ensure_rootfs(root)
         site = ensure_site(root)
         prepared = time.perf_counter()
-        arm_outputs = run_emulated(rootfs, site, work, arm_dir, inputs)
+        outputs = {name: work / name / "arm64_outputs.npz" for name in cases}
+        run_emulated(rootfs, site, work, [(arm, inputs, outputs[name])
+                                          for name, (_, arm, inputs, _) in cases.items()])
         emulated = time.perf_counter()
-        error = compare(host_dir, inputs, arm_outputs)
+        errors = {name: compare(host, inputs, outputs[name])
+                  for name, (host, _, inputs, _) in cases.items()}
     except EdgeCheckError as err:
         log.error("%s", err)
         return 1
@@ -215,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
              built - start, prepared - built, emulated - prepared, time.perf_counter() - start)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
-    if error > REL_TOL:
-        log.error("arm64 output differs from the host's: max relative error %.2e", error)
-        return 1
-    log.info("arm64 output matches the host's (max relative error %.2e)", error)
-    return 0
+    failed = {name: error for name, error in errors.items() if error > REL_TOL}
+    for name, error in errors.items():
+        if name not in failed:
+            log.info("%s: arm64 output matches the host's (max relative error %.2e)", name, error)
+    for name, error in failed.items():
+        log.error("%s: arm64 output differs from the host's: max relative error %.2e",
+                  name, error)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

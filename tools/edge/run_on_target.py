@@ -1,6 +1,9 @@
-"""Run a kiln artifact and save its outputs (runs under qemu-aarch64 in the arm64 rootfs).
+"""Run kiln artifacts and save their outputs (runs under qemu-aarch64 in the arm64 rootfs).
 
-    python3 run_on_target.py ARTIFACT_DIR INPUTS.npz OUTPUTS.npz
+    python3 run_on_target.py ARTIFACT_DIR INPUTS.npz OUTPUTS.npz [ARTIFACT_DIR INPUTS.npz OUTPUTS.npz ...]
+
+One process runs every artifact: under emulation, starting Python and TVM's runtime
+costs more than running a small model.
 
 Needs only numpy, TVM's runtime and kiln's pure-Python runtime module; the
 driver (edge_check.py) sets TVM_USE_RUNTIME_LIB=1 so TVM's 250 MB compiler
@@ -14,11 +17,16 @@ import time
 
 
 def main() -> int:
-    outdir, inputs, outputs = sys.argv[1:4]
+    args = sys.argv[1:]
+    if not args or len(args) % 3:
+        sys.stderr.write(__doc__)
+        return 2
     start = time.perf_counter()
     from kiln.backends.tvm import run_artifact
 
-    run_artifact(outdir, inputs, outputs)
+    for at in range(0, len(args), 3):
+        outdir, inputs, outputs = args[at:at + 3]
+        run_artifact(outdir, inputs, outputs)
     sys.stderr.write(f"target run: {time.perf_counter() - start:.1f} s\n")
     return 0
 
