@@ -89,6 +89,7 @@ def kiln_converters(base: dict) -> dict:
     table["MatMul"] = kiln_matmul(base["MatMul"])
     table["Sum"] = _SumAsAdds
     table["Clip"] = clip_as_min_max(base["Clip"])
+    table["ConvTranspose"] = conv_transpose_as_conv(base["ConvTranspose"])
     table[PACKED_OP] = PackedDequantizeLinear
     table[PACKED_TABLE_OP] = PackedDequantizeTable
     # kiln's model-local functions, converted as ops so their weights stay packed
@@ -170,6 +171,64 @@ def clip_as_min_max(base):
             return convert
 
     return _Clip
+
+
+def _as_ints(values, default: list[int]) -> list[int]:
+    return [int(v) for v in values] if values is not None else default
+
+
+def conv_transpose_as_conv(base):
+    """ONNX ``ConvTranspose`` whose kernel equals its stride (no overlap: U-Net and
+    DB-head upsamplers) as a 1x1 ``conv2d`` to ``C_out * kH * kW`` channels followed by
+    a pixel shuffle. Each output pixel then takes exactly one kernel tap, so no
+    multiply-by-zero of a dilated input is done, and the 1x1 conv is a GEMM for kiln's
+    contraction rule. Other ConvTransposes keep the importer's conversion.
+    """
+
+    class _ConvTranspose:
+        @classmethod
+        def get_converter(cls, opset: int):
+            fallback = base.get_converter(opset)
+
+            def convert(bb, inputs, attr, params):
+                import numpy as np
+                import tvm
+                from tvm import relax
+
+                x, weight = inputs[0], inputs[1]
+                bias = inputs[2] if len(inputs) > 2 else None
+                if not (isinstance(weight, tvm.ir.GenericConst)
+                        and getattr(x.ty, "ndim", -1) == 4
+                        and (bias is None or isinstance(bias, tvm.ir.GenericConst))):
+                    return fallback(bb, inputs, attr, params)
+                w = weight.value.numpy()
+                kernel = _as_ints(attr.get("kernel_shape"), list(w.shape[2:]))
+                strides = _as_ints(attr.get("strides"), [1, 1])
+                plain = (int(attr.get("group", 1)) == 1
+                         and _as_ints(attr.get("dilations"), [1, 1]) == [1, 1]
+                         and _as_ints(attr.get("pads"), [0] * 4) == [0] * 4
+                         and _as_ints(attr.get("output_padding"), [0, 0]) == [0, 0]
+                         and "output_shape" not in attr
+                         and attr.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+                         and kernel == strides == list(w.shape[2:]))
+                if not plain:
+                    return fallback(bb, inputs, attr, params)
+                c_in, c_out, kh, kw = w.shape
+                # W1[co*kh*kw + a*kw + b, ci] = W[ci, co, a, b]
+                w1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(c_out * kh * kw, c_in, 1, 1))
+                n, _, h, wd = (int(d) for d in x.ty.shape.values)
+                z = relax.op.nn.conv2d(x, relax.const(w1, str(w.dtype)))
+                z = relax.op.reshape(z, (n, c_out, kh, kw, h, wd))
+                z = relax.op.permute_dims(z, [0, 1, 4, 2, 5, 3])
+                y = relax.op.reshape(z, (n, c_out, h * kh, wd * kw))
+                if bias is not None:
+                    b = bias.value.numpy().reshape(1, c_out, 1, 1)
+                    y = relax.op.add(y, relax.const(b, str(b.dtype)))
+                return y
+
+            return convert
+
+    return _ConvTranspose
 
 
 #: ``kiln`` domain ops (model-local functions, ``kiln.passes.quant.kiln_ops``) with converters.

@@ -94,3 +94,74 @@ def test_decode_fuses_into_its_matmul_and_stays_exact(tmp_path):
     out = vm["main"](tvm.runtime.tensor(x)).numpy()
     (ref,) = ort_outputs(model, {"x": x}, optimize=False)
     assert relative_error(out, ref) < REL_TOL
+
+
+def _single_node_model(node, inits, x_shape, opset: int = 13):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [node], "single", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)], inits)
+    return onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+
+
+def _build_and_compare(model, x, tmp_path):
+    import numpy as np
+
+    from kiln.backends.tvm import build_artifact, load
+
+    from .onnx_models import REL_TOL, ort_outputs, relative_error
+
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    out = load(tmp_path)(x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    (ref,) = ort_outputs(model, {"x": x})
+    assert out.shape == ref.shape
+    assert relative_error(out, ref) < REL_TOL
+
+
+@pytest.mark.parametrize("kernel, strides, bias, rewritten", [
+    ((2, 2), (2, 2), True, True),     # the DB-head / U-Net upsampler
+    ((2, 3), (2, 3), False, True),
+    ((3, 3), (2, 2), True, False),    # overlapping taps: the importer's conv2d_transpose
+])
+def test_conv_transpose_without_overlap_is_a_1x1_conv(kernel, strides, bias, rewritten, tmp_path):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((6, 5, *kernel)).astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if bias:
+        inits.append(numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b"))
+        inputs.append("b")
+    node = helper.make_node("ConvTranspose", inputs, ["y"], kernel_shape=list(kernel),
+                            strides=list(strides))
+    model = _single_node_model(node, inits, [1, 6, 7, 9])
+    script = lower_to_relax(to_ir(model)).script()
+    assert ("conv2d_transpose" not in script) == rewritten
+    _build_and_compare(model, rng.standard_normal((1, 6, 7, 9)).astype(np.float32), tmp_path)
+
+
+@pytest.mark.parametrize("opset, bounds", [(13, (0.0, 6.0)), (13, (None, 1.0)), (6, (-1.0, 1.0)),
+                                           (13, (float("nan"), 0.5))])
+def test_clip_with_constant_bounds_is_relax_max_min(opset, bounds, tmp_path):
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    lo, hi = bounds
+    if opset < 11:
+        node = helper.make_node("Clip", ["x"], ["y"], min=lo, max=hi)
+        inits = []
+    else:
+        names = ["x", "lo" if lo is not None else "", "hi"]
+        node = helper.make_node("Clip", names, ["y"])
+        inits = [numpy_helper.from_array(np.array(v, np.float32), n)
+                 for n, v in (("lo", lo), ("hi", hi)) if v is not None]
+    model = _single_node_model(node, inits, [1, 4, 8, 8], opset)
+    script = lower_to_relax(to_ir(model)).script()
+    assert "R.call_tir" not in script and "R.minimum" in script
+    x = np.random.default_rng(1).standard_normal((1, 4, 8, 8)).astype(np.float32) * 4
+    _build_and_compare(model, x, tmp_path)
