@@ -430,6 +430,12 @@ def _te_param(param, idx, *, axis: int, block_size: int):
     return param[(0,) * len(pshape)]
 
 
+#: A decode kernel's op pattern for FuseOps: injective (Relax's kInjective). A table
+#: lookup ``t[code]`` reads at a data-dependent index, which AnnotateTIROpPattern would
+#: call opaque, and an opaque decode would fuse with nothing (not even the weight's
+#: transpose in front of a channels-last conv, which fuse_decode then cannot take).
+INJECTIVE = {"op_pattern": 2}
+
 #: 0x4B000000 is the float 2^23: OR-ing a small int into its mantissa gives 2^23 + v.
 _MAGIC_BITS = 0x4B000000
 _MAGIC_FLOAT = 8388608.0
@@ -546,7 +552,8 @@ def emit_four_bit_decode(bb, packed, scale, zero_point, *, shape: list[int], ele
 
         return te.compute(shape, body, name="kiln_decode4")
 
-    var = bb.emit_te(compute, *decode.args(), primfunc_name_hint="kiln_decode4")
+    var = bb.emit_te(compute, *decode.args(), primfunc_name_hint="kiln_decode4",
+                     primfunc_attrs=INJECTIVE)
     if not hasattr(_decodes, "by_var"):
         reset_decodes()
     _decodes.by_var[var] = decode
@@ -564,14 +571,15 @@ GROUPED_MAX_ROWS = 4
 def grouped_gemv_decode(x, w):
     """The decode behind ``w`` when ``x @ w`` can be a grouped GEMV, else None.
 
-    Needs a 2-D ``[K, N]`` weight in 32-column nibble tiles, blocked along K, and at
-    most :data:`GROUPED_MAX_ROWS` rows of ``x``.
+    Needs a 2-D ``[K, N]`` weight in 32-column nibble tiles, blocked along K in at
+    least two groups, and at most :data:`GROUPED_MAX_ROWS` rows of ``x``.
     """
     if not getattr(_decodes, "grouped", True):
         return None
     decode = getattr(_decodes, "by_var", {}).get(w)
     if decode is None or len(decode.shape) != 2 or decode.layout != 1 or decode.axis != 0 \
-            or not decode.block_size or decode.shape[0] % decode.block_size:
+            or not decode.block_size or decode.shape[0] % decode.block_size \
+            or decode.shape[0] < 2 * decode.block_size:  # one group: a plain decode GEMV
         return None
     try:
         x_shape = _static_shape(x)
@@ -685,7 +693,8 @@ def _emit_table_decode(bb, codes, table, scale, *, code_of, shape: list[int], ax
 
         return te.compute(shape, body, name=name)
 
-    return bb.emit_te(compute, codes, table, scale, primfunc_name_hint=name)
+    return bb.emit_te(compute, codes, table, scale, primfunc_name_hint=name,
+                      primfunc_attrs=INJECTIVE)
 
 
 class DequantizeTable:
@@ -760,7 +769,8 @@ class UnpackBits:
 
             flat_packed = packed if len(_static_shape(packed)) == 1 else \
                 bb.normalize(relax.op.reshape(packed, [nbytes]))
-            return bb.emit_te(compute, flat_packed, primfunc_name_hint="kiln_unpack_bits")
+            return bb.emit_te(compute, flat_packed, primfunc_name_hint="kiln_unpack_bits",
+                              primfunc_attrs=INJECTIVE)
 
         return convert
 
