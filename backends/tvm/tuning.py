@@ -17,10 +17,32 @@ width (an AVX-512 ``znver4`` record serves ``skylake-avx512`` or ``x86-64-v4``; 
 not used for ``x86-64-v3``, whose vectors are half as wide).
 
 Tuning (``tune_relax_module``) extracts the kernels kiln's legalize phase produces (so
-the hashes match the build's), tunes the ones without a record with MetaSchedule's
-default CPU search space, then measures kiln's own rule on each kernel with the same
-builder and runner and keeps a MetaSchedule record only when it beats kiln's rule:
-kiln's rules are the baseline every record must beat.
+the hashes match the build's) and tunes the ones without a record. The search space
+(``space``) of a kernel whose kiln rule has choice points (``IN_PLACE_RULES``:
+contraction, window) is:
+
+- ``kiln``: kiln's own rule, run by a ``ScheduleFn`` on the task's Schedule with its
+  choice points tunable (``schedules/analysis.py``: ``choose``/``choose_factor``).
+  contraction: column tile NR (every vector multiple dividing N), loop order (which
+  operand's tiles are swept innermost), row tile MR (divisors of M that fit the
+  accumulator registers), K split 1/2/4/8; window: vectors per tile (1-8), small window
+  loops unrolled or not. A structural choice (NR is the packed weight's layout; a loop
+  order) cannot be changed by replaying a trace, so each is its own design space
+  (enumerated, defaults first, at most MAX_RULE_SPACES); a split factor is a
+  ``sample_categorical`` whose decision MetaSchedule's evolutionary search samples.
+  kiln's default decisions are one point of the space (its first design space).
+- ``union`` (the default): that and MetaSchedule's default CPU sketches
+  (``SpaceGeneratorUnion``), so generic multi-level tiling competes with kiln's rule.
+- ``metaschedule``: MetaSchedule's default CPU space only.
+
+Kernels of other rules always get MetaSchedule's default space (their rules have no
+choice points). A record from kiln's space is a trace of kiln's rule with the best
+decisions (its root block annotated ``kiln.rule``); builds apply it like any record
+(``MetaScheduleApplyDatabase``), and its weight packing still moves to compile time
+(``SplitLayoutRewritePreproc`` + ``fold_weight_prepack`` run after). Then kiln's
+default rule is measured on each kernel with the same builder and runner and a record
+is kept only when it beats it by 5 %: kiln's rules are the baseline every record must
+beat.
 """
 
 from __future__ import annotations
@@ -161,6 +183,125 @@ def apply_tuning_records(database) -> tvm.transform.Pass:
     return _pass
 
 
+# -------------------------------------------------------------- kiln's search space
+
+#: What ``tune_relax_module(space=...)`` searches for a kernel scheduled by a tunable
+#: kiln rule (``schedules.pipeline.IN_PLACE_RULES``); other kernels always get
+#: MetaSchedule's default space.
+SPACES = ("union", "kiln", "metaschedule")
+DEFAULT_SPACE = "union"
+# The root-block annotation that marks a design space (and so a record) as kiln's rule.
+RULE_ANNOTATION = "kiln.rule"
+# At most this many structural variants (column tile x loop order x ...) of one kernel.
+MAX_RULE_SPACES = 24
+
+
+def rule_design_spaces(sch, target: tvm.target.Target, const_params: frozenset[int],
+                       rule: str, *, limit: int = MAX_RULE_SPACES) -> list:
+    """kiln's ``rule`` applied to copies of ``sch`` (a task's fresh Schedule) with its
+    choice points tunable: one design space per combination of structural choices
+    (``analysis.choose``, defaults first, breadth-first), each holding its split-factor
+    choices as ``sample_categorical`` decisions (``analysis.choose_factor``) at their
+    defaults. The first space is kiln's default schedule."""
+    from .schedules.analysis import ChoicePlan
+    from .schedules.pipeline import rule_context, schedule_in_place
+
+    spaces, pending = [], [()]
+    while pending and len(spaces) < limit:
+        forced = pending.pop(0)
+        plan = ChoicePlan(forced)
+        space = sch.copy()
+        space.seed(sch.fork_seed())
+        ctx = rule_context(target, const_params, tunable=True, plan=plan)
+        if schedule_in_place(space, ctx, rule):
+            space.annotate(space.get_sblock("root"), RULE_ANNOTATION, rule)
+            spaces.append(space)
+        taken = [index for _, index in plan.met]
+        for at in range(len(forced), len(plan.met)):
+            count, index = plan.met[at]
+            pending += [(*taken[:at], other) for other in range(count) if other != index]
+    return spaces
+
+
+def kiln_space(func: tirx.PrimFunc, target: tvm.target.Target, const_params: frozenset[int],
+               space: str = DEFAULT_SPACE):
+    """The MetaSchedule space generator for one kernel: kiln's tunable rule (``kiln``),
+    that and MetaSchedule's default sketches (``union``), or None when the rule the build
+    picks for ``func`` has no choice points (or ``space`` is ``metaschedule``)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules.pipeline import IN_PLACE_RULES, rule_context, schedule_primfunc
+
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, not {space!r}")
+    if space == "metaschedule":
+        return None
+    picked = schedule_primfunc(func, rule_context(target, const_params))
+    if picked is None or picked[1] not in IN_PLACE_RULES:
+        return None
+    rule = picked[1]
+
+    def design_spaces(sch):
+        return rule_design_spaces(sch, target, const_params, rule)
+
+    kiln = ms.space_generator.ScheduleFn(design_spaces, sch_rules=[])
+    if space == "kiln":
+        return kiln
+    return ms.space_generator.SpaceGeneratorUnion([kiln, ms.space_generator.PostOrderApply()])
+
+
+def record_origin(trace) -> str:
+    """``kiln`` when a record's trace is kiln's rule (RULE_ANNOTATION), else ``metaschedule``."""
+    for inst in trace.insts:
+        if inst.kind.name == "Annotate" and str(inst.attrs[0]) == RULE_ANNOTATION:
+            return "kiln"
+    return "metaschedule"
+
+
+def _task_const_params(legal: tvm.IRModule, tasks) -> dict[str, frozenset[int]]:
+    """Per task: the params bound to a constant at every call of every kernel it stands
+    for (MetaSchedule merges structurally equal kernels; one record serves them all)."""
+    import tvm_ffi
+
+    from .schedules.pipeline import _const_params
+
+    consts = _const_params(legal)
+    funcs = [(gv.name_hint, f.without_attr("global_symbol"))
+             for gv, f in legal.functions.items() if isinstance(f, tirx.PrimFunc)]
+    hashes = [tvm_ffi.structural_hash(f) for _, f in funcs]
+    out = {}
+    for task in tasks:
+        main = task.dispatched[0]["main"].without_attr("global_symbol")
+        digest = tvm_ffi.structural_hash(main)
+        sets = [consts.get(name, frozenset()) for (name, f), h in zip(funcs, hashes, strict=True)
+                if name == task.task_name or (h == digest and tvm_ffi.structural_equal(f, main))]
+        out[task.task_name] = frozenset.intersection(*sets) if sets else frozenset()
+    return out
+
+
+def _tune_contexts(tasks, legal: tvm.IRModule, target: tvm.target.Target, work_dir: str,
+                   space: str, seed: int | None):
+    """One TuneContext per task, with kiln's space where its rule is tunable."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.logging import get_loggers_from_work_dir
+    from tvm.s_tir.meta_schedule.utils import fork_seed
+
+    consts = _task_const_params(legal, tasks)
+    contexts, weights = [], []
+    loggers = get_loggers_from_work_dir(work_dir, [t.task_name for t in tasks])
+    for task, logger, rand_state in zip(tasks, loggers, fork_seed(seed, n=len(tasks)),
+                                        strict=True):
+        generator = kiln_space(task.dispatched[0]["main"], target, consts[task.task_name],
+                               space)
+        contexts.append(ms.TuneContext(
+            mod=task.dispatched[0], target=target,
+            space_generator=generator or "post-order-apply", search_strategy="evolutionary",
+            task_name=task.task_name, logger=logger, rand_state=rand_state,
+            num_threads="physical").clone())
+        weights.append(task.weight)
+    return contexts, weights
+
+
 # ---------------------------------------------------------------------------- tuning
 
 
@@ -173,6 +314,7 @@ class TuneSummary:
     already: int = 0  # kernels that had a record before
     tuned: int = 0  # kernels given a trial budget
     kept: dict[str, tuple[float, float]] = field(default_factory=dict)  # name: (ms us, kiln us)
+    origin: dict[str, str] = field(default_factory=dict)  # best record's space: kiln/metaschedule
     dropped: dict[str, tuple[float, float]] = field(default_factory=dict)  # kiln was faster
     seconds: float = 0.0
 
@@ -399,12 +541,14 @@ def _reset_meta_schedule_handlers() -> None:
 
 def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
                       tuning_db: Path | None = None, progress: Progress | None = None,
-                      seed: int | None = 0, keep_slower: bool = False) -> TuneSummary:
+                      seed: int | None = 0, keep_slower: bool = False,
+                      space: str = DEFAULT_SPACE) -> TuneSummary:
     """Tune the kernels of a lowered Relax module into the persistent database for ``target``.
 
     Kernels that already have a record are skipped; ``trials`` is the budget over the
-    rest (MetaSchedule's gradient task scheduler spreads it). Records that do not beat
-    kiln's own rule are not saved.
+    rest (MetaSchedule's gradient task scheduler spreads it). ``space`` (SPACES) is what
+    a kernel of a tunable kiln rule is searched over. Records that do not beat kiln's
+    own rule are not saved.
     """
     from tvm.s_tir import meta_schedule as ms
 
@@ -444,8 +588,7 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
         _register_cpu_tensor_intrinsics()
     _reset_meta_schedule_handlers()
     with tempfile.TemporaryDirectory(prefix="kiln-tune-") as work_dir:
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-            pending, work_dir, seed=seed)
+        contexts, weights = _tune_contexts(pending, legal, ms_target, work_dir, space, seed)
         scratch = ms.database.MemoryDatabase()
         callbacks = [*ms.measure_callback.MeasureCallback.create("default"),
                      _progress_callback(trials, report)]
@@ -471,6 +614,7 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
         if tuned is None:
             continue
         times = (tuned * 1e6, kiln * 1e6 if kiln is not None else float("nan"))
+        summary.origin[name] = record_origin(record.trace)
         if kiln is not None and tuned >= kiln * KEEP_IF_FASTER_THAN and not keep_slower:
             summary.dropped[name] = times
             continue
@@ -503,4 +647,6 @@ def describe(summary: TuneSummary) -> str:
     return json.dumps({"database": str(summary.database), "tasks": summary.tasks,
                        "already": summary.already, "tuned": summary.tuned,
                        "kept": len(summary.kept), "dropped": len(summary.dropped),
+                       "kept_from_kiln_rules": sum(summary.origin.get(n) == "kiln"
+                                                   for n in summary.kept),
                        "seconds": round(summary.seconds, 1)})

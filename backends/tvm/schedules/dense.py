@@ -27,6 +27,8 @@ from tvm import s_tir, tirx
 
 from kiln.backends.tvm.schedules.analysis import (
     RuleContext,
+    choose,
+    choose_factor,
     const_extent,
     inline_epilogue,
     match_contraction,
@@ -79,6 +81,18 @@ def _narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int) -> tuple[int, i
     return best[1], best[2]
 
 
+def _column_widths(n: int, lanes: int) -> list[int]:
+    """Every NR of ``lanes``-wide vectors that divides N (the tunable options)."""
+    widths = [v * lanes for v in range(6, 0, -1) if n % (v * lanes) == 0]
+    return widths or [n]
+
+
+def _row_tiles(m: int, nr: int, lanes: int) -> list[int]:
+    """Every MR dividing M whose MR x NR/lanes accumulators fit (the tunable options)."""
+    cap = max(1, ACCUMULATORS // max(1, nr // lanes))
+    return [mr for mr in range(min(cap, m), 0, -1) if m % mr == 0]
+
+
 def _numel(buf: tirx.Buffer) -> int:
     total = 1
     for dim in buf.shape:
@@ -93,9 +107,11 @@ def _tile_rows(m: int, cap: int) -> int:
     return 1
 
 
-def schedule_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    """Schedule the single contraction block of ``func`` (matmul, dense, conv) plus its epilogue."""
-    sch = s_tir.Schedule(func)
+def schedule_contraction(func: tirx.PrimFunc | s_tir.Schedule,
+                         ctx: RuleContext) -> s_tir.Schedule | None:
+    """Schedule the single contraction block of ``func`` (matmul, dense, conv) plus its
+    epilogue; a Schedule is scheduled in place."""
+    sch = func if isinstance(func, s_tir.Schedule) else s_tir.Schedule(func)
     return sch if _schedule_contraction(sch, ctx) else None
 
 
@@ -147,6 +163,11 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         if row_inner is not None else 1
     if row_inner is not None and mr < 3 < extents[row_inner]:
         nr, mr = _narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes)
+    # choice points (analysis.choose): NR is a layout (Bp's panels), MR and KU split factors
+    default_nr, nr = nr, choose(sch, ctx, _column_widths(extents[match.col], lanes), nr)
+    if row_inner is not None:
+        rows = _row_tiles(extents[row_inner], nr, lanes)
+        mr = choose_factor(sch, ctx, rows, mr if nr == default_nr else rows[0])
 
     # Pack B as Bp[j // NR, <other dims>, j % NR] so the micro-kernel streams it.
     b_col_last = match.b_dims and match.b_dims[-1] == match.col
@@ -183,17 +204,22 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     j_v_o, j_v = sch.split(j_i, [None, lanes])
     *red_outer, red_last = red_loops
     red_extent = extents[match.reds[-1]]
-    if red_extent > 4 and red_extent % K_UNROLL == 0:
-        k_o, k_i = sch.split(red_last, [None, K_UNROLL])
+    k_unroll = K_UNROLL if red_extent > 4 and red_extent % K_UNROLL == 0 else 1
+    if red_extent > 8 and k_unroll > 1:  # (up to 8 the K loop is unrolled whole)
+        k_unroll = choose_factor(sch, ctx, [u for u in (1, 2, 4, 8) if red_extent % u == 0],
+                                 k_unroll)
+    if not isinstance(k_unroll, int) or k_unroll > 1:
+        k_o, k_i = sch.split(red_last, [None, k_unroll])
         red_outer = [*red_outer, k_o]
     else:
         k_i = red_last
     if row_inner is not None:
         i_o, i_i = sch.split(loops[row_inner], [None, mr])
         # sweep the smaller operand's tiles innermost, so the larger one's tile stays in cache
-        a_numel = _numel(match.a)
-        b_numel = _numel(match.b)
-        outer = [*batch_loops, *outer_rows, *((i_o, j_o) if a_numel > b_numel else (j_o, i_o))]
+        rows_outer = _numel(match.a) > _numel(match.b)
+        if extents[match.col] > nr:  # (one column panel: either order is the same loop)
+            rows_outer = choose(sch, ctx, (False, True), rows_outer)
+        outer = [*batch_loops, *outer_rows, *((i_o, j_o) if rows_outer else (j_o, i_o))]
         sch.reorder(*outer, *red_outer, k_i, i_i, j_v_o, j_v)
     else:
         i_i = None

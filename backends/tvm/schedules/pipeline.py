@@ -44,6 +44,8 @@ Rule = Callable[[tirx.PrimFunc, RuleContext], "s_tir.Schedule | None"]
 #: The CPU rules, most specific first: (name, "module:function"). Each function takes
 #: ``(PrimFunc, RuleContext)`` and returns a Schedule, or None when the kernel is not its
 #: kind. A new rule module registers itself with one line here (imported lazily).
+#: Rules named in IN_PLACE_RULES also take ``(Schedule, RuleContext)`` and schedule that
+#: Schedule in place: MetaSchedule tunes their choice points (``tuning.py``).
 RULES: tuple[tuple[str, str], ...] = (
     ("decode_conv", "kiln.backends.tvm.schedules.quant_conv:schedule_decode_conv"),
     ("decode_contraction", "kiln.backends.tvm.schedules.quant_gemv:schedule_decode_contraction"),
@@ -53,6 +55,9 @@ RULES: tuple[tuple[str, str], ...] = (
     ("reduction", "kiln.backends.tvm.schedules.elementwise:schedule_reduction"),
     ("fallback", "kiln.backends.tvm.schedules.elementwise:schedule_fallback"),
 )
+
+
+IN_PLACE_RULES = frozenset({"contraction", "window"})
 
 
 def _rules() -> tuple[tuple[str, Rule], ...]:
@@ -102,6 +107,14 @@ def _vector_lanes_f32(target: tvm.target.Target) -> int:
     return max(bits // 32, 4)
 
 
+def rule_context(target: tvm.target.Target, const_params: frozenset[int] = frozenset(),
+                 **tuning) -> RuleContext:
+    """The RuleContext of a kernel (``tuning``: RuleContext's ``tunable``/``plan``)."""
+    cores = int(target.attrs.get("num-cores", 0) or 0) if target.attrs else 0
+    return RuleContext(target=target, vector_lanes_f32=_vector_lanes_f32(target),
+                       num_cores=cores, const_params=const_params, **tuning)
+
+
 def schedule_primfunc(func: tirx.PrimFunc, ctx: RuleContext) -> tuple[tirx.PrimFunc, str] | None:
     """Apply the first CPU rule that accepts ``func``; None when none does."""
     for name, rule in _rules():
@@ -116,6 +129,15 @@ def schedule_primfunc(func: tirx.PrimFunc, ctx: RuleContext) -> tuple[tirx.PrimF
     return None
 
 
+def schedule_in_place(sch: s_tir.Schedule, ctx: RuleContext, rule: str) -> bool:
+    """Schedule ``sch`` (a MetaSchedule design space) in place with the rule named
+    ``rule`` (one of IN_PLACE_RULES, the one ``schedule_primfunc`` picks for its PrimFunc)."""
+    if rule not in IN_PLACE_RULES:
+        raise ValueError(f"rule {rule!r} cannot schedule in place (IN_PLACE_RULES: "
+                         f"{sorted(IN_PLACE_RULES)})")
+    return dict(_rules())[rule](sch, ctx) is not None
+
+
 @tvm.transform.module_pass(opt_level=0, name="kiln.ScheduleCPUKernels")
 class ScheduleCPUKernels:
     """Give every unscheduled PrimFunc of the module a kiln CPU schedule."""
@@ -125,8 +147,6 @@ class ScheduleCPUKernels:
 
     def transform_module(self, mod: tvm.IRModule, _ctx: tvm.transform.PassContext) -> tvm.IRModule:
         consts = _const_params(mod)
-        lanes = _vector_lanes_f32(self.target)
-        cores = int(self.target.attrs.get("num-cores", 0) or 0) if self.target.attrs else 0
         updates = {}
         start = time.perf_counter()
         counts: dict[str, int] = {}
@@ -135,8 +155,7 @@ class ScheduleCPUKernels:
                 continue
             if func.attrs is not None and func.attrs.get(SCHEDULED_ATTR):
                 continue
-            ctx = RuleContext(target=self.target, vector_lanes_f32=lanes, num_cores=cores,
-                              const_params=consts.get(gvar.name_hint, frozenset()))
+            ctx = rule_context(self.target, consts.get(gvar.name_hint, frozenset()))
             result = schedule_primfunc(func, ctx)
             if result is None:
                 log.info("no kiln rule for %s", gvar.name_hint)

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from kiln.backends.tvm.schedules.analysis import (RuleContext, inline_epilogue,
-                                                  inline_injective, normalize_prim_func)
+from kiln.backends.tvm.schedules.analysis import (RuleContext, choose, choose_factor,
+                                                  inline_epilogue, inline_injective,
+                                                  normalize_prim_func)
 from kiln.backends.tvm.schedules.analysis import collect_vars_used_in_prim_expr
 
 # Vectors per accumulator tile (independent FMA chains hide the FMA latency).
 VECTORS_PER_TILE = 6
+# Tunable vectors per tile: 1 .. this many (analysis.choose_factor).
+MAX_VECTORS_PER_TILE = 8
+# Window loops up to this extent are unrolled (tunable: all or none).
+UNROLL_WINDOW_EXTENT = 7
 # Windows up to this many taps read their producers inline (the stack of an ONNX Sum).
 SMALL_WINDOW = 4
 
@@ -32,8 +37,10 @@ def _inline_producers(sch: s_tir.Schedule, main: str) -> None:
     inline_injective(sch, main, side="before")
 
 
-def schedule_window_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    sch = s_tir.Schedule(func)
+def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
+                              ctx: RuleContext) -> s_tir.Schedule | None:
+    """Schedule ``func``'s window reduction (a Schedule is scheduled in place)."""
+    sch = func if isinstance(func, s_tir.Schedule) else s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
         return None
@@ -75,6 +82,8 @@ def schedule_window_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sc
         if extent % (u * lanes) == 0:
             unroll = u
             break
+    unroll = choose_factor(sch, ctx, [u for u in range(1, MAX_VECTORS_PER_TILE + 1)
+                                      if extent % (u * lanes) == 0], unroll)
 
     if window <= SMALL_WINDOW:
         # a sum over a few stacked inputs (ONNX Sum -> broadcast_to + stack + sum): read
@@ -102,9 +111,11 @@ def schedule_window_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sc
     outer = v_o
     sch.vectorize(v_l)
     sch.unroll(v_u)
-    for red, n in zip(reds, [n for n, iv in enumerate(iters) if iv.iter_type != tirx.IterVar.DataPar],
-                      strict=True):
-        if int(iters[n].dom.extent) <= 7:
+    red_extents = [int(iv.dom.extent) for iv in iters if iv.iter_type != tirx.IterVar.DataPar]
+    unroll_window = any(e <= UNROLL_WINDOW_EXTENT for e in red_extents) and \
+        choose(sch, ctx, (True, False), True)
+    for red, red_extent in zip(reds, red_extents, strict=True):
+        if unroll_window and red_extent <= UNROLL_WINDOW_EXTENT:
             sch.unroll(red)
     sch.reverse_compute_at(local, outer, preserve_unit_loops=True)
     if reds:
