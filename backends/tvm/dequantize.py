@@ -775,6 +775,68 @@ class UnpackBits:
         return convert
 
 
+def _row_permutation(indices, rows: int) -> np.ndarray | None:
+    """``inverse`` with ``out[r] = updates[inverse[r]]`` when a constant ScatterND
+    ``indices[rows, 1]`` writes every row once, else None."""
+    import tvm
+
+    if not isinstance(indices, tvm.ir.GenericConst):
+        return None
+    order = indices.value.numpy()
+    if order.shape != (rows, 1) or order.dtype.kind not in "iu":
+        return None
+    order = order[:, 0].astype(np.int64)
+    order = np.where(order < 0, order + rows, order)
+    if not np.array_equal(np.sort(order), np.arange(rows)):
+        return None
+    # int64 like the weight's own indices: the gathered row is substituted into the
+    # decode's index expressions (Concat's ``64 <= r``) when it is inlined
+    inverse = np.empty(rows, np.int64)
+    inverse[order] = np.arange(rows, dtype=np.int64)
+    return inverse
+
+
+def scatter_rows_as_gather(fallback_cls):
+    """Converter for ScatterND that writes every row of ``data`` once (constant indices
+    ``[K, 1]``, a permutation: salient_split's ``ScatterND(zeros, rows, Concat(W_s, W_b))``)
+    as an injective row gather of ``updates``: ``data`` is never read, and the gather
+    fuses with the weight's decode (then into its MatMul, ``fuse_decode``) instead of
+    scattering a float32 weight into memory. Other ScatterNDs go to ``fallback_cls``.
+    """
+
+    class ScatterRowsAsGather:
+        @classmethod
+        def get_converter(cls, opset: int):
+            fallback = fallback_cls.get_converter(opset)
+
+            def convert(bb, inputs, attr, params):
+                from tvm import relax, te
+
+                data, indices, updates = inputs[0], inputs[1], inputs[2]
+                reduction = _attr_str(attr.get("reduction", "none"))
+                try:
+                    shape = _static_shape(data)
+                    same = _static_shape(updates) == shape and _dtype(updates) == _dtype(data)
+                except (AttributeError, TypeError, ValueError):
+                    same = False
+                inverse = _row_permutation(indices, shape[0]) \
+                    if same and shape and reduction == "none" else None
+                if inverse is None:
+                    return fallback(bb, inputs, attr, params)
+
+                def compute(u, inv):
+                    return te.compute(shape, lambda r, *rest: u[(inv[r], *rest)],
+                                      name="kiln_permute_rows")
+
+                return bb.emit_te(compute, updates, relax.const(inverse, "int64"),
+                                  primfunc_name_hint="kiln_permute_rows",
+                                  primfunc_attrs=INJECTIVE)
+
+            return convert
+
+    return ScatterRowsAsGather
+
+
 def blocked_dequantize_linear(fallback_cls):
     """Converter for DequantizeLinear that adds ``block_size`` on top of TVM's own.
 

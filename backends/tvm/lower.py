@@ -51,6 +51,7 @@ from .dequantize import (
     kiln_matmul,
     reset_decodes,
     pack_four_bit_weights,
+    scatter_rows_as_gather,
 )
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def kiln_converters(base: dict) -> dict:
     table["Sum"] = _SumAsAdds
     table["Clip"] = clip_as_min_max(base["Clip"])
     table["ConvTranspose"] = conv_transpose_as_conv(base["ConvTranspose"])
+    table["ScatterND"] = scatter_rows_as_gather(base["ScatterND"])
     table[PACKED_OP] = PackedDequantizeLinear
     table[PACKED_TABLE_OP] = PackedDequantizeTable
     # kiln's model-local functions, converted as ops so their weights stay packed

@@ -128,7 +128,27 @@ ACTIVATION_FORMS = {
 @pytest.mark.parametrize("form", list(ACTIVATION_FORMS))
 def test_activation_form_builds_and_matches(form, tmp_path):
     make, tol = ACTIVATION_FORMS[form]
-    _build_and_compare(make(), tmp_path, tol)
+    result = _build_and_compare(make(), tmp_path, tol)
+    if form == "salient-split":
+        # the 4-bit and 1-bit rows' decodes, their Concat and the row ScatterND (an
+        # injective row gather, dequantize.scatter_rows_as_gather) are inside each MatMul
+        assert set(result.rules.values()) == {"decode_contraction"}, result.rules
+
+
+@pytest.mark.parametrize("rows", [[[2], [0], [3], [1]], [[1], [3]]])
+def test_scatter_nd_of_rows_matches(rows, tmp_path):
+    """ScatterND writing every row once is lowered as a row gather (data unread); any
+    other ScatterND (here: two of four rows) keeps TVM's scatter."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    indices = numpy_helper.from_array(np.array(rows, np.int64), "rows")
+    model = models.build(
+        [helper.make_node("ScatterND", ["x", "rows", "u"], ["y"], name="scatter")], [indices],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8]),
+         helper.make_tensor_value_info("u", TensorProto.FLOAT, [len(rows), 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])])
+    kernels = _build_and_compare(model, tmp_path).rules
+    assert any("kiln_permute_rows" in name for name in kernels) == (len(rows) == 4), kernels
 
 
 CONV_FORMS = {"int8-per-channel": {"dtype": "int8"},
