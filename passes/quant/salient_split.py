@@ -150,7 +150,7 @@ class SalientSplit(KilnPass):
         return norms
 
     def rewrite(self, model: ir.Model, accepted: Sequence[Candidate]) -> int:
-        ensure_opset(model, BLOCKED_OPSET)
+        ensure_opset(model, BLOCKED_OPSET, pass_name=self.name)
         kiln_ops.ensure_function(model, kiln_ops.UNPACK_BITS)
         kiln_ops.ensure_function(model, kiln_ops.DEQUANTIZE_TABLE)
         for candidate in accepted:
