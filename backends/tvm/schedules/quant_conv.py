@@ -25,9 +25,11 @@ to ``[O / NR, .., NR]`` (a layout-rewrite preprocess, folded like dense's packed
 weights), so decoding a panel reads contiguous vectors; kiln's 4-bit conv codes are
 already tiled along the output channel (``dequantize.pack_nibbles_tiled``).
 
-Depthwise convolutions have no output-channel column (each channel has its own
-taps): their decode is inlined into the window reduction (``window.py``), where
-a tap's decode is loop-invariant across the vectorized output row.
+Depthwise (and grouped) convolutions have no output-channel column (each channel has
+its own taps) and go to the window rule (``window.py``) in the same kernel: NCHW, the
+decode is inlined into the reduction (a tap's weight is one broadcast per vectorized
+output row); channels-last, where the vector runs over channels, the decode stays a
+loop nest of its own, run once per call (C * KH * KW weights, a small buffer).
 """
 
 from __future__ import annotations
