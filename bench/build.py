@@ -85,6 +85,32 @@ def _build_with_kiln(case: PreparedCase, outdir: Path, target: str, tuning: str)
                      tuned=sum(1 for r in rules.values() if r == "tuned"), rules=rules)
 
 
+def compile_with_kiln(case: PreparedCase, tuning: str = "shipped", target: str = "host"):
+    """kiln's own build steps, kept in memory (load, lower, kiln's Relax pipeline with
+    the tuning records ``tuning`` selects, as in :func:`build_case`).
+
+    Returns (executable, scheduled Relax module, compile seconds) for profiling.
+    """
+    import tvm
+
+    from kiln.backends.tvm.lower import lower_to_relax
+    from kiln.backends.tvm.pipeline import relax_pipeline
+    from kiln.backends.tvm.targets import resolve_target
+    from kiln.backends.tvm.tuning import database_dirs, open_database
+    from kiln.compiler.frontend import load_model
+
+    start = time.perf_counter()
+    resolved = resolve_target(target)
+    model = load_model(str(case.onnx_path), input_shapes=case.input_shapes)
+    mod = lower_to_relax(model, target_name=resolved.name)
+    user_db = {"shipped": Path("/nonexistent/kiln-no-user-db"), "user": None}.get(tuning)
+    database = open_database(database_dirs(resolved, user_db)) if tuning != "off" else None
+    scheduled: list[tvm.IRModule] = []
+    executable = tvm.compile(mod, target=resolved.tvm_target(),
+                             relax_pipeline=relax_pipeline(resolved, database, scheduled.append))
+    return executable, scheduled[-1], time.perf_counter() - start
+
+
 def compile_private(case: PreparedCase):
     """Bind shapes, fold constants, import with TVM's ONNX frontend, build with kiln's pipeline.
 

@@ -1,7 +1,8 @@
 """Per-kernel time of one case's kiln build: ``python -m bench.profile CASE [--top 25]``.
 
-Uses the Relax VM's profiler on the bench-private build, to see which kernels
-dominate and which are left unscheduled.
+Times each kernel call of kiln's build (the same steps and tuning records as
+``python -m bench``; ``--private``: the bench-private build) through the Relax VM's
+instrument hook, to see which kernels dominate and which are left unscheduled.
 """
 
 from __future__ import annotations
@@ -19,19 +20,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("case")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--tuning", choices=("shipped", "user", "off"), default="shipped",
+                        help="tuning records applied, as for python -m bench")
+    parser.add_argument("--private", action="store_true",
+                        help="profile the bench-private build instead of kiln's")
     args = parser.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
     import tvm
     from tvm import relax
 
-    from bench.build import compile_private
+    from bench.build import compile_private, compile_with_kiln
     from bench.cases import CASES
     from kiln.backends.tvm.schedules import unscheduled_kernels
 
     with tempfile.TemporaryDirectory() as tmp:
         case = CASES[args.case](Path(tmp))
-        executable, lowered, compile_s = compile_private(case)
+        if args.private:
+            executable, lowered, compile_s = compile_private(case)
+        else:
+            executable, lowered, compile_s = compile_with_kiln(case, args.tuning)
     unscheduled = set(unscheduled_kernels(lowered))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     inputs = [tvm.runtime.tensor(case.inputs[name]) for name in case.inputs]

@@ -135,9 +135,11 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
         return None
     kinds = [info.dom_kind() for info in infos]
     rows = len(kinds[-1]) - 1
-    if rows < 1 or not any(k.endswith("R") for k in kinds):
+    if not any(k.endswith("R") for k in kinds):
         return None
     lanes = ctx.vector_lanes_f32
+    if rows < 1:
+        return _schedule_single_row(sch, infos, kinds, lanes)
     for info, kind in zip(infos, kinds, strict=True):
         if kind not in ("S" * rows, "S" * (rows + 1), "S" * rows + "R"):
             return None
@@ -177,6 +179,36 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
             ext = const_extent(sch, block_loops[-1])
             if ext is not None and ext % lanes == 0:
                 _, vec = sch.split(block_loops[-1], [None, lanes])
+                sch.vectorize(vec)
+    return sch
+
+
+def _schedule_single_row(sch: s_tir.Schedule, infos, kinds, lanes: int) -> s_tir.Schedule | None:
+    """A layer norm / softmax over one row (a decode step's ``[1, 1, d]``): every
+    reduction as lane-wise partial sums, the element-wise blocks vectorized, one thread
+    (a row of a few thousand floats is microseconds of work)."""
+    for info, kind in zip(infos, kinds, strict=True):
+        if kind not in ("", "S", "R", "SR"):
+            return None
+        if kind.endswith("R"):
+            extent = const_extent(sch, sch.get_loops(info.block_rv)[-1])
+            if extent is None or extent % lanes or extent < 2 * lanes:
+                return None
+    for info, kind in zip(infos, kinds, strict=True):
+        if kind.endswith("R"):
+            # acc[lanes] += x[k_o * lanes : +lanes] in a local vector, then a sum of the lanes
+            k_o, k_i = sch.split(sch.get_loops(sch.get_sblock(info.name))[-1], [None, lanes])
+            rf = sch.rfactor(k_i, factor_axis=0)
+            sch.set_scope(rf, 0, "local")
+            lane = sch.get_loops(rf)[-1]
+            sch.vectorize(lane)
+            init = sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
+            sch.vectorize(sch.get_loops(init)[-1])
+        elif kind == "S":
+            loops = sch.get_loops(sch.get_sblock(info.name))
+            ext = const_extent(sch, loops[-1]) if loops else None
+            if ext is not None and ext % lanes == 0 and ext >= lanes:
+                _, vec = sch.split(loops[-1], [None, lanes])
                 sch.vectorize(vec)
     return sch
 
