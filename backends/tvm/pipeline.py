@@ -61,8 +61,8 @@ def _legalize(target: tvm.target.Target, *, fuse_decode: bool,
 
 
 def _legalize_cpu(target: tvm.target.Target) -> PassList:
-    # Weight decode fuses into matmul/dense only: kiln's decode_contraction rule
-    # (schedules/quant_gemv.py) decodes inside the K loop; convs keep a separate decode.
+    # Weight decode fuses into matmul/dense/conv: kiln's decode_contraction and
+    # decode_conv rules (schedules/quant_gemv.py, quant_conv.py) decode inside the kernel.
     # Convolutions run channels-last (NHWC, OHWI weights; :mod:`.layout`).
     from .layout import channels_last_convs
     from .schedules.fast_math import cpu_legalize_map

@@ -6,17 +6,24 @@ PrimFunc a schedule right after fusion, from what its blocks compute:
 =============  ==========================================================================
 rule           kernels
 =============  ==========================================================================
+decode_conv    a quantized conv with its weight decode fused in: each task decodes an
+               output-channel panel of the weight into a small local buffer, then runs
+               the contraction micro-kernel (``quant_conv``).
+decode_        a quantized matmul/dense with its decode fused in: decoded inside the K
+contraction    loop (GEMV) or per panel (GEMM); kiln's grouped int4 GEMV (``quant_gemv``).
 contraction    ``C += A * B`` with one column iter: dense, matmul, batch matmul, conv2d
-               (NCHW direct: 1x1, KxK, strided, grouped-as-dense), conv2d_transpose.
+               (NHWC on CPU, see ``backends/tvm/layout.py``; NCHW where layout
+               conversion gives up: 1x1, KxK, strided, grouped-as-dense).
                Register tile MR x NR (NR a few SIMD vectors of output channels /
                columns), constant weights packed ``[N/NR, ..., NR]`` at compile time,
                parallel outer loops, the fused epilogue applied in the tile write-back.
                When N has no register tile (a 6625-class head) C's rows are vectorized.
 elementwise    all-injective kernels: inlined, parallel outer loops, vectorized rows.
-window         depthwise conv, pooling: vectorized along the output row; a sum over a
-               few stacked inputs (ONNX Sum) reads them inline.
-reduction      softmax / layer norm: parallel rows, each row reduction ``rfactor``-ed
-               into vector partial sums; other reductions: dlight's CPU Reduction rule.
+window         depthwise conv, pooling: vectorized along the output's innermost axis
+               (channels in NHWC); a sum over a few stacked inputs reads them inline.
+reduction      softmax / layer norm: parallel rows (one row: a single thread), each row
+               reduction ``rfactor``-ed into vector partial sums; other reductions:
+               dlight's CPU Reduction rule.
 fallback       anything else: outer loops parallel (named by ``unscheduled_kernels``).
 =============  ==========================================================================
 
