@@ -7,6 +7,9 @@ skipped, so a run adds to the database; delete the target's folder to start over
 ``--recheck`` re-measures the records the cases use against kiln's current rules
 (alternating, best of two) and deletes those that are no longer faster.
 ``--trials`` is the budget per case (``--case-trials encoder-fp32=200,...`` overrides it).
+``--space`` is what kernels of kiln's tunable rules (contraction, window) are searched
+over: ``union`` (kiln's rule with its choice points, and MetaSchedule's sketches; the
+default), ``kiln`` or ``metaschedule``; each kept record says which one it came from.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--target", default="host")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--space", default=None, choices=("union", "kiln", "metaschedule"),
+                        help="search space of kiln's tunable rules' kernels")
     parser.add_argument("--recheck", action="store_true",
                         help="no tuning: re-measure the records these cases use against "
                              "kiln's current rules and delete those no longer faster")
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from kiln.backends.tvm.lower import lower_to_relax
     from kiln.backends.tvm.targets import resolve_target
     from kiln.backends.tvm.tuning import (
+        DEFAULT_SPACE,
         SHIPPED_ROOT,
         describe,
         recheck_records,
@@ -74,12 +80,17 @@ def main(argv: list[str] | None = None) -> int:
                 summary = recheck_records(mod, target, tuning_db=root)
             else:
                 summary = tune_relax_module(mod, target, trials=trials, tuning_db=root,
-                                            progress=progress)
+                                            progress=progress,
+                                            space=args.space or DEFAULT_SPACE)
             print(f"{name}: {describe(summary)} ({time.perf_counter() - start:.0f} s)", flush=True)
             for kernel, (tuned_us, kiln_us) in summary.kept.items():
-                print(f"  kept    {kernel}: {tuned_us:.1f} us (kiln's rule {kiln_us:.1f} us)")
+                origin = summary.origin.get(kernel, "")
+                print(f"  kept    {kernel}: {tuned_us:.1f} us (kiln's rule {kiln_us:.1f} us)"
+                      f"{f' [{origin}]' if origin else ''}")
             for kernel, (tuned_us, kiln_us) in summary.dropped.items():
-                print(f"  dropped {kernel}: {tuned_us:.1f} us (kiln's rule {kiln_us:.1f} us)")
+                origin = summary.origin.get(kernel, "")
+                print(f"  dropped {kernel}: {tuned_us:.1f} us (kiln's rule {kiln_us:.1f} us)"
+                      f"{f' [{origin}]' if origin else ''}")
     return 0
 
 
