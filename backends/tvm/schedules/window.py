@@ -22,11 +22,14 @@ from kiln.backends.tvm.schedules.analysis import (RuleContext, choose, choose_fa
                                                   inline_epilogue, inline_injective,
                                                   normalize_prim_func)
 from kiln.backends.tvm.schedules.analysis import collect_vars_used_in_prim_expr
+from kiln.backends.tvm.schedules.dense import PREPROC_ANNOTATION
 
 # Vectors per accumulator tile (independent FMA chains hide the FMA latency).
 VECTORS_PER_TILE = 6
 # Tunable vectors per tile: 1 .. this many (analysis.choose_factor).
 MAX_VECTORS_PER_TILE = 8
+# Accumulator vectors of a pixel-blocked tile (NHWC depthwise), of 32 AVX-512 registers.
+PIXEL_TILE_ACCUMULATORS = 24
 # Window loops up to this extent are unrolled (tunable: all or none).
 UNROLL_WINDOW_EXTENT = 7
 # Windows up to this many taps read their producers inline (the stack of an ONNX Sum).
@@ -35,6 +38,41 @@ SMALL_WINDOW = 4
 
 def _inline_producers(sch: s_tir.Schedule, main: str) -> None:
     inline_injective(sch, main, side="before")
+
+
+def _pack_constant_along(sch: s_tir.Schedule, block, ctx: RuleContext, v: tirx.Var) -> str | None:
+    """Re-lay out a constant operand so the vectorized iter ``v`` indexes its last dim.
+
+    A depthwise conv in NHWC reads ``W[c, ry, rx, 0]`` (OHWI with I = 1) while the
+    vector runs over ``c``: a gather of strided weights per tap. The weight is packed
+    to ``W[ry, rx, 0, c]`` by a layout-rewrite block that runs at compile time (as for
+    dense weights). Returns the packing block's name, or None.
+    """
+    stmt = sch.get(block)
+    params = list(sch.mod["main"].params)
+    for index, region in enumerate(stmt.reads):
+        buf = region.source
+        position = next((n for n, p in enumerate(params) if p.same_as(buf)), None)
+        if position is None or position not in ctx.const_params:
+            continue
+        uses = [collect_vars_used_in_prim_expr(r.min) for r in region.region]
+
+        def has_v(used) -> bool:
+            return any(u.same_as(v) for u in used)
+
+        if has_v(uses[-1]):
+            return None  # already contiguous along v
+        dims = [d for d, used in enumerate(uses) if has_v(used)]
+        if len(dims) != 1 or len(uses[dims[0]]) != 1:
+            continue
+        v_dim = dims[0]
+        pack = sch.cache_read(block, index, "global")
+        sch.transform_layout(pack, ("write", 0),
+                             lambda *idx: (*[x for d, x in enumerate(idx) if d != v_dim],
+                                           idx[v_dim]))
+        sch.annotate(pack, PREPROC_ANNOTATION, True)
+        return sch.get(pack).name_hint
+    return None
 
 
 def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
@@ -82,6 +120,7 @@ def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
         if extent % (u * lanes) == 0:
             unroll = u
             break
+    vectors = unroll  # the heuristic's int (``unroll`` is a sampled factor when tuning)
     unroll = choose_factor(sch, ctx, [u for u in range(1, MAX_VECTORS_PER_TILE + 1)
                                       if extent % (u * lanes) == 0], unroll)
 
@@ -94,6 +133,9 @@ def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
     if len(after) > 1:
         return None
     block = sch.get_sblock(name)
+    # the block's iter vars were re-created by the epilogue's normalization: v afresh
+    pack = _pack_constant_along(sch, block, ctx, sch.get(block).body.indices[-1])
+    block = sch.get_sblock(name)
     before = [info.name for info in normalize_prim_func(sch)]
     before = before[: before.index(name)]
     loops = sch.get_loops(block)
@@ -104,7 +146,22 @@ def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
                if iv.iter_type == tirx.IterVar.DataPar and n != v_pos]
     reds = [loops[n] for n, iv in enumerate(iters) if iv.iter_type != tirx.IterVar.DataPar]
     v_o, v_u, v_l = sch.split(loops[v_pos], [None, unroll, lanes])
-    sch.reorder(*spatial, v_o, *reds, v_u, v_l)
+    pixels = []
+    if pack is not None and spatial:
+        # weights vary along v (NHWC depthwise): a few output pixels per tile reuse each
+        # weight vector (loads per FMA 2 -> ~1.25)
+        last = [iv for n, iv in enumerate(iters)
+                if iv.iter_type == tirx.IterVar.DataPar and n != v_pos][-1]
+        cap = PIXEL_TILE_ACCUMULATORS if lanes >= 16 else PIXEL_TILE_ACCUMULATORS // 2
+        options = [p for p in (4, 3, 2, 1)
+                   if int(last.dom.extent) % p == 0 and p * vectors <= cap] or [1]
+        block_pixels = choose(sch, ctx, options, options[0])
+        if block_pixels > 1:
+            spatial[-1], pixel = sch.split(spatial[-1], [None, block_pixels])
+            pixels = [pixel]
+    sch.reorder(*spatial, v_o, *reds, *pixels, v_u, v_l)
+    for pixel in pixels:
+        sch.unroll(pixel)
     if spatial:
         rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
         sch.parallel(rows)
@@ -134,6 +191,8 @@ def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
     from kiln.backends.tvm.schedules.elementwise import parallel_vectorize
 
     for producer in before:
+        if pack is not None and producer == pack:
+            continue
         try:
             parallel_vectorize(sch, sch.get_sblock(producer), ctx.vector_lanes_f32)
         except Exception:  # noqa: BLE001 - best effort on a side loop nest

@@ -252,3 +252,28 @@ def test_a_single_row_reduction_is_computed_once(op):
     ref = (torch.softmax(t, dim=-1) if op == "softmax" else
            torch.nn.functional.layer_norm(t, (d,), torch.from_numpy(gamma), torch.from_numpy(beta)))
     _assert_close(got, ref.numpy())
+
+
+@pytest.mark.parametrize("k,stride", [(3, 1), (5, 1), (3, 2)])
+def test_nhwc_depthwise_packs_its_weight_and_blocks_pixels(k, stride):
+    """NHWC depthwise (OHWI weight ``[C, k, k, 1]``): the weight is re-laid out
+    channels-last at compile time and each tile covers a few output pixels."""
+    rng = _rng()
+    c, hw = 32, 12
+    w = rng.standard_normal((c, k, k, 1)).astype("float32")
+    x = rng.standard_normal((1, hw, hw, c)).astype("float32")
+
+    def model(bb, xv):
+        y = bb.emit(relax.op.nn.conv2d(xv, relax.const(w), strides=stride, padding=k // 2,
+                                       groups=c, data_layout="NHWC", kernel_layout="OHWI"))
+        return bb.emit(relax.op.nn.relu(y))
+
+    lowered, got = _build(model, x)
+    rules = _kernel_rules(lowered)
+    (name,) = [n for n, rule in rules.items() if rule == "window"]
+    assert name.endswith("_prepacked")  # the weight packing ran at compile time
+    assert "T.unroll" in lowered[name].script()
+    ref = torch.relu(torch.nn.functional.conv2d(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)),
+        torch.from_numpy(w.transpose(0, 3, 1, 2)), stride=stride, padding=k // 2, groups=c))
+    _assert_close(got, ref.numpy().transpose(0, 2, 3, 1))
