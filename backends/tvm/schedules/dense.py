@@ -26,6 +26,7 @@ import logging
 from tvm import s_tir, tirx
 
 from kiln.backends.tvm.schedules.analysis import (
+    BufferLoad,
     RuleContext,
     choose,
     choose_factor,
@@ -144,6 +145,10 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     block = sch.get_sblock(main_name)
     before = [info.name for info in normalize_prim_func(sch)]
     before = before[: before.index(main_name)]
+    if _inline_plain_copies(sch, before):  # a 1x1 conv's "padding" of zero width
+        block = sch.get_sblock(main_name)
+        before = [info.name for info in normalize_prim_func(sch)]
+        before = before[: before.index(main_name)]
 
     stmt = sch.get(block)
     iters = list(stmt.iter_vars)
@@ -258,6 +263,36 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         except Exception:  # noqa: BLE001 - best effort on a side loop nest
             pass
     return True
+
+
+def _same_indices(a, b) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, tirx.IntImm) and isinstance(y, tirx.IntImm):
+            if int(x) != int(y):
+                return False
+        elif not (isinstance(x, tirx.Var) and x.same_as(y)):
+            return False
+    return True
+
+
+def _inline_plain_copies(sch: s_tir.Schedule, names: list[str]) -> bool:
+    """compute_inline the producer blocks that only copy a buffer (TOPI's ``pad_temp`` of
+    a convolution without padding): the contraction then reads the input in place."""
+    inlined = False
+    for name in names:
+        block = sch.get_sblock(name)
+        body = sch.get(block).body
+        if not (isinstance(body, tirx.BufferStore) and isinstance(body.value, BufferLoad)
+                and _same_indices(body.indices, body.value.indices)):
+            continue
+        try:
+            sch.compute_inline(block)
+            inlined = True
+        except Exception:  # noqa: BLE001 - TVM signals "cannot inline" with several kinds
+            continue
+    return inlined
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> None:
