@@ -183,33 +183,39 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
     return sch
 
 
+def _row_lanes(extent: int | None, lanes: int) -> int | None:
+    """The widest vector (down to 4 lanes) that divides a row of ``extent``, twice over."""
+    while extent is not None and lanes >= 4:
+        if extent % lanes == 0 and extent >= 2 * lanes:
+            return lanes
+        lanes //= 2
+    return None
+
+
 def _schedule_single_row(sch: s_tir.Schedule, infos, kinds, lanes: int) -> s_tir.Schedule | None:
-    """A layer norm / softmax over one row (a decode step's ``[1, 1, d]``): every
-    reduction as lane-wise partial sums, the element-wise blocks vectorized, one thread
-    (a row of a few thousand floats is microseconds of work)."""
+    """A layer norm / softmax over one row (a decode step's ``[1, 1, d]``, a classifier's
+    ``[1, 1000]``): every reduction as lane-wise partial sums (serial where no vector
+    width divides the row), the element-wise blocks vectorized, one thread (a row of a
+    few thousand floats is microseconds of work). Each block stays its own loop nest:
+    nothing is recomputed per element."""
+    if any(kind not in ("", "S", "R", "SR") for kind in kinds):
+        return None
     for info, kind in zip(infos, kinds, strict=True):
-        if kind not in ("", "S", "R", "SR"):
-            return None
+        loops = sch.get_loops(sch.get_sblock(info.name))
+        width = _row_lanes(const_extent(sch, loops[-1]), lanes) if loops else None
+        if width is None:
+            continue
         if kind.endswith("R"):
-            extent = const_extent(sch, sch.get_loops(info.block_rv)[-1])
-            if extent is None or extent % lanes or extent < 2 * lanes:
-                return None
-    for info, kind in zip(infos, kinds, strict=True):
-        if kind.endswith("R"):
-            # acc[lanes] += x[k_o * lanes : +lanes] in a local vector, then a sum of the lanes
-            k_o, k_i = sch.split(sch.get_loops(sch.get_sblock(info.name))[-1], [None, lanes])
+            # acc[width] += x[k_o * width : +width] in a local vector, then a sum of the lanes
+            _, k_i = sch.split(loops[-1], [None, width])
             rf = sch.rfactor(k_i, factor_axis=0)
             sch.set_scope(rf, 0, "local")
-            lane = sch.get_loops(rf)[-1]
-            sch.vectorize(lane)
+            sch.vectorize(sch.get_loops(rf)[-1])
             init = sch.decompose_reduction(rf, sch.get_loops(rf)[-2])
             sch.vectorize(sch.get_loops(init)[-1])
         elif kind == "S":
-            loops = sch.get_loops(sch.get_sblock(info.name))
-            ext = const_extent(sch, loops[-1]) if loops else None
-            if ext is not None and ext % lanes == 0 and ext >= lanes:
-                _, vec = sch.split(loops[-1], [None, lanes])
-                sch.vectorize(vec)
+            _, vec = sch.split(loops[-1], [None, width])
+            sch.vectorize(vec)
     return sch
 
 

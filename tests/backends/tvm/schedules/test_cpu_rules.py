@@ -227,12 +227,12 @@ def test_sum_of_stacked_inputs_reads_them_inline(hw):
     _assert_close(got, a + b)
 
 
-@pytest.mark.parametrize("op", ["layer_norm", "softmax"])
-def test_a_single_row_reduction_is_computed_once(op):
+@pytest.mark.parametrize("op, d", [("layer_norm", 2048), ("softmax", 2048), ("softmax", 1000),
+                                   ("softmax", 1001)])
+def test_a_single_row_reduction_is_computed_once(op, d):
     """A decode step's ``[1, 1, d]`` layer norm: one pass of lane-wise partial sums (the
     dlight CPU rule it used to fall to recomputed the row's sums per output element)."""
     rng = _rng()
-    d = 2048
     x = rng.standard_normal((1, 1, d)).astype("float32")
     gamma = rng.standard_normal(d).astype("float32")
     beta = rng.standard_normal(d).astype("float32")
@@ -247,7 +247,9 @@ def test_a_single_row_reduction_is_computed_once(op):
     (func,) = [f for g, f in lowered.functions.items() if g.name_hint == op]
     assert _kernel_rules(lowered)[op] == "reduction"
     script = func.script()
-    assert "_rf_local" in script and "T.vectorized" in script and "T.parallel" not in script
+    assert "T.parallel" not in script
+    if d % 4 == 0:  # a vector width divides the row
+        assert "_rf_local" in script and "T.vectorized" in script
     t = torch.from_numpy(x)
     ref = (torch.softmax(t, dim=-1) if op == "softmax" else
            torch.nn.functional.layer_norm(t, (d,), torch.from_numpy(gamma), torch.from_numpy(beta)))
