@@ -57,6 +57,27 @@ def _numel(shape) -> int:
     return n
 
 
+def _has_constant_calls(func: relax.Function) -> bool:
+    """Whether some call in ``func`` has only constant tensor operands (what FoldConstant
+    folds). TVM 0.27's FoldConstant takes seconds on large modules even when it folds
+    nothing, so it is skipped then."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    found = []
+
+    def visit(node) -> None:
+        if found or not isinstance(node, relax.Call):
+            return
+        args = node.args
+        if node.op.same_as(call_tir):
+            args = args[1].fields if isinstance(args[1], relax.Tuple) else [args[1]]
+        tensors = [a for a in args if isinstance(a.ty, relax.TensorType)] if args else []
+        if tensors and all(isinstance(a, tvm.ir.GenericConst) for a in tensors):
+            found.append(node)
+
+    relax.analysis.post_order_visit(func, visit)
+    return bool(found)
+
+
 def fold_constants_keeping_compressed(func_name: str = "main") -> tvm.transform.Pass:
     """``FoldConstant`` on ``func_name`` that never expands low-bit weights to float."""
 
@@ -67,13 +88,14 @@ def fold_constants_keeping_compressed(func_name: str = "main") -> tvm.transform.
         lifter = _LiftCompressedConstants(mod)
         body = lifter.visit_expr(func.body)
         if not lifter.lifted:
-            return relax.transform.FoldConstant()(mod)
+            return relax.transform.FoldConstant()(mod) if _has_constant_calls(func) else mod
         new_vars = [var for var, _ in lifter.lifted]
         lifted = relax.Function(list(func.params) + new_vars, body, func.ret_ty,
                                 func.is_pure, func.attrs, func.span)
         mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
         mod[gvar] = lifted
-        mod = relax.transform.FoldConstant()(mod)
+        if _has_constant_calls(lifted):
+            mod = relax.transform.FoldConstant()(mod)
         values = dict(lifter.lifted)
         mod = relax.transform.BindParams(func_name, values)(mod)
         logger.debug("kept %d compressed constant(s) out of folding", len(values))

@@ -64,11 +64,14 @@ def _legalize_cpu(target: tvm.target.Target) -> PassList:
     # Weight decode fuses into matmul/dense/conv: kiln's decode_contraction and
     # decode_conv rules (schedules/quant_gemv.py, quant_conv.py) decode inside the kernel.
     # Convolutions run channels-last (NHWC, OHWI weights; :mod:`.layout`).
-    from .layout import channels_last_convs
+    from .layout import channels_last_convs, fold_constant_transposes
     from .schedules.fast_math import cpu_legalize_map
 
+    # Inference batch norm decomposed into elementwise ops, which fuse into the conv
+    # before them (the batch_norm kernel does not: its tuple output stops fusion).
     return _legalize(target, fuse_decode=False, legalize_map=cpu_legalize_map(),
-                     layout=[channels_last_convs()]) + [
+                     layout=[channels_last_convs(), relax.transform.DecomposeOpsForInference(),
+                             fold_constant_transposes()]) + [
         fuse_decode_into_contraction(CPU_CONSUMERS)]
 
 

@@ -96,3 +96,31 @@ def test_built_model_matches_onnxruntime(dropout_mask, tmp_path):
     assert relative_error(out[0], ref[0]) < REL_TOL
     if dropout_mask:
         assert np.array_equal(out[1], ref[1])
+
+
+def test_batch_norm_with_runtime_params_fuses_into_the_conv(tmp_path):
+    """Inference batch norm (here with its statistics as graph inputs, as in the onnx
+    light ResNet-50) is decomposed into elementwise ops that join the conv's kernel."""
+    rng = np.random.default_rng(2)
+    c = 16
+    stats = ["gamma", "beta", "mean", "var"]
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+         helper.make_node("BatchNormalization", ["c", *stats], ["y"])],
+        "conv_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 12, 12])]
+        + [helper.make_tensor_value_info(n, TensorProto.FLOAT, [c]) for n in stats],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 12, 12])],
+        [_const("w", rng.standard_normal((c, 8, 3, 3)) * 0.2)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    result = build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    assert not any("batch_norm" in name for name in result.rules), result.rules
+    feeds = {"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32),
+             "gamma": rng.uniform(0.5, 1.5, c).astype(np.float32),
+             "beta": rng.standard_normal(c).astype(np.float32),
+             "mean": rng.standard_normal(c).astype(np.float32) * 0.1,
+             "var": rng.uniform(0.5, 2.0, c).astype(np.float32)}
+    out = load(tmp_path)(**feeds)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    (ref,) = ort_outputs(model, feeds)
+    assert relative_error(out, ref) < REL_TOL
