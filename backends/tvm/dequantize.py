@@ -44,6 +44,8 @@ PACKED_OP = "KilnDequantizeLinearPacked"
 PACKED_DOMAIN = "kiln.internal"
 #: Internal op for ``kiln.DequantizeTable`` whose codes are packed nibbles.
 PACKED_TABLE_OP = "KilnDequantizeTablePacked"
+#: Internal op for a codebook weight: ``Reshape(Gather(codebook, Cast(index)), shape)``.
+CODEBOOK_OP = "KilnCodebookDecode"
 #: The domain of kiln's model-local functions (``kiln.passes.quant.kiln_ops``).
 KILN_DOMAIN = "kiln"
 
@@ -212,6 +214,71 @@ def pack_four_bit_weights(model: onnx.ModelProto) -> int:
         if not any(o.domain == PACKED_DOMAIN for o in model.opset_import):
             model.opset_import.append(helper.make_opsetid(PACKED_DOMAIN, 1))
         logger.debug("packed %d 4-bit DequantizeLinear weight(s)", rewritten)
+    return rewritten
+
+
+#: Element types of codebook indices that stay compressed (``quantize``'s codebook form).
+_CODEBOOK_INDEX = (TensorProto.UINT8, TensorProto.UINT16)
+_INDEX_CASTS = (TensorProto.INT64, TensorProto.INT32)
+
+
+def codebook_weights(model: onnx.ModelProto) -> int:
+    """Rewrite codebook weights into :data:`CODEBOOK_OP` nodes (in place).
+
+    kiln's codebook form is ``Reshape(Gather(codebook[k, d], Cast(index, int64)), shape)``
+    with the index (uint8/uint16, one per length-d run of the weight) and the codebook
+    initializers. TVM's importer evaluates Cast and Gather of constants while importing,
+    so the library would store the expanded float32 weight; the internal op's converter
+    (:class:`CodebookDecode`) is instead one TE kernel reading the index and the table,
+    fused into the contraction that consumes the weight (``fuse_decode``). The Cast and
+    Gather are dropped when nothing else reads them. Returns how many were rewritten.
+    """
+    graph = model.graph
+    inits = _initializers(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    for out in graph.output:
+        readers[out.name] = readers.get(out.name, 0) + 1
+    rewritten, dropped = 0, set()
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.domain not in ("", "ai.onnx") \
+                or len(node.input) < 2 or node.input[1] not in inits:
+            continue
+        gather = producer.get(node.input[0])
+        if gather is None or gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx"):
+            continue
+        gattrs = {a.name: helper.get_attribute_value(a) for a in gather.attribute}
+        table = inits.get(gather.input[0])
+        cast = producer.get(gather.input[1])
+        if int(gattrs.get("axis", 0)) != 0 or table is None or len(table.dims) != 2 \
+                or cast is None or cast.op_type != "Cast":
+            continue
+        cattrs = {a.name: helper.get_attribute_value(a) for a in cast.attribute}
+        index = inits.get(cast.input[0])
+        if index is None or index.data_type not in _CODEBOOK_INDEX or len(index.dims) != 1 \
+                or int(cattrs.get("to", 0)) not in _INDEX_CASTS:
+            continue
+        shape = [int(d) for d in numpy_helper.to_array(inits[node.input[1]])]
+        if any(d <= 0 for d in shape) or math.prod(shape) != index.dims[0] * table.dims[1]:
+            continue
+        new = helper.make_node(CODEBOOK_OP, [index.name, table.name], list(node.output),
+                               name=node.name, domain=PACKED_DOMAIN, shape=shape)
+        node.CopyFrom(new)
+        rewritten += 1
+        for name in (gather.output[0], cast.output[0]):
+            readers[name] -= 1
+            if readers[name] == 0:
+                dropped.add(name)
+    if rewritten:
+        keep = [n for n in graph.node if not (set(n.output) & dropped)]
+        del graph.node[:]
+        graph.node.extend(keep)
+        if not any(o.domain == PACKED_DOMAIN for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(PACKED_DOMAIN, 1))
+        logger.debug("kept %d codebook weight(s) as index + codebook", rewritten)
     return rewritten
 
 
@@ -730,6 +797,40 @@ class PackedDequantizeTable:
                 code_of=lambda c, idx: _te_nibble(c, idx, shape=shape, layout=layout),
                 axis=int(attr.get("axis", 0)), block_size=int(attr.get("block_size", 1)),
                 name="kiln_decode_table4")
+
+        return convert
+
+
+class CodebookDecode:
+    """Converter for :data:`CODEBOOK_OP` (``index[n]``, ``codebook[k, d]``, attribute ``shape``)::
+
+        W[i] = codebook[index[flat(i) // d], flat(i) % d]      (flat: C order over shape)
+
+    One injective TE kernel reading the index and the table; with the index a low-bit
+    constant, ``fuse_decode`` moves it into the contraction that reads ``W``.
+    """
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            from tvm import te, tirx
+
+            index, table = inputs[0], inputs[1]
+            shape = [int(d) for d in attr["shape"]]
+            d = _static_shape(table)[1]
+
+            def compute(ix, cb):
+                def body(*idx):
+                    flat = tirx.Cast("int64", idx[0]) if idx else tirx.const(0, "int64")
+                    for dim, i in zip(shape[1:], idx[1:], strict=True):
+                        flat = flat * dim + tirx.Cast("int64", i)
+                    row = tirx.Cast("int64", ix[flat // d])
+                    return cb[row, flat % d]
+
+                return te.compute(shape, body, name="kiln_decode_codebook")
+
+            return bb.emit_te(compute, index, table, primfunc_name_hint="kiln_decode_codebook",
+                              primfunc_attrs=INJECTIVE)
 
         return convert
 

@@ -37,15 +37,18 @@ from kiln.compiler.errors import LoweringError
 from kiln.compiler.ir import graph_inputs
 
 from .dequantize import (
+    CODEBOOK_OP,
     KILN_DOMAIN,
     PACKED_DOMAIN,
     PACKED_OP,
     PACKED_TABLE_OP,
+    CodebookDecode,
     DequantizeTable,
     PackedDequantizeLinear,
     PackedDequantizeTable,
     UnpackBits,
     blocked_dequantize_linear,
+    codebook_weights,
     fold_index_unpacks,
     four_bit_misuse,
     kiln_matmul,
@@ -94,6 +97,7 @@ def kiln_converters(base: dict) -> dict:
     table["ScatterND"] = scatter_rows_as_gather(base["ScatterND"])
     table[PACKED_OP] = PackedDequantizeLinear
     table[PACKED_TABLE_OP] = PackedDequantizeTable
+    table[CODEBOOK_OP] = CodebookDecode
     # kiln's model-local functions, converted as ops so their weights stay packed
     table.update(KILN_OPS)
     return table
@@ -286,7 +290,8 @@ def unsupported_ops(model: onnx.ModelProto) -> dict[str, str]:
     found: dict[str, str] = {}
     for index, node in enumerate(_walk_nodes(model.graph)):
         name = node.name or f"#{index} ({node.op_type})"
-        if node.domain == PACKED_DOMAIN and node.op_type in (PACKED_OP, PACKED_TABLE_OP):
+        if node.domain == PACKED_DOMAIN and node.op_type in (PACKED_OP, PACKED_TABLE_OP,
+                                                       CODEBOOK_OP):
             continue
         if node.domain == KILN_DOMAIN and node.op_type in KILN_OPS:
             continue
@@ -369,6 +374,7 @@ def _to_onnx(model: ir.Model, target_name: str | None) -> onnx.ModelProto:
         proto = _refold(proto)
     proto = _drop_kiln_functions(proto, target_name)
     pack_four_bit_weights(proto)
+    codebook_weights(proto)
     return proto
 
 
