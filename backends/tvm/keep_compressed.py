@@ -19,9 +19,10 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 logger = logging.getLogger(__name__)
 
-#: Element types of compressed weights (4-bit weights arrive as packed uint8).
+#: Element types of compressed weights (4-bit weights arrive as packed uint8; uint16:
+#: codebook indices of more than 256 centroids).
 COMPRESSED_DTYPES = frozenset({"int8", "uint8", "int4", "uint4", "float8_e4m3fn",
-                               "float8_e5m2", "float4_e2m1fn"})
+                               "float8_e5m2", "float4_e2m1fn", "uint16"})
 #: Smaller constants (zero points, lookup tables, shapes) may fold freely.
 MIN_ELEMENTS = 256
 
