@@ -2,10 +2,11 @@
 
 Forms: int8 per channel, int4/uint4 blocked (two nibble layouts), int3/int2 through
 ``kiln.UnpackBits``, FP8 E4M3/E5M2, FP4 E2M1/E3M0 through ``kiln.DequantizeTable``,
-NUPES power, codebook Gather, static W8A8 QDQ, dynamic activations, salient_split.
-The int4 GEMV/GEMM kernels read the packed weight (kiln's decode_contraction rule), a
-quantized conv its codes (decode_conv); arm64 and cuda-sm90 builds of an int4 model are
-checked for their binary kind.
+NUPES power, codebook Gather (uint8 and uint16 indices), static W8A8 QDQ, dynamic
+activations, salient_split. The int4 GEMV/GEMM kernels read the packed weight (kiln's
+decode_contraction rule), a quantized conv its codes (decode_conv), a codebook weight's
+kernel its indices and table; arm64 and cuda-sm90 builds of an int4 model are checked
+for their binary kind.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ WEIGHT_FORMS = {
     "fp4-e3m0-g32": {"dtype": "fp4_e3m0", "granularity": {"group": 32}},
     "nupes-power": {"dtype": "power"},
     "codebook": {"dtype": "codebook", "vector": 4, "centroids": 64, "iterations": 8},
+    "codebook-k512-uint16": {"dtype": "codebook", "vector": 4, "centroids": 512,
+                             "iterations": 4},
 }
 
 
@@ -66,11 +69,6 @@ def _relative_error(got, want) -> float:
     return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
 
 
-#: Forms whose weights TVM's importer itself expands to float32 (it evaluates the
-#: codebook's Cast + Gather of constants while importing): no kernel reads codes.
-EXPANDED_AT_IMPORT = frozenset({"codebook"})
-
-
 def _build_and_compare(model: ir.Model, tmp_path, tol: float = REL_TOL):
     feeds = models.feeds(model)
     want = _reference(model, feeds)
@@ -87,8 +85,7 @@ def test_weight_form_builds_and_matches_onnxruntime(form, tmp_path):
     model = models.mlp(d_in=128, hidden=256, d_out=64)
     Quantize(QuantizeConfig(weights=WEIGHT_FORMS[form]))(model)
     result = _build_and_compare(model, tmp_path)
-    if form not in EXPANDED_AT_IMPORT:
-        assert set(result.rules.values()) == {"decode_contraction"}, result.rules
+    assert set(result.rules.values()) == {"decode_contraction"}, result.rules
 
 
 def _static_w8a8() -> ir.Model:
@@ -154,7 +151,8 @@ def test_scatter_nd_of_rows_matches(rows, tmp_path):
 CONV_FORMS = {"int8-per-channel": {"dtype": "int8"},
               "int4-g8": {"dtype": "int4", "granularity": {"group": 8}},
               "fp8-e4m3": {"dtype": "fp8_e4m3"},
-              "fp4-e2m1-g8": {"dtype": "fp4_e2m1", "granularity": {"group": 8}}}
+              "fp4-e2m1-g8": {"dtype": "fp4_e2m1", "granularity": {"group": 8}},
+              "codebook": {"dtype": "codebook", "vector": 4, "centroids": 64, "iterations": 8}}
 
 
 @pytest.mark.parametrize("form", list(CONV_FORMS))
@@ -211,6 +209,24 @@ def test_int4_library_holds_packed_weights(tmp_path):
     """The 512x512 int4 weight is 128 KiB packed; a float32 copy would be 1 MiB."""
     result = build_artifact(_int4_matmul(1, 512, 512, 32), "host", tmp_path, model_hash="h")
     assert result.library.stat().st_size < 512 * 1024
+
+
+@pytest.mark.parametrize("centroids", [64, 512])
+def test_codebook_library_holds_indices_and_codebook(centroids, tmp_path):
+    """A codebook weight stays its indices (uint8, or uint16 past 256 centroids) and its
+    table through import and constant folding (the ONNX model keeps its Cast + Gather +
+    Reshape, which ONNX Runtime runs): the 512x512 + 64x512 float32 weights would be
+    1.2 MB; their indices are 74 KB (uint8) or 147 KB (uint16)."""
+    from kiln.backends.tvm.dequantize import CODEBOOK_OP
+
+    model = models.mlp(d_in=512, hidden=512, d_out=64)
+    Quantize(QuantizeConfig(weights={"dtype": "codebook", "vector": 4,
+                                     "centroids": centroids, "iterations": 2}))(model)
+    assert [n.op_type for n in model.graph].count("Gather") == 2
+    result = _build_and_compare(model, tmp_path)
+    assert set(result.rules.values()) == {"decode_contraction"}, result.rules
+    assert result.library.stat().st_size < 400 * 1024
+    assert not any(n.op_type == CODEBOOK_OP for n in model.graph)  # the backend's copy only
 
 
 def test_arm64_build_of_int4_weights(tmp_path):
