@@ -819,13 +819,24 @@ class CodebookDecode:
             shape = [int(d) for d in attr["shape"]]
             d = _static_shape(table)[1]
 
+            itype = "int32" if math.prod(shape) < 2**31 else "int64"
+            # runs of d along the last dim (the usual case): row and column come from the
+            # last index alone, so a vectorized column loop reads d-wide table rows
+            by_last = bool(shape) and shape[-1] % d == 0
+            outer = shape[:-1] + [shape[-1] // d] if by_last else shape
+
             def compute(ix, cb):
                 def body(*idx):
-                    flat = tirx.Cast("int64", idx[0]) if idx else tirx.const(0, "int64")
-                    for dim, i in zip(shape[1:], idx[1:], strict=True):
-                        flat = flat * dim + tirx.Cast("int64", i)
-                    row = tirx.Cast("int64", ix[flat // d])
-                    return cb[row, flat % d]
+                    idx = [tirx.Cast(itype, i) for i in idx]
+                    last = list(idx[:-1]) + [idx[-1] // d] if by_last else idx
+                    flat = last[0] if last else tirx.const(0, itype)
+                    for dim, i in zip(outer[1:], last[1:], strict=True):
+                        flat = flat * dim + i
+                    if by_last:
+                        column = idx[-1] % d
+                    else:
+                        flat, column = flat // d, flat % d
+                    return cb[tirx.Cast(itype, ix[flat]), column]
 
                 return te.compute(shape, body, name="kiln_decode_codebook")
 
