@@ -8,8 +8,9 @@ skipped, so a run adds to the database; delete the target's folder to start over
 (alternating, best of two) and deletes those that are no longer faster.
 ``--trials`` is the budget per case (``--case-trials encoder-fp32=200,...`` overrides it).
 ``--space`` is what kernels of kiln's tunable rules (contraction, window) are searched
-over: ``union`` (kiln's rule with its choice points, and MetaSchedule's sketches; the
-default), ``kiln`` or ``metaschedule``; each kept record says which one it came from.
+over: ``kiln`` (kiln's rule with its choice points as decisions; the default), ``union``
+(that and MetaSchedule's sketches) or ``metaschedule``; each kept/dropped line names the
+space its record came from.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default=DEFAULT_CASES)
     parser.add_argument("--target", default="host")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--space", default=None, choices=("union", "kiln", "metaschedule"),
+    parser.add_argument("--space", default=None, choices=("kiln", "union", "metaschedule"),
                         help="search space of kiln's tunable rules' kernels")
     parser.add_argument("--recheck", action="store_true",
                         help="no tuning: re-measure the records these cases use against "

@@ -85,7 +85,9 @@ def _uniform(count: int) -> list[float]:
 
 def choose(sch: s_tir.Schedule, ctx: RuleContext, options, default):
     """A structural choice: ``default`` unless tuning, then the option ``ctx.plan`` picks
-    (recorded as a ``sample_categorical`` over the option indices with that decision).
+    (recorded as a ``sample_categorical`` over the option indices with that decision;
+    no instruction uses it, so MetaSchedule's search simplifies it away and a record
+    shows the choice only through the constants it led to).
 
     ``options`` must hold only values the rule can schedule; ``default`` is one of them.
     """

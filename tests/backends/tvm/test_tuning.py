@@ -138,7 +138,7 @@ def test_a_build_without_records_reports_kiln_rules(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("space", ["union", "metaschedule"])
+@pytest.mark.parametrize("space", ["kiln", "union", "metaschedule"])
 def test_a_tuned_conv_matches_onnxruntime(tmp_path, space):
     model = _conv()
     target = resolve_target("host")
