@@ -62,7 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
-from tvm import relax, tirx
+from tvm import relax, s_tir, tirx
 from tvm.target.codegen import target_has_features
 
 from .schedules.pipeline import RULE_ATTR, SCHEDULED_ATTR
@@ -221,7 +221,12 @@ def rule_design_spaces(sch, target: tvm.target.Target, const_params: frozenset[i
         space = sch.copy()
         space.seed(sch.fork_seed())
         ctx = rule_context(target, const_params, tunable=True, plan=plan)
-        if schedule_in_place(space, ctx, rule):
+        try:
+            scheduled = schedule_in_place(space, ctx, rule)
+        except Exception as err:  # noqa: BLE001 - an option the rule cannot take: skip it
+            log.debug("kiln's %s rule failed with choices %s: %s", rule, forced, err)
+            scheduled = False
+        if scheduled:
             space.annotate(space.get_sblock("root"), RULE_ANNOTATION, rule)
             spaces.append(space)
         taken = [index for _, index in plan.met]
@@ -248,6 +253,9 @@ def kiln_space(func: tirx.PrimFunc, target: tvm.target.Target, const_params: fro
     if picked is None or picked[1] not in IN_PLACE_RULES:
         return None
     rule = picked[1]
+    if not rule_design_spaces(s_tir.Schedule(func), target, const_params, rule, limit=1):
+        log.debug("kiln's %s rule has no tunable form for this kernel", rule)
+        return None
 
     def design_spaces(sch):
         return rule_design_spaces(sch, target, const_params, rule)
