@@ -106,17 +106,21 @@ def _static_shape(call: relax.Call) -> list[int] | None:
         return None
 
 
-def _fold_in_numpy(call: relax.Call) -> np.ndarray | None:
-    """The value of ``call`` on constant operands, or None if kiln does not fold it here."""
+def _fold_in_numpy(call: relax.Call, args: list | None = None) -> np.ndarray | None:
+    """The value of ``call`` on constant operands, or None if kiln does not fold it here.
+
+    ``args``: the call's operands with variables bound to constants resolved (default:
+    ``call.args`` as they are)."""
     name = call.op.name
-    values = [a.value.numpy() for a in call.args if isinstance(a, tvm.ir.GenericConst)]
-    if name in _NUMPY_BINARY and len(values) == 2 == len(call.args):
+    args = list(call.args) if args is None else args
+    values = [a.value.numpy() for a in args if isinstance(a, tvm.ir.GenericConst)]
+    if name in _NUMPY_BINARY and len(values) == 2 == len(args):
         if values[0].dtype != values[1].dtype or values[0].dtype.kind != "f":
             return None
         return _NUMPY_BINARY[name](values[0], values[1]).astype(values[0].dtype)
-    if name in _NUMPY_UNARY and len(values) == 1 == len(call.args) and values[0].dtype.kind == "f":
+    if name in _NUMPY_UNARY and len(values) == 1 == len(args) and values[0].dtype.kind == "f":
         return np.asarray(_NUMPY_UNARY[name](values[0])).astype(values[0].dtype)
-    if not values or not isinstance(call.args[0], tvm.ir.GenericConst):
+    if not values or not isinstance(args[0], tvm.ir.GenericConst):
         return None
     value = values[0]
     if name == "relax.permute_dims":
@@ -143,11 +147,20 @@ class _FoldConstantTransposes(PyExprMutator):
         super().__init__(mod)
         self.folded = 0
 
+    def _constant_of(self, expr: relax.Expr) -> relax.Expr:
+        """``expr``, or the constant a dataflow variable is bound to."""
+        if isinstance(expr, relax.Var):
+            bound = self.lookup_binding(expr)
+            if isinstance(bound, tvm.ir.GenericConst):
+                return bound
+        return expr
+
     def visit_call_(self, op: relax.Call) -> relax.Expr:  # noqa: N802 - PyExprMutator's naming
         call = super().visit_call_(op)
         if not (isinstance(call, relax.Call) and isinstance(call.op, tvm.ir.Op) and call.args):
             return call
-        folded = _fold_in_numpy(call)
+        args = [self._constant_of(a) for a in call.args]
+        folded = _fold_in_numpy(call, args)
         if folded is None:
             return call
         self.folded += 1

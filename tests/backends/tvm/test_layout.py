@@ -124,3 +124,23 @@ def test_batch_norm_with_runtime_params_fuses_into_the_conv(tmp_path):
     out = out[0] if isinstance(out, (list, tuple)) else out
     (ref,) = ort_outputs(model, feeds)
     assert relative_error(out, ref) < REL_TOL
+
+
+def test_constants_behind_dataflow_vars_are_folded_in_numpy():
+    """A weight made by ConstantOfShape (broadcast_to of a scalar, as in the onnx light
+    models) and then transposed: both fold, through the variable binding them."""
+    from kiln.backends.tvm.layout import fold_constant_transposes
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((1, 4, 4, 8), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            w = bb.emit(relax.op.broadcast_to(relax.const(np.float32(0.5)), (16, 8, 3, 3)))
+            w = bb.emit(relax.op.permute_dims(w, [0, 2, 3, 1]))
+            y = bb.emit(relax.op.nn.conv2d(x, w, data_layout="NHWC", kernel_layout="OHWI"))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = fold_constant_transposes()(bb.get())
+    (conv,) = _calls(mod, "relax.nn.conv2d")
+    assert isinstance(conv.args[1], tvm.ir.GenericConst)
+    np.testing.assert_array_equal(conv.args[1].value.numpy(), np.full((16, 3, 3, 8), 0.5, np.float32))
