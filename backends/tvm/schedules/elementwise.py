@@ -140,17 +140,21 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
     lanes = ctx.vector_lanes_f32
     if rows < 1:
         return _schedule_single_row(sch, infos, kinds, lanes)
+    widths: dict[str, int | None] = {}  # per reduction: vector width, None for serial
     for info, kind in zip(infos, kinds, strict=True):
         if kind not in ("S" * rows, "S" * (rows + 1), "S" * rows + "R"):
             return None
         if kind.endswith("R"):
             extent = const_extent(sch, sch.get_loops(info.block_rv)[-1])
-            if extent is None or extent % lanes or extent < 2 * lanes:
+            if extent is None:
                 return None
+            # no vector width divides the row (PP-OCR rec's 6625 classes): a serial
+            # reduction per row, still one pass per row under the parallel row loop
+            widths[info.name] = _row_lanes(extent, lanes)
     rf_blocks = []
     for info, kind in zip(infos, kinds, strict=True):
-        if kind.endswith("R"):
-            k_o, k_i = sch.split(sch.get_loops(info.block_rv)[-1], [None, lanes])
+        if kind.endswith("R") and widths[info.name] is not None:
+            k_o, k_i = sch.split(sch.get_loops(info.block_rv)[-1], [None, widths[info.name]])
             rf = sch.rfactor(k_i, factor_axis=0)
             sch.set_scope(rf, 0, "local")
             rf_blocks.append(rf)
@@ -160,9 +164,9 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
     if _numel(sch, sch.get_loops(last)) >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(row)
     inner = sch.get_loops(last)[-1]
-    extent = const_extent(sch, inner)
-    if extent is not None and extent % lanes == 0:
-        _, vec = sch.split(inner, [None, lanes])
+    width = _row_lanes(const_extent(sch, inner), lanes)
+    if width is not None:
+        _, vec = sch.split(inner, [None, width])
         sch.vectorize(vec)
     for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
         sch.compute_at(block, row, preserve_unit_loops=True)
@@ -176,9 +180,9 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
     for info, kind in zip(infos[:-1], kinds[:-1], strict=True):
         if kind == "S" * (rows + 1):
             block_loops = sch.get_loops(sch.get_sblock(info.name))
-            ext = const_extent(sch, block_loops[-1])
-            if ext is not None and ext % lanes == 0:
-                _, vec = sch.split(block_loops[-1], [None, lanes])
+            width = _row_lanes(const_extent(sch, block_loops[-1]), lanes)
+            if width is not None:
+                _, vec = sch.split(block_loops[-1], [None, width])
                 sch.vectorize(vec)
     return sch
 

@@ -279,3 +279,12 @@ def test_nhwc_depthwise_packs_its_weight_and_blocks_pixels(k, stride):
         torch.from_numpy(x.transpose(0, 3, 1, 2)),
         torch.from_numpy(w.transpose(0, 3, 1, 2)), stride=stride, padding=k // 2, groups=c))
     _assert_close(got, ref.numpy().transpose(0, 2, 3, 1))
+
+
+def test_rows_no_vector_divides_are_reduced_once_per_row():
+    """Softmax over 6625 classes (PP-OCR rec's head): kiln's row rule, serial per row."""
+    x = _rng().standard_normal((40, 6625)).astype("float32")
+    lowered, got = _build(lambda bb, xv: bb.emit(relax.op.nn.softmax(xv, axis=-1)), x)
+    assert _kernel_rules(lowered)["softmax"] == "reduction"
+    assert "T.parallel" in lowered["softmax"].script()
+    _assert_close(got, torch.softmax(torch.from_numpy(x), dim=-1).numpy())
