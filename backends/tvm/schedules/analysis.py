@@ -28,6 +28,7 @@ __all__ = [
     "inline_injective",
     "match_contraction",
     "normalize_prim_func",
+    "single_reduction",
 ]
 
 
@@ -241,6 +242,19 @@ def match_contraction(sch: s_tir.Schedule, block: s_tir.schedule.SBlockRV,
         return None
     candidates.sort(key=lambda m: 0 if m.b_is_param is not None and m.b_is_param in const_params else 1)
     return candidates[0] if not all_candidates else candidates
+
+
+def single_reduction(sch: s_tir.Schedule):
+    """``(infos, info)`` of a kernel with exactly one reduction block (its ``SBlockInfo``
+    list and that block's), or None when the kernel has no block analysis or another
+    number of reductions: the common first question of the contraction and window rules."""
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None
+    reductions = [info for info in infos if not info.is_injective()]
+    if len(reductions) != 1:
+        return None
+    return infos, reductions[0]
 
 
 def inline_injective(sch: s_tir.Schedule, main: str, *, side: str) -> bool:

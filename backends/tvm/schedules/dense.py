@@ -34,6 +34,7 @@ from kiln.backends.tvm.schedules.analysis import (
     inline_epilogue,
     match_contraction,
     normalize_prim_func,
+    single_reduction,
 )
 
 log = logging.getLogger(__name__)
@@ -117,21 +118,19 @@ def schedule_contraction(func: tirx.PrimFunc | s_tir.Schedule,
 
 
 def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
-    infos = normalize_prim_func(sch)
-    if infos is None:
+    found = single_reduction(sch)
+    if found is None:
         return False
-    reductions = [info for info in infos if not info.is_injective()]
-    if len(reductions) != 1:
-        return False
-    main_name = reductions[0].name
-    candidates = match_contraction(sch, reductions[0].block_rv, ctx.const_params,
+    reduction = found[1]
+    main_name = reduction.name
+    candidates = match_contraction(sch, reduction.block_rv, ctx.const_params,
                                    all_candidates=True)
     if not candidates:
         return False
     # the preferred B (a weight) unless its column count has no register tile (e.g. a
     # 6625-class head): then the other operand's columns (the rows of C) are vectorized
     for match in candidates:
-        extent = sch.get(reductions[0].block_rv).iter_vars[match.col].dom.extent
+        extent = sch.get(reduction.block_rv).iter_vars[match.col].dom.extent
         if isinstance(extent, tirx.IntImm) and \
                 _tile_columns(int(extent), ctx.vector_lanes_f32) is not None:
             break
@@ -239,17 +238,8 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     if red_extent <= 8:
         sch.unroll(k_i)
 
-    sch.reverse_compute_at(c_local, fused, preserve_unit_loops=True)
-    sch.decompose_reduction(block, red_outer[0] if red_outer else k_i)
-    if after:
-        epilogue = sch.get_sblock(after[0])
-        try:
-            sch.reverse_compute_inline(epilogue)
-        except Exception:  # noqa: BLE001 - TVM raises several kinds; fall back to compute_at
-            sch.reverse_compute_at(epilogue, fused, preserve_unit_loops=True)
-    if c_col_last:  # else the write-back is strided (NCHW conv): leave it scalar
-        _vectorize_innermost(sch, c_local, lanes)
-    _vectorize_innermost(sch, sch.get_sblock(main_name + "_init"), lanes)
+    finish_register_tile(sch, block, c_local, fused, red_outer[0] if red_outer else k_i,
+                         after, vector_write_back=c_col_last, lanes=lanes)
 
     if pack_block is not None and not b_is_const:
         _parallel_vectorize(sch, pack_block, lanes)
@@ -263,6 +253,27 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         except Exception:  # noqa: BLE001 - best effort on a side loop nest
             pass
     return True
+
+
+def finish_register_tile(sch: s_tir.Schedule, block, c_local, tile, red_start, after: list[str],
+                         *, vector_write_back: bool, lanes: int) -> None:
+    """The tail every register-tiled contraction shares: the accumulator written back
+    per ``tile``, the reduction's init split off at ``red_start``, the epilogue inlined
+    into the write-back (else computed per tile), and the write-back and init
+    vectorized (the write-back only when C's columns are contiguous, ``vector_write_back``;
+    in NCHW it is strided and stays scalar)."""
+    name = sch.get(block).name_hint
+    sch.reverse_compute_at(c_local, tile, preserve_unit_loops=True)
+    sch.decompose_reduction(block, red_start)
+    if after:
+        epilogue = sch.get_sblock(after[0])
+        try:
+            sch.reverse_compute_inline(epilogue)
+        except Exception:  # noqa: BLE001 - TVM raises several kinds; fall back to compute_at
+            sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)
+    if vector_write_back:
+        _vectorize_innermost(sch, c_local, lanes)
+    _vectorize_innermost(sch, sch.get_sblock(name + "_init"), lanes)
 
 
 def _same_indices(a, b) -> bool:
@@ -317,4 +328,4 @@ def _parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
     _vectorize_innermost(sch, block, lanes)
 
 
-__all__ = ["schedule_contraction", "PREPROC_ANNOTATION"]
+__all__ = ["schedule_contraction", "finish_register_tile", "PREPROC_ANNOTATION"]

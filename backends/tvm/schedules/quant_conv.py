@@ -47,18 +47,19 @@ from kiln.backends.tvm.schedules.analysis import (
     inline_epilogue,
     match_contraction,
     normalize_prim_func,
+    single_reduction,
 )
 from kiln.backends.tvm.schedules.dense import (
     ACCUMULATORS,
     K_UNROLL,
     PREPROC_ANNOTATION,
+    finish_register_tile,
     _narrower_tile,
     _parallel_vectorize,
     _tile_columns,
     _tile_rows,
-    _vectorize_innermost,
 )
-from kiln.backends.tvm.schedules.quant_gemv import GEMV_ROWS, LOW_BIT_DTYPES
+from kiln.backends.tvm.schedules.quant_gemv import GEMV_ROWS, low_bit_params
 
 log = logging.getLogger(__name__)
 
@@ -71,28 +72,26 @@ TASKS_PER_CORE = 2
 
 def schedule_decode_conv(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
     """Schedule a fused (weight decode -> conv) PrimFunc; None when it is not one."""
-    low_bit = {str(p.name) for p in func.params if str(getattr(p, "dtype", "")) in LOW_BIT_DTYPES}
+    low_bit = low_bit_params(func)
     if not low_bit:
         return None
     sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    if infos is None:
+    found = single_reduction(sch)
+    if found is None:
         return None
-    reductions = [info for info in infos if not info.is_injective()]
-    if len(reductions) != 1:
-        return None
-    main_name = reductions[0].name
+    infos, reduction = found
+    main_name = reduction.name
     names = [info.name for info in infos]
     decode = _decode_blocks(sch, infos[: names.index(main_name)], low_bit)
     if not decode:
         return None
     weight = {str(sch.get(sch.get_sblock(name)).writes[0].source.name): name for name in decode}
-    main_reads = [str(r.source.name) for r in sch.get(reductions[0].block_rv).reads]
+    main_reads = [str(r.source.name) for r in sch.get(reduction.block_rv).reads]
     read_weights = sorted({name for name in main_reads if name in weight})
     if len(read_weights) != 1:
         return None
     last = weight[read_weights[0]]
-    matches = match_contraction(sch, reductions[0].block_rv, ctx.const_params,
+    matches = match_contraction(sch, reduction.block_rv, ctx.const_params,
                                 all_candidates=True) or []
     match = next((m for m in matches if str(m.b.name) == read_weights[0]), None)
     if match is None:
@@ -100,7 +99,7 @@ def schedule_decode_conv(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedul
     if match.batch or not match.rows:
         return None
     extents = [int(iv.dom.extent) if isinstance(iv.dom.extent, tirx.IntImm) else 0
-               for iv in sch.get(reductions[0].block_rv).iter_vars]
+               for iv in sch.get(reduction.block_rv).iter_vars]
     if math.prod(extents[r] for r in match.rows) <= GEMV_ROWS:
         return None  # decode_contraction's GEMV: the decode inlined in the K loop
     if len(match.reds) == 1 and match.b_dims[-1] == match.col:
@@ -261,17 +260,8 @@ def _schedule_panel(sch: s_tir.Schedule, main_name: str, last: str, match,
     else:
         sch.vectorize(col_loop)
 
-    sch.reverse_compute_at(c_local, tile, preserve_unit_loops=True)
-    sch.decompose_reduction(block, red_outer[0] if red_outer else k_i)
-    if after:
-        epilogue = sch.get_sblock(after[0])
-        try:
-            sch.reverse_compute_inline(epilogue)
-        except Exception:  # noqa: BLE001 - TVM raises several kinds; fall back to compute_at
-            sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)
-    if c_col_last:  # else the write-back is strided (NCHW conv): leave it scalar
-        _vectorize_innermost(sch, c_local, lanes)
-    _vectorize_innermost(sch, sch.get_sblock(main_name + "_init"), lanes)
+    finish_register_tile(sch, block, c_local, tile, red_outer[0] if red_outer else k_i,
+                         after, vector_write_back=c_col_last, lanes=lanes)
     # producers of A (padding, layout transposes) stay separate loop nests, in parallel
     for name in before:
         try:

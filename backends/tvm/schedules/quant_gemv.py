@@ -36,6 +36,7 @@ from kiln.backends.tvm.schedules.analysis import (
     inline_epilogue,
     match_contraction,
     normalize_prim_func,
+    single_reduction,
 )
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ GEMV_NR = 64
 K_UNROLL = 4
 
 
-def _low_bit_params(func: tirx.PrimFunc) -> set[str]:
-    # in TVM 0.27 a PrimFunc's params are its buffers
+def low_bit_params(func: tirx.PrimFunc) -> set[str]:
+    """Names of ``func``'s compressed-weight params (in TVM 0.27 params are buffers)."""
     return {str(p.name) for p in func.params if str(getattr(p, "dtype", "")) in LOW_BIT_DTYPES}
 
 
@@ -65,19 +66,18 @@ GROUPED_XSUM = "kiln_gemv_x_sum"
 
 def schedule_decode_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
     """Schedule a fused (weight decode -> matmul/dense) PrimFunc; None when it is not one."""
-    low_bit = _low_bit_params(func)
+    low_bit = low_bit_params(func)
     if not low_bit:
         return None
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is not None and any(i.name == GROUPED_PARTIAL for i in infos):
         return sch if _schedule_grouped_gemv(sch, ctx) else None
-    if infos is None:
+    found = single_reduction(sch)
+    if found is None:
         return None
-    reductions = [info for info in infos if not info.is_injective()]
-    if len(reductions) != 1:
-        return None
-    main_name = reductions[0].name
+    infos, reduction = found
+    main_name = reduction.name
     names = [info.name for info in infos]
     producers = infos[: names.index(main_name)]
     if not producers:
@@ -86,13 +86,13 @@ def schedule_decode_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.
     reads = {region.source.name for p in producers for region in sch.get(p.block_rv).reads}
     if not reads & low_bit:
         return None
-    match = match_contraction(sch, reductions[0].block_rv)
+    match = match_contraction(sch, reduction.block_rv)
     if match is None or match.b.name not in {str(sch.get(p.block_rv).writes[0].source.name)
                                              for p in producers}:
         return None
     if match.batch or len(match.reds) != 1:
         return None
-    stmt = sch.get(reductions[0].block_rv)
+    stmt = sch.get(reduction.block_rv)
     extents = [int(iv.dom.extent) for iv in stmt.iter_vars]
     n = extents[match.col]
     lanes = ctx.vector_lanes_f32

@@ -20,7 +20,7 @@ from tvm import s_tir, tirx
 
 from kiln.backends.tvm.schedules.analysis import (RuleContext, choose, choose_factor,
                                                   inline_epilogue, inline_injective,
-                                                  normalize_prim_func)
+                                                  normalize_prim_func, single_reduction)
 from kiln.backends.tvm.schedules.analysis import collect_vars_used_in_prim_expr
 from kiln.backends.tvm.schedules.dense import PREPROC_ANNOTATION
 
@@ -79,14 +79,11 @@ def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
                               ctx: RuleContext) -> s_tir.Schedule | None:
     """Schedule ``func``'s window reduction (a Schedule is scheduled in place)."""
     sch = func if isinstance(func, s_tir.Schedule) else s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    if infos is None:
+    found = single_reduction(sch)
+    if found is None:
         return None
-    reductions = [info for info in infos if not info.is_injective()]
-    if len(reductions) != 1:
-        return None
-    name = reductions[0].name
-    block = reductions[0].block_rv
+    name = found[1].name
+    block = found[1].block_rv
     stmt = sch.get(block)
     if not isinstance(stmt.body, tirx.BufferStore) or stmt.init is None:
         return None
