@@ -19,12 +19,11 @@ import tvm
 from tvm import relax
 from tvm.relax.dpl import GlobalVarPattern, TuplePattern, is_op, wildcard
 
+from .keep_compressed import COMPRESSED_DTYPES as LOW_BIT_DTYPES
+
 logger = logging.getLogger(__name__)
 
 #: Element types that mark a decode kernel's input as a compressed weight (uint16: codebook
-#: indices of more than 256 centroids).
-LOW_BIT_DTYPES = frozenset({"int8", "uint8", "int4", "uint4", "float8_e4m3fn", "float8_e5m2",
-                            "uint16"})
 #: Legalized kernel names of the contractions a decode may fuse into.
 _CONTRACTION = re.compile(r"matmul|dense|conv")
 #: Consumers with up to this many arguments are matched (x, w, bias, residual, ...).

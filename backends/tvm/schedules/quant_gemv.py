@@ -30,6 +30,7 @@ import logging
 
 from tvm import s_tir, tirx
 
+from kiln.backends.tvm.keep_compressed import COMPRESSED_DTYPES
 from kiln.backends.tvm.schedules.analysis import (
     RuleContext,
     const_extent,
@@ -41,9 +42,9 @@ from kiln.backends.tvm.schedules.analysis import (
 
 log = logging.getLogger(__name__)
 
-#: Element types whose presence among a decode's inputs marks a compressed weight.
-LOW_BIT_DTYPES = frozenset({"int8", "uint8", "int4", "uint4", "float8_e4m3fn", "float8_e5m2",
-                            "uint16"})
+#: Element types whose presence among a decode's inputs marks a compressed weight (one
+#: definition for folding, decode fusion and these rules).
+LOW_BIT_DTYPES = COMPRESSED_DTYPES
 #: Up to this many rows the decode is inlined into the K loop (decoded once per row).
 GEMV_ROWS = 4
 #: Rows per register tile in the panel (GEMM) form.
