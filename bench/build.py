@@ -1,6 +1,6 @@
 """Build one case with kiln and return a callable over numpy inputs.
 
-kiln's own API (``kiln.compiler.frontend.load_model`` and
+kiln's own API (``kiln.compiler.core.frontend.load_model`` and
 ``kiln.backends.tvm``'s ``lower_to_relax``/``build_artifact``/``load``) is used
 when it is present; until then a bench-private build goes through TVM with the
 same steps (bind shapes, fold constants, import, kiln's CPU pipeline).
@@ -36,7 +36,7 @@ class BuiltCase:
 
 def _kiln_api_present() -> bool:
     try:
-        return (importlib.util.find_spec("kiln.compiler.frontend") is not None
+        return (importlib.util.find_spec("kiln.compiler.core.frontend") is not None
                 and importlib.util.find_spec("kiln.backends.tvm.build") is not None
                 and importlib.util.find_spec("kiln.backends.tvm.runtime") is not None)
     except ModuleNotFoundError:
@@ -63,7 +63,7 @@ def build_case(case: PreparedCase, outdir: Path, target: str = "host", *,
 def _build_with_kiln(case: PreparedCase, outdir: Path, target: str, tuning: str) -> BuiltCase:
     from kiln.backends.tvm.build import build_artifact
     from kiln.backends.tvm.runtime import load
-    from kiln.compiler.frontend import load_model
+    from kiln.compiler.core.frontend import load_model
 
     start = time.perf_counter()
     model = load_model(str(case.onnx_path), input_shapes=case.input_shapes)
@@ -97,7 +97,7 @@ def compile_with_kiln(case: PreparedCase, tuning: str = "shipped", target: str =
     from kiln.backends.tvm.pipeline import relax_pipeline
     from kiln.backends.tvm.targets import resolve_target
     from kiln.backends.tvm.tuning import database_dirs, open_database
-    from kiln.compiler.frontend import load_model
+    from kiln.compiler.core.frontend import load_model
 
     start = time.perf_counter()
     resolved = resolve_target(target)

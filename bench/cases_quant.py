@@ -211,7 +211,7 @@ def _spec_case(name: str, spec: str, make) -> Callable[[Path], PreparedCase]:
 
     def prepare(workdir: Path) -> PreparedCase:
         from bench.cases import PreparedCase
-        from kiln.compiler.pipeline import compile_model
+        from kiln.compiler.driver.compile import compile_model
 
         model, example, names = make()
         source = _export(model, example, workdir / f"{name}-fp32.onnx", names)
@@ -307,7 +307,7 @@ def _build(onnx_path: Path, input_shapes, outdir: Path):
     import hashlib
 
     from kiln.backends.tvm import build_artifact, load
-    from kiln.compiler.frontend import load_model
+    from kiln.compiler.core.frontend import load_model
 
     start = time.perf_counter()
     model = load_model(str(onnx_path), input_shapes=input_shapes)
@@ -453,7 +453,7 @@ def kernel_profile(onnx_path: Path, input_shapes, feeds, repeats: int = 5) -> di
     from kiln.backends.tvm.lower import lower_to_relax
     from kiln.backends.tvm.pipeline import relax_pipeline
     from kiln.backends.tvm.targets import resolve_target
-    from kiln.compiler.frontend import load_model
+    from kiln.compiler.core.frontend import load_model
 
     target = resolve_target("host")
     mod = lower_to_relax(load_model(str(onnx_path), input_shapes=input_shapes))

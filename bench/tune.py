@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         recheck_records,
         tune_relax_module,
     )
-    from kiln.compiler.frontend import load_model
+    from kiln.compiler.core.frontend import load_model
 
     budgets = {name: int(n) for name, n in
                (item.split("=") for item in args.case_trials.split(",") if item)}

@@ -1,25 +1,25 @@
-"""kiln.compiler: the IR helpers, frontends, spec language and selectors (the core),
-and on top of them the pipeline driver, verification, report and CLI."""
+"""kiln.compiler: ``core`` (IR helpers, frontends, spec language, selectors, pass API: what
+passes and backends may import) and ``driver`` (pipeline, verification, report, CLI)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kiln.compiler.pipeline import CompileResult, compile_model, plan_model
-    from kiln.compiler.spec import Spec, load_spec
+    from kiln.compiler.driver.compile import CompileResult, compile_model, plan_model
+    from kiln.compiler.core.spec import Spec, load_spec
 
 __all__ = ["compile_model", "plan_model", "load_spec", "CompileResult", "Spec"]
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: importing kiln.compiler.errors must not pull in the pipeline (and its backends).
+    # Lazy: importing kiln.compiler.core.errors must not pull in the pipeline (and its backends).
     if name in ("compile_model", "plan_model", "CompileResult"):
-        from kiln.compiler import pipeline
+        from kiln.compiler.driver import compile as pipeline
 
         return getattr(pipeline, name)
     if name in ("load_spec", "Spec"):
-        from kiln.compiler import spec
+        from kiln.compiler.core import spec
 
         return getattr(spec, name)
     raise AttributeError(name)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from kiln.compiler import ir as kir
-from kiln.compiler.errors import OutputError
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.errors import OutputError
 
 PRODUCER_NAME = "kiln"
 

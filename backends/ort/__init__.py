@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler import ir as kir
-from kiln.compiler.errors import VerificationError
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.errors import VerificationError
 
 
 class ReferenceRunner:

@@ -14,7 +14,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from kiln.compiler.errors import LoweringError
+from kiln.compiler.core.errors import LoweringError
 
 from .targets import ResolvedTarget, resolve_target
 

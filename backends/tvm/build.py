@@ -24,8 +24,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from kiln.compiler.errors import LoweringError
-from kiln.compiler.ir import graph_inputs
+from kiln.compiler.core.errors import LoweringError
+from kiln.compiler.core.graph import graph_inputs
 
 from .binary_check import check_binary
 from .lower import check_static_inputs, lower_to_relax

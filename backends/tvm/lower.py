@@ -33,8 +33,8 @@ from collections.abc import Iterator
 import onnx
 import onnx_ir as ir
 
-from kiln.compiler.errors import LoweringError
-from kiln.compiler.ir import graph_inputs
+from kiln.compiler.core.errors import LoweringError
+from kiln.compiler.core.graph import graph_inputs
 
 from .dequantize import (
     CODEBOOK_OP,

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.compiler.errors import KilnError
+from kiln.compiler.core.errors import KilnError
 
 MANIFEST_NAME = "manifest.json"
 LIBRARY_NAME = "model.so"

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.compiler.errors import KilnError
+from kiln.compiler.core.errors import KilnError
 
 from .manifest import Manifest, TensorSpec, read_manifest, write_atomic
 from .targets import cuda_device_present, host_arch

@@ -39,7 +39,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from kiln.compiler.errors import KilnError
+from kiln.compiler.core.errors import KilnError
 
 logger = logging.getLogger(__name__)
 

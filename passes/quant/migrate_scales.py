@@ -25,9 +25,9 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from kiln.compiler import ir as kir
-from kiln.compiler.errors import PassError
-from kiln.compiler.pass_api import (Candidate, KilnPass, PassConfig, add_initializer,
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.errors import PassError
+from kiln.compiler.core.pass_api import (Candidate, KilnPass, PassConfig, add_initializer,
                                     remove_unused_initializers, unique_name)
 from kiln.passes.quant.weights import WEIGHT_OPS, WeightSite, find_weight
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler import ir as kir
+from kiln.compiler.core import graph as kir
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)

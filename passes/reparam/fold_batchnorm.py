@@ -22,8 +22,8 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from kiln.compiler import ir as kir
-from kiln.compiler.pass_api import (Candidate, KilnPass, PassConfig, add_initializer,
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.pass_api import (Candidate, KilnPass, PassConfig, add_initializer,
                                     copy_metadata, remove_unused_initializers, replace_value,
                                     unique_name)
 

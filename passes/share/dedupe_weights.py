@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from pydantic import Field
 
-from kiln.compiler import ir as kir
-from kiln.compiler.pass_api import Candidate, KilnPass, PassConfig
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig
 
 
 class DedupeWeightsConfig(PassConfig):

@@ -1,7 +1,7 @@
 """Edge check: build small models for arm64, run them on an emulated arm64 Linux, and
 compare with the host build.
 
-    .venv/bin/python tools/edge/edge_check.py [--model compiler/examples/tiny_cnn.onnx]
+    .venv/bin/python tools/edge/edge_check.py [--model compiler/core/examples/tiny_cnn.onnx]
                                               [--no-quantized]
 
 Two models: the fp32 ``--model`` and an int4 weight-only one (:func:`quantized_model`:
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO / "compiler" / "examples" / "tiny_cnn.onnx"
+DEFAULT_MODEL = REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx"
 SUITE = "bookworm"
 TARGET_PYTHON = "3.11"  # bookworm's python3
 WHEELS = ("numpy", "ml_dtypes", "typing_extensions", "apache-tvm-ffi==0.1.14.post1",
@@ -191,7 +191,7 @@ def build(model, work: Path, *, compressed: bool = False) -> tuple[Path, Path, P
     ``compressed``: the arm64 build must have kernels that read compressed weights.
     """
     from kiln.backends.tvm import build_artifact
-    from kiln.compiler.ir import graph_inputs, model_digest
+    from kiln.compiler.core.graph import graph_inputs, model_digest
 
     digest = model_digest(model)
     host = build_artifact(model, "host", work / "host", model_hash=digest)
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     start = time.perf_counter()
     try:
-        from kiln.compiler.frontend import load_model
+        from kiln.compiler.core.frontend import load_model
 
         check_tools()
         root = cache_root()

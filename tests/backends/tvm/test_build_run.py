@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kiln.backends.tvm import build_artifact, load, run_artifact
-from kiln.compiler.errors import KilnError
+from kiln.compiler.core.errors import KilnError
 
 from .onnx_models import (
     REL_TOL,
@@ -82,7 +82,7 @@ def test_run_artifact_reads_and_writes_npz(cnn_artifact, tmp_path):
 
 
 def test_declared_inputs_must_match_the_model(tmp_path):
-    from kiln.compiler.errors import LoweringError
+    from kiln.compiler.core.errors import LoweringError
 
     with pytest.raises(LoweringError, match="declared inputs"):
         build_artifact(to_ir(tiny_cnn()), "host", tmp_path, model_hash="h",

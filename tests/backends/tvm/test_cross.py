@@ -11,7 +11,7 @@ import pytest
 
 from kiln.backends.tvm import build_artifact, check_binary, load
 from kiln.backends.tvm.targets import cuda_device_present
-from kiln.compiler.errors import LoweringError
+from kiln.compiler.core.errors import LoweringError
 
 from .onnx_models import REL_TOL, relative_error, tiny_cnn, to_ir
 
@@ -48,7 +48,7 @@ def test_check_binary_rejects_the_wrong_architecture(arm64_build):
 
 
 def test_loading_a_foreign_artifact_is_a_clear_error(arm64_build):
-    from kiln.compiler.errors import KilnError
+    from kiln.compiler.core.errors import KilnError
 
     with pytest.raises(KilnError, match="built for aarch64"):
         load(arm64_build.library.parent)
@@ -57,7 +57,7 @@ def test_loading_a_foreign_artifact_is_a_clear_error(arm64_build):
 @pytest.fixture(scope="module")
 def encoder_model():
     pytest.importorskip("torch")
-    from kiln.compiler.frontend import load_model
+    from kiln.compiler.core.frontend import load_model
 
     return load_model("tests.torch_models:small_encoder")
 

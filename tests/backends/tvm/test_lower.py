@@ -7,7 +7,7 @@ import pytest
 
 from kiln.backends.tvm import lower_to_relax, resolve_target
 from kiln.backends.tvm.pipeline import build_phases
-from kiln.compiler.errors import LoweringError
+from kiln.compiler.core.errors import LoweringError
 
 from .onnx_models import blocked_int4_matmul, tiny_cnn, to_ir, with_unsupported_ops
 

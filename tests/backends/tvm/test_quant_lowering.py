@@ -16,7 +16,7 @@ import onnx_ir as ir
 import pytest
 
 from kiln.backends.tvm import build_artifact, check_binary, load
-from kiln.compiler import ir as kir
+from kiln.compiler.core import graph as kir
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig
 from tests.passes.quant import models
 
@@ -250,7 +250,7 @@ BUILTIN_QUANT_SPECS = {"int8": QDQ_REL_TOL, "int4-weights": REL_TOL, "fp4-llm": 
 def _compile_mlp(spec: str, tmp_path):
     import onnx
 
-    from kiln.compiler.pipeline import compile_model
+    from kiln.compiler.driver.compile import compile_model
 
     model = models.mlp(d_in=256, hidden=512, d_out=128, batch=4)
     source = tmp_path / "mlp.onnx"

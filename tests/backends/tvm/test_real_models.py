@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from kiln.backends.tvm import build_artifact, load
-from kiln.compiler.frontend import load_model
+from kiln.compiler.core.frontend import load_model
 from tests.real_models import (
     LIGHT_MODELS,
     light_model,

@@ -7,7 +7,7 @@ import pytest
 from kiln.backends.tvm import TARGETS, resolve_target
 from kiln.backends.tvm import targets as targets_module
 from kiln.backends.tvm.targets import cpu_from_flags, require_cross_compiler
-from kiln.compiler.errors import KilnError
+from kiln.compiler.core.errors import KilnError
 
 
 def test_every_preset_resolves_to_a_valid_tvm_target():

@@ -163,7 +163,7 @@ def test_bench_tune_recheck_drops_a_record_slower_than_kiln(tmp_path, monkeypatc
     from bench import tune as bench_tune
     from bench.cases import CASES
     from kiln.backends.tvm.tuning import _legalized, tuning_target
-    from kiln.compiler.frontend import load_model
+    from kiln.compiler.core.frontend import load_model
 
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
     target = resolve_target("host")

@@ -9,8 +9,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.backends.ort import collect_activations
-from kiln.compiler import ir as kir
-from kiln.compiler.pass_api import CalibrationContext
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.pass_api import CalibrationContext
 
 
 def _init(name, array):

@@ -12,10 +12,10 @@ import onnx_ir as ir
 import pytest
 from pydantic import ValidationError
 
-from kiln.compiler import ir as kir
-from kiln.compiler.errors import PassError
-from kiln.compiler.pipeline import compile_model
-from kiln.compiler.spec import load_spec
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.errors import PassError
+from kiln.compiler.driver.compile import compile_model
+from kiln.compiler.core.spec import load_spec
 from kiln.passes.quant import formats, kiln_ops
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig
 from tests.passes.quant import models
@@ -239,7 +239,7 @@ def test_file_shrinks_with_bits(mode, bits):
 
 
 def test_tiny_cnn_int8_spec_end_to_end(tmp_path):
-    result = compile_model("compiler/examples/tiny_cnn.onnx", load_spec("int8"))
+    result = compile_model("compiler/core/examples/tiny_cnn.onnx", load_spec("int8"))
     quant = next(p for p in result.report.passes if p.name == "quantize")
     assert quant.matched == 4 and quant.sqnr_db > 30
     out = result.save(tmp_path)
@@ -276,7 +276,7 @@ def test_encoder_weight_specs_end_to_end(encoder_onnx, spec, floor, tmp_path):
         assert migrate.name == "migrate_scales" and migrate.matched == 4
         assert migrate.sqnr_db == float("inf")      # pow2: bit-exact
     out = result.save(tmp_path)
-    from kiln.compiler.frontend import load_model
+    from kiln.compiler.core.frontend import load_model
 
     float_size = len(kir.model_bytes(load_model(encoder_onnx)))
     assert (out / "model.onnx").stat().st_size < 0.3 * float_size

@@ -130,9 +130,9 @@ def test_float_rec_reads_the_rendered_lines(rec: RecCase, float_decodes: list[li
 def test_quantized_rec_greedy_ctc_agrees_with_float(rec: RecCase, spec_name: str,
                                                     float_decodes: list[list[int]]):
     """The spec's quantized model decodes (nearly) every line as float does."""
-    from kiln.compiler import ir as kir
-    from kiln.compiler.pipeline import compile_model
-    from kiln.compiler.spec import spec_from_text
+    from kiln.compiler.core import graph as kir
+    from kiln.compiler.driver.compile import compile_model
+    from kiln.compiler.core.spec import spec_from_text
 
     text, quantized_nodes = SPECS[spec_name]
     result = compile_model(rec.source, spec_from_text(text.format(npz=rec.calibration)),

@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.compiler import ir as kir
+from kiln.compiler.core import graph as kir
 from kiln.passes.reparam.fold_batchnorm import FoldBatchNorm, FoldBatchNormConfig
 
 # float32 rounding of W*s and (b-mu)*s+beta, relative to the output's magnitude
@@ -213,7 +213,7 @@ def test_torch_conv_bn_exported_unoptimized():
 
     module, args = cnn_with_batchnorm()
     model = torch.onnx.export(module, args, dynamo=True, optimize=False).model
-    from kiln.compiler.frontend import fold_constants
+    from kiln.compiler.core.frontend import fold_constants
 
     fold_constants(model)
     assert _ops(model).count("BatchNormalization") == 2

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.compiler import ir as kir
+from kiln.compiler.core import graph as kir
 from kiln.passes.share.dedupe_weights import DedupeWeights, DedupeWeightsConfig
 
 

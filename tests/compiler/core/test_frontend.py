@@ -8,12 +8,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from kiln.compiler import ir as kir
-from kiln.compiler.errors import FrontendError
-from kiln.compiler.frontend import load_model, parse_input_binding
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.errors import FrontendError
+from kiln.compiler.core.frontend import load_model, parse_input_binding
 from tests.real_models import rapidocr_input_shape, rapidocr_model
 
-EXAMPLE = "compiler/examples/tiny_cnn.onnx"
+EXAMPLE = "compiler/core/examples/tiny_cnn.onnx"
 
 
 def _run(model, feeds):

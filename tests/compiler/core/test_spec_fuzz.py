@@ -12,9 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kiln.compiler.errors import SpecError
-from kiln.compiler.pipeline import build_steps
-from kiln.compiler.spec import Spec, load_spec, spec_from_text
+from kiln.compiler.core.errors import SpecError
+from kiln.compiler.driver.compile import build_steps
+from kiln.compiler.core.spec import Spec, load_spec, spec_from_text
 
 # KILN_FUZZ_EXAMPLES=5000 for a longer hunt (3000 ran clean in about two minutes).
 EXAMPLES = int(os.environ.get("KILN_FUZZ_EXAMPLES", "200"))

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from kiln.compiler.errors import FrontendError
+from kiln.compiler.core.errors import FrontendError
 
 logger = logging.getLogger(__name__)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler import ir as kir
-from kiln.compiler.errors import SpecError, VerificationError
-from kiln.compiler.spec import Spec
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.errors import SpecError, VerificationError
+from kiln.compiler.core.spec import Spec
 
 Feeds = dict[str, np.ndarray]
 

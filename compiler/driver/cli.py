@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kiln.compiler.errors import KilnError, OutputError
+from kiln.compiler.core.errors import KilnError, OutputError
 
 logger = logging.getLogger("kiln")
 
@@ -50,7 +50,7 @@ def _progress(enabled: bool):
 
 
 def _input_shapes(bindings: list[str] | None) -> dict[str, list[int]]:
-    from kiln.compiler.frontend import parse_input_binding
+    from kiln.compiler.core.frontend import parse_input_binding
 
     shapes = {}
     for text in bindings or ():
@@ -60,7 +60,7 @@ def _input_shapes(bindings: list[str] | None) -> dict[str, list[int]]:
 
 
 def _load_spec(ref: str | None):
-    from kiln.compiler.spec import default_spec, load_spec
+    from kiln.compiler.core.spec import default_spec, load_spec
 
     return load_spec(ref) if ref else default_spec()
 
@@ -110,7 +110,7 @@ def _check_outdir(out: Path, model: Path, writes_onnx: bool) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from kiln.compiler.pipeline import compile_model
+    from kiln.compiler.driver.compile import compile_model
 
     spec = _load_spec(args.spec)
     target = _target_arg(args.target)
@@ -153,7 +153,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from kiln.compiler.pipeline import plan_model
+    from kiln.compiler.driver.compile import plan_model
 
     spec = _load_spec(args.spec)
     plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input))
@@ -174,7 +174,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_passes(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from kiln.compiler import registry
+    from kiln.compiler.driver import registry
 
     console = _console()
     for name, info in sorted(registry.available().items()):
@@ -203,8 +203,8 @@ def _type_name(annotation) -> str:
 
 def spec_json_schema() -> dict:
     """The spec's JSON Schema, with each registered pass's options."""
-    from kiln.compiler import registry
-    from kiln.compiler.spec import Budget, Selector, Spec
+    from kiln.compiler.driver import registry
+    from kiln.compiler.core.spec import Budget, Selector, Spec
 
     schema = Spec.model_json_schema(mode="validation")
     schema.setdefault("$defs", {})

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.compiler.cli import main
-from kiln.compiler.spec import builtin_specs
+from kiln.compiler.driver.cli import main
+from kiln.compiler.core.spec import builtin_specs
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "compiler" / "examples" / "tiny_cnn.onnx"
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLE = REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx"
 TORCH_SOURCE = "tests.torch_models:cnn_with_batchnorm"
 PASS_KEYS = ("name", "matched", "modified", "params_before", "params_after", "bytes_before",
              "bytes_after", "sqnr_db", "max_abs_err", "seconds")

@@ -10,13 +10,13 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from kiln.compiler import registry
-from kiln.compiler.errors import SpecError, VerificationError
-from kiln.compiler.pass_api import Candidate, KilnPass, PassConfig, add_initializer
-from kiln.compiler.pipeline import compile_model, plan_model
-from kiln.compiler.spec import spec_from_text
+from kiln.compiler.driver import registry
+from kiln.compiler.core.errors import SpecError, VerificationError
+from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig, add_initializer
+from kiln.compiler.driver.compile import compile_model, plan_model
+from kiln.compiler.core.spec import spec_from_text
 
-EXAMPLE = "compiler/examples/tiny_cnn.onnx"
+EXAMPLE = "compiler/core/examples/tiny_cnn.onnx"
 
 
 class NoiseConfig(PassConfig):

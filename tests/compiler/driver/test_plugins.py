@@ -13,10 +13,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from kiln.compiler.cli import main
+from kiln.compiler.driver.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "compiler" / "examples" / "tiny_cnn.onnx"
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLE = REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx"
 
 PYPROJECT = """\
 [build-system]
@@ -40,7 +40,7 @@ MODULE = '''\
 
 from pydantic import Field
 
-from kiln.compiler.pass_api import Candidate, KilnPass, PassConfig
+from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig
 
 
 class MyPassConfig(PassConfig):
@@ -90,7 +90,7 @@ def plugin_site(tmp_path_factory) -> Path:
 def kiln(site: Path, *argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)}
-    return subprocess.run([sys.executable, "-m", "kiln.compiler.cli", *argv], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "kiln.compiler.driver.cli", *argv], cwd=cwd,
                           env=env, capture_output=True, text=True, timeout=120)
 
 

@@ -1,10 +1,10 @@
-"""The bundled example model for ``make demo`` (compiler/examples/tiny_cnn.onnx).
+"""The bundled example model for ``make demo`` (compiler/core/examples/tiny_cnn.onnx).
 
 A small CNN written directly in ONNX with a seeded generator: Conv+BatchNormalization,
 two convolutions whose weights are byte-identical copies, and a Gemm followed by a
 per-channel Mul+Add, so the ``reparam`` spec has something to fold, something to
 dedupe and something it must refuse. Regenerate with
-``python -m kiln.compiler.example_models`` (the output is byte-identical).
+``python -m kiln.compiler.core.example_models`` (the output is byte-identical).
 """
 
 from __future__ import annotations

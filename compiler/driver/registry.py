@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib.metadata import entry_points
 
-from kiln.compiler.errors import KilnError
-from kiln.compiler.pass_api import KilnPass
+from kiln.compiler.core.errors import KilnError
+from kiln.compiler.core.pass_api import KilnPass
 
 logger = logging.getLogger(__name__)
 

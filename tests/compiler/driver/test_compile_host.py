@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kiln.backends.tvm import load
-from kiln.compiler.pipeline import compile_model
+from kiln.compiler.driver.compile import compile_model
 
 # The compiled module vs ONNX Runtime on the same inputs (relative to max |output|).
 MATCH_RTOL = 1e-4
@@ -56,10 +56,10 @@ def test_bench_encoder_fp32(tmp_path):
 
 
 def test_kiln_run_cli(tmp_path, capsys):
-    from kiln.compiler.cli import main
+    from kiln.compiler.driver.cli import main
 
     out = tmp_path / "build"
-    assert main(["compile", "compiler/examples/tiny_cnn.onnx", "--spec", "reparam",
+    assert main(["compile", "compiler/core/examples/tiny_cnn.onnx", "--spec", "reparam",
                  "--target", "host", "-o", str(out), "-q"]) == 0
     x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
     np.savez(tmp_path / "in.npz", x=x)

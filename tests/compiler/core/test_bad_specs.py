@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from kiln.compiler.cli import main
+from kiln.compiler.driver.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = str(REPO / "compiler" / "examples" / "tiny_cnn.onnx")
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLE = str(REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -231,7 +231,7 @@ def test_odd_input_name_is_quoted_in_key_path(tmp_path, capsys):
 # -- real processes: exit code 2, one line on stderr, nothing on stdout, no traceback ------
 
 def kiln(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.compiler.cli", *argv], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "kiln.compiler.driver.cli", *argv], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
 
 

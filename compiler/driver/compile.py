@@ -23,17 +23,17 @@ from typing import Any
 import onnx_ir as ir
 from pydantic import ValidationError
 
-from kiln.compiler import ir as kir
-from kiln.compiler import registry
-from kiln.compiler.errors import (FrontendError, KilnError, PassError, SpecError,
+from kiln.compiler.core import graph as kir
+from kiln.compiler.driver import registry
+from kiln.compiler.core.errors import (FrontendError, KilnError, PassError, SpecError,
                                   VerificationError)
-from kiln.compiler.frontend import load_model
-from kiln.compiler.pass_api import CalibrationContext, Candidate, KilnPass, PassConfig
-from kiln.compiler.report import CompiledReport, CompileReport, PassReport
-from kiln.compiler.selectors import describe, node_selected, select_nodes
-from kiln.compiler.spec import (Budget, PassEntry, Spec, default_spec, load_spec,
+from kiln.compiler.core.frontend import load_model
+from kiln.compiler.core.pass_api import CalibrationContext, Candidate, KilnPass, PassConfig
+from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
+from kiln.compiler.core.selectors import describe, node_selected, select_nodes
+from kiln.compiler.core.spec import (Budget, PassEntry, Spec, default_spec, load_spec,
                                 validation_error_to_spec_error)
-from kiln.compiler.verify import ErrorMetrics, Feeds, compare, make_samples
+from kiln.compiler.driver.verify import ErrorMetrics, Feeds, compare, make_samples
 
 logger = logging.getLogger(__name__)
 

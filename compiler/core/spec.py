@@ -21,7 +21,7 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
                       field_validator, model_validator)
 
-from kiln.compiler.errors import SpecError
+from kiln.compiler.core.errors import SpecError
 
 SPEC_VERSION = 1
 KeyPath = tuple[str | int, ...]

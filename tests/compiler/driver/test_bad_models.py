@@ -12,10 +12,10 @@ from pathlib import Path
 import onnx
 import pytest
 
-from kiln.compiler.cli import main
+from kiln.compiler.driver.cli import main
 
-REPO = Path(__file__).resolve().parents[2]
-EXAMPLE = REPO / "compiler" / "examples" / "tiny_cnn.onnx"
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLE = REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx"
 
 
 def compile_error(capsys, *argv: str) -> str:
@@ -161,7 +161,7 @@ def test_zip_that_is_not_an_export(models, capsys):
 # -- real processes ----------------------------------------------------------------------
 
 def kiln(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kiln.compiler.cli", *argv], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "kiln.compiler.driver.cli", *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -179,8 +179,8 @@ def test_subprocess_bad_input_binding():
 
 def test_long_library_messages_are_cut_to_two_lines(capsys, monkeypatch):
     """Errors carrying a library's multi-line text still print at most two lines."""
-    from kiln.compiler import pipeline
-    from kiln.compiler.errors import FrontendError
+    from kiln.compiler.driver import compile as pipeline
+    from kiln.compiler.core.errors import FrontendError
 
     def load_model(source, **_):
         raise FrontendError(f"{source}: the loader said:\nline one\nline two\nline three")

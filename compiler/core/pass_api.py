@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import onnx_ir as ir
 from pydantic import BaseModel, ConfigDict
 
-from kiln.compiler import ir as kir
+from kiln.compiler.core import graph as kir
 
 
 class PassConfig(BaseModel):

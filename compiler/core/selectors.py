@@ -15,8 +15,8 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from kiln.compiler import ir as kir
-from kiln.compiler.spec import ParamCondition, Selector, SelectorBase
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.spec import ParamCondition, Selector, SelectorBase
 
 
 def _pattern_matches(pattern: str, text: str) -> bool:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.compiler.frontend import load_model
-from kiln.compiler.selectors import select_nodes
-from kiln.compiler.spec import Selector
+from kiln.compiler.core.frontend import load_model
+from kiln.compiler.core.selectors import select_nodes
+from kiln.compiler.core.spec import Selector
 
 
 @pytest.fixture(scope="module")
 def example():
-    return load_model("compiler/examples/tiny_cnn.onnx")
+    return load_model("compiler/core/examples/tiny_cnn.onnx")
 
 
 @pytest.fixture(scope="module")
