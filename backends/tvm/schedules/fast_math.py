@@ -10,6 +10,8 @@ contraction rules vectorize.
 
     gelu(x)    = x * (0.5 + 0.5 * fast_erf(x / sqrt(2)))
     softmax(x) = e / sum(e),  e = fast_exp(x - max(x))
+    sigmoid(x) = 1 / (1 + fast_exp(-x))      (SiLU/swish epilogues of YOLO-style convs)
+    tanh(x)    = fast_tanh(x)                (TOPI's clamped rational approximation)
 
 Other dtypes keep TVM's own legalization.
 """
@@ -70,10 +72,27 @@ def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
                       primfunc_name_hint="softmax")
 
 
+def _sigmoid_te(x):
+    # fast_exp clamps its argument to [-88.4, 88.4], so exp(-x) never overflows to inf
+    return topi.divide(1.0, topi.add(topi.fast_exp(topi.negative(x)), 1.0))
+
+
+def _sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if not _is_f32(call):
+        return _default("relax.sigmoid")(bb, call)
+    return bb.call_te(_sigmoid_te, call.args[0], primfunc_name_hint="sigmoid")
+
+
+def _tanh(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+    if not _is_f32(call):
+        return _default("relax.tanh")(bb, call)
+    return bb.call_te(topi.fast_tanh, call.args[0], primfunc_name_hint="tanh")
+
+
 def cpu_legalize_map() -> dict:
     """``LegalizeOps(customize_legalize_map=...)`` for CPU builds."""
     return {"relax.erf": _erf, "relax.nn.gelu": _gelu, "relax.exp": _exp,
-            "relax.nn.softmax": _softmax}
+            "relax.nn.softmax": _softmax, "relax.sigmoid": _sigmoid, "relax.tanh": _tanh}
 
 
 __all__ = ["cpu_legalize_map"]
