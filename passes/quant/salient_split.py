@@ -29,11 +29,13 @@ import onnx_ir as ir
 from pydantic import Field
 
 from kiln.compiler.core import graph as kir
+from kiln.compiler.core import packing
 from kiln.compiler.core.errors import PassError
+from kiln.compiler.core.opset import BLOCKED_OPSET, ensure_opset
 from kiln.compiler.core.pass_api import (Candidate, KilnPass, PassConfig, add_initializer,
                                     remove_unused_initializers, unique_name)
 from kiln.passes.quant import formats, kiln_ops
-from kiln.passes.quant.quantize import BLOCKED_OPSET, ensure_opset, int_attribute
+from kiln.passes.quant.emit import int_attribute
 from kiln.passes.quant.weights import QUANT_KEY, WeightSite, find_weight
 
 
@@ -180,7 +182,7 @@ class SalientSplit(KilnPass):
             return node.outputs[0]
 
         K, N = k.shape
-        bits = op("UnpackBits", [init("mask", formats.pack_bits(mask.astype(np.uint8), 1))],
+        bits = op("UnpackBits", [init("mask", packing.pack_bits(mask.astype(np.uint8), 1))],
                   "mask_codes", kiln_ops.DOMAIN, bits=1, shape=[K])
         as_bool = op("Cast", [bits], "mask_bool", to=ir.DataType.BOOL)
         salient_rows_ = op("NonZero", [as_bool], "salient_rows")
@@ -190,7 +192,7 @@ class SalientSplit(KilnPass):
         w_s = op("DequantizeLinear", [init("salient_q", codes.astype(ml_dtypes.int4)),
                                       init("salient_scale", col_scale.astype(dtype))],
                  "salient_dequantized", axis=1)
-        sign_codes = op("UnpackBits", [init("signs", formats.pack_bits(signs, 1))],
+        sign_codes = op("UnpackBits", [init("signs", packing.pack_bits(signs, 1))],
                         "sign_codes", kiln_ops.DOMAIN, bits=1, shape=list(signs.shape))
         w_b = op("DequantizeTable", [sign_codes, init("sign_table", np.array([-1, 1], dtype)),
                                      init("block_scale", alpha.astype(dtype))],

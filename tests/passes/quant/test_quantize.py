@@ -1,7 +1,8 @@
 """quantize: every mode rewrites Conv/Gemm/MatMul weights into its ONNX form (structure,
 bits per weight, SQNR floor under ONNX Runtime), refuses shared or non-constant weights,
 does not requantize, and the built-in specs compile end to end, also from models at an
-opset below the one a mode needs (opset 10-13 models raised to 13 or 21 by ``ensure_opset``;
+opset below the one a mode needs (opset 10-13 models raised to 13 or 21 by the core's
+``ensure_opset``, whose own tests are in tests/compiler/core/test_opset.py;
 one that cannot be raised is refused, unchanged)."""
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ import pytest
 from pydantic import ValidationError
 
 from kiln.compiler.core import graph as kir
+from kiln.compiler.core import packing
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.driver.compile import compile_model
 from kiln.compiler.core.spec import load_spec
-from kiln.passes.quant import formats, kiln_ops
+from kiln.passes.quant import kiln_ops
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig
-from tests.passes.quant import models
+from tests.compiler.core.old_opset_models import (OLD_OPSETS, assert_valid_at, float_outputs,
+                                                  old_opset_model)
+from kiln.compiler.testing import quant_models as models
 
 # Output SQNR floors (dB) of the seeded MLP (Gaussian weights, 2 layers) per mode,
 # a few dB under what was measured, so a regression in rounding or layout shows.
@@ -110,7 +114,7 @@ def test_int3_packing_matches_reference():
     rng = np.random.default_rng(0)
     for bits in (1, 2, 3):
         codes = rng.integers(0, 2 ** bits, (5, 7))
-        packed = formats.pack_bits(codes, bits)
+        packed = packing.pack_bits(codes, bits)
         assert packed.size == -(-codes.size // 8) * bits
         graph = ir.Graph([], [], nodes=[], opset_imports={"": 21})
         model = ir.Model(graph, ir_version=10)
@@ -126,7 +130,7 @@ def test_int3_packing_matches_reference():
         graph.outputs.append(node.outputs[0])
         (out,) = models.run(model, {})
         np.testing.assert_array_equal(out, codes)
-        np.testing.assert_array_equal(formats.unpack_bits(packed, bits, (5, 7)), codes)
+        np.testing.assert_array_equal(packing.unpack_bits(packed, bits, (5, 7)), codes)
 
 
 @pytest.mark.parametrize("calibration", ["minmax", "percentile", "mse"])
@@ -250,7 +254,7 @@ def test_tiny_cnn_int8_spec_end_to_end(tmp_path):
 def encoder_onnx(tmp_path_factory):
     import torch
 
-    from tests.torch_models import small_encoder
+    from kiln.compiler.testing.torch_models import small_encoder
 
     module, args = small_encoder()
     path = tmp_path_factory.mktemp("encoder") / "encoder.onnx"
@@ -289,77 +293,6 @@ INT8_BUDGET_DB = 20
 INT4_BUDGET_DB = 12
 
 
-def old_opset_model(opset: int, seed: int = 0):
-    """x[1, 8, 8, 16] -> Conv -> Clip[0, 6] -> ReduceMean(axes=[2]) -> Squeeze(axes=[2]) ->
-    Reshape[1, 256] -> Gemm(256x128) -> Relu -> MatMul(128x10) -> z -> Unsqueeze(axes=[1]) ->
-    Softmax -> y: at ``opset`` as an exporter of that opset writes it (a onnx.ModelProto).
-
-    Each of Clip (attributes up to 10), ReduceMean (``axes`` attribute up to 17), Squeeze and
-    Unsqueeze (attribute up to 12) and Softmax (axis=1 coerces [1, 1, 10] to 2-D up to 12:
-    softmax over the 10 classes) changes signature or meaning between ``opset`` and 13 or 21."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    rng = np.random.default_rng(seed)
-
-    def init(name, array, dtype=np.float32):
-        return numpy_helper.from_array(np.asarray(array, dtype=dtype), name)
-
-    inits = [init("conv_w", rng.standard_normal((16, 8, 3, 3)) * 0.2),
-             init("conv_b", rng.standard_normal(16) * 0.1),
-             init("shape", [1, 256], np.int64),
-             init("fc_w", rng.standard_normal((256, 128)) * 0.1),
-             init("fc_b", rng.standard_normal(128) * 0.1),
-             init("head_w", rng.standard_normal((128, 10)) * 0.2)]
-    nodes = [helper.make_node("Conv", ["x", "conv_w", "conv_b"], ["c"], name="conv",
-                              pads=[1, 1, 1, 1])]
-    if opset <= 10:
-        nodes.append(helper.make_node("Clip", ["c"], ["r6"], name="clip", min=0.0, max=6.0))
-    else:
-        inits += [init("lo", 0.0), init("hi", 6.0)]
-        nodes.append(helper.make_node("Clip", ["c", "lo", "hi"], ["r6"], name="clip"))
-    nodes.append(helper.make_node("ReduceMean", ["r6"], ["m"], name="mean", axes=[2]))
-    if opset <= 12:
-        nodes += [helper.make_node("Squeeze", ["m"], ["sq"], name="squeeze", axes=[2])]
-    else:
-        inits.append(init("axis2", [2], np.int64))
-        nodes += [helper.make_node("Squeeze", ["m", "axis2"], ["sq"], name="squeeze")]
-    nodes += [helper.make_node("Reshape", ["sq", "shape"], ["flat"], name="flatten"),
-              helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["h"], name="fc"),
-              helper.make_node("Relu", ["h"], ["hr"], name="relu"),
-              helper.make_node("MatMul", ["hr", "head_w"], ["z"], name="head")]
-    if opset <= 12:
-        nodes += [helper.make_node("Unsqueeze", ["z"], ["z3"], name="unsqueeze", axes=[1]),
-                  helper.make_node("Softmax", ["z3"], ["y"], name="softmax", axis=1)]
-    else:
-        inits.append(init("axis1", [1], np.int64))
-        nodes += [helper.make_node("Unsqueeze", ["z", "axis1"], ["z3"], name="unsqueeze"),
-                  helper.make_node("Softmax", ["z3"], ["y"], name="softmax", axis=-1)]
-    graph = helper.make_graph(
-        nodes, "old_opset", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 16])],
-        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 10]),
-         helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 10])], initializer=inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    proto.ir_version = 6
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
-
-
-OLD_OPSETS = [10, 11, 12, 13]
-
-
-def _float_outputs(proto, inputs):
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)
-
-
-def _assert_valid_at(model: ir.Model, opset: int) -> None:
-    """The model says ``opset`` and every node is of that opset (full onnx check)."""
-    assert model.opset_imports[""] == opset
-    onnx.checker.check_model(kir.to_proto(model), full_check=True)
-
-
 @pytest.mark.parametrize("opset", OLD_OPSETS)
 @pytest.mark.parametrize("mode", ["int8_static", "int4_weights"])
 def test_quantize_raises_an_old_opset(opset, mode):
@@ -368,7 +301,7 @@ def test_quantize_raises_an_old_opset(opset, mode):
     proto = old_opset_model(opset)
     model = ir.serde.deserialize_model(proto)
     inputs = models.feeds(model, seed=7)
-    z_float, y_float = _float_outputs(proto, inputs)
+    z_float, y_float = float_outputs(proto, inputs)
     anchors = {n.name: n for n in model.graph if n.op_type in ("Conv", "Gemm", "MatMul")}
     if mode == "int8_static":
         q, result = _quantize(model, {"dtype": "int8"}, {"calibration": "mse"},
@@ -381,7 +314,7 @@ def test_quantize_raises_an_old_opset(opset, mode):
         result = q(model)
         target, budget, quantized = 21, INT4_BUDGET_DB, 2
     assert result.modified and sum(c.accepted for c in q.last_candidates) == quantized
-    _assert_valid_at(model, target)
+    assert_valid_at(model, target)
     # the weight ops the candidates named are the nodes that were rewritten
     assert all(anchors[name] in list(model.graph) for name in anchors)
     by_name = {n.name: n for n in model.graph}
@@ -392,22 +325,6 @@ def test_quantize_raises_an_old_opset(opset, mode):
     assert models.sqnr_db(z_float, z) > budget
     assert models.sqnr_db(y_float, y) > budget
     np.testing.assert_allclose(y.sum(axis=-1), 1, rtol=1e-5)     # softmax over the classes
-
-
-@pytest.mark.parametrize("opset", OLD_OPSETS)
-def test_raising_the_opset_alone_is_exact(opset):
-    """ensure_opset by itself does not change what the model computes (to 13 and to 21)."""
-    from kiln.passes.quant.quantize import ensure_opset
-
-    proto = old_opset_model(opset)
-    inputs = models.feeds(ir.serde.deserialize_model(proto), seed=3)
-    reference = _float_outputs(proto, inputs)
-    for target in (13, 21):
-        model = ir.serde.deserialize_model(proto)
-        ensure_opset(model, target, pass_name="quantize")
-        _assert_valid_at(model, max(target, opset))
-        for expected, actual in zip(reference, models.run(model, inputs)):
-            np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("spec, budget", [("int8", INT8_BUDGET_DB), ("int4-weights",
@@ -422,9 +339,9 @@ def test_builtin_specs_compile_an_old_opset_file(spec, budget, tmp_path):
     quant = next(p for p in result.report.passes if p.name == "quantize")
     assert quant.matched == (3 if spec == "int8" else 2)
     assert quant.sqnr_db > budget
-    _assert_valid_at(result.model, 13 if spec == "int8" else 21)
+    assert_valid_at(result.model, 13 if spec == "int8" else 21)
     inputs = models.feeds(result.model, seed=11)
-    for expected, actual in zip(_float_outputs(proto, inputs), models.run(result.model, inputs)):
+    for expected, actual in zip(float_outputs(proto, inputs), models.run(result.model, inputs)):
         assert models.sqnr_db(expected, actual) > budget
 
 
@@ -457,7 +374,7 @@ def test_opset_upgrade_keeps_functions_and_external_data(tmp_path):
     scale = model.graph.initializers["scale"].const_value
     assert isinstance(scale, ir.ExternalTensor)
     inputs = models.feeds(model)
-    (before,) = _float_outputs(onnx.load(tmp_path / "m.onnx"), inputs)
+    (before,) = float_outputs(onnx.load(tmp_path / "m.onnx"), inputs)
     q, result = _quantize(model, {"dtype": "int4", "granularity": {"group": 128}})
     assert result.modified and model.opset_imports[""] == 21
     assert model.graph.initializers["scale"].const_value is scale      # never read
@@ -467,7 +384,7 @@ def test_opset_upgrade_keeps_functions_and_external_data(tmp_path):
     assert "axes" not in mean.attributes and len(mean.inputs) == 2
     ir.save(model, tmp_path / "q.onnx", external_data="q.data")
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
-    (after,) = _float_outputs(onnx.load(tmp_path / "q.onnx"), inputs)
+    (after,) = float_outputs(onnx.load(tmp_path / "q.onnx"), inputs)
     assert models.sqnr_db(before, after) > SQNR_FLOOR_DB["int4"]
 
 
