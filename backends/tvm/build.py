@@ -18,25 +18,19 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
 
+from kiln.compiler.core.atomic import replace_atomic, write_atomic
 from kiln.compiler.core.errors import LoweringError
 from kiln.compiler.core.graph import graph_inputs
+from kiln.compiler.core.version import kiln_version
 
 from .binary_check import check_binary
 from .lower import check_static_inputs, lower_to_relax
-from .manifest import (
-    LIBRARY_NAME,
-    MANIFEST_NAME,
-    Manifest,
-    TensorSpec,
-    replace_atomic,
-    write_atomic,
-)
+from .manifest import LIBRARY_NAME, MANIFEST_NAME, Manifest, TensorSpec
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels
 from .tuning import TUNED_RULE, database_dirs, describe, open_database, tune_relax_module
@@ -69,13 +63,6 @@ class BuildResult:
     #: the tuning databases read (most trusted first) and, when tuning ran, its summary
     tuning_dbs: list[str] = field(default_factory=list)
     tuning: dict[str, Any] | None = None
-
-
-def kiln_version() -> str:
-    try:
-        return metadata.version("kiln")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _model_inputs(model: ir.Model) -> list[TensorSpec]:

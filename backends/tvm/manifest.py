@@ -9,8 +9,6 @@ target, and the versions and model+spec hash that produced it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,37 +81,3 @@ def read_manifest(outdir: Path) -> Manifest:
     if not path.is_file():
         raise KilnError(f"{outdir}: no {MANIFEST_NAME} (not a kiln build output)")
     return Manifest.from_json(path.read_text(), source=str(path))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def replace_atomic(tmp: Path | str, path: Path | str, *, mode: int = 0o644) -> None:
-    """Give ``tmp`` (a finished file next to ``path``) its final mode and rename it over ``path``.
-
-    ``tempfile.mkstemp`` creates files 0600; ``mode`` (less the umask) is what a
-    plainly written file would have.
-    """
-    os.chmod(tmp, mode & ~_umask())
-    os.replace(tmp, path)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same folder + ``os.replace``.
-
-    A reader never sees a half-written file, and a failed write leaves the old one.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        replace_atomic(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from kiln.compiler.driver import registry
 from kiln.compiler.core.errors import (FrontendError, KilnError, PassError, SpecError,
                                   VerificationError)
 from kiln.compiler.core.frontend import load_model
+from kiln.compiler.core.version import kiln_version
 from kiln.compiler.core.pass_api import CalibrationContext, Candidate, KilnPass, PassConfig
 from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
 from kiln.compiler.core.selectors import describe, node_selected, select_nodes
@@ -36,13 +36,6 @@ from kiln.compiler.core.spec import (Budget, PassEntry, Spec, default_spec, load
 from kiln.compiler.driver.verify import ErrorMetrics, Feeds, compare, make_samples
 
 logger = logging.getLogger(__name__)
-
-
-def kiln_version() -> str:
-    try:
-        return version("kiln")
-    except PackageNotFoundError:
-        return "0+unknown"
 
 
 @dataclass(frozen=True)
@@ -146,7 +139,8 @@ class CompileResult:
              progress: Callable[[str], Any] | None = None, tune_trials: int | None = None,
              tuning_db: str | os.PathLike | None = None) -> Path:
         """Write model.onnx (and, with a target, model.so + manifest.json) and report.json."""
-        from kiln.backends.onnx import save_model, write_atomic
+        from kiln.backends.onnx import save_model
+        from kiln.compiler.core.atomic import write_atomic
 
         out = Path(outdir)
         if out.exists() and not out.is_dir():

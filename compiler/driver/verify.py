@@ -1,8 +1,9 @@
 """Numerical verification: seeded inputs (or the spec's calibration samples), runs
 with ONNX Runtime, and the error of every output (SQNR in dB, max abs error).
 
-SQNR = 10 log10(sum(ref^2) / sum((ref - out)^2)); identical outputs give +inf
-(written as null in JSON, "exact" in tables).
+SQNR = 10 log10(sum(ref^2) / sum((ref - out)^2)) over all samples of an output
+(``kiln.compiler.core.metrics``); identical outputs give +inf (written as null in
+JSON, "exact" in tables).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import SpecError, VerificationError
+from kiln.compiler.core.metrics import sqnr_db_from_sums
 from kiln.compiler.core.spec import Spec
 
 Feeds = dict[str, np.ndarray]
@@ -187,12 +189,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence
             noise += float(np.sum(diff ** 2))
             ref_max = max(ref_max, float(np.max(np.abs(ref64))) if ref64.size else 0.0)
             out_err = max(out_err, float(np.max(np.abs(diff))) if diff.size else 0.0)
-        if noise == 0:
-            sqnr = math.inf
-        elif signal == 0 or math.isinf(noise):
-            sqnr = -math.inf
-        else:
-            sqnr = 10.0 * math.log10(signal / noise)
+        sqnr = sqnr_db_from_sums(signal, noise)
         if out_err > atol + rtol * ref_max:
             ok = False
         if sqnr < worst_sqnr or (worst_sqnr == math.inf and k == 0):
