@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     from kiln.compiler.driver.compile import CompileResult, compile_model, plan_model
-    from kiln.compiler.core.spec import Spec, load_spec
+    from kiln.compiler.core.spec import Spec
+    from kiln.compiler.driver.specs import load_spec
 
 __all__ = ["compile_model", "plan_model", "load_spec", "CompileResult", "Spec"]
 
@@ -18,8 +19,12 @@ def __getattr__(name: str) -> Any:
         from kiln.compiler.driver import compile as pipeline
 
         return getattr(pipeline, name)
-    if name in ("load_spec", "Spec"):
-        from kiln.compiler.core import spec
+    if name == "load_spec":
+        from kiln.compiler.driver.specs import load_spec
 
-        return getattr(spec, name)
+        return load_spec
+    if name == "Spec":
+        from kiln.compiler.core.spec import Spec
+
+        return Spec
     raise AttributeError(name)

@@ -1,7 +1,7 @@
 """The ``kiln`` command line.
 
     kiln compile MODEL [--spec SPEC] [--input NAME=1x3x224x224] [--target T] [-o OUTDIR]
-    kiln plan MODEL --spec SPEC
+    kiln plan MODEL --spec SPEC [--emit-spec OUT.yaml|-]
     kiln run OUTDIR --inputs in.npz [--output out.npz]
     kiln passes
     kiln schema
@@ -60,7 +60,8 @@ def _input_shapes(bindings: list[str] | None) -> dict[str, list[int]]:
 
 
 def _load_spec(ref: str | None):
-    from kiln.compiler.core.spec import default_spec, load_spec
+    from kiln.compiler.core.spec import default_spec
+    from kiln.compiler.driver.specs import load_spec
 
     return load_spec(ref) if ref else default_spec()
 
@@ -157,7 +158,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     spec = _load_spec(args.spec)
     plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input))
-    console = _console()
+    # With the spec on stdout, the plan goes to stderr.
+    console = _console(stderr=args.emit_spec == "-")
     for entry in plan:
         accepted = [c for c in entry.candidates if c.accepted]
         refused = [c for c in entry.candidates if not c.accepted]
@@ -168,7 +170,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
             console.print(f"  + {c.label}", markup=False)
         for c in refused:
             console.print(f"  - {c.label}: {c.reason}", markup=False)
+    if args.emit_spec:
+        _emit_spec(spec, args.emit_spec)
     return 0
+
+
+def _emit_spec(spec, where: str) -> None:
+    """The loaded spec as YAML (``extends`` resolved, every value written) to a file or ``-``."""
+    from kiln.compiler.core.spec import dump_spec
+
+    text = dump_spec(spec)
+    if where == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(where).write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise OutputError(f"{where}: cannot write the spec ({error.strerror or error})") \
+            from error
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -281,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--spec", "-s", required=True)
     p.add_argument("--input", "-i", action="append", metavar="NAME=DIMS")
+    p.add_argument("--emit-spec", metavar="OUT", default=None,
+                   help="write the loaded spec (extends resolved, every option) as YAML to OUT "
+                        "(- for stdout)")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz")

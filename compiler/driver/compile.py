@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import onnx_ir as ir
-from pydantic import ValidationError
 
 from kiln.compiler.core import graph as kir
 from kiln.compiler.driver import registry
@@ -30,9 +28,9 @@ from kiln.compiler.core.frontend import load_model
 from kiln.compiler.core.version import kiln_version
 from kiln.compiler.core.pass_api import CalibrationContext, Candidate, KilnPass, PassConfig
 from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
-from kiln.compiler.core.selectors import describe, node_selected, select_nodes
-from kiln.compiler.core.spec import (Budget, PassEntry, Spec, default_spec, load_spec,
-                                validation_error_to_spec_error)
+from kiln.compiler.core.selectors import describe, select_nodes
+from kiln.compiler.core.spec import Budget, PassEntry, Spec, default_spec
+from kiln.compiler.driver.specs import load_spec
 from kiln.compiler.driver.verify import ErrorMetrics, Feeds, compare, make_samples
 
 logger = logging.getLogger(__name__)
@@ -52,37 +50,23 @@ class PassStep:
 
 
 def build_steps(spec: Spec) -> list[PassStep]:
-    """Resolve every pass of the spec; unknown passes and bad options are SpecErrors."""
+    """Resolve every pass of the spec to its class; an unknown pass is a SpecError.
+
+    The options were typed when the spec was loaded (``kiln.compiler.driver.specs``); a spec
+    built some other way must hold each pass's own config class."""
     steps = []
     for i, entry in enumerate(spec.passes):
         try:
             cls = registry.get_pass_class(entry.name)
         except KilnError as error:
             raise spec.error(("passes", i), str(error)) from None
-        try:
-            config = cls.config_class(**entry.options)
-        except ValidationError as error:
-            file, _ = spec.locate(("passes", i))
-            known = {(): list(cls.config_class.model_fields)}
-            located = validation_error_to_spec_error(
-                error, entry.options, _Locator(spec, ("passes", i)), file or spec.source,
-                known=known)
-            raise SpecError(f"pass {entry.name!r}: {located.detail}", file=located.file,
-                            line=located.line,
-                            path=f"passes[{i}].{entry.name}" + (
-                                f".{located.path}" if located.path else "")) from None
-        steps.append(PassStep(entry, cls, config))
+        if not isinstance(entry.options, cls.config_class):
+            raise spec.error(("passes", i), f"pass {entry.name!r}: options are a "
+                             f"{type(entry.options).__name__}, not a "
+                             f"{cls.config_class.__name__} (load specs with "
+                             "kiln.compiler.driver.specs)")
+        steps.append(PassStep(entry, cls, entry.options))
     return steps
-
-
-class _Locator:
-    """Adapts Spec.locate for paths relative to one pass's options."""
-
-    def __init__(self, spec: Spec, prefix: tuple) -> None:
-        self.spec, self.prefix = spec, prefix
-
-    def find(self, path: tuple) -> tuple[str | None, int | None]:
-        return self.spec.locate(self.prefix + ("options",) + tuple(path))
 
 
 def _selection(model: ir.Model, step: PassStep, spec: Spec):

@@ -2,7 +2,8 @@
 lazily), plus third-party passes registered under the ``kiln.passes``
 entry-point group.
 
-This module ties names to passes; the spec and selector code does not import it.
+This module ties names to passes; the spec and selector code does not import it:
+the spec loader gets ``config_class`` handed in (``kiln.compiler.driver.specs``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from functools import lru_cache
 from importlib.metadata import entry_points
 
 from kiln.compiler.core.errors import KilnError
-from kiln.compiler.core.pass_api import KilnPass
+from kiln.compiler.core.pass_api import KilnPass, PassConfig
 
 logger = logging.getLogger(__name__)
 
@@ -74,3 +75,8 @@ def get_pass_class(name: str) -> type[KilnPass]:
         raise KilnError(f"pass {name!r} ({infos[name].target}) cannot be loaded: "
                         f"{type(error).__name__}: {error}") from error
     return cls
+
+
+def config_class(name: str) -> type[PassConfig]:
+    """The options class of pass ``name`` (the spec loader's lookup); KilnError if unknown."""
+    return get_pass_class(name).config_class

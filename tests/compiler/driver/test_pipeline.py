@@ -14,7 +14,7 @@ from kiln.compiler.driver import registry
 from kiln.compiler.core.errors import SpecError, VerificationError
 from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig, add_initializer
 from kiln.compiler.driver.compile import compile_model, plan_model
-from kiln.compiler.core.spec import spec_from_text
+from kiln.compiler.driver.specs import spec_from_text
 
 EXAMPLE = "compiler/core/examples/tiny_cnn.onnx"
 

@@ -91,7 +91,7 @@ def test_digits_cnn_int8_and_int4_within_a_point(tmp_path):
 
     from kiln.compiler.core import graph as kir
     from kiln.compiler.driver.compile import compile_model
-    from kiln.compiler.core.spec import spec_from_text
+    from kiln.compiler.driver.specs import spec_from_text
     from tests.passes.quant.digits import digits_split, trained_cnn
 
     x_train, _, x_test, y_test = digits_split()

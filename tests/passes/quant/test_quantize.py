@@ -17,7 +17,7 @@ from kiln.compiler.core import graph as kir
 from kiln.compiler.core import packing
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.driver.compile import compile_model
-from kiln.compiler.core.spec import load_spec
+from kiln.compiler.driver.specs import load_spec
 from kiln.passes.quant import kiln_ops
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig
 from tests.compiler.core.old_opset_models import (OLD_OPSETS, assert_valid_at, float_outputs,

@@ -132,7 +132,7 @@ def test_quantized_rec_greedy_ctc_agrees_with_float(rec: RecCase, spec_name: str
     """The spec's quantized model decodes (nearly) every line as float does."""
     from kiln.compiler.core import graph as kir
     from kiln.compiler.driver.compile import compile_model
-    from kiln.compiler.core.spec import spec_from_text
+    from kiln.compiler.driver.specs import spec_from_text
 
     text, quantized_nodes = SPECS[spec_name]
     result = compile_model(rec.source, spec_from_text(text.format(npz=rec.calibration)),

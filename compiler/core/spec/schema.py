@@ -1,0 +1,229 @@
+"""The spec language's schema: a strict, typed, frozen model per section (SPEC.md).
+
+What a YAML document becomes once loaded (``load``): unknown keys are errors,
+every value is validated on construction, and each pass's options are its own
+typed config object (``PassEntry.options``).
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny,
+                      field_validator, model_validator)
+
+from kiln.compiler.core.errors import SpecError
+from kiln.compiler.core.pass_api import PassConfig
+from kiln.compiler.core.spec.located_yaml import KeyPath, Locations, format_path
+
+SPEC_VERSION = 1
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _as_list(value: Any) -> Any:
+    if isinstance(value, str):
+        return [value]
+    return value
+
+
+# One string or a list of them (`op: Conv` or `op: [Conv, Gemm]`), in the schema too.
+StrList = Annotated[list[str], BeforeValidator(_as_list,
+                                               json_schema_input_type=str | list[str])]
+
+
+def _check_patterns(patterns: list[str] | None) -> list[str] | None:
+    for pattern in patterns or ():
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as error:
+                raise ValueError(f"bad regex {pattern[3:]!r}: {error}") from None
+    return patterns
+
+
+class ParamCondition(_Strict):
+    """Conditions on a node's weight (its largest constant input)."""
+
+    min_elements: int | None = Field(default=None, ge=0)
+    max_elements: int | None = Field(default=None, ge=0)
+    ndim: int | None = Field(default=None, ge=0)
+
+
+class SelectorBase(_Strict):
+    op: StrList | None = None
+    name: StrList | None = None
+    module: StrList | None = None
+    param: ParamCondition | None = None
+
+    @field_validator("name", "module")
+    @classmethod
+    def _valid_patterns(cls, value: list[str] | None) -> list[str] | None:
+        return _check_patterns(value)
+
+
+class Selector(SelectorBase):
+    """Which nodes a pass may touch: `op`, `name`/`module` globs (``re:`` for a regex),
+    `param` conditions, minus `exclude`."""
+
+    exclude: SelectorBase | None = None
+
+
+class Budget(_Strict):
+    """The error a lossy step may cost: a floor on SQNR (dB) and/or a cap on max abs error."""
+
+    sqnr_db: float | None = None
+    max_abs_err: float | None = Field(default=None, ge=0)
+
+
+class Preprocess(_Strict):
+    """How images from a ``folder:`` calibration source become one model input:
+    resize to ``size`` (H, W), convert ``color``, scale pixel values by ``scale``,
+    subtract ``mean`` and divide by ``std`` per channel, lay out as ``layout``."""
+
+    size: tuple[Annotated[int, Field(gt=0)], Annotated[int, Field(gt=0)]]
+    color: Literal["rgb", "bgr", "gray"] = "rgb"
+    scale: float = 1.0 / 255.0
+    mean: list[float] = [0.0]
+    std: list[Annotated[float, Field(gt=0)]] = [1.0]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    input: str | None = None      # the model input fed (default: the first)
+
+
+class Calibration(_Strict):
+    """Data for passes that need activations; the same samples feed verification.
+
+    ``source`` is ``random`` (seeded normal inputs), ``npz:PATH`` (one array per
+    input name, samples along the first axis) or ``folder:PATH`` (images, with
+    ``preprocess``)."""
+
+    source: str = "random"
+    samples: int = Field(default=8, ge=1, le=100000)
+    seed: int = 0
+    preprocess: Preprocess | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _valid_source(cls, value: str) -> str:
+        if value == "random" or value.startswith(("npz:", "folder:")):
+            return value
+        raise ValueError(f"{value!r} is not one of random, npz:PATH, folder:PATH")
+
+    @model_validator(mode="after")
+    def _folder_needs_preprocess(self) -> "Calibration":
+        if self.source.startswith("folder:") and self.preprocess is None:
+            raise ValueError("a folder: source needs `preprocess:` (at least size: [H, W])")
+        return self
+
+
+class Verify(_Strict):
+    """Per-pass and end-to-end numerical checks with ONNX Runtime."""
+
+    enabled: bool = True
+    samples: int = Field(default=2, ge=1, le=1000)
+    seed: int = 0
+    budget: Budget | None = None
+    on_budget_exceeded: Literal["fail", "skip_pass"] = "fail"
+    # Exact passes must match to float32 tolerance: |a-b| <= atol + rtol * max|ref|.
+    rtol: float = Field(default=1e-4, gt=0)
+    atol: float = Field(default=1e-5, ge=0)
+
+
+class Tune(_Strict):
+    """MetaSchedule tuning budget; records go to a persistent per-target database
+    (``db``, default under the user's cache folder) reused by every later compile."""
+
+    trials: int = Field(default=0, ge=0)
+    db: str | None = None
+
+
+class Output(_Strict):
+    onnx: bool = True
+    tvm: bool = True
+    report: list[Literal["json", "html"]] = ["json"]
+
+
+class PassEntry(_Strict):
+    """One item of ``passes:``: the pass's name, the keys every pass takes (``select``,
+    ``optional``, ``budget``) and its own options, typed by the pass's config class when
+    the spec is loaded (``load.spec_from_data``)."""
+
+    name: str
+    select: Selector | None = None
+    optional: bool = False
+    budget: Budget | None = None
+    options: SerializeAsAny[PassConfig] = PassConfig()
+    index: int = 0
+
+
+#: The keys of a pass item that are not the pass's own options.
+COMMON_PASS_KEYS = ("select", "optional", "budget")
+
+
+class Spec(_Strict):
+    """A loaded spec: every section typed, each pass's options its config object."""
+
+    kiln: Literal[1]
+    name: str | None = None
+    extends: str | None = None
+    description: str | None = None
+    inputs: dict[str, list[Annotated[int, Field(gt=0)]]] | None = None
+    calibration: Calibration = Calibration()
+    passes: list[PassEntry] = []
+    verify: Verify = Verify()
+    target: str | dict[str, Any] | None = None
+    tune: Tune = Tune()
+    output: Output = Output()
+
+    # Where the spec was read from: not part of the schema.
+    source: Annotated[str | None, Field(exclude=True)] = None
+
+    @field_validator("inputs", mode="before")
+    @classmethod
+    def _input_keys(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): v for k, v in value.items()}
+        return value
+
+    def locate(self, path: KeyPath) -> tuple[str | None, int | None]:
+        """The file and line of a key path (``("passes", 1, "select")``), if it was read."""
+        return _LOCATIONS.get(id(self), Locations()).find(path)
+
+    def error(self, path: KeyPath, message: str) -> SpecError:
+        """A SpecError naming the file, the line and the key path."""
+        file, line = self.locate(path)
+        return SpecError(message, file=file or self.source, line=line, path=format_path(path))
+
+
+# Spec id -> where its keys were read (a pydantic private attribute would enter ``==``).
+_LOCATIONS: dict[int, Locations] = {}
+
+
+def attach_locations(spec: Spec, locations: Locations) -> Spec:
+    """Remember where ``spec``'s keys were read, for ``Spec.locate`` (until it is freed)."""
+    key = id(spec)
+    _LOCATIONS[key] = locations
+    weakref.finalize(spec, _LOCATIONS.pop, key, None)
+    return spec
+
+
+def pass_item_fields(item: Any, index: int) -> dict[str, Any]:
+    """A YAML pass item (``- name: {options}`` or ``- name``) as PassEntry fields, the pass's
+    own options still raw under ``options``; a ValueError says why an item is malformed."""
+    if isinstance(item, str):
+        return {"name": item, "index": index, "options": {}}
+    if isinstance(item, Mapping) and len(item) == 1:
+        (name, options), = item.items()
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ValueError(f"options of pass {name!r} must be a mapping")
+        common = {k: options[k] for k in COMMON_PASS_KEYS if k in options}
+        rest = {k: v for k, v in options.items() if k not in COMMON_PASS_KEYS}
+        return {"name": str(name), "index": index, "options": rest, **common}
+    raise ValueError("each pass must be `- name: {options}` (a mapping with one key)")
