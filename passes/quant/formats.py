@@ -13,7 +13,8 @@ one scale (and zero point) per row.
 - power (NUPES): t = sign(g)|g|^a quantized as a symmetric integer, g^ = sign(t^)|t^|^(1/a)
 
 ``c`` is the clip ratio: 1 (``clip: none``) or, with ``clip: mse_search``, the
-value of ``CLIP_GRID`` that minimizes the squared error of each group.
+value of ``CLIP_GRID`` that minimizes the squared error of each group. The FP4/FP8
+value tables and the bit packing of the codes are :mod:`kiln.compiler.core.packing`.
 """
 
 from __future__ import annotations
@@ -23,16 +24,10 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
+from kiln.compiler.core.packing import FP4_MAGNITUDES, FP8_DTYPES
+
 #: Clip ratios tried by ``clip: mse_search`` (per group, the lowest squared error wins).
 CLIP_GRID = np.linspace(1.0, 0.5, 21)
-
-#: FP4 E2M1 magnitudes (OCP MX / ONNX FLOAT4E2M1); code = sign<<3 | index.
-E2M1_MAGNITUDES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
-#: kiln's E3M0: 3 exponent bits, no mantissa, exponent 0 is zero (bias 3); code = sign<<3 | e.
-E3M0_MAGNITUDES = np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0])
-
-FP8_DTYPES = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}
-FP4_MAGNITUDES = {"fp4_e2m1": E2M1_MAGNITUDES, "fp4_e3m0": E3M0_MAGNITUDES}
 
 
 def bits_of(dtype: str) -> int:
@@ -128,12 +123,6 @@ def quantize_fp4(g: np.ndarray, dtype: str, *, clip_search: bool) -> Quantized:
         return Quantized(codes, s, None, value, c.copy())
 
     return _search(g, clip_search, one)
-
-
-def fp4_table(dtype: str) -> np.ndarray:
-    """The 16-entry decode table of an FP4 code (index = sign<<3 | magnitude index)."""
-    magnitudes = FP4_MAGNITUDES[dtype]
-    return np.concatenate([magnitudes, -magnitudes]).astype(np.float32)
 
 
 def quantize_fp8(g: np.ndarray, dtype: str, *, clip_search: bool) -> Quantized:
@@ -238,26 +227,3 @@ def _assign(points: np.ndarray, centroids: np.ndarray, chunk: int = 8192) -> np.
         out[start:start + chunk] = np.argmin(d, axis=1)
     return out
 
-
-def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned codes (< 2^bits) into bytes: each run of 8 codes (C order, zero
-    padded) becomes ``bits`` bytes of the little-endian word sum_j code_j << (j*bits)."""
-    flat = codes.reshape(-1).astype(np.uint64)
-    pad = (-flat.size) % 8
-    flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint64)]).reshape(-1, 8)
-    shifts = (np.arange(8, dtype=np.uint64) * np.uint64(bits))
-    words = np.bitwise_or.reduce(flat << shifts[None, :], axis=1)
-    out = np.stack([(words >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(bits)], axis=1)
-    return out.reshape(-1).astype(np.uint8)
-
-
-def unpack_bits(packed: np.ndarray, bits: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Reference semantics of ``kiln.UnpackBits`` (the inverse of ``pack_bits``)."""
-    rows = packed.reshape(-1, bits).astype(np.uint64)
-    words = np.zeros(rows.shape[0], dtype=np.uint64)
-    for i in range(bits):
-        words |= rows[:, i] << np.uint64(8 * i)
-    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
-    values = (words[:, None] >> shifts[None, :]) & np.uint64(2 ** bits - 1)
-    count = int(np.prod(shape)) if shape else 1
-    return values.reshape(-1)[:count].astype(np.uint8).reshape(shape)
