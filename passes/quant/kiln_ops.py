@@ -1,25 +1,16 @@
-"""The ``kiln`` ONNX domain: the two ops quantized weights use beyond standard ONNX.
+"""The bodies of the ``kiln`` domain's ops as model-local ONNX functions.
 
-Each is a *model-local function* (an ONNX ``FunctionProto`` stored in the model)
-whose body is standard ops, so ONNX Runtime (which inlines functions) runs the
-exact semantics, and ``onnxscript``/``onnx_ir`` inliners turn it into plain ops
-for importers that do not know the op. A backend may instead match the op by
-(domain ``kiln``, name) and emit a fused kernel.
+Each op (semantics and names: :mod:`kiln.compiler.core.kiln_domain`) is stored in the
+model as a ``FunctionProto`` whose body is standard ops, so ONNX Runtime (which
+inlines functions) runs the exact semantics, and ``onnxscript``/``onnx_ir`` inliners
+turn it into plain ops for importers that do not know the op. A backend may instead
+match the op by (domain ``kiln``, name) and emit a fused kernel.
 
-``kiln.UnpackBits(packed: uint8[ceil(n*bits/8)]) -> uint8[shape]``, attributes
-``bits`` (1..8) and ``shape`` (ints; n = prod(shape)):
-    every run of 8 codes (C order, zero padded at the end) is stored as ``bits``
-    bytes of the little-endian word  sum_j code_j << (j*bits).
-    Used for int3/int2 weights (then a standard blocked ``DequantizeLinear``) and
-    1-bit masks and signs.
-
-``kiln.DequantizeTable(codes: int, table: float[L], scale: float) -> float``,
-attributes ``axis`` and ``block_size``:
-    y[i] = table[codes[i]] * scale[i with i[axis] -> i[axis] // block_size]
-    (``scale`` has the codes' rank; dims other than ``axis`` are either full or 1).
-    Used for FP4 E2M1 (codes are the FLOAT4E2M1 bit patterns, stored as UINT4,
-    because ONNX Runtime 1.32 implements neither Cast nor DequantizeLinear for
-    FLOAT4E2M1), kiln's FP4 E3M0 and binarized weights (table [-1, 1]).
+``kiln.UnpackBits`` is used for int3/int2 weights (then a standard blocked
+``DequantizeLinear``) and 1-bit masks and signs. ``kiln.DequantizeTable`` is used for
+FP4 E2M1 (codes are the FLOAT4E2M1 bit patterns, stored as UINT4, because ONNX Runtime
+1.32 implements neither Cast nor DequantizeLinear for FLOAT4E2M1), kiln's FP4 E3M0 and
+binarized weights (table [-1, 1]).
 """
 
 from __future__ import annotations
@@ -29,10 +20,7 @@ import onnx
 import onnx_ir as ir
 from onnx import AttributeProto, TensorProto, helper
 
-DOMAIN = "kiln"
-DOMAIN_VERSION = 1
-UNPACK_BITS = "UnpackBits"
-DEQUANTIZE_TABLE = "DequantizeTable"
+from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, DOMAIN, DOMAIN_VERSION, UNPACK_BITS
 
 
 def _ref(node: onnx.NodeProto, name: str, ref: str, kind: int) -> onnx.NodeProto:
@@ -53,21 +41,27 @@ def _unpack_bits(opset: int) -> onnx.FunctionProto:
         _ref(n("Constant", [], ["shape"]), "value_ints", "shape", AttributeProto.INTS),
         _ref(n("Constant", [], ["bits"]), "value_int", "bits", AttributeProto.INT),
         _const("zero", np.int64(0)), _const("one_u", np.uint64(1)), _const("eight", np.int64(8)),
-        _const("minus_one", np.array([-1], np.int64)), _const("axis1", np.array([1], np.int64)),
-        _const("start", np.array([0], np.int64)),
+        _const("minus_one", np.array([-1], np.int64)),
+        _const("start", np.array([0], np.int64)), _const("one", np.int64(1)),
+        _const("byte_base", np.int64(256)), _const("pad_next", np.array([0, 0, 0, 1], np.int64)),
         n("Unsqueeze", ["bits", "start"], ["bits_1d"]),
         n("Concat", ["minus_one", "bits_1d"], ["rows_shape"], axis=0),
         n("Cast", ["packed"], ["packed64"], to=TensorProto.INT64),
         n("Reshape", ["packed64", "rows_shape"], ["rows"]),                  # [M, bits]
-        n("Mul", ["bits", "eight"], ["bits8"]),
-        n("Range", ["zero", "bits8", "eight"], ["byte_shift"]),             # 0, 8, 16 ...
-        n("Cast", ["byte_shift"], ["byte_shift_u"], to=TensorProto.UINT64),
-        n("BitShift", ["one_u", "byte_shift_u"], ["byte_weight_u"], direction="LEFT"),
-        n("Cast", ["byte_weight_u"], ["byte_weight"], to=TensorProto.INT64),
-        n("Mul", ["rows", "byte_weight"], ["weighted"]),
-        n("ReduceSum", ["weighted", "axis1"], ["word"], keepdims=1),        # [M, 1]
+        # code j of a run of 8 starts at bit j*bits: its low byte is rows[:, j*bits // 8],
+        # and it ends in that byte or the next (bits <= 8), so a 16-bit word holds it
+        # (exact: a 64-bit word summed in ReduceSum loses low bits under ONNX Runtime)
+        n("Pad", ["rows", "pad_next"], ["padded"]),                        # [M, bits + 1]
+        n("Range", ["zero", "eight", "one"], ["code_index"]),              # 0 .. 7
+        n("Mul", ["code_index", "bits"], ["bit_offset"]),                  # 0, b, 2b ... 7b
+        n("Div", ["bit_offset", "eight"], ["low_byte"]),
+        n("Add", ["low_byte", "one"], ["high_byte"]),
+        n("Gather", ["padded", "low_byte"], ["low"], axis=1),              # [M, 8]
+        n("Gather", ["padded", "high_byte"], ["high"], axis=1),
+        n("Mul", ["high", "byte_base"], ["high_shifted"]),
+        n("Add", ["low", "high_shifted"], ["word"]),
         n("Cast", ["word"], ["word_u"], to=TensorProto.UINT64),
-        n("Range", ["zero", "bits8", "bits"], ["code_shift"]),              # 0, b, 2b ... 7b
+        n("Mod", ["bit_offset", "eight"], ["code_shift"]),
         n("Cast", ["code_shift"], ["code_shift_u"], to=TensorProto.UINT64),
         n("BitShift", ["word_u", "code_shift_u"], ["shifted"], direction="RIGHT"),  # [M, 8]
         n("Cast", ["bits"], ["bits_u"], to=TensorProto.UINT64),
@@ -123,9 +117,3 @@ def sync_function_opsets(model: ir.Model) -> None:
         if domain == DOMAIN and opset is not None:
             function.opset_imports[""] = opset
 
-
-def dequantize_table(codes: np.ndarray, table: np.ndarray, scale: np.ndarray, *, axis: int,
-                     block_size: int) -> np.ndarray:
-    """Reference semantics of ``kiln.DequantizeTable``."""
-    blocks = np.arange(codes.shape[axis]) // block_size
-    return table[codes.astype(np.int64)] * np.take(scale, blocks, axis=axis)
