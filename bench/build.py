@@ -93,7 +93,7 @@ def compile_with_kiln(case: PreparedCase, tuning: str = "shipped", target: str =
     """
     import tvm
 
-    from kiln.backends.tvm.lower import lower_to_relax
+    from kiln.backends.tvm.importer import lower_to_relax
     from kiln.backends.tvm.pipeline import relax_pipeline
     from kiln.backends.tvm.targets import resolve_target
     from kiln.backends.tvm.tuning import database_dirs, open_database

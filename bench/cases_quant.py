@@ -450,7 +450,7 @@ def kernel_profile(onnx_path: Path, input_shapes, feeds, repeats: int = 5) -> di
     import tvm
     from tvm import relax
 
-    from kiln.backends.tvm.lower import lower_to_relax
+    from kiln.backends.tvm.importer import lower_to_relax
     from kiln.backends.tvm.pipeline import relax_pipeline
     from kiln.backends.tvm.targets import resolve_target
     from kiln.compiler.core.frontend import load_model

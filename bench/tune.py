@@ -44,11 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("kiln.backends.tvm.schedules", "kiln.backends.tvm.lower", "onnx_ir"):
+    for noisy in ("kiln.backends.tvm.schedules", "kiln.backends.tvm.importer", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from bench.cases import CASES
-    from kiln.backends.tvm.lower import lower_to_relax
+    from kiln.backends.tvm.importer import lower_to_relax
     from kiln.backends.tvm.targets import resolve_target
     from kiln.backends.tvm.tuning import (
         DEFAULT_SPACE,

@@ -18,7 +18,7 @@ _EXPORTS = {
     "TARGETS": "targets",
     "ResolvedTarget": "targets",
     "resolve_target": "targets",
-    "lower_to_relax": "lower",
+    "lower_to_relax": "importer",
     "BuildResult": "build",
     "build_artifact": "build",
     "CompiledModel": "runtime",
@@ -47,7 +47,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .binary_check import check_binary
     from .build import BuildResult, build_artifact
-    from .lower import lower_to_relax
+    from .importer import lower_to_relax
     from .manifest import Manifest, TensorSpec
     from .runtime import CompiledModel, load, run_artifact
     from .targets import TARGETS, ResolvedTarget, resolve_target

@@ -1,6 +1,6 @@
 """Build a compiled artifact: ``model.so`` (kernels + weights) and ``manifest.json``.
 
-Steps: lower to Relax (:mod:`.lower`), optionally tune its kernels into the
+Steps: lower to Relax (:mod:`.importer`), optionally tune its kernels into the
 target's tuning database (:mod:`.tuning`), run the target family's phases
 (:mod:`.pipeline`; every matching tuning record applied, kiln's rules for the
 rest) through ``tvm.compile``, export the library (with the
@@ -29,7 +29,7 @@ from kiln.compiler.core.graph import graph_inputs
 from kiln.compiler.core.version import kiln_version
 
 from .binary_check import check_binary
-from .lower import check_static_inputs, lower_to_relax
+from .importer import check_static_inputs, lower_to_relax
 from .manifest import LIBRARY_NAME, MANIFEST_NAME, Manifest, TensorSpec
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels

@@ -13,13 +13,13 @@ an optional epilogue. This rule never writes the float weight to memory::
       C[:, n_o*NR : +NR] = epilogue(acc)
 
 A GEMV on a blocked 4-bit weight arrives instead as kiln's grouped GEMV (blocks
-``kiln_gemv_group_sum`` / ``kiln_gemv``, from ``dequantize.emit_grouped_gemv``): the
+``kiln_gemv_group_sum`` / ``kiln_gemv``, from ``importer.grouped_gemv``): the
 per-group sums ``part[g, n:n+NR]`` live in registers at the group loop, so a weight
 costs one int->float conversion and one FMA, and the scale one FMA per group.
 
 For more rows (prefill, encoders) the decoded ``[K, NR]`` panel is computed once per
 ``n_o`` into a thread-local buffer and a register-tiled micro-kernel runs over all
-rows. With kiln's 32-column nibble tiles (``dequantize.pack_nibbles_tiled``) a
+rows. With kiln's 32-column nibble tiles (``importer.nibbles.pack_nibbles_tiled``) a
 16-byte load gives 32 codes: ``b & 15`` is columns 0..15, ``b >> 4`` columns 16..31,
 so after the column split the nibble choice is a constant per unrolled vector.
 """
@@ -31,6 +31,7 @@ import logging
 from tvm import s_tir, tirx
 
 from kiln.backends.tvm.keep_compressed import COMPRESSED_DTYPES
+from kiln.backends.tvm.kernel_names import GROUPED_OUTPUT, GROUPED_PARTIAL, GROUPED_XSUM
 from kiln.backends.tvm.schedules.analysis import (
     RuleContext,
     const_extent,
@@ -57,12 +58,6 @@ K_UNROLL = 4
 def low_bit_params(func: tirx.PrimFunc) -> set[str]:
     """Names of ``func``'s compressed-weight params (in TVM 0.27 params are buffers)."""
     return {str(p.name) for p in func.params if str(getattr(p, "dtype", "")) in LOW_BIT_DTYPES}
-
-
-#: Block names of kiln's grouped GEMV (``dequantize.emit_grouped_gemv``).
-GROUPED_PARTIAL = "kiln_gemv_group_sum"
-GROUPED_OUTPUT = "kiln_gemv"
-GROUPED_XSUM = "kiln_gemv_x_sum"
 
 
 def schedule_decode_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:

@@ -11,7 +11,7 @@ from tvm import relax
 
 from kiln.backends.tvm import build_artifact, load
 from kiln.backends.tvm.layout import align_constant_ranks, channels_last_convs
-from kiln.backends.tvm.lower import lower_to_relax
+from kiln.backends.tvm.importer import lower_to_relax
 
 from .onnx_models import REL_TOL, ort_outputs, relative_error, to_ir
 

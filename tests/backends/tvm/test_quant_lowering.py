@@ -128,7 +128,7 @@ def test_activation_form_builds_and_matches(form, tmp_path):
     result = _build_and_compare(make(), tmp_path, tol)
     if form == "salient-split":
         # the 4-bit and 1-bit rows' decodes, their Concat and the row ScatterND (an
-        # injective row gather, dequantize.scatter_rows_as_gather) are inside each MatMul
+        # injective row gather, importer.standard_converters.ScatterRowsAsGather) are inside each MatMul
         assert set(result.rules.values()) == {"decode_contraction"}, result.rules
 
 
@@ -179,7 +179,7 @@ def _int4_matmul(m: int, k: int, n: int, group: int) -> ir.Model:
 def _scheduled(model: ir.Model) -> dict[str, str]:
     import tvm
 
-    from kiln.backends.tvm.lower import lower_to_relax
+    from kiln.backends.tvm.importer import lower_to_relax
     from kiln.backends.tvm.pipeline import build_phases
     from kiln.backends.tvm.schedules import schedule_rules_used
     from kiln.backends.tvm.targets import resolve_target
@@ -217,7 +217,7 @@ def test_codebook_library_holds_indices_and_codebook(centroids, tmp_path):
     table through import and constant folding (the ONNX model keeps its Cast + Gather +
     Reshape, which ONNX Runtime runs): the 512x512 + 64x512 float32 weights would be
     1.2 MB; their indices are 74 KB (uint8) or 147 KB (uint16)."""
-    from kiln.backends.tvm.dequantize import CODEBOOK_OP
+    from kiln.backends.tvm.importer.internal_ops import CODEBOOK
 
     model = models.mlp(d_in=512, hidden=512, d_out=64)
     Quantize(QuantizeConfig(weights={"dtype": "codebook", "vector": 4,
@@ -226,7 +226,7 @@ def test_codebook_library_holds_indices_and_codebook(centroids, tmp_path):
     result = _build_and_compare(model, tmp_path)
     assert set(result.rules.values()) == {"decode_contraction"}, result.rules
     assert result.library.stat().st_size < 400 * 1024
-    assert not any(n.op_type == CODEBOOK_OP for n in model.graph)  # the backend's copy only
+    assert not any(n.op_type == CODEBOOK for n in model.graph)  # the backend's copy only
 
 
 def test_arm64_build_of_int4_weights(tmp_path):

@@ -20,7 +20,7 @@ tvm = pytest.importorskip("tvm")
 from .onnx_models import ort_outputs, relative_error  # noqa: E402
 
 from kiln.backends.tvm.build import build_artifact  # noqa: E402
-from kiln.backends.tvm.lower import lower_to_relax  # noqa: E402
+from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402
 from kiln.backends.tvm.runtime import load  # noqa: E402
 from kiln.backends.tvm.targets import resolve_target  # noqa: E402
 from kiln.backends.tvm.tuning import (  # noqa: E402

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper  # noqa: E402
 from tvm import relax, s_tir  # noqa: E402
 from tvm.s_tir.analysis import detect_buffer_access_lca  # noqa: E402
 
-from kiln.backends.tvm.lower import lower_to_relax  # noqa: E402
+from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402
 from kiln.backends.tvm.schedules import schedule_rules_used  # noqa: E402
 from kiln.backends.tvm.schedules.analysis import RuleContext  # noqa: E402
 from kiln.backends.tvm.schedules.quant_conv import (  # noqa: E402

@@ -1,0 +1,72 @@
+"""kiln's converter table: TVM's ONNX importer table plus kiln's forms, for one import.
+
+The table maps an op type to an object whose ``get_converter(opset)`` returns
+``convert(bb, inputs, attr, params)`` (TVM's interface). kiln's entries are built
+with the import's :class:`.context.ImportContext`, and every entry is wrapped in a
+:class:`TracedConverter` that records the node being converted in that context.
+"""
+
+from __future__ import annotations
+
+from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS
+
+from . import internal_ops
+from .context import ImportContext
+from .grouped_gemv import GroupedGemvMatMul
+from .standard_converters import ClipAsMinMax, ConvTransposeAsConv, ScatterRowsAsGather, SumAsAdds
+from .weight_converters import (
+    BlockedDequantizeLinear,
+    CodebookDecode,
+    PackedDequantizeLinear,
+    TableDecode,
+    UnpackBits,
+)
+
+#: Ops TVM's importer handles outside its converter table.
+IMPORTER_BUILTINS = frozenset({"If", "Constant"})
+
+
+class TracedConverter:
+    """Wraps a converter so that a failure can name the node being converted."""
+
+    def __init__(self, op_type: str, converter, context: ImportContext) -> None:
+        self.op_type = op_type
+        self.converter = converter
+        self.context = context
+
+    def get_converter(self, opset: int):
+        convert = self.converter.get_converter(opset)
+
+        def traced(bb, inputs, attr, params):
+            self.context.node = (self.op_type, attr.get("tvm_custom", {}).get("name", ""))
+            return convert(bb, inputs, attr, params)
+
+        return traced
+
+
+def kiln_converters(base: dict, context: ImportContext) -> dict:
+    """TVM's converter table ``base`` plus kiln's forms, bound to ``context``.
+
+    kiln's model-local functions (``kiln.UnpackBits``, ``kiln.DequantizeTable``) are
+    converted as ops so their weights stay packed; the internal ops of
+    :mod:`.internal_ops` come from :mod:`.prepare`.
+    """
+    table = dict(base)
+    table["DequantizeLinear"] = BlockedDequantizeLinear(base["DequantizeLinear"])
+    table["MatMul"] = GroupedGemvMatMul(base["MatMul"], context)
+    table["Sum"] = SumAsAdds
+    table["Clip"] = ClipAsMinMax(base["Clip"])
+    table["ConvTranspose"] = ConvTransposeAsConv(base["ConvTranspose"])
+    table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
+    table[internal_ops.PACKED_DEQUANTIZE] = PackedDequantizeLinear(context)
+    table[internal_ops.PACKED_TABLE] = TableDecode(packed=True)
+    table[internal_ops.CODEBOOK] = CodebookDecode
+    table[UNPACK_BITS] = UnpackBits
+    table[DEQUANTIZE_TABLE] = TableDecode(packed=False)
+    return table
+
+
+def traced_converters(base: dict, context: ImportContext) -> dict:
+    """:func:`kiln_converters`, each entry wrapped in a :class:`TracedConverter`."""
+    return {op: TracedConverter(op, conv, context)
+            for op, conv in kiln_converters(base, context).items()}

@@ -1,0 +1,21 @@
+"""The importer's internal ONNX ops: written by :mod:`.prepare`, read by the converters.
+
+They never leave the backend (the ONNX model kiln writes keeps standard ops and the
+``kiln`` domain); they exist so that a packed weight reaches TVM's importer as one node
+whose converter emits one decode kernel reading the packed bytes.
+"""
+
+from __future__ import annotations
+
+#: The domain of the internal ops (imported by the backend's own ONNX copy only).
+DOMAIN = "kiln.internal"
+#: ``DequantizeLinear`` whose x is packed nibbles (attributes: element, shape, axis,
+#: layout, block_size, output_dtype).
+PACKED_DEQUANTIZE = "KilnDequantizeLinearPacked"
+#: ``kiln.DequantizeTable`` whose codes are packed nibbles (element, shape, axis,
+#: block_size, layout).
+PACKED_TABLE = "KilnDequantizeTablePacked"
+#: A codebook weight ``Reshape(Gather(codebook, Cast(index)), shape)`` (attribute shape).
+CODEBOOK = "KilnCodebookDecode"
+#: Every internal op.
+OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK})

@@ -1,0 +1,143 @@
+"""The backend's own ONNX copy of a model, made ready for TVM's importer.
+
+:func:`prepare_onnx` serializes the ``onnx_ir`` model and, on that copy:
+
+1. evaluates small constant ``kiln.UnpackBits`` nodes that feed index computations
+   (:func:`fold_index_unpacks`: a salient-rows mask -> NonZero), so the indices fold;
+2. folds constants again when shape computations are left (``Shape``/``Size``): TVM's
+   importer fails on Reshape/Resize fed by computed shapes (:func:`refold`);
+3. drops the bodies of kiln's model-local functions (their ops have converters, so
+   packed weights stay packed) and inlines any other function;
+4. keeps 4-bit and codebook weights compressed (:mod:`.packed_weights`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+
+import onnx
+import onnx_ir as ir
+from onnx import numpy_helper
+
+from kiln.compiler.core.errors import LoweringError
+from kiln.compiler.core.kiln_domain import DOMAIN as KILN_DOMAIN
+from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS, is_kiln_op
+from kiln.compiler.core.packing import unpack_bits
+
+from .packed_weights import attributes, codebook_weights, initializers, pack_four_bit_weights
+
+logger = logging.getLogger(__name__)
+
+_SHAPE_OPS = frozenset({"Shape", "Size"})
+#: kiln.UnpackBits outputs up to this many codes that feed index computations (a
+#: salient-rows mask -> NonZero) are evaluated before import, so the indices fold.
+MAX_FOLDED_CODES = 1 << 16
+#: Consumers that read unpacked codes as a weight (those stay packed in the kernel).
+_DECODE_CONSUMERS = frozenset({"DequantizeLinear", DEQUANTIZE_TABLE})
+
+
+def walk_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    """Every node of ``graph`` and of its subgraphs (If/Loop bodies), depth first."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from walk_nodes(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from walk_nodes(sub)
+
+
+def fold_index_unpacks(model: onnx.ModelProto) -> int:
+    """Evaluate small constant ``kiln.UnpackBits`` nodes that feed non-decode ops (in place).
+
+    Their codes are an index computation (masks), not a weight: as initializers they
+    let constant folding resolve what reads them (NonZero, Concat) to static indices.
+    Returns how many nodes were replaced.
+    """
+    graph = model.graph
+    inits = initializers(graph)
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    keep, folded = [], 0
+    for node in graph.node:
+        attrs = attributes(node)
+        if (node.domain == KILN_DOMAIN and node.op_type == UNPACK_BITS
+                and node.input[0] in inits
+                and math.prod(attrs.get("shape", [])) <= MAX_FOLDED_CODES
+                and readers.get(node.output[0], set()) - _DECODE_CONSUMERS):
+            codes = unpack_bits(numpy_helper.to_array(inits[node.input[0]]), int(attrs["bits"]),
+                                attrs["shape"])
+            graph.initializer.append(numpy_helper.from_array(codes, node.output[0]))
+            folded += 1
+            continue
+        keep.append(node)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        logger.debug("evaluated %d index kiln.UnpackBits node(s) before import", folded)
+    return folded
+
+
+def refold(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant-fold a copy with onnxscript's folder (shape chains -> constants).
+
+    Folding only: onnxscript's rewrite rules (BatchNorm fusion, ...) are kiln
+    passes that a spec chooses, not something lowering does behind its back.
+    """
+    from onnx_ir.passes import common
+    from onnxscript.optimizer import fold_constants
+
+    copy = ir.serde.deserialize_model(proto)
+    # kiln's functions are lowered as ops (packed weights stay packed): not inlined here
+    kiln = {key: copy.functions.pop(key) for key in list(copy.functions)
+            if is_kiln_op(key[0], key[1])}
+    common.InlinePass()(copy)
+    fold_constants(copy, onnx_shape_inference=True)
+    common.RemoveUnusedNodesPass()(copy)
+    copy.functions.update(kiln)
+    return ir.serde.serialize_model(copy)
+
+
+def drop_kiln_functions(proto: onnx.ModelProto, target_name: str | None) -> onnx.ModelProto:
+    """Remove kiln's function bodies (their ops have converters); inline any other function.
+
+    kiln's ops are converted directly so that packed weights stay packed; a model's
+    other local functions are inlined with onnx_ir's InlinePass (kiln's own calls
+    are kept: their functions are set aside while inlining).
+    """
+    kiln = [f for f in proto.functions if is_kiln_op(f.domain, f.name)]
+    others = [f for f in proto.functions if not is_kiln_op(f.domain, f.name)]
+    if others:
+        from onnx_ir.passes import common
+
+        proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        del proto.functions[:]
+        proto.functions.extend(others)
+        model = ir.serde.deserialize_model(proto)
+        common.InlinePass()(model)
+        proto = ir.serde.serialize_model(model)
+        if proto.functions:
+            raise LoweringError("model has local functions that could not be inlined: "
+                                + ", ".join(f"{f.domain}::{f.name}" for f in proto.functions),
+                                target=target_name)
+    elif kiln:
+        del proto.functions[:]
+    return proto
+
+
+def prepare_onnx(model: ir.Model, target_name: str | None = None) -> onnx.ModelProto:
+    """The backend's own ONNX copy of ``model``, folded if needed, weights kept packed."""
+    proto = ir.serde.serialize_model(model)
+    if fold_index_unpacks(proto) or \
+            any(n.op_type in _SHAPE_OPS for n in walk_nodes(proto.graph)):
+        logger.info("model still computes shapes; folding constants before import")
+        proto = refold(proto)
+    proto = drop_kiln_functions(proto, target_name)
+    pack_four_bit_weights(proto)
+    codebook_weights(proto)
+    return proto

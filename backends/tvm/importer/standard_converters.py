@@ -1,0 +1,209 @@
+"""kiln's converters for standard ONNX ops whose TVM conversion kernels cannot use well.
+
+Each takes the cases it improves and hands the rest to TVM's own converter
+(``fallback``):
+
+- ``Sum`` as a chain of broadcasting adds (TVM stacks the inputs into a 5-D tensor);
+- ``Clip`` with constant bounds as Relax ``maximum``/``minimum`` (layout conversion
+  sees through them; TVM's prebuilt kernels it cannot);
+- ``ConvTranspose`` whose kernel equals its stride as a 1x1 conv + pixel shuffle;
+- ``ScatterND`` writing every row once as an injective row gather.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .decode import INJECTIVE
+from .expr_types import attr_str, dtype_of, static_shape
+
+
+class SumAsAdds:
+    """ONNX ``Sum`` as a chain of broadcasting adds.
+
+    TVM's importer stacks the inputs (broadcast_to + stack + sum over a new axis): a
+    5-D intermediate that layout conversion cannot follow and the kernels must
+    materialize. Elementwise adds fuse into the producing conv's epilogue instead.
+    """
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            total = inputs[0]
+            for term in inputs[1:]:
+                total = relax.op.add(total, term)
+            return total
+
+        return convert
+
+
+def _constant_bound(expr) -> float | None:
+    """A Clip bound as a float when it is a scalar constant (NaN: no bound), else raise."""
+    import tvm
+
+    if expr is None:
+        return None
+    if not isinstance(expr, tvm.ir.GenericConst) or expr.value.numpy().size != 1:
+        raise TypeError("not a constant scalar")
+    value = float(expr.value.numpy().reshape(()))
+    return None if np.isnan(value) else value
+
+
+class ClipAsMinMax:
+    """ONNX ``Clip`` with constant bounds as Relax ``maximum``/``minimum`` with scalars.
+
+    TVM's importer emits prebuilt TensorIR kernels (and NaN checks of the bounds) that
+    layout conversion cannot see through; Relax's elementwise ops it can. Clips with
+    computed bounds keep the importer's conversion.
+    """
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def get_converter(self, opset: int):
+        fallback = self.fallback.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            x = inputs[0]
+            dtype = x.ty.dtype
+            try:
+                if opset < 11:
+                    lo = attr.get("min")
+                    hi = attr.get("max")
+                    lo = None if lo is None else float(lo)
+                    hi = None if hi is None else float(hi)
+                else:
+                    extra = list(inputs[1:]) + [None, None]
+                    lo, hi = _constant_bound(extra[0]), _constant_bound(extra[1])
+            except TypeError:
+                return fallback(bb, inputs, attr, params)
+            if not str(dtype).startswith("float"):
+                return fallback(bb, inputs, attr, params)
+            if lo is not None:
+                x = relax.op.maximum(x, relax.const(lo, dtype))
+            if hi is not None:
+                x = relax.op.minimum(x, relax.const(hi, dtype))
+            return x
+
+        return convert
+
+
+def _as_ints(values, default: list[int]) -> list[int]:
+    return [int(v) for v in values] if values is not None else default
+
+
+class ConvTransposeAsConv:
+    """ONNX ``ConvTranspose`` whose kernel equals its stride (no overlap: U-Net and
+    DB-head upsamplers) as a 1x1 ``conv2d`` to ``C_out * kH * kW`` channels followed by
+    a pixel shuffle. Each output pixel then takes exactly one kernel tap, so no
+    multiply-by-zero of a dilated input is done, and the 1x1 conv is a GEMM for kiln's
+    contraction rule. Other ConvTransposes keep the importer's conversion.
+    """
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def get_converter(self, opset: int):
+        fallback = self.fallback.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            import tvm
+            from tvm import relax
+
+            x, weight = inputs[0], inputs[1]
+            bias = inputs[2] if len(inputs) > 2 else None
+            if not (isinstance(weight, tvm.ir.GenericConst)
+                    and getattr(x.ty, "ndim", -1) == 4
+                    and (bias is None or isinstance(bias, tvm.ir.GenericConst))):
+                return fallback(bb, inputs, attr, params)
+            w = weight.value.numpy()
+            kernel = _as_ints(attr.get("kernel_shape"), list(w.shape[2:]))
+            strides = _as_ints(attr.get("strides"), [1, 1])
+            plain = (int(attr.get("group", 1)) == 1
+                     and _as_ints(attr.get("dilations"), [1, 1]) == [1, 1]
+                     and _as_ints(attr.get("pads"), [0] * 4) == [0] * 4
+                     and _as_ints(attr.get("output_padding"), [0, 0]) == [0, 0]
+                     and "output_shape" not in attr
+                     and attr.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET")
+                     and kernel == strides == list(w.shape[2:]))
+            if not plain:
+                return fallback(bb, inputs, attr, params)
+            c_in, c_out, kh, kw = w.shape
+            # W1[co*kh*kw + a*kw + b, ci] = W[ci, co, a, b]
+            w1 = np.ascontiguousarray(w.transpose(1, 2, 3, 0).reshape(c_out * kh * kw, c_in, 1, 1))
+            n, _, h, wd = (int(d) for d in x.ty.shape.values)
+            z = relax.op.nn.conv2d(x, relax.const(w1, str(w.dtype)))
+            z = relax.op.reshape(z, (n, c_out, kh, kw, h, wd))
+            z = relax.op.permute_dims(z, [0, 1, 4, 2, 5, 3])
+            y = relax.op.reshape(z, (n, c_out, h * kh, wd * kw))
+            if bias is not None:
+                b = bias.value.numpy().reshape(1, c_out, 1, 1)
+                y = relax.op.add(y, relax.const(b, str(b.dtype)))
+            return y
+
+        return convert
+
+
+def row_permutation(indices, rows: int) -> np.ndarray | None:
+    """``inverse`` with ``out[r] = updates[inverse[r]]`` when a constant ScatterND
+    ``indices[rows, 1]`` writes every row once, else None."""
+    import tvm
+
+    if not isinstance(indices, tvm.ir.GenericConst):
+        return None
+    order = indices.value.numpy()
+    if order.shape != (rows, 1) or order.dtype.kind not in "iu":
+        return None
+    order = order[:, 0].astype(np.int64)
+    order = np.where(order < 0, order + rows, order)
+    if not np.array_equal(np.sort(order), np.arange(rows)):
+        return None
+    # int64 like the weight's own indices: the gathered row is substituted into the
+    # decode's index expressions (Concat's ``64 <= r``) when it is inlined
+    inverse = np.empty(rows, np.int64)
+    inverse[order] = np.arange(rows, dtype=np.int64)
+    return inverse
+
+
+class ScatterRowsAsGather:
+    """ScatterND that writes every row of ``data`` once (constant indices ``[K, 1]``, a
+    permutation: salient_split's ``ScatterND(zeros, rows, Concat(W_s, W_b))``) as an
+    injective row gather of ``updates``: ``data`` is never read, and the gather fuses
+    with the weight's decode (then into its MatMul, ``fuse_decode``) instead of
+    scattering a float32 weight into memory. Other ScatterNDs go to ``fallback``.
+    """
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def get_converter(self, opset: int):
+        fallback = self.fallback.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            from tvm import relax, te
+
+            data, indices, updates = inputs[0], inputs[1], inputs[2]
+            reduction = attr_str(attr.get("reduction", "none"))
+            try:
+                shape = static_shape(data)
+                same = static_shape(updates) == shape and dtype_of(updates) == dtype_of(data)
+            except (AttributeError, TypeError, ValueError):
+                same = False
+            inverse = row_permutation(indices, shape[0]) \
+                if same and shape and reduction == "none" else None
+            if inverse is None:
+                return fallback(bb, inputs, attr, params)
+
+            def compute(u, inv):
+                return te.compute(shape, lambda r, *rest: u[(inv[r], *rest)],
+                                  name="kiln_permute_rows")
+
+            return bb.emit_te(compute, updates, relax.const(inverse, "int64"),
+                              primfunc_name_hint="kiln_permute_rows",
+                              primfunc_attrs=INJECTIVE)
+
+        return convert

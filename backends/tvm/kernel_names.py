@@ -1,0 +1,15 @@
+"""Names of the TensorIR blocks kiln's importer emits and kiln's schedule rules look up.
+
+The importer builds a kernel with these block names (``te.compute(..., name=...)``) and
+a rule finds it again by name (``sch.get_sblock``): one definition keeps the two in step.
+"""
+
+from __future__ import annotations
+
+#: Grouped int4 GEMV (``importer.grouped_gemv``, scheduled by ``schedules.quant_gemv``):
+#: per-group partial sums ``part[m, g, n]`` of ``x * code``,
+GROUPED_PARTIAL = "kiln_gemv_group_sum"
+#: the output ``y[m, n] = sum_g s[g, n] * (part - offset * xsum)``,
+GROUPED_OUTPUT = "kiln_gemv"
+#: and the per-group sums of ``x`` (only with a zero point or int4's offset).
+GROUPED_XSUM = "kiln_gemv_x_sum"
