@@ -6,7 +6,7 @@ NUPES power, codebook Gather (uint8 and uint16 indices), static W8A8 QDQ, dynami
 activations, salient_split. The int4 GEMV/GEMM kernels read the packed weight (kiln's
 decode_contraction rule), a quantized conv its codes (decode_conv), a codebook weight's
 kernel its indices and table; arm64 and cuda-sm90 builds of an int4 model are checked
-for their binary kind.
+for their binary kind. (ScatterND as a row gather: importer/test_standard_converters.py.)
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import onnx_ir as ir
 import pytest
 
 from kiln.backends.tvm import build_artifact, check_binary, load
-from kiln.compiler.core import graph as kir
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing import quant_models as models
+from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig
-from tests.passes.quant import models
 
-#: kiln's build vs ONNX Runtime on the same quantized graph, relative to max |y|: the
-#: decode is exact in float32, only the summation order differs.
-REL_TOL = 1e-5
 #: With quantized activations a summation-order difference may move a value across a
 #: rounding boundary of the next QuantizeLinear (one step of its scale).
 QDQ_REL_TOL = 2e-2
@@ -46,35 +44,12 @@ WEIGHT_FORMS = {
 }
 
 
-def _reference(model: ir.Model, feeds) -> np.ndarray:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # The exact graph, not ORT's MatMulNBits rewrite (~1e-3 off). ORT 1.32 has no Shape
-    # kernel for UINT4 (inside kiln.DequantizeTable's body): for kiln's functions the
-    # basic level folds it away; that level has no MatMulNBits fusion.
-    has_functions = bool(model.functions)
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-                                        if has_functions else
-                                        ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    session = ort.InferenceSession(kir.model_bytes(model), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)[0]
-
-
-def _relative_error(got, want) -> float:
-    got = np.asarray(got, np.float64).reshape(np.shape(want))
-    want = np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
-
-
-def _build_and_compare(model: ir.Model, tmp_path, tol: float = REL_TOL):
+def _build_and_compare(model: ir.Model, tmp_path, tol: float = DECODE_REL_TOL):
     feeds = models.feeds(model)
-    want = _reference(model, feeds)
+    want = exact_reference(model, feeds)
     result = build_artifact(model, "host", tmp_path, model_hash="h")
     (got,) = load(tmp_path)(**feeds)
-    assert _relative_error(got, want) < tol
+    assert relative_error(got, want) < tol
     return result
 
 
@@ -118,7 +93,7 @@ def _salient_split() -> ir.Model:
 ACTIVATION_FORMS = {
     "static-w8a8-qdq": (_static_w8a8, QDQ_REL_TOL),
     "dynamic-activations": (_dynamic_activations, QDQ_REL_TOL),
-    "salient-split": (_salient_split, REL_TOL),
+    "salient-split": (_salient_split, DECODE_REL_TOL),
 }
 
 
@@ -130,22 +105,6 @@ def test_activation_form_builds_and_matches(form, tmp_path):
         # the 4-bit and 1-bit rows' decodes, their Concat and the row ScatterND (an
         # injective row gather, importer.standard_converters.ScatterRowsAsGather) are inside each MatMul
         assert set(result.rules.values()) == {"decode_contraction"}, result.rules
-
-
-@pytest.mark.parametrize("rows", [[[2], [0], [3], [1]], [[1], [3]]])
-def test_scatter_nd_of_rows_matches(rows, tmp_path):
-    """ScatterND writing every row once is lowered as a row gather (data unread); any
-    other ScatterND (here: two of four rows) keeps TVM's scatter."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    indices = numpy_helper.from_array(np.array(rows, np.int64), "rows")
-    model = models.build(
-        [helper.make_node("ScatterND", ["x", "rows", "u"], ["y"], name="scatter")], [indices],
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8]),
-         helper.make_tensor_value_info("u", TensorProto.FLOAT, [len(rows), 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])])
-    kernels = _build_and_compare(model, tmp_path).rules
-    assert any("kiln_permute_rows" in name for name in kernels) == (len(rows) == 4), kernels
 
 
 CONV_FORMS = {"int8-per-channel": {"dtype": "int8"},
@@ -180,14 +139,14 @@ def _scheduled(model: ir.Model) -> dict[str, str]:
     import tvm
 
     from kiln.backends.tvm.importer import lower_to_relax
-    from kiln.backends.tvm.pipeline import build_phases
+    from kiln.backends.tvm.pipeline import legalize_passes, schedule_passes
     from kiln.backends.tvm.schedules import schedule_rules_used
     from kiln.backends.tvm.targets import resolve_target
 
     target = resolve_target("host")
-    phases = build_phases(target)
     with target.tvm_target():
-        mod = tvm.transform.Sequential(phases.legalize + phases.schedule)(lower_to_relax(model))
+        mod = tvm.transform.Sequential(legalize_passes(target) + schedule_passes(target))(
+            lower_to_relax(model))
     return schedule_rules_used(mod)
 
 
@@ -199,10 +158,10 @@ def test_int4_matmul_decodes_inside_its_kernel(m, group, tmp_path):
     rules = _scheduled(model)
     assert list(rules.values()) == ["decode_contraction"], rules
     x = np.random.default_rng(5).standard_normal((m, 256)).astype(np.float32)
-    want = _reference(model, {"x": x})
+    want = exact_reference(model, {"x": x})
     build_artifact(model, "host", tmp_path, model_hash="h")
     (got,) = load(tmp_path)(x)
-    assert _relative_error(got, want) < REL_TOL
+    assert relative_error(got, want) < DECODE_REL_TOL
 
 
 def test_int4_library_holds_packed_weights(tmp_path):
@@ -244,7 +203,8 @@ def test_cuda_sm90_build_of_int4_weights(tmp_path):
     assert "CUDA kernel" in check_binary(result.library, "cuda-sm90")
 
 
-BUILTIN_QUANT_SPECS = {"int8": QDQ_REL_TOL, "int4-weights": REL_TOL, "fp4-llm": REL_TOL}
+BUILTIN_QUANT_SPECS = {"int8": QDQ_REL_TOL, "int4-weights": DECODE_REL_TOL,
+                       "fp4-llm": DECODE_REL_TOL}
 
 
 def _compile_mlp(spec: str, tmp_path):
@@ -269,7 +229,7 @@ def test_builtin_quant_spec_compiles_for_host_and_matches(spec, tmp_path):
     build_artifact(result.model, "host", out, model_hash=result.model_hash)
     feeds = models.feeds(result.model)
     (got,) = load(out)(**feeds)
-    assert _relative_error(got, _reference(result.model, feeds)) < BUILTIN_QUANT_SPECS[spec]
+    assert relative_error(got, exact_reference(result.model, feeds)) < BUILTIN_QUANT_SPECS[spec]
 
 
 @pytest.mark.parametrize("spec", list(BUILTIN_QUANT_SPECS))

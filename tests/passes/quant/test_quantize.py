@@ -18,11 +18,11 @@ from kiln.compiler.core import packing
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.driver.compile import compile_model
 from kiln.compiler.driver.specs import load_spec
-from kiln.passes.quant import kiln_ops
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig
 from tests.compiler.core.old_opset_models import (OLD_OPSETS, assert_valid_at, float_outputs,
                                                   old_opset_model)
 from kiln.compiler.testing import quant_models as models
+from kiln.compiler.testing.kiln_op_models import unpack_bits_model
 
 # Output SQNR floors (dB) of the seeded MLP (Gaussian weights, 2 layers) per mode,
 # a few dB under what was measured, so a regression in rounding or layout shows.
@@ -116,19 +116,7 @@ def test_int3_packing_matches_reference():
         codes = rng.integers(0, 2 ** bits, (5, 7))
         packed = packing.pack_bits(codes, bits)
         assert packed.size == -(-codes.size // 8) * bits
-        graph = ir.Graph([], [], nodes=[], opset_imports={"": 21})
-        model = ir.Model(graph, ir_version=10)
-        kiln_ops.ensure_function(model, kiln_ops.UNPACK_BITS)
-        value = ir.Value(name="p", shape=ir.Shape(packed.shape),
-                         type=ir.TensorType(ir.DataType.UINT8), const_value=ir.tensor(packed))
-        graph.register_initializer(value)
-        node = ir.Node("kiln", "UnpackBits", [value], [ir.AttrInt64("bits", bits),
-                                                       ir.AttrInt64s("shape", [5, 7])],
-                       num_outputs=1)
-        graph.append(node)
-        node.outputs[0].name = "y"
-        graph.outputs.append(node.outputs[0])
-        (out,) = models.run(model, {})
+        (out,) = models.run(unpack_bits_model(packed, bits, [5, 7]), {})
         np.testing.assert_array_equal(out, codes)
         np.testing.assert_array_equal(packing.unpack_bits(packed, bits, (5, 7)), codes)
 
