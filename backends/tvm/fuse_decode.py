@@ -23,7 +23,6 @@ from .keep_compressed import COMPRESSED_DTYPES as LOW_BIT_DTYPES
 
 logger = logging.getLogger(__name__)
 
-#: Element types that mark a decode kernel's input as a compressed weight (uint16: codebook
 #: Legalized kernel names of the contractions a decode may fuse into.
 _CONTRACTION = re.compile(r"matmul|dense|conv")
 #: Consumers with up to this many arguments are matched (x, w, bias, residual, ...).
