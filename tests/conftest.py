@@ -1,16 +1,14 @@
-"""Test configuration: slow end-to-end cases run only with KILN_SLOW=1 (``make test-all``)."""
+"""Test configuration: slow end-to-end cases run only with KILN_SLOW=1 (``make test-all``).
+
+Tests import kiln as installed (``pip install -e .``), never the source folders as
+top-level packages: shared model builders and references are ``kiln.compiler.testing``.
+"""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # tests.torch_models / tests.real_models as MODULE:CALLABLE
 
 
 def pytest_collection_modifyitems(config, items):

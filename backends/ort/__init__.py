@@ -5,28 +5,44 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import VerificationError
 
 
-class ReferenceRunner:
-    """An ONNX Runtime session over an ``onnx_ir`` model (serialized once)."""
+#: ``optimize=`` values: ORT's graph optimization levels by name.
+OPTIMIZATION_LEVELS = ("none", "basic", "all")
 
-    def __init__(self, model: ir.Model, *, threads: int = 0, label: str = "the model") -> None:
+
+class ReferenceRunner:
+    """An ONNX Runtime session over an ``onnx_ir`` model or ONNX proto (serialized once).
+
+    ``optimize`` is ORT's graph optimization level. The default, "none", keeps ORT from
+    rewriting the graph: the reference must be the model as written (with optimizations
+    ORT swaps blocked DequantizeLinear+MatMul for its own MatMulNBits kernel, which rounds
+    differently). "all" is how an application runs the model.
+    """
+
+    def __init__(self, model: ir.Model | onnx.ModelProto, *, threads: int = 0,
+                 label: str = "the model", optimize: str = "none") -> None:
         import onnxruntime as ort
 
+        if optimize not in OPTIMIZATION_LEVELS:
+            raise ValueError(f"optimize={optimize!r}: expected one of {OPTIMIZATION_LEVELS}")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
-        # Keep ORT from rewriting the graph: the reference must be the model as written
-        # (with optimizations ORT swaps blocked DequantizeLinear+MatMul for its own
-        # MatMulNBits kernel, which rounds differently).
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.graph_optimization_level = {
+            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[optimize]
+        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) \
+            else kir.model_bytes(model)
         try:
-            self.session = ort.InferenceSession(kir.model_bytes(model), options,
+            self.session = ort.InferenceSession(data, options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -51,8 +67,6 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarr
 def collect_activations(model: ir.Model, names: list[str],
                         samples: list[Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
     """Values of intermediate tensors (by name) on each sample, by exposing them as outputs."""
-    import onnx
-
     proto = kir.to_proto(model)
     existing = {o.name for o in proto.graph.output}
     known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.input)}

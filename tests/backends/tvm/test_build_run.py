@@ -10,15 +10,9 @@ import pytest
 
 from kiln.backends.tvm import build_artifact, load, run_artifact
 from kiln.compiler.core.errors import KilnError
-
-from .onnx_models import (
-    REL_TOL,
-    blocked_int4_matmul,
-    ort_outputs,
-    relative_error,
-    tiny_cnn,
-    to_ir,
-)
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing.onnx_models import blocked_int4_matmul, tiny_cnn, to_ir
+from kiln.compiler.testing.reference import REL_TOL, ort_outputs
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +102,7 @@ def test_fp4_e2m1_blocked_weights(tmp_path):
     """FP4 (opset 23) weights go through the nibble lookup table; checked against numpy."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from .onnx_models import BLOCK
+    from kiln.compiler.testing.onnx_models import BLOCK
 
     rng = np.random.default_rng(4)
     codes = rng.integers(0, 16, size=(64, 16)).astype(np.uint8)

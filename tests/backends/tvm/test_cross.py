@@ -12,8 +12,9 @@ import pytest
 from kiln.backends.tvm import build_artifact, check_binary, load
 from kiln.backends.tvm.targets import cuda_device_present
 from kiln.compiler.core.errors import LoweringError
-
-from .onnx_models import REL_TOL, relative_error, tiny_cnn, to_ir
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing.onnx_models import tiny_cnn, to_ir
+from kiln.compiler.testing.reference import REL_TOL
 
 INSTALL_CROSS = Path(__file__).resolve().parents[3] / "tools" / "edge" / "install_cross.sh"
 
@@ -59,7 +60,7 @@ def encoder_model():
     pytest.importorskip("torch")
     from kiln.compiler.core.frontend import load_model
 
-    return load_model("tests.torch_models:small_encoder")
+    return load_model("kiln.compiler.testing.torch_models:small_encoder")
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +83,7 @@ def test_check_binary_rejects_a_cpu_library_for_cuda(tmp_path):
 
 @pytest.mark.skipif(not cuda_device_present(), reason="no CUDA GPU on this machine")
 def test_cuda_artifact_matches_onnxruntime_on_the_gpu(cuda_build, encoder_model):
-    from .onnx_models import ort_outputs
+    from kiln.compiler.testing.reference import ort_outputs
 
     x = np.random.default_rng(0).standard_normal((1, 16, 64)).astype(np.float32)
     (ref,) = ort_outputs(encoder_model, {encoder_model.graph.inputs[0].name: x})
@@ -91,7 +92,7 @@ def test_cuda_artifact_matches_onnxruntime_on_the_gpu(cuda_build, encoder_model)
 
 
 def test_cuda_build_of_int4_weights_fuses_decode_into_one_kernel(tmp_path):
-    from .onnx_models import blocked_int4_matmul
+    from kiln.compiler.testing.onnx_models import blocked_int4_matmul
 
     result = build_artifact(to_ir(blocked_int4_matmul(k=256, n=128, m=1)), "cuda-sm90",
                             tmp_path, model_hash="h")

@@ -12,8 +12,9 @@ from tvm import relax
 from kiln.backends.tvm import build_artifact, load
 from kiln.backends.tvm.layout import align_constant_ranks, channels_last_convs
 from kiln.backends.tvm.importer import lower_to_relax
-
-from .onnx_models import REL_TOL, ort_outputs, relative_error, to_ir
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing.onnx_models import to_ir
+from kiln.compiler.testing.reference import REL_TOL, ort_outputs
 
 
 def _const(name: str, array: np.ndarray) -> onnx.TensorProto:

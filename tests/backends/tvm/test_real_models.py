@@ -8,15 +8,15 @@ import pytest
 
 from kiln.backends.tvm import build_artifact, load
 from kiln.compiler.core.frontend import load_model
-from tests.real_models import (
+from kiln.compiler.testing.real_models import (
     LIGHT_MODELS,
     light_model,
     light_model_io,
     rapidocr_input_shape,
     rapidocr_model,
 )
-
-from .onnx_models import REL_TOL, ort_outputs, relative_error
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing.reference import REL_TOL, ort_outputs
 
 pytestmark = pytest.mark.slow
 

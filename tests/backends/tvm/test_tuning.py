@@ -17,7 +17,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from .onnx_models import ort_outputs, relative_error  # noqa: E402
+from kiln.compiler.core.metrics import relative_error  # noqa: E402
+from kiln.compiler.testing.reference import ort_outputs  # noqa: E402
 
 from kiln.backends.tvm.build import build_artifact  # noqa: E402
 from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402

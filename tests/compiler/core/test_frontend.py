@@ -11,7 +11,7 @@ import pytest
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import FrontendError
 from kiln.compiler.core.frontend import load_model, parse_input_binding
-from tests.real_models import rapidocr_input_shape, rapidocr_model
+from kiln.compiler.testing.real_models import rapidocr_input_shape, rapidocr_model
 
 EXAMPLE = "compiler/core/examples/tiny_cnn.onnx"
 
@@ -35,12 +35,12 @@ def test_onnx_with_external_data(tmp_path):
 def test_pt2_and_callable_give_the_same_graph(tmp_path):
     import torch
 
-    from tests.torch_models import cnn_with_batchnorm
+    from kiln.compiler.testing.torch_models import cnn_with_batchnorm
 
     module, args = cnn_with_batchnorm()
     torch.export.save(torch.export.export(module, args), tmp_path / "m.pt2")
     from_pt2 = load_model(tmp_path / "m.pt2")
-    from_callable = load_model("tests.torch_models:cnn_with_batchnorm")
+    from_callable = load_model("kiln.compiler.testing.torch_models:cnn_with_batchnorm")
     feeds = {kir.graph_inputs(from_pt2)[0].name: args[0].numpy()}
     with torch.no_grad():
         expected = module(*args).numpy()

@@ -16,7 +16,7 @@ def example():
 
 @pytest.fixture(scope="module")
 def torch_cnn():
-    return load_model("tests.torch_models:cnn_with_batchnorm")
+    return load_model("kiln.compiler.testing.torch_models:cnn_with_batchnorm")
 
 
 def _names(model, **selector):

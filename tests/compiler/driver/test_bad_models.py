@@ -127,7 +127,7 @@ def test_unknown_input_in_spec(tmp_path, capsys):
 
 @pytest.mark.parametrize("source, expected", [
     ("kiln_no_such_module:make", "cannot import 'kiln_no_such_module' (ModuleNotFoundError"),
-    ("tests.torch_models:no_such_model", "'tests.torch_models' has no callable 'no_such_model'"),
+    ("kiln.compiler.testing.torch_models:no_such_model", "'kiln.compiler.testing.torch_models' has no callable 'no_such_model'"),
     ("{models}/plugin_models.py:NOT_CALLABLE", "has no callable 'NOT_CALLABLE'"),
     ("{models}/plugin_models.py:boom",
      "calling it failed (RuntimeError: the model factory exploded)"),

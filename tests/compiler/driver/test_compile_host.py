@@ -30,9 +30,9 @@ def _check(out, source_fn):
 
 
 def test_cnn_with_reparam_spec(tmp_path):
-    from tests.torch_models import cnn_with_batchnorm
+    from kiln.compiler.testing.torch_models import cnn_with_batchnorm
 
-    result = compile_model("tests.torch_models:cnn_with_batchnorm", "reparam")
+    result = compile_model("kiln.compiler.testing.torch_models:cnn_with_batchnorm", "reparam")
     out = result.save(tmp_path, target="host")
     report = _check(out, cnn_with_batchnorm)
     fold = report["passes"][1]
@@ -40,18 +40,18 @@ def test_cnn_with_reparam_spec(tmp_path):
 
 
 def test_small_encoder_fp32(tmp_path):
-    from tests.torch_models import small_encoder
+    from kiln.compiler.testing.torch_models import small_encoder
 
-    out = compile_model("tests.torch_models:small_encoder", "fp32").save(tmp_path, target="host")
+    out = compile_model("kiln.compiler.testing.torch_models:small_encoder", "fp32").save(tmp_path, target="host")
     _check(out, small_encoder)
 
 
 @pytest.mark.slow
 def test_bench_encoder_fp32(tmp_path):
     """The 4-layer d=256 seq-128 encoder of bench/."""
-    from tests.torch_models import encoder
+    from kiln.compiler.testing.torch_models import encoder
 
-    out = compile_model("tests.torch_models:encoder", "fp32").save(tmp_path, target="host")
+    out = compile_model("kiln.compiler.testing.torch_models:encoder", "fp32").save(tmp_path, target="host")
     _check(out, encoder)
 
 

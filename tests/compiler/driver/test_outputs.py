@@ -15,7 +15,7 @@ from kiln.compiler.core.spec import builtin_specs
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx"
-TORCH_SOURCE = "tests.torch_models:cnn_with_batchnorm"
+TORCH_SOURCE = "kiln.compiler.testing.torch_models:cnn_with_batchnorm"
 PASS_KEYS = ("name", "matched", "modified", "params_before", "params_after", "bytes_before",
              "bytes_after", "sqnr_db", "max_abs_err", "seconds")
 TOTAL_KEYS = ("params_before", "params_after", "bytes_before", "bytes_after", "sqnr_db",

@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from kiln.passes.quant.migrate_scales import MigrateScales, MigrateScalesConfig
-from tests.passes.quant import models
+from kiln.compiler.testing import quant_models as models
 
 # Non-power-of-two scales round once in 1/s and once in W*s.
 RTOL = 1e-5
@@ -19,10 +19,10 @@ OUTLIERS = (3, 17)
 def ln_model():
     """x -> LayerNormalization -> {MatMul q, MatMul k} (one activation, two consumers)."""
     rng = np.random.default_rng(0)
-    inits = [models._init("gamma", rng.uniform(0.5, 2, 32)),
-             models._init("beta", rng.standard_normal(32)),
-             models._init("wq", rng.standard_normal((32, 16))),
-             models._init("wk", rng.standard_normal((32, 16)))]
+    inits = [models.init("gamma", rng.uniform(0.5, 2, 32)),
+             models.init("beta", rng.standard_normal(32)),
+             models.init("wq", rng.standard_normal((32, 16))),
+             models.init("wk", rng.standard_normal((32, 16)))]
     nodes = [helper.make_node("LayerNormalization", ["x", "gamma", "beta"], ["h"], name="ln"),
              helper.make_node("MatMul", ["h", "wq"], ["q"], name="q"),
              helper.make_node("MatMul", ["h", "wk"], ["k"], name="k")]

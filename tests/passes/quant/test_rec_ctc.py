@@ -36,9 +36,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.passes.quant.textlines import (REC_SIZE, ctc_text, greedy_ctc, rec_characters,
-                                          rec_input, render_line, text_lines, trim_spaces)
-from tests.real_models import rapidocr_input_shape, rapidocr_model
+from kiln.compiler.testing.textlines import (
+    REC_SIZE,
+    ctc_text,
+    greedy_ctc,
+    rec_characters,
+    rec_input,
+    render_line,
+    text_lines,
+    trim_spaces,
+)
+from kiln.compiler.testing.real_models import rapidocr_input_shape, rapidocr_model
 
 EVAL_LINES = 64
 CALIBRATION_LINES = 16          # the int8 spec's calibration.samples

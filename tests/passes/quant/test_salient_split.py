@@ -7,7 +7,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from kiln.passes.quant.salient_split import SalientSplit, SalientSplitConfig, split_quantize
-from tests.passes.quant import models
+from kiln.compiler.testing import quant_models as models
 
 # The ONNX form reproduces the numpy reconstruction to float32 rounding.
 RECON_ATOL = 1e-6
@@ -38,7 +38,7 @@ def test_rewrites_mlp():
     *_, recon = split_quantize(w1, fc1.mask, 128)
     fc1_node = next(n for n in model.graph if n.name == "fc1")
     probe = models.build([helper.make_node("MatMul", ["x", "w"], ["y"])],
-                         [models._init("w", recon)],
+                         [models.init("w", recon)],
                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 256])],
                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 512])])
     x = inputs["x"]

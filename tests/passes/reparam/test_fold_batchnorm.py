@@ -209,7 +209,7 @@ def test_torch_conv_bn_exported_unoptimized():
     """A PyTorch Conv+BN exported with optimize=False keeps the BN; the pass folds it."""
     import torch
 
-    from tests.torch_models import cnn_with_batchnorm
+    from kiln.compiler.testing.torch_models import cnn_with_batchnorm
 
     module, args = cnn_with_batchnorm()
     model = torch.onnx.export(module, args, dynamo=True, optimize=False).model

@@ -26,13 +26,10 @@ from kiln.backends.tvm.schedules.quant_conv import (  # noqa: E402
     _row_chunks,
     schedule_decode_conv,
 )
+from kiln.compiler.core.metrics import relative_error  # noqa: E402
+from kiln.compiler.testing import quant_models as models  # noqa: E402
+from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference  # noqa: E402
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig  # noqa: E402
-from tests.backends.tvm.test_quant_lowering import (  # noqa: E402
-    REL_TOL,
-    _reference,
-    _relative_error,
-)
-from tests.passes.quant import models  # noqa: E402
 
 NHWC = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
 TARGET = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
@@ -46,8 +43,8 @@ FORMS = {
 def _conv(ci=32, co=128, hw=10, k=3, groups=1, seed=0):
     """x[1, ci, hw, hw] -> Conv(co, k x k, groups) + bias -> Relu -> y."""
     rng = np.random.default_rng(seed)
-    inits = [models._init("w", rng.standard_normal((co, ci // groups, k, k)) * 0.2),
-             models._init("b", rng.standard_normal(co) * 0.1)]
+    inits = [models.init("w", rng.standard_normal((co, ci // groups, k, k)) * 0.2),
+             models.init("b", rng.standard_normal(co) * 0.1)]
     nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], name="conv", pads=[k // 2] * 4,
                               group=groups),
              helper.make_node("Relu", ["c"], ["y"], name="relu")]
@@ -119,7 +116,8 @@ def test_quantized_conv_decodes_panels_inside_its_kernel(form, layout):
     weight = 128 * 32 * 3 * 3
     assert max(_float_buffers(mod[kernel]).values()) <= weight // 2
     feeds = models.feeds(model)
-    assert _relative_error(_run(model, layout, feeds), _reference(model, feeds)) < REL_TOL
+    assert relative_error(_run(model, layout, feeds),
+                          exact_reference(model, feeds)) < DECODE_REL_TOL
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -137,7 +135,8 @@ def test_depthwise_conv_takes_its_decode_into_the_window_kernel(layout):
                if "dequantized" in name or "transpose" in name]
     assert decoded == ([] if layout == "nchw" else [32 * 3 * 3])
     feeds = models.feeds(model)
-    assert _relative_error(_run(model, layout, feeds), _reference(model, feeds)) < REL_TOL
+    assert relative_error(_run(model, layout, feeds),
+                          exact_reference(model, feeds)) < DECODE_REL_TOL
 
 
 def _kernels(model, layout: str = "nchw"):

@@ -1,7 +1,8 @@
 """Small PyTorch models used by tests and bench (each returns (module, example_inputs)).
 
 They are also valid ``MODULE:CALLABLE`` frontends for ``kiln compile``:
-``kiln compile tests.torch_models:cnn_with_batchnorm``.
+``kiln compile kiln.compiler.testing.torch_models:cnn_with_batchnorm``.
+Importing this module imports torch (the ``torch`` extra).
 """
 
 from __future__ import annotations

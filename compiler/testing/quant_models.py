@@ -1,19 +1,21 @@
-"""Small seeded ONNX models and helpers shared by the quantization pass tests."""
+"""Small seeded ONNX models, inputs and calibration for the quantization tests (passes and
+the TVM backend's quantized lowering)."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.backends.ort import collect_activations
+from kiln.backends.ort import ReferenceRunner, collect_activations
 from kiln.compiler.core import graph as kir
+from kiln.compiler.core.metrics import sqnr_db  # noqa: F401 (the quant tests read models.sqnr_db)
 from kiln.compiler.core.pass_api import CalibrationContext
 
 
-def _init(name, array):
+def init(name, array) -> onnx.TensorProto:
+    """A float32 initializer proto."""
     return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
 
 
@@ -29,8 +31,8 @@ def mlp(d_in=256, hidden=512, d_out=128, batch=4, shared=False, seed=0) -> ir.Mo
     """x[batch, d_in] -> MatMul(w1) -> Relu -> Gemm(w2, transB=1) -> y (optionally a third
     MatMul reusing w1)."""
     rng = np.random.default_rng(seed)
-    inits = [_init("w1", rng.standard_normal((d_in, hidden)) * 0.05),
-             _init("w2", rng.standard_normal((d_out, hidden)) * 0.05)]
+    inits = [init("w1", rng.standard_normal((d_in, hidden)) * 0.05),
+             init("w2", rng.standard_normal((d_out, hidden)) * 0.05)]
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
              helper.make_node("Relu", ["h"], ["r"], name="relu"),
              helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1)]
@@ -45,9 +47,9 @@ def mlp(d_in=256, hidden=512, d_out=128, batch=4, shared=False, seed=0) -> ir.Mo
 def conv(seed=0) -> ir.Model:
     """x[1, 8, 12, 12] -> Conv(16, 3x3) -> Relu -> Conv(16, 1x1) -> y."""
     rng = np.random.default_rng(seed)
-    inits = [_init("w1", rng.standard_normal((16, 8, 3, 3)) * 0.2),
-             _init("b1", rng.standard_normal(16) * 0.1),
-             _init("w2", rng.standard_normal((16, 16, 1, 1)) * 0.2)]
+    inits = [init("w1", rng.standard_normal((16, 8, 3, 3)) * 0.2),
+             init("b1", rng.standard_normal(16) * 0.1),
+             init("w2", rng.standard_normal((16, 16, 1, 1)) * 0.2)]
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], name="conv1", pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
              helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")]
@@ -74,14 +76,8 @@ def calibration(model: ir.Model, count=4, outliers=()) -> CalibrationContext:
 
 
 def run(model: ir.Model, inputs) -> list[np.ndarray]:
-    session = ort.InferenceSession(kir.model_bytes(model), providers=["CPUExecutionProvider"])
-    return session.run(None, inputs)
-
-
-def sqnr_db(reference: np.ndarray, actual: np.ndarray) -> float:
-    noise = np.sum((reference.astype(np.float64) - actual) ** 2)
-    return float("inf") if noise == 0 else float(
-        10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / noise))
+    """ONNX Runtime's outputs with its optimizations (as an application runs the model)."""
+    return ReferenceRunner(model, optimize="all").run(inputs)
 
 
 def ops(model: ir.Model) -> list[str]:

@@ -1,5 +1,4 @@
-"""Small ONNX models for the TVM backend tests, built with ``onnx.helper``, and the
-reference/metric helpers the tests share."""
+"""Small ONNX models built with ``onnx.helper`` (the TVM backend tests use them)."""
 
 from __future__ import annotations
 
@@ -7,32 +6,10 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-#: max |tvm - reference| / max |reference| allowed for float32 models.
-REL_TOL = 1e-4
+#: The block size of :func:`blocked_int4_matmul` (as kiln's int4 weight pass writes it).
 BLOCK = 32
-
-
-def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
-    """Max abs error relative to the reference's max abs value."""
-    scale = float(np.max(np.abs(ref))) or 1.0
-    return float(np.max(np.abs(out.astype(np.float64) - ref.astype(np.float64)))) / scale
-
-
-def ort_outputs(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray], *,
-                optimize: bool = True) -> list[np.ndarray]:
-    """ONNX Runtime's outputs; ``optimize=False`` keeps ORT from fusing
-    DequantizeLinear+MatMul into its own lower-precision MatMulNBits kernel."""
-    if isinstance(model, ir.Model):
-        model = ir.serde.serialize_model(model)
-    options = ort.SessionOptions()
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options,
-                                   providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
 
 
 def _rng(seed: int) -> np.random.Generator:
