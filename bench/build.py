@@ -96,7 +96,7 @@ def compile_with_kiln(case: PreparedCase, tuning: str = "shipped", target: str =
     from kiln.backends.tvm.importer import lower_to_relax
     from kiln.backends.tvm.pipeline import relax_pipeline
     from kiln.backends.tvm.targets import resolve_target
-    from kiln.backends.tvm.tuning import database_dirs, open_database
+    from kiln.backends.tvm.tuning.database import database_dirs, open_database
     from kiln.compiler.core.frontend import load_model
 
     start = time.perf_counter()
@@ -112,16 +112,18 @@ def compile_with_kiln(case: PreparedCase, tuning: str = "shipped", target: str =
 
 
 def compile_private(case: PreparedCase):
-    """Bind shapes, fold constants, import with TVM's ONNX frontend, build with kiln's pipeline.
+    """Bind shapes, fold constants, import with TVM's ONNX frontend, build with kiln's
+    CPU pipeline for the host (no tuning records).
 
-    Returns (executable, lowered Relax module, compile seconds).
+    Returns (executable, scheduled Relax module, compile seconds).
     """
     import onnx_ir as ir
     import onnxscript.optimizer
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
-    from kiln.backends.tvm.schedules import cpu_build_pipeline
+    from kiln.backends.tvm.pipeline import relax_pipeline
+    from kiln.backends.tvm.targets import resolve_target
 
     start = time.perf_counter()
     model = ir.load(case.onnx_path)
@@ -131,12 +133,11 @@ def compile_private(case: PreparedCase):
     model = onnxscript.optimizer.optimize(model)
     proto = ir.serde.serialize_model(model)
     mod = from_onnx(proto, shape_dict=case.input_shapes)
-    target = tvm.target.Target({"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu(),
-                                "num-cores": 2})
-    pipeline = cpu_build_pipeline(target)
-    with target, tvm.transform.PassContext(opt_level=3):
-        lowered = pipeline(mod)
-    executable = tvm.compile(lowered, target=target, relax_pipeline=None)
+    target = resolve_target("host")
+    scheduled: list[tvm.IRModule] = []
+    executable = tvm.compile(mod, target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    lowered = scheduled[-1]
     return executable, lowered, time.perf_counter() - start
 
 

@@ -50,13 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     from bench.cases import CASES
     from kiln.backends.tvm.importer import lower_to_relax
     from kiln.backends.tvm.targets import resolve_target
-    from kiln.backends.tvm.tuning import (
-        DEFAULT_SPACE,
-        SHIPPED_ROOT,
-        describe,
-        recheck_records,
-        tune_relax_module,
-    )
+    from kiln.backends.tvm.tuning.database import SHIPPED_ROOT
+    from kiln.backends.tvm.tuning.space import DEFAULT_SPACE
+    from kiln.backends.tvm.tuning.tune import describe, recheck_records, tune_relax_module
     from kiln.compiler.core.frontend import load_model
 
     budgets = {name: int(n) for name, n in

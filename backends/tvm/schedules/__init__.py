@@ -27,31 +27,27 @@ reduction      softmax / layer norm: parallel rows (one row: a single thread), e
 fallback       anything else: outer loops parallel (named by ``unscheduled_kernels``).
 =============  ==========================================================================
 
-Rules are data: ``pipeline.RULES`` lists ``(name, "module:function")``, most specific
-first; a new rule module is registered with one line there. Kernels that have a
-MetaSchedule tuning record (``kiln.backends.tvm.tuning``) are scheduled by it before
-these rules run (rule name ``tuned``). ``fast_math`` legalizes erf/GELU/exp/softmax to
-vectorizable polynomials before fusion (the CPU legalize phase's custom map).
+Rules are objects (``rule.KilnRule``, dlight's ``ScheduleRule`` shape:
+``apply(func, target, tunable)``) in one ordered list, ``registry.RULES``, most
+specific first; a new rule is a class in its module and one line there. Kernels that
+have a MetaSchedule tuning record (``kiln.backends.tvm.tuning``) are scheduled by it
+before these rules run (rule name ``tuned``). ``fast_math`` legalizes
+erf/GELU/exp/softmax to vectorizable polynomials before fusion (the CPU legalize
+phase's custom map).
 
-Integration (``tvm.compile``'s ``relax_pipeline``)::
-
-    legalize   LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
-    schedule   cpu_schedule_passes(target)      <- this package
-    finalize   dataflow lowering + VM lowering (relax.backend.cpu_generic)
-
-``cpu_build_pipeline(target)`` is that whole pipeline as one pass;
+The CPU build (``kiln.backends.tvm.pipeline.cpu``, the only one) runs
+``cpu_schedule_passes(target)`` between fusion and the dataflow lowering;
 ``unscheduled_kernels(mod)`` names the PrimFuncs left at TVM's default (or with only
 the fallback rule) in a module after the schedule phase.
 """
 
 from __future__ import annotations
 
-from kiln.backends.tvm.schedules.pipeline import (
-    cpu_build_pipeline,
+from kiln.backends.tvm.schedules.registry import (
+    RULES,
     cpu_schedule_passes,
     schedule_rules_used,
     unscheduled_kernels,
 )
 
-__all__ = ["cpu_build_pipeline", "cpu_schedule_passes", "schedule_rules_used",
-           "unscheduled_kernels"]
+__all__ = ["RULES", "cpu_schedule_passes", "schedule_rules_used", "unscheduled_kernels"]

@@ -17,12 +17,8 @@ from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_
 BufferLoad = tvm.ir.TensorLoad
 
 __all__ = [
-    "ChoicePlan",
     "ContractionMatch",
-    "RuleContext",
     "SBlockInfo",
-    "choose",
-    "choose_factor",
     "const_extent",
     "inline_epilogue",
     "inline_injective",
@@ -30,91 +26,6 @@ __all__ = [
     "normalize_prim_func",
     "single_reduction",
 ]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RuleContext:
-    """What a rule may know besides the PrimFunc: the target and which params are constants."""
-
-    target: tvm.target.Target
-    vector_lanes_f32: int  # fp32 lanes in one SIMD register (16 for AVX-512)
-    num_cores: int
-    const_params: frozenset[int]  # indices of params bound to relax.Constant at every call site
-    # Tuning (kiln.backends.tvm.tuning): the rule's choice points become MetaSchedule
-    # decisions; ``plan`` picks the structural ones (see ``choose``). False: defaults only.
-    tunable: bool = False
-    plan: ChoicePlan | None = None
-
-
-# ------------------------------------------------------------------- choice points
-#
-# A rule's parameters (register tile, unroll, loop order) are choice points: without
-# tuning each is its heuristic default; with ``ctx.tunable`` each is recorded in the
-# schedule's trace as ``sample_categorical`` so MetaSchedule can search it. Two kinds,
-# because MetaSchedule replays a trace instruction by instruction, never the rule's
-# Python code:
-#   choose_factor  a split factor: the sampled value itself is the split's factor, so a
-#                  replay with another decision is that other schedule (one design space
-#                  holds every option; MetaSchedule samples it);
-#   choose         a value the rule's code branches on (a loop order, a packed layout):
-#                  a replay cannot change it, so each option is its own design space
-#                  (the tuner enumerates them through ``ctx.plan``).
-
-
-class ChoicePlan:
-    """Which option each ``choose`` takes, in the order the rule meets them.
-
-    ``forced[i]`` is the option index the i-th choice point takes (its default past the
-    end); ``met`` records ``(number of options, index taken)`` of each one met, so a
-    caller can enumerate every combination (``tuning.rule_design_spaces``).
-    """
-
-    def __init__(self, forced: tuple[int, ...] = ()) -> None:
-        self.forced = forced
-        self.met: list[tuple[int, int]] = []
-
-    def take(self, count: int, default: int) -> int:
-        at = len(self.met)
-        index = self.forced[at] if at < len(self.forced) and self.forced[at] < count else default
-        self.met.append((count, index))
-        return index
-
-
-def _uniform(count: int) -> list[float]:
-    return [1.0 / count] * count
-
-
-def choose(sch: s_tir.Schedule, ctx: RuleContext, options, default):
-    """A structural choice: ``default`` unless tuning, then the option ``ctx.plan`` picks
-    (recorded as a ``sample_categorical`` over the option indices with that decision;
-    no instruction uses it, so MetaSchedule's search simplifies it away and a record
-    shows the choice only through the constants it led to).
-
-    ``options`` must hold only values the rule can schedule; ``default`` is one of them.
-    """
-    options = list(options)
-    if not ctx.tunable or len(options) < 2:
-        return default
-    index = options.index(default)
-    if ctx.plan is not None:
-        index = ctx.plan.take(len(options), index)
-    rv = sch.sample_categorical(candidates=list(range(len(options))),
-                                probs=_uniform(len(options)), decision=index)
-    return options[int(sch.get(rv))]
-
-
-def choose_factor(sch: s_tir.Schedule, ctx: RuleContext, options, default: int):
-    """A split factor: the int ``default`` unless tuning, then a ``sample_categorical``
-    over ``options`` (decision: ``default``) whose random variable is the factor.
-
-    Use the result only as a ``split`` factor (an ExprRV when tuning), never in Python
-    arithmetic or branches: a MetaSchedule replay changes the decision, not the code.
-    """
-    options = [int(o) for o in options]
-    if not ctx.tunable or len(options) < 2:
-        return default
-    return sch.sample_categorical(candidates=options, probs=_uniform(len(options)),
-                                  decision=options.index(int(default)))
 
 
 def const_extent(sch: s_tir.Schedule, loop: s_tir.schedule.LoopRV) -> int | None:

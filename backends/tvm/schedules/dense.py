@@ -27,15 +27,13 @@ from tvm import s_tir, tirx
 
 from kiln.backends.tvm.schedules.analysis import (
     BufferLoad,
-    RuleContext,
-    choose,
-    choose_factor,
     const_extent,
     inline_epilogue,
     match_contraction,
     normalize_prim_func,
     single_reduction,
 )
+from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext, choose, choose_factor
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,7 @@ K_UNROLL = 4
 ACCUMULATORS = 25
 
 
-def _tile_columns(n: int, lanes: int) -> tuple[int, int] | None:
+def tile_columns(n: int, lanes: int) -> tuple[int, int] | None:
     """(NR, vector lanes) for N output columns: a few vector registers wide, dividing N."""
     for nr in (4 * lanes, 3 * lanes, 2 * lanes, lanes):
         if n % nr == 0:
@@ -63,7 +61,7 @@ def _tile_columns(n: int, lanes: int) -> tuple[int, int] | None:
     return None
 
 
-def _narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int) -> tuple[int, int]:
+def narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int) -> tuple[int, int]:
     """A tile of fewer vectors but more rows when the widest one gets 1-2 rows.
 
     Rows of 14 or 7 (resnet's late stages) admit no 3..6-row tile beside 4 vectors; with
@@ -77,7 +75,7 @@ def _narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int) -> tuple[int, i
         width = vectors * lanes
         if n % width:
             continue
-        rows = _tile_rows(m, ACCUMULATORS // vectors)
+        rows = tile_rows(m, ACCUMULATORS // vectors)
         if score(rows, vectors) > best[0]:
             best = (score(rows, vectors), width, rows)
     return best[1], best[2]
@@ -102,19 +100,23 @@ def _numel(buf: tirx.Buffer) -> int:
     return total
 
 
-def _tile_rows(m: int, cap: int) -> int:
+def tile_rows(m: int, cap: int) -> int:
     for mr in range(min(cap, m), 0, -1):
         if m % mr == 0 and (mr >= 3 or mr == m or m < 3):
             return mr
     return 1
 
 
-def schedule_contraction(func: tirx.PrimFunc | s_tir.Schedule,
-                         ctx: RuleContext) -> s_tir.Schedule | None:
-    """Schedule the single contraction block of ``func`` (matmul, dense, conv) plus its
-    epilogue; a Schedule is scheduled in place."""
-    sch = func if isinstance(func, s_tir.Schedule) else s_tir.Schedule(func)
-    return sch if _schedule_contraction(sch, ctx) else None
+class Contraction(KilnRule):
+    """The single contraction block of a kernel (matmul, dense, conv) plus its epilogue,
+    register-tiled with packed weights (scheduled in place; its tile, loop order, K
+    unroll are choice points)."""
+
+    name = "contraction"
+    has_choice_points = True
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        return sch if _schedule_contraction(sch, ctx) else None
 
 
 def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
@@ -132,7 +134,7 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     for match in candidates:
         extent = sch.get(reduction.block_rv).iter_vars[match.col].dom.extent
         if isinstance(extent, tirx.IntImm) and \
-                _tile_columns(int(extent), ctx.vector_lanes_f32) is not None:
+                tile_columns(int(extent), ctx.vector_lanes_f32) is not None:
             break
     else:
         return False
@@ -158,15 +160,15 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     loops = sch.get_loops(block)
     if len(loops) != len(iters):
         return False
-    tiles = _tile_columns(extents[match.col], ctx.vector_lanes_f32)
+    tiles = tile_columns(extents[match.col], ctx.vector_lanes_f32)
     if tiles is None:
         return False
     nr, lanes = tiles
     row_inner = match.rows[-1] if match.rows else None
-    mr = _tile_rows(extents[row_inner], max(1, ACCUMULATORS // max(1, nr // lanes))) \
+    mr = tile_rows(extents[row_inner], max(1, ACCUMULATORS // max(1, nr // lanes))) \
         if row_inner is not None else 1
     if row_inner is not None and mr < 3 < extents[row_inner]:
-        nr, mr = _narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes)
+        nr, mr = narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes)
     # choice points (analysis.choose): NR is a layout (Bp's panels), MR and KU split factors
     default_nr, nr = nr, choose(sch, ctx, _column_widths(extents[match.col], lanes), nr)
     if row_inner is not None:
@@ -242,14 +244,14 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
                          after, vector_write_back=c_col_last, lanes=lanes)
 
     if pack_block is not None and not b_is_const:
-        _parallel_vectorize(sch, pack_block, lanes)
+        parallelize_side_nest(sch, pack_block, lanes)
     # producers of A (padding, reshapes) stay separate loop nests: run them in parallel
     for name in before:
         blk = sch.get_sblock(name)
         if pack_block is not None and sch.get(blk).same_as(sch.get(pack_block)):
             continue
         try:
-            _parallel_vectorize(sch, blk, lanes)
+            parallelize_side_nest(sch, blk, lanes)
         except Exception:  # noqa: BLE001 - best effort on a side loop nest
             pass
     return True
@@ -321,11 +323,14 @@ def _vectorize_innermost(sch: s_tir.Schedule, block, lanes: int) -> None:
     sch.vectorize(inner)
 
 
-def _parallel_vectorize(sch: s_tir.Schedule, block, lanes: int) -> None:
+def parallelize_side_nest(sch: s_tir.Schedule, block, lanes: int) -> None:
+    """A loop nest beside the micro-kernel (packing, padding): outer loops fused and
+    parallel, the innermost vectorized."""
     loops = sch.get_loops(block)
     if len(loops) > 1:
         sch.parallel(sch.fuse(*loops[:-1]))
     _vectorize_innermost(sch, block, lanes)
 
 
-__all__ = ["schedule_contraction", "finish_register_tile", "PREPROC_ANNOTATION"]
+__all__ = ["ACCUMULATORS", "K_UNROLL", "PREPROC_ANNOTATION", "Contraction", "finish_register_tile",
+           "narrower_tile", "parallelize_side_nest", "tile_columns", "tile_rows"]

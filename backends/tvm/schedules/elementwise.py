@@ -14,7 +14,8 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu import Reduction as DlightCPUReduction
 
-from kiln.backends.tvm.schedules.analysis import RuleContext, const_extent, normalize_prim_func
+from kiln.backends.tvm.schedules.analysis import const_extent, normalize_prim_func
+from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 
 # Below this many output elements a kernel runs on one thread (the pool's wake-up costs more).
 PARALLEL_MIN_ELEMENTS = 1 << 13
@@ -75,8 +76,16 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, *, spatial_only: 
         sch.vectorize(vec)
 
 
-def schedule_elementwise(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    sch = s_tir.Schedule(func)
+class Elementwise(KilnRule):
+    """All-injective kernels: inlined into the last block, parallel, vectorized rows."""
+
+    name = "elementwise"
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        return _schedule_elementwise(sch, ctx)
+
+
+def _schedule_elementwise(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
     infos = normalize_prim_func(sch)
     if infos is None or not all(info.is_injective() for info in infos):
         return None
@@ -100,9 +109,17 @@ def schedule_elementwise(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedul
     return sch
 
 
-def schedule_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
+class Reduction(KilnRule):
     """Softmax / layer norm style kernels: kiln's vectorized row reduction when the kernel
     has that shape, else dlight's CPU Reduction rule (scalar reductions)."""
+
+    name = "reduction"
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        return _schedule_reduction(sch.mod["main"], ctx)
+
+
+def _schedule_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
     try:
         scheduled = schedule_row_reduction(func, ctx)
     except Exception:  # noqa: BLE001 - a shape the row rule did not foresee: dlight's rule
@@ -223,17 +240,22 @@ def _schedule_single_row(sch: s_tir.Schedule, infos, kinds, lanes: int) -> s_tir
     return sch
 
 
-def schedule_fallback(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    sch = s_tir.Schedule(func)
-    infos = normalize_prim_func(sch)
-    if infos is None:
-        return None
-    for info in infos:
-        if info.is_injective():
-            parallel_vectorize(sch, info.block_rv, ctx.vector_lanes_f32)
-        else:
-            prefix = _spatial_prefix(sch, info.block_rv)
-            if prefix and _numel(sch, prefix) >= 16:
-                outer = sch.fuse(*prefix) if len(prefix) > 1 else prefix[0]
-                sch.parallel(outer)
-    return sch
+class Fallback(KilnRule):
+    """Any other kernel: its outer spatial loops parallel (``unscheduled_kernels`` names
+    the kernels that got only this)."""
+
+    name = "fallback"
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        for info in infos:
+            if info.is_injective():
+                parallel_vectorize(sch, info.block_rv, ctx.vector_lanes_f32)
+            else:
+                prefix = _spatial_prefix(sch, info.block_rv)
+                if prefix and _numel(sch, prefix) >= 16:
+                    outer = sch.fuse(*prefix) if len(prefix) > 1 else prefix[0]
+                    sch.parallel(outer)
+        return sch

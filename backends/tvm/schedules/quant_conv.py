@@ -41,7 +41,6 @@ import os
 from tvm import s_tir, tirx
 
 from kiln.backends.tvm.schedules.analysis import (
-    RuleContext,
     collect_vars_used_in_prim_expr,
     const_extent,
     inline_epilogue,
@@ -54,12 +53,14 @@ from kiln.backends.tvm.schedules.dense import (
     K_UNROLL,
     PREPROC_ANNOTATION,
     finish_register_tile,
-    _narrower_tile,
-    _parallel_vectorize,
-    _tile_columns,
-    _tile_rows,
+    narrower_tile,
+    parallelize_side_nest,
+    tile_columns,
+    tile_rows,
 )
 from kiln.backends.tvm.schedules.quant_gemv import GEMV_ROWS, low_bit_params
+from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
+from kiln.backends.tvm.schedules.window import schedule_window_reduction
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,20 @@ MIN_PIXELS_PER_PANEL = 32
 TASKS_PER_CORE = 2
 
 
-def schedule_decode_conv(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    """Schedule a fused (weight decode -> conv) PrimFunc; None when it is not one."""
-    low_bit = low_bit_params(func)
+class DecodeConv(KilnRule):
+    """A fused (weight decode -> conv) PrimFunc: a decoded weight panel per task, or the
+    window rule for a depthwise one."""
+
+    name = "decode_conv"
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        return _schedule_decode_conv(sch, ctx)
+
+
+def _schedule_decode_conv(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+    low_bit = low_bit_params(sch.mod["main"])
     if not low_bit:
         return None
-    sch = s_tir.Schedule(func)
     found = single_reduction(sch)
     if found is None:
         return None
@@ -135,8 +144,6 @@ def _schedule_window(sch: s_tir.Schedule, main_name: str, decode: list[str], las
     kernel (parallel, vectorized), run once per call: C * KH * KW weights, 1 / (H * W)
     of the convolution's work.
     """
-    from kiln.backends.tvm.schedules.window import schedule_window_reduction
-
     main = sch.get(sch.get_sblock(main_name))
     if not isinstance(main.body, tirx.BufferStore) or not main.body.indices:
         return None
@@ -154,10 +161,10 @@ def _schedule_window(sch: s_tir.Schedule, main_name: str, decode: list[str], las
         inline = [name for name in decode if name != last]  # into the one writing the weight
     for name in reversed(inline):
         sch.compute_inline(sch.get_sblock(name))
-    return schedule_window_reduction(sch.mod["main"], ctx)
+    return schedule_window_reduction(s_tir.Schedule(sch.mod["main"]), ctx)
 
 
-def _row_chunks(col_tiles: int, row_tiles: int, mr: int, cores: int) -> int:
+def row_chunks(col_tiles: int, row_tiles: int, mr: int, cores: int) -> int:
     """How many chunks to split the row tiles into (a divisor of ``row_tiles``)."""
     best = 1
     for chunks in range(2, row_tiles + 1):
@@ -184,14 +191,14 @@ def _schedule_panel(sch: s_tir.Schedule, main_name: str, last: str, match,
     extents = [int(iv.dom.extent) for iv in iters]
     if len(sch.get_loops(block)) != len(iters):
         return False
-    tiles = _tile_columns(extents[match.col], ctx.vector_lanes_f32)
+    tiles = tile_columns(extents[match.col], ctx.vector_lanes_f32)
     if tiles is None:
         return False
     nr, lanes = tiles
     row_inner = match.rows[-1]
-    mr = _tile_rows(extents[row_inner], max(1, ACCUMULATORS // max(1, nr // lanes)))
+    mr = tile_rows(extents[row_inner], max(1, ACCUMULATORS // max(1, nr // lanes)))
     if mr < 3 < extents[row_inner]:
-        nr, mr = _narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes)
+        nr, mr = narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes)
     before = [info.name for info in normalize_prim_func(sch)]
     before = [name for name in before[: before.index(main_name)] if name != last]
 
@@ -234,7 +241,7 @@ def _schedule_panel(sch: s_tir.Schedule, main_name: str, last: str, match,
     tile = sch.fuse(*outer_rows, i_o) if outer_rows else i_o
     row_tiles = const_extent(sch, tile) or 1
     cores = ctx.num_cores or os.cpu_count() or 1
-    chunks = _row_chunks(extents[match.col] // nr, row_tiles, mr, cores)
+    chunks = row_chunks(extents[match.col] // nr, row_tiles, mr, cores)
     if chunks > 1:
         chunk, tile = sch.split(tile, [chunks, None])
         task = sch.fuse(j_o, chunk)
@@ -265,7 +272,7 @@ def _schedule_panel(sch: s_tir.Schedule, main_name: str, last: str, match,
     # producers of A (padding, layout transposes) stay separate loop nests, in parallel
     for name in before:
         try:
-            _parallel_vectorize(sch, sch.get_sblock(name), lanes)
+            parallelize_side_nest(sch, sch.get_sblock(name), lanes)
         except Exception:  # noqa: BLE001 - best effort on a side loop nest
             pass
     return True
@@ -311,4 +318,4 @@ def _prepack_decode_input(sch: s_tir.Schedule, decode_name: str, col_var, nr: in
     sch.annotate(packed, PREPROC_ANNOTATION, True)
 
 
-__all__ = ["schedule_decode_conv"]
+__all__ = ["DecodeConv", "MIN_PIXELS_PER_PANEL", "row_chunks"]

@@ -33,13 +33,13 @@ from tvm import s_tir, tirx
 from kiln.backends.tvm.keep_compressed import COMPRESSED_DTYPES
 from kiln.backends.tvm.kernel_names import GROUPED_OUTPUT, GROUPED_PARTIAL, GROUPED_XSUM
 from kiln.backends.tvm.schedules.analysis import (
-    RuleContext,
     const_extent,
     inline_epilogue,
     match_contraction,
     normalize_prim_func,
     single_reduction,
 )
+from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,20 @@ def low_bit_params(func: tirx.PrimFunc) -> set[str]:
     return {str(p.name) for p in func.params if str(getattr(p, "dtype", "")) in LOW_BIT_DTYPES}
 
 
-def schedule_decode_contraction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Schedule | None:
-    """Schedule a fused (weight decode -> matmul/dense) PrimFunc; None when it is not one."""
-    low_bit = low_bit_params(func)
+class DecodeContraction(KilnRule):
+    """A fused (weight decode -> matmul/dense) PrimFunc: decoded inside the K loop (GEMV)
+    or per column panel (GEMM); kiln's grouped int4 GEMV."""
+
+    name = "decode_contraction"
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        return _schedule_decode_contraction(sch, ctx)
+
+
+def _schedule_decode_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+    low_bit = low_bit_params(sch.mod["main"])
     if not low_bit:
         return None
-    sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is not None and any(i.name == GROUPED_PARTIAL for i in infos):
         return sch if _schedule_grouped_gemv(sch, ctx) else None
@@ -278,4 +286,4 @@ def _vectorize_last(sch, block, lanes: int) -> None:
         sch.vectorize(inner)
 
 
-__all__ = ["schedule_decode_contraction"]
+__all__ = ["DecodeContraction", "GEMV_ROWS", "low_bit_params"]

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from kiln.backends.tvm.schedules.analysis import (RuleContext, choose, choose_factor,
-                                                  inline_epilogue, inline_injective,
-                                                  normalize_prim_func, single_reduction)
-from kiln.backends.tvm.schedules.analysis import collect_vars_used_in_prim_expr
+from kiln.backends.tvm.schedules.analysis import (
+    collect_vars_used_in_prim_expr,
+    inline_epilogue,
+    inline_injective,
+    normalize_prim_func,
+    single_reduction,
+)
 from kiln.backends.tvm.schedules.dense import PREPROC_ANNOTATION
+from kiln.backends.tvm.schedules.elementwise import parallel_vectorize
+from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext, choose, choose_factor
 
 # Vectors per accumulator tile (independent FMA chains hide the FMA latency).
 VECTORS_PER_TILE = 6
@@ -75,10 +80,19 @@ def _pack_constant_along(sch: s_tir.Schedule, block, ctx: RuleContext, v: tirx.V
     return None
 
 
-def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
-                              ctx: RuleContext) -> s_tir.Schedule | None:
-    """Schedule ``func``'s window reduction (a Schedule is scheduled in place)."""
-    sch = func if isinstance(func, s_tir.Schedule) else s_tir.Schedule(func)
+class Window(KilnRule):
+    """Depthwise conv, pooling: the output row vectorized, a few vectors per tile
+    (scheduled in place; vectors per tile, pixel block, window unroll are choice points)."""
+
+    name = "window"
+    has_choice_points = True
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        return schedule_window_reduction(sch, ctx)
+
+
+def schedule_window_reduction(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+    """Schedule ``sch``'s window reduction in place (also decode_conv's depthwise form)."""
     found = single_reduction(sch)
     if found is None:
         return None
@@ -185,8 +199,6 @@ def schedule_window_reduction(func: tirx.PrimFunc | s_tir.Schedule,
         if isinstance(ext, tirx.IntImm) and int(ext) % lanes == 0:
             _, vec = sch.split(inner, [None, lanes])
             sch.vectorize(vec)
-    from kiln.backends.tvm.schedules.elementwise import parallel_vectorize
-
     for producer in before:
         if pack is not None and producer == pack:
             continue

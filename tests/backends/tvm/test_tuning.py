@@ -24,15 +24,15 @@ from kiln.backends.tvm.build import build_artifact  # noqa: E402
 from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402
 from kiln.backends.tvm.runtime import load  # noqa: E402
 from kiln.backends.tvm.targets import resolve_target  # noqa: E402
-from kiln.backends.tvm.tuning import (  # noqa: E402
+from kiln.backends.tvm.tuning.database import (  # noqa: E402
     RECORD_FILE,
-    RULE_ANNOTATION,
     TUNED_RULE,
     WORKLOAD_FILE,
     database_dirs,
     target_key,
-    tune_relax_module,
 )
+from kiln.backends.tvm.tuning.space import RULE_ANNOTATION  # noqa: E402
+from kiln.backends.tvm.tuning.tune import tune_relax_module  # noqa: E402
 
 # fp32 results may differ from numpy / ONNX Runtime only by summation order.
 RTOL = 1e-5
@@ -163,14 +163,14 @@ def test_bench_tune_recheck_drops_a_record_slower_than_kiln(tmp_path, monkeypatc
 
     from bench import tune as bench_tune
     from bench.cases import CASES
-    from kiln.backends.tvm.tuning import _legalized, tuning_target
+    from kiln.backends.tvm.tuning.tune import legalized, tuning_target
     from kiln.compiler.core.frontend import load_model
 
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
     target = resolve_target("host")
     case = CASES["matmul-fp32"](tmp_path)
     model = load_model(str(case.onnx_path), input_shapes=case.input_shapes)
-    legal = _legalized(lower_to_relax(model, target_name=target.name), target)
+    legal = legalized(lower_to_relax(model, target_name=target.name), target)
     (task,) = ms.relax_integration.extract_tasks(legal, tuning_target(target))
     db_dir = tmp_path / "db" / target_key(target)
     db_dir.mkdir(parents=True)

@@ -15,18 +15,15 @@ tvm = pytest.importorskip("tvm")
 
 from tvm import relax, s_tir, tirx  # noqa: E402
 
-from kiln.backends.tvm.pipeline import build_phases  # noqa: E402
-from kiln.backends.tvm.schedules.analysis import ChoicePlan  # noqa: E402
-from kiln.backends.tvm.schedules.pipeline import (  # noqa: E402
-    RULE_ATTR,
-    SCHEDULED_ATTR,
-    _const_params,
-    rule_context,
-    schedule_in_place,
+from kiln.backends.tvm.pipeline import legalize_passes  # noqa: E402
+from kiln.backends.tvm.schedules.registry import (  # noqa: E402
+    constant_params,
+    rule_named,
     schedule_primfunc,
 )
+from kiln.backends.tvm.schedules.rule import with_const_params  # noqa: E402
 from kiln.backends.tvm.targets import resolve_target  # noqa: E402
-from kiln.backends.tvm.tuning import rule_design_spaces  # noqa: E402
+from kiln.backends.tvm.tuning.space import RULE_ANNOTATION, rule_design_spaces  # noqa: E402
 
 # fp32 results may differ from the unscheduled kernel only by summation order.
 RTOL = 1e-5
@@ -73,15 +70,16 @@ def _kernel(kind: str):
         bb.emit_func_output(out)
     target = resolve_target("host")
     with target.tvm_target():
-        legal = tvm.transform.Sequential(build_phases(target).legalize)(bb.get())
-    consts = _const_params(legal)
+        legal = tvm.transform.Sequential(legalize_passes(target))(bb.get())
+    consts = constant_params(legal)
     kernels = []
     for gvar, func in legal.functions.items():  # (a conv also has layout transposes)
         if not isinstance(func, tirx.PrimFunc):
             continue
-        ctx = rule_context(target.tvm_target(), consts.get(gvar.name_hint, frozenset()))
-        if schedule_primfunc(func, ctx)[1] == KERNELS[kind][2]:
-            kernels.append((func, ctx.const_params, target.tvm_target()))
+        const = consts.get(gvar.name_hint, frozenset())
+        if schedule_primfunc(with_const_params(func, const),
+                             target.tvm_target())[1].name == KERNELS[kind][2]:
+            kernels.append((func, const, target.tvm_target()))
     (kernel,) = kernels
     return kernel
 
@@ -107,26 +105,27 @@ def _live_choices(trace) -> list:
 @pytest.mark.parametrize("kind", sorted(KERNELS))
 def test_untuned_rules_sample_nothing_and_their_defaults_are_the_heuristic(kind):
     func, consts, target = _kernel(kind)
-    rule = KERNELS[kind][2]
-    scheduled, name = schedule_primfunc(func, rule_context(target, consts))
-    assert name == rule
-    untuned = s_tir.Schedule(func)
-    assert schedule_in_place(untuned, rule_context(target, consts), rule)
+    rule = rule_named(KERNELS[kind][2])
+    assert rule.has_choice_points
+    annotated = with_const_params(func, consts)
+    untuned = rule.apply(annotated, target, False)
     assert _live_choices(untuned.trace) == []
 
-    tuned = s_tir.Schedule(func)
-    assert schedule_in_place(tuned, rule_context(target, consts, tunable=True, plan=ChoicePlan()),
-                             rule)
+    tuned = rule.apply(annotated, target, True)
     assert _live_choices(tuned.trace)  # the choice points are in the trace ...
-    plain = scheduled.without_attr(SCHEDULED_ATTR).without_attr(RULE_ATTR)
-    tvm.ir.assert_structural_equal(tuned.mod["main"], plain)  # ... at the heuristic's values
-    tvm.ir.assert_structural_equal(untuned.mod["main"], plain)
+    # ... at the heuristic's values
+    tvm.ir.assert_structural_equal(tuned.mod["main"], untuned.mod["main"])
+    # the first design space of kiln's search space is that schedule too
+    first = rule_design_spaces(s_tir.Schedule(func), target, consts, rule, limit=1)[0]
+    first.unannotate(first.get_sblock("root"), RULE_ANNOTATION)
+    tvm.ir.assert_structural_equal(first.mod["main"].without_attr("global_symbol"),
+                                   untuned.mod["main"].without_attr("global_symbol"))
 
 
 @pytest.mark.parametrize("kind", sorted(KERNELS))
 def test_every_option_of_every_choice_point_is_a_correct_kernel(kind):
     func, consts, target = _kernel(kind)
-    rule = KERNELS[kind][2]
+    rule = rule_named(KERNELS[kind][2])
     spaces = rule_design_spaces(s_tir.Schedule(func), target, consts, rule, limit=64)
     # structural choices (column tile x loop order, window unrolled or not): a design
     # space each

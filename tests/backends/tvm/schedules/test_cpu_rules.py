@@ -13,12 +13,15 @@ torch = pytest.importorskip("torch")
 
 from tvm import relax  # noqa: E402
 
+from kiln.backends.tvm.pipeline import relax_pipeline  # noqa: E402
 from kiln.backends.tvm.schedules import (  # noqa: E402
-    cpu_build_pipeline,
     cpu_schedule_passes,
+    schedule_rules_used,
     unscheduled_kernels,
 )
-from kiln.backends.tvm.schedules.pipeline import schedule_rules_used  # noqa: E402
+from kiln.backends.tvm.targets import resolve_target  # noqa: E402
+
+from .relax_models import relax_module  # noqa: E402
 
 # fp32 results may differ from the reference only by summation order.
 RTOL = 1e-5
@@ -26,20 +29,15 @@ TARGET = {"kind": "llvm", "num-cores": 2}
 
 
 def _build(builder_fn, *inputs: np.ndarray):
-    """Build a Relax function made by ``builder_fn(bb, *vars)``; return (lowered mod, outputs)."""
-    bb = relax.BlockBuilder()
-    params = [relax.Var(f"x{n}", relax.TensorType(a.shape, "float32")) for n, a in enumerate(inputs)]
-    with bb.function("main", params):
-        with bb.dataflow():
-            out = bb.emit_output(builder_fn(bb, *params))
-        bb.emit_func_output(out)
-    target = tvm.target.Target(TARGET)
-    with tvm.transform.PassContext(opt_level=3):
-        lowered = cpu_build_pipeline(target)(bb.get())
-    executable = tvm.compile(lowered, target=target, relax_pipeline=None)
+    """Build a Relax function made by ``builder_fn(bb, *vars)`` with the production CPU
+    pipeline; return (the module after its schedule phase, outputs)."""
+    target = resolve_target(TARGET)
+    scheduled: list[tvm.IRModule] = []
+    executable = tvm.compile(relax_module(builder_fn, *inputs), target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     result = vm["main"](*[tvm.runtime.tensor(a) for a in inputs])
-    return lowered, result.numpy()
+    return scheduled[-1], result.numpy()
 
 
 def _assert_close(got: np.ndarray, want: np.ndarray) -> None:

@@ -1,8 +1,9 @@
 """kiln's decode_conv rule: a quantized conv decodes one panel of its weight per task.
 
-NCHW/OIHW (as imported) and NHWC/OHWI (``ConvertLayout``, the weight path decode ->
-permute_dims) take the same path; the kernel is compared with ONNX Runtime on the
-quantized graph, and no float32 buffer the size of the weight is left in it.
+NCHW/OIHW (as imported) and NHWC/OHWI (the CPU build's channels-last rewrite, the
+weight path decode -> permute_dims) take the same path, built by the production CPU
+pipeline for the host's CPU; the kernel is compared with ONNX Runtime on the quantized
+graph, and no float32 buffer the size of the weight is left in it.
 """
 
 from __future__ import annotations
@@ -19,20 +20,23 @@ from tvm import relax, s_tir  # noqa: E402
 from tvm.s_tir.analysis import detect_buffer_access_lca  # noqa: E402
 
 from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402
+from kiln.backends.tvm.pipeline import cpu  # noqa: E402
 from kiln.backends.tvm.schedules import schedule_rules_used  # noqa: E402
-from kiln.backends.tvm.schedules.analysis import RuleContext  # noqa: E402
 from kiln.backends.tvm.schedules.quant_conv import (  # noqa: E402
     MIN_PIXELS_PER_PANEL,
-    _row_chunks,
-    schedule_decode_conv,
+    DecodeConv,
+    row_chunks,
 )
+from kiln.backends.tvm.schedules.registry import constant_params  # noqa: E402
+from kiln.backends.tvm.schedules.rule import with_const_params  # noqa: E402
+from kiln.backends.tvm.targets import resolve_target  # noqa: E402
 from kiln.compiler.core.metrics import relative_error  # noqa: E402
 from kiln.compiler.testing import quant_models as models  # noqa: E402
 from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference  # noqa: E402
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig  # noqa: E402
 
-NHWC = {"relax.nn.conv2d": ["NHWC", "OHWI"]}
-TARGET = {"kind": "llvm", "mcpu": "znver4", "num-cores": 2}
+# the host's CPU (whatever its ISA), two cores: the row split is deterministic
+TARGET = {**resolve_target("host").target, "num-cores": 2}
 FORMS = {
     "int8-per-channel": {"dtype": "int8"},
     "int4-g32": {"dtype": "int4", "granularity": {"group": 32}},
@@ -53,38 +57,24 @@ def _conv(ci=32, co=128, hw=10, k=3, groups=1, seed=0):
                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, co, hw, hw])])
 
 
-def _relax(model, layout: str):
-    mod = lower_to_relax(model)
-    return relax.transform.ConvertLayout(NHWC)(mod) if layout == "nhwc" else mod
-
-
-def _to_scheduled(target) -> list:
-    """The CPU build up to its schedule phase, without a layout rewrite of its own (so
-    that each test picks the conv layout)."""
-    from kiln.backends.tvm.fuse_decode import CPU_CONSUMERS, fuse_decode_into_contraction
-    from kiln.backends.tvm.keep_compressed import fold_constants_keeping_compressed
-    from kiln.backends.tvm.schedules import cpu_schedule_passes
-
-    return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-            fold_constants_keeping_compressed(), relax.transform.FuseOps(),
-            relax.transform.FuseTIR(), fuse_decode_into_contraction(CPU_CONSUMERS),
-            *cpu_schedule_passes(target)]
+def _target() -> tvm.target.Target:
+    return tvm.target.Target(TARGET)
 
 
 def _scheduled(model, layout: str) -> tvm.IRModule:
-    target = tvm.target.Target(TARGET)
+    """The production CPU build's legalize and schedule phases, with the convolutions
+    channels-last ("nhwc") or as imported ("nchw")."""
+    target = _target()
+    phases = (cpu.legalize_passes(target, channels_last=layout == "nhwc")
+              + cpu.schedule_passes(target))
     with target:
-        return tvm.transform.Sequential(_to_scheduled(target))(_relax(model, layout))
+        return tvm.transform.Sequential(phases)(lower_to_relax(model))
 
 
 def _run(model, layout: str, feeds) -> np.ndarray:
-    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
-
-    target = tvm.target.Target(TARGET)
-    with target:
-        mod = tvm.transform.Sequential(_to_scheduled(target))(_relax(model, layout))
-    executable = tvm.compile(mod, target=target, relax_pipeline=tvm.transform.Sequential(
-        cpu_generic.dataflow_lower_passes(target) + cpu_generic.finalize_passes(target)))
+    target = _target()
+    executable = tvm.compile(lower_to_relax(model), target=target, relax_pipeline=cpu.get_pipeline(
+        target, channels_last=layout == "nhwc"))
     vm = relax.VirtualMachine(executable, tvm.cpu())
     return vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]).numpy()
 
@@ -140,37 +130,33 @@ def test_depthwise_conv_takes_its_decode_into_the_window_kernel(layout):
 
 
 def _kernels(model, layout: str = "nchw"):
-    """(name, PrimFunc, RuleContext) of each kernel after fusion."""
-    from kiln.backends.tvm.schedules.pipeline import _const_params, _vector_lanes_f32
-
-    target = tvm.target.Target(TARGET)
+    """(name, PrimFunc annotated with its constant params) of each kernel after fusion."""
+    target = _target()
     with target:
-        mod = tvm.transform.Sequential(_to_scheduled(target)[:-3])(_relax(model, layout))
-    consts = _const_params(mod)
-    lanes = _vector_lanes_f32(target)
-    return [(gvar.name_hint, func,
-             RuleContext(target=target, vector_lanes_f32=lanes, num_cores=2,
-                         const_params=consts.get(gvar.name_hint, frozenset())))
+        mod = tvm.transform.Sequential(
+            cpu.legalize_passes(target, channels_last=layout == "nhwc"))(lower_to_relax(model))
+    consts = constant_params(mod)
+    return [(gvar.name_hint, with_const_params(func, consts.get(gvar.name_hint, frozenset())))
             for gvar, func in mod.functions.items() if isinstance(func, tvm.tirx.PrimFunc)]
 
 
 def test_refuses_float_convs_and_matmuls():
     """A conv without a compressed weight is the contraction rule's; a quantized matmul
     (decode -> [K, N] weight, one reduction) is decode_contraction's."""
-    for name, func, ctx in _kernels(_conv()):
-        assert schedule_decode_conv(func, ctx) is None, name
+    for name, func in _kernels(_conv()):
+        assert DecodeConv().apply(func, _target(), False) is None, name
     mlp = models.mlp(d_in=128, hidden=256, d_out=64, batch=8)
     Quantize(QuantizeConfig(weights={"dtype": "int4", "granularity": {"group": 32}}))(mlp)
-    for name, func, ctx in _kernels(mlp):
-        assert schedule_decode_conv(func, ctx) is None, name
+    for name, func in _kernels(mlp):
+        assert DecodeConv().apply(func, _target(), False) is None, name
 
 
 def test_rows_split_into_chunks_only_while_panels_are_fewer_than_cores():
     # one 64-channel panel, 56 x 14 row tiles of 4 pixels, 2 cores: 4 tasks
-    assert _row_chunks(1, 56 * 14, 4, cores=2) == 4
+    assert row_chunks(1, 56 * 14, 4, cores=2) == 4
     # enough panels: no split (each split decodes its panel again)
-    assert _row_chunks(8, 49, 7, cores=2) == 1
+    assert row_chunks(8, 49, 7, cores=2) == 1
     # a chunk keeps at least MIN_PIXELS_PER_PANEL pixels
-    chunks = _row_chunks(1, 8, 4, cores=16)
+    chunks = row_chunks(1, 8, 4, cores=16)
     assert 8 // chunks * 4 >= MIN_PIXELS_PER_PANEL
 

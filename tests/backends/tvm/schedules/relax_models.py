@@ -1,0 +1,18 @@
+"""Small Relax test models: a ``main`` made by ``fn(bb, *params)`` over float32 inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax
+
+
+def relax_module(fn, *inputs: np.ndarray) -> tvm.IRModule:
+    """A module whose ``main`` takes arrays shaped like ``inputs`` and returns ``fn``'s value."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{n}", relax.TensorType(a.shape, "float32")) for n, a in enumerate(inputs)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(fn(bb, *params))
+        bb.emit_func_output(out)
+    return bb.get()
