@@ -1,0 +1,154 @@
+"""Every CPU schedule rule on each x86 vector path this host can run: ``host`` (whatever
+it is), ``x86-64-v3`` (AVX2 + FMA, 8 fp32 lanes: the path of an AVX2-only machine,
+forced on an AVX-512 developer machine too) and ``x86-64-v4`` (AVX-512, 16 lanes).
+
+Each case is built with the production CPU pipeline, the rule it is for must schedule
+its kernel, and the result must match numpy (fp32 kernels) or ONNX Runtime (quantized
+weights decoded in the kernel). A path whose ISA the host lacks is skipped, naming the
+missing feature.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from tvm import relax  # noqa: E402
+from tvm.target.codegen import target_has_features  # noqa: E402
+
+from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402
+from kiln.backends.tvm.pipeline import relax_pipeline  # noqa: E402
+from kiln.backends.tvm.schedules import RULES, schedule_rules_used  # noqa: E402
+from kiln.backends.tvm.targets import host_arch, resolve_target  # noqa: E402
+from kiln.compiler.core.metrics import relative_error  # noqa: E402
+from kiln.compiler.testing import quant_models as models  # noqa: E402
+from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference  # noqa: E402
+from kiln.passes.quant.quantize import Quantize, QuantizeConfig  # noqa: E402
+
+from .relax_models import relax_module  # noqa: E402
+
+# fp32 results may differ from numpy only by summation order.
+RTOL = 1e-5
+#: Target preset -> the CPU features its code needs.
+PATHS = {"host": (), "x86-64-v3": ("avx2", "fma"), "x86-64-v4": ("avx512f", "avx512bw")}
+INT4_G32 = {"dtype": "int4", "granularity": {"group": 32}}
+
+
+def _target(name: str):
+    if name != "host" and host_arch() != "x86_64":
+        pytest.skip(f"{name} is an x86-64 target; this host is {host_arch()}")
+    host = resolve_target("host").tvm_target()
+    missing = [f for f in PATHS[name] if not target_has_features(f, host)]
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)} (needed to run {name} code)")
+    return resolve_target(name)
+
+
+def _rng():
+    return np.random.default_rng(0)
+
+
+def _compile(target, mod: tvm.IRModule):
+    scheduled: list[tvm.IRModule] = []
+    executable = tvm.compile(mod, target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    return relax.VirtualMachine(executable, tvm.cpu()), schedule_rules_used(scheduled[-1])
+
+
+def _dense():
+    x = _rng().standard_normal((8, 64)).astype("float32")
+    w = (_rng().standard_normal((64, 48)) / 8).astype("float32")
+    b = _rng().standard_normal(48).astype("float32")
+
+    def fn(bb, xv):
+        y = bb.emit(relax.op.add(relax.op.matmul(xv, relax.const(w)), relax.const(b)))
+        return bb.emit(relax.op.nn.relu(y))
+
+    return fn, [x], np.maximum(x @ w + b, 0)
+
+
+def _elementwise():
+    x = _rng().standard_normal((4, 24, 32)).astype("float32")
+
+    def fn(bb, xv):
+        return bb.emit(relax.op.sigmoid(relax.op.permute_dims(xv, [0, 2, 1])))
+
+    return fn, [x], 1 / (1 + np.exp(-x.transpose(0, 2, 1)))
+
+
+def _window():
+    """A depthwise 3x3 conv (NHWC after the CPU build's layout rewrite)."""
+    x = _rng().standard_normal((1, 32, 10, 10)).astype("float32")
+    w = _rng().standard_normal((32, 1, 3, 3)).astype("float32")
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.zeros_like(x)
+    for ry in range(3):
+        for rx in range(3):
+            want += pad[:, :, ry:ry + 10, rx:rx + 10] * w[None, :, 0, ry, rx, None, None]
+
+    def fn(bb, xv):
+        return bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1, groups=32))
+
+    return fn, [x], want
+
+
+def _reduction():
+    x = _rng().standard_normal((16, 96)).astype("float32")
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return (lambda bb, xv: bb.emit(relax.op.nn.softmax(xv, axis=-1))), [x], \
+        e / e.sum(axis=-1, keepdims=True)
+
+
+def _fallback():
+    """A sum over every element: no rule but the fallback takes it."""
+    x = _rng().standard_normal((8, 16)).astype("float32")
+    return (lambda bb, xv: bb.emit(relax.op.sum(xv))), [x], np.array(x.sum(), "float32")
+
+
+FP32_CASES = {"contraction": _dense, "elementwise": _elementwise, "window": _window,
+              "reduction": _reduction, "fallback": _fallback}
+
+
+def _decode_contraction():
+    model = models.mlp(d_in=128, hidden=128, d_out=64, batch=1)
+    Quantize(QuantizeConfig(weights=INT4_G32))(model)
+    return model
+
+
+def _decode_conv():
+    model = models.conv()
+    Quantize(QuantizeConfig(weights={"dtype": "int8"}))(model)
+    return model
+
+
+QUANT_CASES = {"decode_contraction": _decode_contraction, "decode_conv": _decode_conv}
+
+
+def test_every_rule_has_a_case_here():
+    assert {rule.name for rule in RULES} == set(FP32_CASES) | set(QUANT_CASES)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("rule", list(FP32_CASES))
+def test_fp32_rule_on_each_vector_path(rule, path):
+    target = _target(path)
+    fn, inputs, want = FP32_CASES[rule]()
+    vm, rules = _compile(target, relax_module(fn, *inputs))
+    assert rule in rules.values(), rules
+    got = vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()
+    scale = max(float(np.abs(want).max()), 1e-6)
+    assert float(np.abs(got - want).max()) / scale < RTOL
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("rule", list(QUANT_CASES))
+def test_decode_rule_on_each_vector_path(rule, path):
+    target = _target(path)
+    model = QUANT_CASES[rule]()
+    vm, rules = _compile(target, lower_to_relax(model, target_name=target.name))
+    assert rule in rules.values(), rules
+    feeds = models.feeds(model)
+    got = vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]).numpy()
+    assert relative_error(got, exact_reference(model, feeds)) < DECODE_REL_TOL
