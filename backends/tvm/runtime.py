@@ -5,6 +5,16 @@ manifest's input order, or by name) and get numpy arrays back in the
 manifest's output order. Inputs are checked against the manifest first, so a
 wrong name, shape or dtype is a one-line KilnError rather than a TVM trace.
 :func:`run_artifact` is the ``kiln run OUTDIR --inputs in.npz`` entry point.
+
+Threads. TVM's CPU thread pool splits each parallel loop statically, one chunk per
+thread, and waits for the slowest: a thread that shares its core with a busy neighbour
+(another thread pool still spinning, a preprocessing thread) stalls every kernel by up
+to a scheduler time slice (measured before this: 23x slower beside a spinning ONNX
+Runtime worker on 2 cores). So a loaded model uses only the cores that are really free
+when it is loaded (:func:`free_cores`, capped by TVM's pool size, ``TVM_NUM_THREADS``),
+or the ``threads=`` it is given, and TVM's workers are not pinned to cores
+(``TVM_BIND_THREADS=0`` unless set), so the OS can move them off a busy one. TVM keeps
+one pool per calling thread: the count is applied in each thread that calls the model.
 """
 
 from __future__ import annotations
@@ -13,14 +23,16 @@ import io
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kiln.compiler.core.atomic import write_atomic
 from kiln.compiler.core.errors import KilnError
 
-from .manifest import Manifest, TensorSpec, read_manifest, write_atomic
+from .manifest import Manifest, TensorSpec, read_manifest
 from .targets import cuda_device_present, host_arch
 
 logger = logging.getLogger(__name__)
@@ -46,10 +58,51 @@ def _prepare_cuda_jit() -> None:
         os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
 
 
-class CompiledModel:
-    """A loaded artifact: ``model(*arrays, **named) -> list[np.ndarray]``."""
+#: A core counts as taken when it was busier than this over :func:`free_cores`' sample.
+BUSY_FRACTION = 0.5
+#: How long :func:`free_cores` watches the cores (load time, once per model).
+FREE_CORES_SAMPLE_S = 0.05
 
-    def __init__(self, outdir: Path, manifest: Manifest) -> None:
+#: The thread count TVM's pool of the current thread was last configured with.
+_pool = threading.local()
+
+
+def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> int:
+    """Cores this process may run on that were mostly idle over ``sample_s`` (at least 1).
+
+    Without ``psutil`` (a bare edge board): the cores this process may run on.
+    """
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else list(range(os.cpu_count() or 1))
+    try:
+        import psutil
+    except ImportError:
+        return len(allowed)
+    busy = psutil.cpu_percent(interval=sample_s, percpu=True)
+    return max(1, sum(1 for cpu in allowed
+                      if cpu < len(busy) and busy[cpu] < 100 * BUSY_FRACTION))
+
+
+def _configure_pool(threads: int) -> int:
+    """Set the current thread's TVM pool to ``threads``; returns what TVM will use (its
+    pool never grows past ``TVM_NUM_THREADS``, or half the logical cores on x86)."""
+    import tvm
+
+    os.environ.setdefault("TVM_BIND_THREADS", "0")  # read by TVM at each configuration
+    # mode 1 is TVM's kBig (all cores of the fastest kind); the count overrides it
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)
+    used = int(tvm.get_global_func("runtime.NumThreads")())
+    _pool.threads = used
+    return used
+
+
+class CompiledModel:
+    """A loaded artifact: ``model(*arrays, **named) -> list[np.ndarray]``.
+
+    ``threads``: CPU threads each call uses (None: the cores free at load time).
+    """
+
+    def __init__(self, outdir: Path, manifest: Manifest, *, threads: int | None = None) -> None:
         import tvm
         from tvm.runtime.vm import VirtualMachine
 
@@ -72,6 +125,14 @@ class CompiledModel:
         self._library = tvm.runtime.load_module(str(library))
         self._vm = VirtualMachine(self._library, self.device)
         self._main = self._vm["main"]
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise KilnError(f"threads={threads!r}: expected a whole number of threads >= 1")
+        requested = free_cores() if threads is None else threads
+        #: CPU threads per call (TVM's pool may allow fewer than requested)
+        self.threads = _configure_pool(requested)
+        if threads is not None and self.threads < threads:
+            logger.warning("%s: %d threads asked for, TVM's pool has %d (set TVM_NUM_THREADS "
+                           "before TVM starts for more)", outdir, threads, self.threads)
 
     @property
     def inputs(self) -> tuple[TensorSpec, ...]:
@@ -111,6 +172,8 @@ class CompiledModel:
         import tvm
 
         ordered = self._arrange(arrays, named)
+        if getattr(_pool, "threads", None) != self.threads:  # another thread or model
+            _configure_pool(self.threads)
         args = [tvm.runtime.tensor(a, self.device) for a in ordered]
         result = self._main(*args)
         results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
@@ -118,13 +181,17 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name} {s.describe()}" for s in self.inputs)
-        return f"CompiledModel({self.outdir}, target={self.manifest.target_name!r}, inputs: {ins})"
+        return (f"CompiledModel({self.outdir}, target={self.manifest.target_name!r}, "
+                f"threads={self.threads}, inputs: {ins})")
 
 
-def load(outdir: Path | str) -> CompiledModel:
-    """Load the artifact in ``outdir`` for this machine (CPU, or the GPU for CUDA builds)."""
+def load(outdir: Path | str, *, threads: int | None = None) -> CompiledModel:
+    """Load the artifact in ``outdir`` for this machine (CPU, or the GPU for CUDA builds).
+
+    ``threads``: CPU threads per call; None uses the cores free now (:func:`free_cores`).
+    """
     outdir = Path(outdir)
-    return CompiledModel(outdir, read_manifest(outdir))
+    return CompiledModel(outdir, read_manifest(outdir), threads=threads)
 
 
 def _npz_inputs(model: CompiledModel, path: Path) -> dict[str, np.ndarray]:
@@ -142,13 +209,15 @@ def _npz_inputs(model: CompiledModel, path: Path) -> dict[str, np.ndarray]:
 
 
 def run_artifact(outdir: Path | str, inputs_npz: Path | str,
-                 output_npz: Path | str | None = None) -> list[np.ndarray]:
-    """Run the artifact in ``outdir`` on the arrays of ``inputs_npz``.
+                 output_npz: Path | str | None = None, *,
+                 threads: int | None = None) -> list[np.ndarray]:
+    """Run the artifact in ``outdir`` on the arrays of ``inputs_npz`` (``threads`` as
+    for :func:`load`).
 
     Outputs are returned in manifest order and, with ``output_npz``, saved
     there (keys = output names), written atomically.
     """
-    model = load(outdir)
+    model = load(outdir, threads=threads)
     outputs = model(**_npz_inputs(model, Path(inputs_npz)))
     if output_npz is not None:
         buffer = io.BytesIO()

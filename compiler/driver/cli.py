@@ -267,7 +267,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from kiln.backends import tvm as tvm_backend
 
     outputs = tvm_backend.run_artifact(Path(args.artifact), Path(args.inputs),
-                                       Path(args.output) if args.output else None)
+                                       Path(args.output) if args.output else None,
+                                       threads=args.threads)
     console = _console()
     for i, array in enumerate(outputs):
         console.print(f"output {i}: shape {list(array.shape)} {array.dtype}", markup=False)
@@ -309,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", metavar="OUTDIR")
     p.add_argument("--inputs", required=True, help=".npz with one array per input name")
     p.add_argument("--output", help="write outputs to this .npz")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: the cores free when it starts)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("passes", help="list every pass with its options")
