@@ -6,6 +6,8 @@ import argparse
 import os
 import sys
 
+from bench.timing import PROTOCOLS
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
@@ -16,6 +18,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--gap-ms", type=float, default=5.0,
                         help="sleep before each timed call so the previous engine's pool goes idle")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="interleaved",
+                        help="interleaved calls with gaps, or each engine alone in a block "
+                             "(bench/timing.py says why)")
     parser.add_argument("--workdir", default=None, help="where built artifacts go (default: a temp dir)")
     parser.add_argument("--private", action="store_true",
                         help="build through TVM directly (bench-private) instead of kiln's API")
@@ -31,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     # TVM reads its thread count when its runtime starts: set it before anything imports tvm.
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    # TVM's workers unpinned (as kiln's load sets it): pinned, one sharing its core with a
+    # busy thread stalls every kernel; set before TVM's pool is made.
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     # torch's OpenMP workers spin after each op by default and starve the engine timed
     # next in the interleaved loop (measured: torch 0.4 ms alone, 16 ms interleaved with ORT).

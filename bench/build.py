@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.cases import PreparedCase
+from bench.case import PreparedCase
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +48,21 @@ def _dir_bytes(path: Path) -> int:
 
 
 def build_case(case: PreparedCase, outdir: Path, target: str = "host", *,
-               private: bool = False, tuning: str = "shipped") -> BuiltCase:
+               private: bool = False, tuning: str = "shipped",
+               threads: int | None = None) -> BuiltCase:
     """``tuning``: "shipped" (only the database shipped with kiln), "user" (the user's
-    cache too), "off" (kiln's rules only)."""
+    cache too), "off" (kiln's rules only). ``threads``: as ``kiln.backends.tvm.load``'s."""
     outdir.mkdir(parents=True, exist_ok=True)
     if not private and _kiln_api_present():
         try:
-            return _build_with_kiln(case, outdir, target, tuning)
+            return _build_with_kiln(case, outdir, target, tuning, threads)
         except (ImportError, AttributeError, TypeError) as err:  # API still moving
             log.warning("kiln build API not usable yet (%s); using the bench-private build", err)
     return _build_private(case, outdir)
 
 
-def _build_with_kiln(case: PreparedCase, outdir: Path, target: str, tuning: str) -> BuiltCase:
+def _build_with_kiln(case: PreparedCase, outdir: Path, target: str, tuning: str,
+                     threads: int | None) -> BuiltCase:
     from kiln.backends.tvm.build import build_artifact
     from kiln.backends.tvm.runtime import load
     from kiln.compiler.core.frontend import load_model
@@ -73,7 +75,7 @@ def _build_with_kiln(case: PreparedCase, outdir: Path, target: str, tuning: str)
     result = build_artifact(model, target, outdir, model_hash=digest, tuning_db=user_db,
                             apply_tuning=tuning != "off")
     compile_s = time.perf_counter() - start
-    module = load(outdir)
+    module = load(outdir, threads=threads)
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         out = module(*[feeds[name] for name in case.inputs])

@@ -1,40 +1,25 @@
-"""The benchmark cases: each yields an ONNX model, its inputs, and optionally a torch callable.
+"""The benchmark cases by name: each yields an ONNX model, its inputs, and optionally a
+torch callable (:class:`bench.case.PreparedCase`); the quantized ones are
+``bench.cases_quant``'s.
 
 Models are built lazily (the torch export and the OCR wheel fetch take seconds).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-SEED = 0
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PreparedCase:
-    """What one case gives the runner."""
-
-    name: str
-    onnx_path: Path  # the model ORT runs as is and kiln compiles
-    input_shapes: dict[str, list[int]]
-    inputs: dict[str, np.ndarray]
-    torch_fn: Callable[[], object] | None = None  # runs eager once on the same inputs
-    flops: float | None = None
-
-
-def _random_inputs(shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(SEED)
-    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+from bench.case import SEED, PreparedCase, random_inputs
+from bench.cases_quant import QUANT_CASES
 
 
 def _encoder(workdir: Path) -> PreparedCase:
     import torch
 
-    from tests.torch_models import encoder
+    from kiln.compiler.testing.torch_models import encoder
 
     model, (example,) = encoder()
     path = workdir / "encoder-fp32.onnx"
@@ -53,17 +38,17 @@ def _encoder(workdir: Path) -> PreparedCase:
 
 def _rapidocr(which: str) -> Callable[[Path], PreparedCase]:
     def prepare(workdir: Path) -> PreparedCase:
-        from tests.real_models import rapidocr_input_shape, rapidocr_model
+        from kiln.compiler.testing.real_models import rapidocr_input_shape, rapidocr_model
 
         shapes = rapidocr_input_shape(which)
         return PreparedCase(name=f"ocr-{which}-fp32", onnx_path=rapidocr_model(which),
-                            input_shapes=shapes, inputs=_random_inputs(shapes))
+                            input_shapes=shapes, inputs=random_inputs(shapes))
 
     return prepare
 
 
 def _resnet50(workdir: Path) -> PreparedCase:
-    from tests.real_models import light_model, light_model_io
+    from kiln.compiler.testing.real_models import light_model, light_model_io
 
     inputs, _ = light_model_io("resnet50")
     return PreparedCase(name="resnet50-fp32", onnx_path=light_model("resnet50"),
@@ -112,7 +97,5 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "resnet50-fp32": _resnet50,
     "gemv-fp32": _matmul_case("gemv-fp32", 1, 4096, 4096),
     "matmul-fp32": _matmul_case("matmul-fp32", 128, 1024, 256),
+    **QUANT_CASES,
 }
-
-from bench.cases_quant import QUANT_CASES  # noqa: E402 (quantized cases; they use PreparedCase)
-CASES.update(QUANT_CASES)

@@ -11,9 +11,9 @@ decoder-int4  an LLM-style decoder block at batch 1 (one new token against a KV 
               of 128): attention projections + SwiGLU MLP, weight-only int4 through
               kiln's ``int4-weights`` spec; vs ONNX Runtime running the same weights as
               MatMulNBits, and PyTorch fp32 eager.
-encoder-int8  ``tests/torch_models.encoder()`` through the ``int8`` spec (W8A8 QDQ)
-              vs ONNX Runtime running the QDQ model with its optimizations (its int8
-              kernels), and PyTorch fp32 eager.
+encoder-int8  ``kiln.compiler.testing.torch_models.encoder()`` through the ``int8``
+              spec (W8A8 QDQ) vs ONNX Runtime running the QDQ model with its
+              optimizations (its int8 kernels), and PyTorch fp32 eager.
 
 ``QUANT_CASES`` also registers the same models with ``python -m bench`` (the generic
 runner: kiln vs ONNX Runtime on the very same ONNX file, optimized; for int4 weights
@@ -29,16 +29,14 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:  # bench.cases imports this module to register QUANT_CASES
-    from bench.cases import PreparedCase
+from bench.case import SEED, PreparedCase
+from bench.timing import git_commit, time_interleaved
+from kiln.compiler.core.metrics import relative_error, sqnr_db
 
 log = logging.getLogger("bench.quant")
-
-SEED = 0  # as bench.cases
 
 GEMV_SHAPE = (1, 4096, 4096)
 GEMV_GROUPS = (32, 128)
@@ -193,8 +191,6 @@ def _gemv_case(group: int) -> Callable[[Path], PreparedCase]:
     def prepare(workdir: Path) -> PreparedCase:
         import onnx
 
-        from bench.cases import PreparedCase
-
         m, k, n = GEMV_SHAPE
         path = workdir / f"gemv-int4-g{group}.onnx"
         if not path.exists():
@@ -210,7 +206,6 @@ def _spec_case(name: str, spec: str, make) -> Callable[[Path], PreparedCase]:
     """A torch model exported to ONNX, then quantized by kiln's ``spec`` (the QDQ/DQ ONNX)."""
 
     def prepare(workdir: Path) -> PreparedCase:
-        from bench.cases import PreparedCase
         from kiln.compiler.driver.compile import compile_model
 
         model, example, names = make()
@@ -232,7 +227,7 @@ def _decoder():
 
 
 def _encoder():
-    from tests.torch_models import encoder
+    from kiln.compiler.testing.torch_models import encoder
 
     model, example = encoder()
     return model, example, ["x"]
@@ -332,22 +327,7 @@ def _vm_call(outdir: Path, arrays: list[np.ndarray]) -> Callable[[], object]:
 
 
 def _time(fns: dict[str, Callable[[], object]], runs: int, warmup: int = 5) -> dict[str, float]:
-    from bench.runner import time_interleaved
-
     return time_interleaved(fns, runs, warmup, gap_s=0.002)
-
-
-def _rel_err(got, want) -> float:
-    got = np.asarray(got, np.float64).reshape(np.shape(want))
-    want = np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / max(float(np.max(np.abs(want))), 1e-12))
-
-
-def _sqnr_db(got, want) -> float:
-    got = np.asarray(got, np.float64).reshape(np.shape(want))
-    want = np.asarray(want, np.float64)
-    noise = float(np.sum((got - want) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(float(np.sum(want ** 2)) / noise)
 
 
 def run_gemv(workdir: Path, threads: int, runs: int) -> list[dict]:
@@ -386,15 +366,15 @@ def run_gemv(workdir: Path, threads: int, runs: int) -> list[dict]:
             "ort_matmulnbits_ms": round(times["ort"], 4),
             "ort_matmulnbits_int8_act_ms": round(times["ort_int8"], 4),
             "max_rel_err_ort_int8_act_vs_exact": float(
-                f"{_rel_err(session_int8.run(None, feeds)[0], want):.3g}"),
+                f"{relative_error(session_int8.run(None, feeds)[0], want):.3g}"),
             "floor_ms": round(floor_ms, 4), "bandwidth_gbs": round(bandwidth, 1),
             "cache_resident_floor_ms": round(moved / (cached * 1e9) * 1e3, 4),
             "cache_resident_bandwidth_gbs": round(cached, 1),
             "bytes_moved": moved, "kiln_over_floor": round(times["kiln"] / floor_ms, 2),
             "kiln_over_ort": round(times["kiln"] / times["ort"], 3),
-            "max_rel_err_vs_ort_exact": float(f"{_rel_err(got, want):.3g}"),
+            "max_rel_err_vs_ort_exact": float(f"{relative_error(got, want):.3g}"),
             "max_rel_err_ort_nbits_vs_exact": float(
-                f"{_rel_err(session.run(None, feeds)[0], want):.3g}"),
+                f"{relative_error(session.run(None, feeds)[0], want):.3g}"),
             "so_bytes": size, "compile_s": round(compile_s, 2)})
         log.info("%s", rows[-1])
     return rows
@@ -434,8 +414,8 @@ def run_spec_case(name: str, workdir: Path, threads: int, runs: int) -> dict:
         "ort_ms": round(times["ort"], 4),
         "torch_fp32_ms": round(times["torch"], 4),
         "kiln_over_ort": round(times["kiln"] / times["ort"], 3),
-        "max_rel_err_vs_ort_exact": float(f"{_rel_err(got, want):.3g}"),
-        "sqnr_db_vs_fp32": round(_sqnr_db(got, reference), 1),
+        "max_rel_err_vs_ort_exact": float(f"{relative_error(got, want):.3g}"),
+        "sqnr_db_vs_fp32": round(sqnr_db(reference, got), 1),
         "so_bytes": size, "compile_s": round(compile_s, 2),
         "kiln_kernel_ms": kernels}
 
@@ -527,10 +507,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     import tempfile
 
-    from bench.runner import _git_commit
-
     names = [n for n in args.cases.split(",") if n]
-    payload = {"commit": (_git_commit() or "unknown")[:12], "threads": args.threads,
+    payload = {"commit": (git_commit() or "unknown")[:12], "threads": args.threads,
                "runs": args.runs, "gemv": [], "models": []}
     with tempfile.TemporaryDirectory(prefix="kiln-bench-quant-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)

@@ -1,4 +1,5 @@
-"""Times each case (kiln, ONNX Runtime, torch) interleaved and reports medians and ratios."""
+"""Times each case (kiln, ONNX Runtime, torch) by ``bench.timing``'s protocol and reports
+medians and ratios."""
 
 from __future__ import annotations
 
@@ -6,30 +7,22 @@ import argparse
 import json
 import logging
 import math
-import statistics
-import subprocess
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from bench.cases import CASES, PreparedCase
+from bench.build import build_case
+from bench.case import PreparedCase
+from bench.cases import CASES
+from bench.timing import git_commit, time_engines
+from kiln.compiler.core.metrics import relative_error
 
 log = logging.getLogger("bench")
 
 # kiln must match ONNX Runtime this closely (relative to the output's largest magnitude).
 MATCH_RTOL = 1e-4
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def _ort_runner(case: PreparedCase, threads: int) -> Callable[[], list[np.ndarray]]:
@@ -47,46 +40,17 @@ def _ort_runner(case: PreparedCase, threads: int) -> Callable[[], list[np.ndarra
     return lambda: session.run(None, feeds)
 
 
-def time_interleaved(fns: dict[str, Callable[[], object]], runs: int, warmup: int,
-                     gap_s: float = 0.0) -> dict[str, float]:
-    """Median wall time in ms of each callable, run A B C A B C ... after a warm-up of each.
-
-    ``gap_s`` of sleep before each timed call lets the previous engine's thread pool stop
-    spinning (TVM's, ORT's and OpenMP's workers spin after a parallel region; on 2 cores a
-    spinning pool measurably slows the next engine).
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            if gap_s:
-                time.sleep(gap_s)
-            start = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
 def _max_rel_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
-    worst = 0.0
-    for g, w in zip(got, want, strict=True):
-        g = np.asarray(g, dtype=np.float64).reshape(np.shape(w))
-        w = np.asarray(w, dtype=np.float64)
-        scale = max(float(np.max(np.abs(w))), 1e-12)
-        worst = max(worst, float(np.max(np.abs(g - w))) / scale)
-    return worst
+    return max((relative_error(g, w) for g, w in zip(got, want, strict=True)), default=0.0)
 
 
 def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     import torch
 
-    from bench.build import build_case
-
     torch.set_num_threads(args.threads)
     case = CASES[name](workdir)
-    built = build_case(case, workdir / name, private=args.private, tuning=args.tuning)
+    built = build_case(case, workdir / name, private=args.private, tuning=args.tuning,
+                       threads=args.threads)
     if built.unscheduled:
         log.info("%s: %d kernels left unscheduled: %s", name, len(built.unscheduled),
                  ", ".join(built.unscheduled))
@@ -97,7 +61,7 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     fns: dict[str, Callable[[], object]] = {"kiln": lambda: built.run(case.inputs), "ort": ort_run}
     if case.torch_fn is not None:
         fns["torch"] = case.torch_fn
-    times = time_interleaved(fns, args.runs, args.warmup, args.gap_ms / 1e3)
+    times = time_engines(args.protocol, fns, args.runs, args.warmup, args.gap_ms / 1e3)
     return {
         "case": name,
         "kiln_ms": round(times["kiln"], 4),
@@ -138,7 +102,8 @@ def format_markdown(payload: dict) -> str:
     """The results as a Markdown table (for bench/RESULTS.md)."""
     commit = (payload.get("commit") or "unknown")[:10]
     lines = [f"Commit `{commit}`, {payload['threads']} threads, median of {payload['runs']} "
-             f"interleaved runs, tuning records: {payload.get('tuning', 'shipped')}.", "",
+             f"{payload.get('protocol', 'interleaved')} runs, tuning records: "
+             f"{payload.get('tuning', 'shipped')}.", "",
              "| case | kiln ms | ORT ms | torch ms | kiln/ORT | MB | compile s | tuned kernels "
              "| rel err vs ORT |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -175,11 +140,12 @@ def run_bench(args: argparse.Namespace) -> int:
             print(format_table(results[-1:], None).splitlines()[-1], flush=True)
     geo = geomean([r["ratio_vs_ort"] for r in results if r["case"].endswith("-fp32")])
     print()
-    print(f"threads={args.threads} runs={args.runs} gap={args.gap_ms} ms (median, interleaved)")
+    print(f"threads={args.threads} runs={args.runs} gap={args.gap_ms} ms "
+          f"(median, {args.protocol})")
     print(format_table(results, geo))
     if args.json:
-        payload = {"commit": _git_commit(), "threads": args.threads, "runs": args.runs,
-                   "tuning": args.tuning,
+        payload = {"commit": git_commit(), "threads": args.threads, "runs": args.runs,
+                   "protocol": args.protocol, "tuning": args.tuning,
                    "cases": results,
                    "geomean_ratio_vs_ort": round(geo, 4) if geo is not None else None}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
