@@ -29,7 +29,8 @@ def _imported_modules(tree: ast.AST) -> list[str]:
     return names
 
 
-@pytest.mark.parametrize("path", _python_files("tests", "bench"), ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", _python_files("tests", "bench"),
+                         ids=lambda p: str(p.relative_to(ROOT)))
 def test_imports_name_the_installed_package(path):
     tree = ast.parse(path.read_text(), filename=str(path))
     for name in _imported_modules(tree):
