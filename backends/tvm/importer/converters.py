@@ -13,7 +13,14 @@ from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS
 from . import internal_ops
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
-from .standard_converters import ClipAsMinMax, ConvTransposeAsConv, ScatterRowsAsGather, SumAsAdds
+from .standard_converters import (
+    ClipAsMinMax,
+    ConvTransposeAsConv,
+    HardSigmoidAsMinMax,
+    HardSwishAsMinMax,
+    ScatterRowsAsGather,
+    SumAsAdds,
+)
 from .weight_converters import (
     BlockedDequantizeLinear,
     CodebookDecode,
@@ -56,6 +63,8 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["MatMul"] = GroupedGemvMatMul(base["MatMul"], context)
     table["Sum"] = SumAsAdds
     table["Clip"] = ClipAsMinMax(base["Clip"])
+    table["HardSigmoid"] = HardSigmoidAsMinMax(base["HardSigmoid"])
+    table["HardSwish"] = HardSwishAsMinMax(base["HardSwish"])
     table["ConvTranspose"] = ConvTransposeAsConv(base["ConvTranspose"])
     table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
     table[internal_ops.PACKED_DEQUANTIZE] = PackedDequantizeLinear(context)

@@ -6,6 +6,8 @@ Each takes the cases it improves and hands the rest to TVM's own converter
 - ``Sum`` as a chain of broadcasting adds (TVM stacks the inputs into a 5-D tensor);
 - ``Clip`` with constant bounds as Relax ``maximum``/``minimum`` (layout conversion
   sees through them; TVM's prebuilt kernels it cannot);
+- ``HardSigmoid`` / ``HardSwish`` the same way (TVM's ``relax.clip`` made layout
+  conversion put two transposes around every HardSwish of a channels-last CNN);
 - ``ConvTranspose`` whose kernel equals its stride as a 1x1 conv + pixel shuffle;
 - ``ScatterND`` writing every row once as an injective row gather.
 """
@@ -88,6 +90,53 @@ class ClipAsMinMax:
             if hi is not None:
                 x = relax.op.minimum(x, relax.const(hi, dtype))
             return x
+
+        return convert
+
+
+def _hard_sigmoid(x, alpha: float, beta: float):
+    """``max(0, min(1, alpha * x + beta))`` with the activation first in every op."""
+    from tvm import relax
+
+    dtype = x.ty.dtype
+    y = relax.op.add(relax.op.multiply(x, relax.const(alpha, dtype)), relax.const(beta, dtype))
+    return relax.op.minimum(relax.op.maximum(y, relax.const(0.0, dtype)), relax.const(1.0, dtype))
+
+
+class HardSigmoidAsMinMax:
+    """ONNX ``HardSigmoid`` as multiply-add and ``maximum``/``minimum`` (float inputs)."""
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def get_converter(self, opset: int):
+        fallback = self.fallback.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            if not str(inputs[0].ty.dtype).startswith("float"):
+                return fallback(bb, inputs, attr, params)
+            return _hard_sigmoid(inputs[0], float(attr.get("alpha", 0.2)),
+                                 float(attr.get("beta", 0.5)))
+
+        return convert
+
+
+class HardSwishAsMinMax:
+    """ONNX ``HardSwish``: ``x * hard_sigmoid(x, 1/6, 1/2)`` (float inputs)."""
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def get_converter(self, opset: int):
+        fallback = self.fallback.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            x = inputs[0]
+            if not str(x.ty.dtype).startswith("float"):
+                return fallback(bb, inputs, attr, params)
+            return relax.op.multiply(x, _hard_sigmoid(x, 1.0 / 6.0, 0.5))
 
         return convert
 

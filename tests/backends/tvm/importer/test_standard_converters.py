@@ -90,6 +90,20 @@ def test_clip_with_a_computed_bound_keeps_the_importers_conversion():
     assert "R.minimum" not in script
 
 
+@pytest.mark.parametrize("node", [
+    helper.make_node("HardSwish", ["x"], ["y"]),
+    helper.make_node("HardSigmoid", ["x"], ["y"]),
+    helper.make_node("HardSigmoid", ["x"], ["y"], alpha=0.3, beta=0.6),
+], ids=["hardswish", "hardsigmoid", "hardsigmoid-attrs"])
+def test_hard_activations_are_relax_max_min(node, tmp_path):
+    """No ``R.clip`` (ConvertLayout wrapped it in two transposes in NHWC CNNs)."""
+    model = _single_node_model(node, [], [1, 4, 8, 8], 14)
+    script = lower_to_relax(to_ir(model)).script()
+    assert "R.clip" not in script and "R.minimum" in script and "R.maximum" in script
+    x = np.random.default_rng(2).standard_normal((1, 4, 8, 8)).astype(np.float32) * 5
+    _build_and_compare(model, {"x": x}, tmp_path)
+
+
 def test_sum_is_a_chain_of_adds(tmp_path):
     """Sum of three inputs: two broadcasting adds, no stacked intermediate."""
     graph = helper.make_graph(
