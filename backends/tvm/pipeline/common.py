@@ -5,20 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
-from tvm import relax
-
 from kiln.backends.tvm.keep_compressed import fold_constants_keeping_compressed
 from kiln.backends.tvm.tuning.database import apply_tuning_records
+from tvm import relax
 
 PassList = list[tvm.transform.Pass]
 
 
-def library_dispatch_passes(target: tvm.target.Target) -> PassList:  # noqa: ARG001
+def library_dispatch_passes(target: tvm.target.Target) -> PassList:
     """Sampling and sort/scan ops dispatched to TVM's library kernels."""
     return [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan()]
 
 
-def fusion_passes(target: tvm.target.Target, legalize_map: dict | None = None) -> PassList:  # noqa: ARG001
+def fusion_passes(target: tvm.target.Target, legalize_map: dict | None = None) -> PassList:
     """High-level ops to TensorIR (``legalize_map`` overrides TVM's legalizations),
     constants folded with compressed weights kept compressed, operators fused."""
     return [

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 
-from tvm import s_tir, tirx
-
 from kiln.backends.tvm.schedules.analysis import (
     BufferLoad,
     const_extent,
@@ -33,7 +31,13 @@ from kiln.backends.tvm.schedules.analysis import (
     normalize_prim_func,
     single_reduction,
 )
-from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext, choose, choose_factor
+from kiln.backends.tvm.schedules.rule import (
+    KilnRule,
+    RuleContext,
+    choose,
+    choose_factor,
+)
+from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 

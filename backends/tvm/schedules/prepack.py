@@ -31,7 +31,7 @@ class _FoldPrepackCalls(PyExprMutator):
         self.built: dict[str, tvm.runtime.Module] = {}
         self.folded = 0
 
-    def visit_call_(self, op):  # noqa: N802 - PyExprMutator's naming
+    def visit_call_(self, op):
         call = super().visit_call_(op)
         if not (isinstance(call, relax.Call) and call.op.same_as(self.call_tir)):
             return call

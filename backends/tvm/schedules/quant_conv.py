@@ -38,8 +38,6 @@ import logging
 import math
 import os
 
-from tvm import s_tir, tirx
-
 from kiln.backends.tvm.schedules.analysis import (
     collect_vars_used_in_prim_expr,
     const_extent,
@@ -61,6 +59,7 @@ from kiln.backends.tvm.schedules.dense import (
 from kiln.backends.tvm.schedules.quant_gemv import GEMV_ROWS, low_bit_params
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 from kiln.backends.tvm.schedules.window import schedule_window_reduction
+from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 
@@ -318,4 +317,4 @@ def _prepack_decode_input(sch: s_tir.Schedule, decode_name: str, col_var, nr: in
     sch.annotate(packed, PREPROC_ANNOTATION, True)
 
 
-__all__ = ["DecodeConv", "MIN_PIXELS_PER_PANEL", "row_chunks"]
+__all__ = ["MIN_PIXELS_PER_PANEL", "DecodeConv", "row_chunks"]

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import logging
 
-from tvm import s_tir, tirx
-
 from kiln.backends.tvm.keep_compressed import COMPRESSED_DTYPES
 from kiln.backends.tvm.kernel_names import GROUPED_OUTPUT, GROUPED_PARTIAL, GROUPED_XSUM
 from kiln.backends.tvm.schedules.analysis import (
@@ -40,6 +38,7 @@ from kiln.backends.tvm.schedules.analysis import (
     single_reduction,
 )
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
+from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 
@@ -286,4 +285,4 @@ def _vectorize_last(sch, block, lanes: int) -> None:
         sch.vectorize(inner)
 
 
-__all__ = ["DecodeContraction", "GEMV_ROWS", "low_bit_params"]
+__all__ = ["GEMV_ROWS", "DecodeContraction", "low_bit_params"]

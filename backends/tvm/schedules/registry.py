@@ -17,8 +17,6 @@ import logging
 import time
 
 import tvm
-from tvm import relax, s_tir, tirx
-
 from kiln.backends.tvm.schedules.dense import Contraction
 from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduction
 from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
@@ -26,6 +24,7 @@ from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
 from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
 from kiln.backends.tvm.schedules.window import Window
+from tvm import relax, s_tir, tirx
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ def schedule_primfunc(func: tirx.PrimFunc, target: tvm.target.Target,
     for rule in rules:
         try:
             sch = rule.apply(func, target, False)
-        except Exception as err:  # noqa: BLE001 - a rule that fails leaves the kernel to the next
+        except Exception as err:
             log.debug("rule %s failed: %s", rule.name, err, exc_info=log.isEnabledFor(logging.DEBUG))
             continue
         if sch is not None:

@@ -16,8 +16,6 @@ innermost iter also indexes the input's innermost dim.
 
 from __future__ import annotations
 
-from tvm import s_tir, tirx
-
 from kiln.backends.tvm.schedules.analysis import (
     collect_vars_used_in_prim_expr,
     inline_epilogue,
@@ -27,7 +25,13 @@ from kiln.backends.tvm.schedules.analysis import (
 )
 from kiln.backends.tvm.schedules.dense import PREPROC_ANNOTATION
 from kiln.backends.tvm.schedules.elementwise import parallel_vectorize
-from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext, choose, choose_factor
+from kiln.backends.tvm.schedules.rule import (
+    KilnRule,
+    RuleContext,
+    choose,
+    choose_factor,
+)
+from tvm import s_tir, tirx
 
 # Vectors per accumulator tile (independent FMA chains hide the FMA latency).
 VECTORS_PER_TILE = 6

@@ -12,10 +12,14 @@ from __future__ import annotations
 import logging
 
 import tvm
-from tvm import s_tir, tirx
-
 from kiln.backends.tvm.schedules.registry import constant_params, schedule_primfunc
-from kiln.backends.tvm.schedules.rule import ChoicePlan, KilnRule, RuleContext, with_const_params
+from kiln.backends.tvm.schedules.rule import (
+    ChoicePlan,
+    KilnRule,
+    RuleContext,
+    with_const_params,
+)
+from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 

@@ -14,14 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
-from tvm import tirx
-
 from kiln.backends.tvm.pipeline import legalize_passes
 from kiln.backends.tvm.schedules.registry import SCHEDULED_ATTR, ScheduleCPUKernels
 from kiln.backends.tvm.targets import ResolvedTarget
-from kiln.backends.tvm.tuning.database import drop_records, has_records, target_key, user_root
+from kiln.backends.tvm.tuning.database import (
+    drop_records,
+    has_records,
+    target_key,
+    user_root,
+)
 from kiln.backends.tvm.tuning.measure import candidate_builder, measure_pairs
 from kiln.backends.tvm.tuning.space import DEFAULT_SPACE, record_origin, tune_contexts
+from tvm import tirx
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +59,8 @@ def tuning_target(target: ResolvedTarget) -> tvm.target.Target:
 
 
 def _progress_callback(total: int, progress: Progress):
-    from tvm.s_tir import meta_schedule as ms
     from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
 
     @derived_object
     class _Progress(ms.measure_callback.PyMeasureCallback):

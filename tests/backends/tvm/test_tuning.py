@@ -17,22 +17,21 @@ from onnx import TensorProto, helper, numpy_helper
 
 tvm = pytest.importorskip("tvm")
 
-from kiln.compiler.core.metrics import relative_error  # noqa: E402
-from kiln.compiler.testing.reference import ort_outputs  # noqa: E402
-
-from kiln.backends.tvm.build import build_artifact  # noqa: E402
-from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402
-from kiln.backends.tvm.runtime import load  # noqa: E402
-from kiln.backends.tvm.targets import resolve_target  # noqa: E402
-from kiln.backends.tvm.tuning.database import (  # noqa: E402
+from kiln.backends.tvm.build import build_artifact
+from kiln.backends.tvm.importer import lower_to_relax
+from kiln.backends.tvm.runtime import load
+from kiln.backends.tvm.targets import resolve_target
+from kiln.backends.tvm.tuning.database import (
     RECORD_FILE,
     TUNED_RULE,
     WORKLOAD_FILE,
     database_dirs,
     target_key,
 )
-from kiln.backends.tvm.tuning.space import RULE_ANNOTATION  # noqa: E402
-from kiln.backends.tvm.tuning.tune import tune_relax_module  # noqa: E402
+from kiln.backends.tvm.tuning.space import RULE_ANNOTATION
+from kiln.backends.tvm.tuning.tune import tune_relax_module
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing.reference import ort_outputs
 
 # fp32 results may differ from numpy / ONNX Runtime only by summation order.
 RTOL = 1e-5
@@ -159,12 +158,12 @@ def test_a_tuned_conv_matches_onnxruntime(tmp_path, space):
 @pytest.mark.slow
 def test_bench_tune_recheck_drops_a_record_slower_than_kiln(tmp_path, monkeypatch, capsys):
     """``python -m bench.tune --recheck`` on a record that is the unscheduled kernel."""
+    from kiln.backends.tvm.tuning.tune import legalized, tuning_target
+    from kiln.compiler.core.frontend import load_model
     from tvm.s_tir import meta_schedule as ms
 
     from bench import tune as bench_tune
     from bench.cases import CASES
-    from kiln.backends.tvm.tuning.tune import legalized, tuning_target
-    from kiln.compiler.core.frontend import load_model
 
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
     target = resolve_target("host")

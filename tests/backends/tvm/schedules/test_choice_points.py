@@ -13,17 +13,16 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from tvm import relax, s_tir, tirx  # noqa: E402
-
-from kiln.backends.tvm.pipeline import legalize_passes  # noqa: E402
-from kiln.backends.tvm.schedules.registry import (  # noqa: E402
+from kiln.backends.tvm.pipeline import legalize_passes
+from kiln.backends.tvm.schedules.registry import (
     constant_params,
     rule_named,
     schedule_primfunc,
 )
-from kiln.backends.tvm.schedules.rule import with_const_params  # noqa: E402
-from kiln.backends.tvm.targets import resolve_target  # noqa: E402
-from kiln.backends.tvm.tuning.space import RULE_ANNOTATION, rule_design_spaces  # noqa: E402
+from kiln.backends.tvm.schedules.rule import with_const_params
+from kiln.backends.tvm.targets import resolve_target
+from kiln.backends.tvm.tuning.space import RULE_ANNOTATION, rule_design_spaces
+from tvm import relax, s_tir, tirx
 
 # fp32 results may differ from the unscheduled kernel only by summation order.
 RTOL = 1e-5

@@ -11,17 +11,16 @@ import pytest
 tvm = pytest.importorskip("tvm")
 torch = pytest.importorskip("torch")
 
-from tvm import relax  # noqa: E402
-
-from kiln.backends.tvm.pipeline import relax_pipeline  # noqa: E402
-from kiln.backends.tvm.schedules import (  # noqa: E402
+from kiln.backends.tvm.pipeline import relax_pipeline
+from kiln.backends.tvm.schedules import (
     cpu_schedule_passes,
     schedule_rules_used,
     unscheduled_kernels,
 )
-from kiln.backends.tvm.targets import resolve_target  # noqa: E402
+from kiln.backends.tvm.targets import resolve_target
+from tvm import relax
 
-from .relax_models import relax_module  # noqa: E402
+from .relax_models import relax_module
 
 # fp32 results may differ from the reference only by summation order.
 RTOL = 1e-5

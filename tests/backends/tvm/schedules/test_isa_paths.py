@@ -15,19 +15,18 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from tvm import relax  # noqa: E402
-from tvm.target.codegen import target_has_features  # noqa: E402
+from kiln.backends.tvm.importer import lower_to_relax
+from kiln.backends.tvm.pipeline import relax_pipeline
+from kiln.backends.tvm.schedules import RULES, schedule_rules_used
+from kiln.backends.tvm.targets import host_arch, resolve_target
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing import quant_models as models
+from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference
+from kiln.passes.quant.quantize import Quantize, QuantizeConfig
+from tvm import relax
+from tvm.target.codegen import target_has_features
 
-from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402
-from kiln.backends.tvm.pipeline import relax_pipeline  # noqa: E402
-from kiln.backends.tvm.schedules import RULES, schedule_rules_used  # noqa: E402
-from kiln.backends.tvm.targets import host_arch, resolve_target  # noqa: E402
-from kiln.compiler.core.metrics import relative_error  # noqa: E402
-from kiln.compiler.testing import quant_models as models  # noqa: E402
-from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference  # noqa: E402
-from kiln.passes.quant.quantize import Quantize, QuantizeConfig  # noqa: E402
-
-from .relax_models import relax_module  # noqa: E402
+from .relax_models import relax_module
 
 # fp32 results may differ from numpy only by summation order.
 RTOL = 1e-5

@@ -15,25 +15,24 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from onnx import TensorProto, helper  # noqa: E402
-from tvm import relax, s_tir  # noqa: E402
-from tvm.s_tir.analysis import detect_buffer_access_lca  # noqa: E402
-
-from kiln.backends.tvm.importer import lower_to_relax  # noqa: E402
-from kiln.backends.tvm.pipeline import cpu  # noqa: E402
-from kiln.backends.tvm.schedules import schedule_rules_used  # noqa: E402
-from kiln.backends.tvm.schedules.quant_conv import (  # noqa: E402
+from kiln.backends.tvm.importer import lower_to_relax
+from kiln.backends.tvm.pipeline import cpu
+from kiln.backends.tvm.schedules import schedule_rules_used
+from kiln.backends.tvm.schedules.quant_conv import (
     MIN_PIXELS_PER_PANEL,
     DecodeConv,
     row_chunks,
 )
-from kiln.backends.tvm.schedules.registry import constant_params  # noqa: E402
-from kiln.backends.tvm.schedules.rule import with_const_params  # noqa: E402
-from kiln.backends.tvm.targets import resolve_target  # noqa: E402
-from kiln.compiler.core.metrics import relative_error  # noqa: E402
-from kiln.compiler.testing import quant_models as models  # noqa: E402
-from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference  # noqa: E402
-from kiln.passes.quant.quantize import Quantize, QuantizeConfig  # noqa: E402
+from kiln.backends.tvm.schedules.registry import constant_params
+from kiln.backends.tvm.schedules.rule import with_const_params
+from kiln.backends.tvm.targets import resolve_target
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing import quant_models as models
+from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference
+from kiln.passes.quant.quantize import Quantize, QuantizeConfig
+from onnx import TensorProto, helper
+from tvm import relax, s_tir
+from tvm.s_tir.analysis import detect_buffer_access_lca
 
 # the host's CPU (whatever its ISA), two cores: the row split is deterministic
 TARGET = {**resolve_target("host").target, "num-cores": 2}

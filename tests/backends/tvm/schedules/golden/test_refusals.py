@@ -7,10 +7,10 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from .check import apply_rule  # noqa: E402
-from .test_dense import contraction_before  # noqa: E402
-from .test_elementwise import elementwise_before, reduction_before  # noqa: E402
-from .test_window import window_before  # noqa: E402
+from .check import apply_rule
+from .test_dense import contraction_before
+from .test_elementwise import elementwise_before, reduction_before
+from .test_window import window_before
 
 REFUSED = [
     ("decode_conv", contraction_before), ("decode_conv", window_before),

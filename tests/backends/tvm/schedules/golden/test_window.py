@@ -8,9 +8,9 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from tvm.script import tirx as T  # noqa: E402
+from tvm.script import tirx as T
 
-from .check import assert_rule_gives  # noqa: E402
+from .check import assert_rule_gives
 
 
 @T.prim_func(private=True, s_tir=True)
