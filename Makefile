@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.kiln-installed
 
-.PHONY: setup demo test test-all test-edge bench tune clean
+.PHONY: setup demo test test-all test-edge lint bench tune clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,13 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15
+
+# ruff (with banned APIs: tvm only in backends/tvm, onnxruntime only in backends/ort),
+# import-linter's layer contracts (pyproject.toml) and mypy on the core.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	MYPY=$(VENV)/bin/mypy bash tools/mypy_core.sh
 
 test-all: setup
 	KILN_SLOW=1 $(PY) -m pytest -q -n 2 --durations=25
@@ -39,4 +46,4 @@ tune: setup
 	$(PY) -m bench.tune --recheck
 
 clean:
-	rm -rf $(VENV) .kiln-demo build *.egg-info
+	rm -rf $(VENV) .kiln-demo .lint build *.egg-info

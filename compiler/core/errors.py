@@ -33,7 +33,15 @@ class SpecError(KilnError):
 
 
 class FrontendError(KilnError):
-    """A model could not be loaded or exported into kiln's IR."""
+    """A model could not be loaded or exported into kiln's IR.
+
+    ``input_key``: the ``--input`` key that names no input of the model, when that is
+    the error (the driver maps it back to the spec line that gave it).
+    """
+
+    def __init__(self, message: str, *, input_key: str | int | None = None) -> None:
+        super().__init__(message)
+        self.input_key = input_key
 
 
 class PassError(KilnError):

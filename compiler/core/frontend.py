@@ -110,6 +110,8 @@ def _export_torch(module, args, source: str) -> ir.Model:
                                         optimize=False)
     except Exception as error:
         raise FrontendError(f"{source}: torch.onnx.export failed ({_first_line(error)})") from error
+    if program is None:
+        raise FrontendError(f"{source}: torch.onnx.export returned no program")
     return program.model
 
 
@@ -160,6 +162,8 @@ def _import_callable(source: str):
             if not file.exists():
                 raise FrontendError(f"{source}: no such file {target!r}")
             spec = importlib.util.spec_from_file_location(file.stem, file)
+            if spec is None or spec.loader is None:
+                raise FrontendError(f"{source}: cannot import {target!r}")
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
         else:
@@ -193,7 +197,7 @@ def load_callable(source: str) -> ir.Model:
 def bind_inputs(model: ir.Model, shapes: InputShapes, *, source: str = "model") -> None:
     """Give graph inputs static shapes; keys are input names or positions."""
     inputs = [v for v in model.graph.inputs if not v.is_initializer()]
-    by_name = {v.name: v for v in inputs}
+    by_name = {v.name or "": v for v in inputs}
     for key, dims in shapes.items():
         if isinstance(key, int) or (isinstance(key, str) and key.isdigit() and key not in by_name):
             index = int(key)
@@ -205,9 +209,8 @@ def bind_inputs(model: ir.Model, shapes: InputShapes, *, source: str = "model") 
             value = by_name[key]
         else:
             names = ", ".join(by_name) or "none"
-            error = FrontendError(f"{source}: no input named {key!r} (inputs: {names})")
-            error.input_key = key
-            raise error
+            raise FrontendError(f"{source}: no input named {key!r} (inputs: {names})",
+                                input_key=key)
         dims = [int(d) for d in dims]
         if value.shape is not None and len(value.shape) != len(dims):
             raise FrontendError(f"{source}: input {value.name!r} has rank {len(value.shape)}, "

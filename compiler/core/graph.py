@@ -97,14 +97,14 @@ def weight_value(node: ir.Node) -> ir.Value | None:
 
 
 def tensor_size(tensor: ir.TensorProtocol) -> int:
-    return int(np.prod([int(d) for d in tensor.shape.dims], dtype=np.int64)) if len(tensor.shape) else 1
+    return int(np.prod(tensor.shape.numpy(), dtype=np.int64)) if len(tensor.shape) else 1
 
 
 def tensor_nbytes(tensor: ir.TensorProtocol) -> int:
     try:
         return int(tensor.nbytes)
     except (AttributeError, NotImplementedError, TypeError):
-        return tensor_size(tensor) * max(1, tensor.dtype.itemsize)
+        return int(tensor_size(tensor) * max(1, tensor.dtype.itemsize))
 
 
 def _constant_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:

@@ -111,7 +111,8 @@ class _NameSource:
 
     def __init__(self, model: ir.Model) -> None:
         self.taken: set[str] = set()
-        for graph in [*model.graphs(), *model.functions.values()]:
+        containers: list[ir.Graph | ir.Function] = [*model.graphs(), *model.functions.values()]
+        for graph in containers:
             self.taken.update(v.name or "" for v in graph.inputs)
             if isinstance(graph, ir.Graph):
                 self.taken.update(graph.initializers)
@@ -144,6 +145,7 @@ class _Upgrade:
         """Make the change; ``replaced`` maps the outputs of nodes replaced so far to the
         values that stand for them (a later node may read one)."""
         node, container = self.node, self.node.graph
+        assert container is not None, "the node was taken out of its graph"
         base = (node.outputs[0].name if node.outputs else None) or node.op_type.lower()
         keep = {id(v) for v in self.outputs.values()}
         for made in [*self.new_nodes, *([self.main] if self.main else [])]:
@@ -152,8 +154,8 @@ class _Upgrade:
                     made.replace_input_with(j, replaced.get(self.sent[value.name],
                                                             self.sent[value.name]))
         for i, made in enumerate(self.new_nodes):
-            for key, value in node.metadata_props.items():
-                made.metadata_props.setdefault(key, value)
+            for key, prop in node.metadata_props.items():
+                made.metadata_props.setdefault(key, prop)
             made.name = None if not node.name else node.name \
                 if self.main is None and made is self.new_nodes[-1] else \
                 f"{node.name}_{made.op_type}_{i}"
@@ -217,7 +219,7 @@ def _inferred_types(model: ir.Model) -> dict[str, onnx.TypeProto]:
     for name, value in graph.initializers.items():
         if name not in taken and value.const_value is not None:
             inputs.append(onnx.helper.make_tensor_value_info(
-                name, int(value.const_value.dtype), list(value.const_value.shape)))
+                name, int(value.const_value.dtype), [int(d) for d in value.const_value.shape.numpy()]))
     proto = onnx.helper.make_model(
         onnx.helper.make_graph([ir.serde.serialize_node(n) for n in graph], "infer", inputs,
                                [ir.serde.serialize_value(v) for v in graph.outputs]),
@@ -317,7 +319,7 @@ def _plan_upgrades(nodes: list[ir.Node], opset: int, needed: int, pass_name: str
     graph.outputs.clear()
     groups: dict[int, list[ir.Node]] = {}
     for made in graph:
-        groups.setdefault(owner[made.outputs[0].name], []).append(made)
+        groups.setdefault(owner[made.outputs[0].name or ""], []).append(made)
     upgrades = []
     for i in todo:
         node, group = nodes[i], groups.get(i, [])
@@ -335,7 +337,7 @@ def _plan_upgrades(nodes: list[ir.Node], opset: int, needed: int, pass_name: str
                     new_nodes.append(constant)
                     made.replace_input_with(j, constant.outputs[0])
         tagged = {int(m.group(2)): v for made in group for v in made.outputs
-                  if (m := _TAG.match(v.name or "")) and v.name.startswith("o")}
+                  if (m := _TAG.match(v.name or "")) and (v.name or "").startswith("o")}
         for k, value in enumerate(node.outputs):
             if k not in tagged and (value.uses() or value.is_graph_output()):
                 raise fail(node, f"loses its output {value.name!r} in the conversion")

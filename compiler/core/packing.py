@@ -41,9 +41,9 @@ def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
     padded) becomes ``bits`` bytes of the little-endian word sum_j code_j << (j*bits)."""
     flat = codes.reshape(-1).astype(np.uint64)
     pad = (-flat.size) % 8
-    flat = np.concatenate([flat, np.zeros(pad, dtype=np.uint64)]).reshape(-1, 8)
+    runs = np.concatenate([flat, np.zeros(pad, dtype=np.uint64)]).reshape(-1, 8)
     shifts = (np.arange(8, dtype=np.uint64) * np.uint64(bits))
-    words = np.bitwise_or.reduce(flat << shifts[None, :], axis=1)
+    words = np.bitwise_or.reduce(runs << shifts[None, :], axis=1)
     out = np.stack([(words >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(bits)], axis=1)
     return out.reshape(-1).astype(np.uint8)
 

@@ -34,7 +34,7 @@ def _param_ok(condition: ParamCondition, node: ir.Node) -> bool:
     tensor = kir.constant_tensor(weight)
     if tensor is None:
         return False
-    size = int(np.prod([int(d) for d in tensor.shape.dims])) if len(tensor.shape) else 1
+    size = kir.tensor_size(tensor)
     if condition.min_elements is not None and size < condition.min_elements:
         return False
     if condition.max_elements is not None and size > condition.max_elements:

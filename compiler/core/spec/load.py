@@ -206,7 +206,8 @@ def _known_keys(data: Any) -> dict[KeyPath, list[str]]:
     """Known keys at each level of the spec (for 'did you mean' hints)."""
     known: dict[KeyPath, list[str]] = {(): list(Spec.model_fields)}
     known[()].remove("source")
-    simple = {"calibration": Calibration, "verify": Verify, "tune": Tune, "output": Output}
+    simple: dict[str, type[BaseModel]] = {"calibration": Calibration, "verify": Verify,
+                                          "tune": Tune, "output": Output}
     for key, model in simple.items():
         known[(key,)] = list(model.model_fields)
     known[("verify", "budget")] = list(Budget.model_fields)
