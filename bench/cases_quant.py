@@ -355,9 +355,9 @@ def run_gemv(workdir: Path, threads: int, runs: int) -> list[dict]:
         bandwidth = read_bandwidth_gbs(DRAM_BYTES)
         cached = read_bandwidth_gbs(moved)
         times = _time({"kiln": _vm_call(workdir / f"gemv-g{group}", [x]),
-                       "kiln_numpy": lambda: compiled(x),
-                       "ort": lambda: session.run(None, feeds),
-                       "ort_int8": lambda: session_int8.run(None, feeds)}, runs)
+                       "kiln_numpy": lambda compiled=compiled, x=x: compiled(x),
+                       "ort": lambda session=session, feeds=feeds: session.run(None, feeds),
+                       "ort_int8": lambda s=session_int8, feeds=feeds: s.run(None, feeds)}, runs)
         floor_ms = moved / (bandwidth * 1e9) * 1e3
         rows.append({
             "case": f"gemv-int4-g{group}", "shape": [m, k, n], "group": group,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from kiln.compiler.driver.compile import CompileResult, compile_model, plan_model
     from kiln.compiler.core.spec import Spec
+    from kiln.compiler.driver.compile import CompileResult, compile_model, plan_model
     from kiln.compiler.driver.specs import load_spec
 
 __all__ = ["compile_model", "plan_model", "load_spec", "CompileResult", "Spec"]

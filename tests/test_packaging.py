@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import ast
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 TOP = {"compiler": "kiln.compiler", "passes": "kiln.passes", "backends": "kiln.backends",

@@ -11,7 +11,6 @@ import onnx_ir as ir
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import VerificationError
 
-
 #: ``optimize=`` values: ORT's graph optimization levels by name.
 OPTIMIZATION_LEVELS = ("none", "basic", "all")
 

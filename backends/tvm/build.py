@@ -33,9 +33,9 @@ from .importer import check_static_inputs, lower_to_relax
 from .manifest import LIBRARY_NAME, MANIFEST_NAME, Manifest, TensorSpec
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels
+from .targets import ResolvedTarget, require_cross_compiler, resolve_target
 from .tuning.database import TUNED_RULE, database_dirs, open_database
 from .tuning.tune import describe, tune_relax_module
-from .targets import ResolvedTarget, require_cross_compiler, resolve_target
 
 logger = logging.getLogger(__name__)
 

@@ -408,7 +408,7 @@ def _group_norm_21(graph: onnx.GraphProto) -> None:
             p = f"{node.output[0]}_repeat"
 
             def const(name: str, values: list[int]) -> onnx.NodeProto:
-                return h.make_node("Constant", [], [f"{p}_{name}"], value=h.make_tensor(
+                return h.make_node("Constant", [], [f"{p}_{name}"], value=h.make_tensor(  # noqa: B023
                     "", onnx.TensorProto.INT64, [len(values)], values))
 
             nodes += [h.make_node("Shape", [node.input[0]], [f"{p}_c"], start=1, end=2),

@@ -12,7 +12,6 @@ import fnmatch
 import re
 from collections.abc import Iterable
 
-import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir

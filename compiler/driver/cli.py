@@ -222,8 +222,8 @@ def _type_name(annotation) -> str:
 
 def spec_json_schema() -> dict:
     """The spec's JSON Schema, with each registered pass's options."""
-    from kiln.compiler.driver import registry
     from kiln.compiler.core.spec import Budget, Selector, Spec
+    from kiln.compiler.driver import registry
 
     schema = Spec.model_json_schema(mode="validation")
     schema.setdefault("$defs", {})

@@ -21,15 +21,14 @@ from typing import Any
 import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir
-from kiln.compiler.driver import registry
-from kiln.compiler.core.errors import (FrontendError, KilnError, PassError, SpecError,
-                                  VerificationError)
+from kiln.compiler.core.errors import FrontendError, KilnError, PassError, SpecError, VerificationError
 from kiln.compiler.core.frontend import load_model
-from kiln.compiler.core.version import kiln_version
 from kiln.compiler.core.pass_api import CalibrationContext, Candidate, KilnPass, PassConfig
-from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
 from kiln.compiler.core.selectors import describe, select_nodes
 from kiln.compiler.core.spec import Budget, PassEntry, Spec, default_spec
+from kiln.compiler.core.version import kiln_version
+from kiln.compiler.driver import registry
+from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
 from kiln.compiler.driver.specs import load_spec
 from kiln.compiler.driver.verify import ErrorMetrics, Feeds, compare, make_samples
 

@@ -12,7 +12,7 @@ the classes are blank, the model's ``character`` metadata, then space.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -77,12 +77,12 @@ def text_lines(count: int, seed: int, max_ratio: float = REC_SIZE[1] / REC_SIZE[
     return lines
 
 
-@lru_cache(maxsize=None)
+@cache
 def _font_path() -> str | None:
     return next((p for p in FONT_CANDIDATES if Path(p).exists()), None)
 
 
-@lru_cache(maxsize=None)
+@cache
 def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """A system sans TTF at ``size`` pixels, else Pillow's scalable built-in font."""
     path = _font_path()

@@ -16,10 +16,19 @@ spec can be emitted again (``kiln plan --emit-spec``).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import (AliasChoices, BeforeValidator, Discriminator, Field, Tag,
-                      field_serializer, field_validator, model_serializer, model_validator)
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Discriminator,
+    Field,
+    Tag,
+    field_serializer,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from kiln.compiler.core.pass_api import PassConfig
 from kiln.passes.quant import formats
@@ -80,12 +89,12 @@ def _granularity_kind(value: Any) -> str | None:
 
 
 Granularity = Annotated[
-    Union[Annotated[PerTensor, Tag("per_tensor")], Annotated[PerChannel, Tag("per_channel")],
-          Annotated[PerGroup, Tag("group")]],
+    Annotated[PerTensor, Tag("per_tensor")] | Annotated[PerChannel, Tag("per_channel")]
+    | Annotated[PerGroup, Tag("group")],
     Discriminator(_granularity_kind, custom_error_type="granularity",
                   custom_error_message="expected per_tensor, per_channel or {group: N}"),
     BeforeValidator(_granularity_from_yaml,
-                    json_schema_input_type=Union[Literal["per_tensor", "per_channel"], PerGroup]),
+                    json_schema_input_type=Literal["per_tensor", "per_channel"] | PerGroup),
 ]
 Clip = Literal["none", "mse_search"]
 
@@ -102,7 +111,7 @@ class IntWeights(PassConfig):
     clip: Clip = "none"
 
     @model_validator(mode="after")
-    def _symmetric_matches_dtype(self) -> "IntWeights":
+    def _symmetric_matches_dtype(self) -> IntWeights:
         if self.dtype.startswith("uint") and self.symmetric:
             raise ValueError(f"dtype {self.dtype!r} stores a zero point; symmetric must be false")
         return self
@@ -153,7 +162,7 @@ class CodebookWeights(PassConfig):
     seed: int = 0
 
 
-WeightQuant = Annotated[Union[IntWeights, FloatWeights, PowerWeights, CodebookWeights],
+WeightQuant = Annotated[IntWeights | FloatWeights | PowerWeights | CodebookWeights,
                         Field(discriminator="dtype")]
 
 
@@ -177,8 +186,7 @@ class QuantizeConfig(PassConfig):
 
     weights: WeightQuant = IntWeights(dtype="int8")
     activations: Annotated[ActivationQuant | None, BeforeValidator(
-        _no_activations_from_yaml, json_schema_input_type=Union[Literal["none"],
-                                                                ActivationQuant])] = None
+        _no_activations_from_yaml, json_schema_input_type=Literal["none"] | ActivationQuant)] = None
 
     @field_serializer("activations")
     def _activations_yaml_form(self, value: ActivationQuant | None) -> Any:

@@ -27,8 +27,14 @@ from pydantic import Field
 
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import PassError
-from kiln.compiler.core.pass_api import (Candidate, KilnPass, PassConfig, add_initializer,
-                                    remove_unused_initializers, unique_name)
+from kiln.compiler.core.pass_api import (
+    Candidate,
+    KilnPass,
+    PassConfig,
+    add_initializer,
+    remove_unused_initializers,
+    unique_name,
+)
 from kiln.passes.quant.weights import WEIGHT_OPS, WeightSite, find_weight
 
 MIGRATED_KEY = "kiln.migrated"

@@ -17,8 +17,17 @@ from kiln.compiler.core import packing
 from kiln.compiler.core.metrics import sqnr_db
 from kiln.compiler.core.opset import BLOCKED_OPSET, PER_AXIS_OPSET
 from kiln.passes.quant import formats
-from kiln.passes.quant.config import (Clip, CodebookWeights, FloatWeights, Granularity,
-                                      IntWeights, PerGroup, PerTensor, PowerWeights, WeightQuant)
+from kiln.passes.quant.config import (
+    Clip,
+    CodebookWeights,
+    FloatWeights,
+    Granularity,
+    IntWeights,
+    PerGroup,
+    PerTensor,
+    PowerWeights,
+    WeightQuant,
+)
 from kiln.passes.quant.weights import Grouping, WeightSite
 
 

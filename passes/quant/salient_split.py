@@ -32,8 +32,14 @@ from kiln.compiler.core import graph as kir
 from kiln.compiler.core import packing
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.core.opset import BLOCKED_OPSET, ensure_opset
-from kiln.compiler.core.pass_api import (Candidate, KilnPass, PassConfig, add_initializer,
-                                    remove_unused_initializers, unique_name)
+from kiln.compiler.core.pass_api import (
+    Candidate,
+    KilnPass,
+    PassConfig,
+    add_initializer,
+    remove_unused_initializers,
+    unique_name,
+)
 from kiln.passes.quant import formats, kiln_ops
 from kiln.passes.quant.emit import int_attribute
 from kiln.passes.quant.weights import QUANT_KEY, WeightSite, find_weight

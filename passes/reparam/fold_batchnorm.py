@@ -23,9 +23,16 @@ import onnx_ir as ir
 from pydantic import Field
 
 from kiln.compiler.core import graph as kir
-from kiln.compiler.core.pass_api import (Candidate, KilnPass, PassConfig, add_initializer,
-                                    copy_metadata, remove_unused_initializers, replace_value,
-                                    unique_name)
+from kiln.compiler.core.pass_api import (
+    Candidate,
+    KilnPass,
+    PassConfig,
+    add_initializer,
+    copy_metadata,
+    remove_unused_initializers,
+    replace_value,
+    unique_name,
+)
 
 PRODUCERS = ("Conv", "Gemm", "MatMul")
 FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)

@@ -22,8 +22,8 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from kiln.compiler.core.errors import LoweringError
-from kiln.compiler.core.kiln_domain import DOMAIN as KILN_DOMAIN
 from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS, is_kiln_op
+from kiln.compiler.core.kiln_domain import DOMAIN as KILN_DOMAIN
 from kiln.compiler.core.packing import unpack_bits
 
 from .packed_weights import attributes, codebook_weights, initializers, pack_four_bit_weights

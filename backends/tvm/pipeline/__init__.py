@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
+
 from kiln.backends.tvm.pipeline import cpu, cuda
 from kiln.backends.tvm.pipeline.common import PassList
 from kiln.backends.tvm.targets import ResolvedTarget

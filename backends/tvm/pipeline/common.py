@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
+from tvm import relax
+
 from kiln.backends.tvm.keep_compressed import fold_constants_keeping_compressed
 from kiln.backends.tvm.tuning.database import apply_tuning_records
-from tvm import relax
 
 PassList = list[tvm.transform.Pass]
 

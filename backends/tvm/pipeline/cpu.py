@@ -18,6 +18,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
+from tvm import relax
+from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
 from kiln.backends.tvm.fuse_decode import CPU_CONSUMERS, fuse_decode_into_contraction
 from kiln.backends.tvm.layout import channels_last_convs, fold_constant_transposes
 from kiln.backends.tvm.pipeline.common import (
@@ -29,8 +32,6 @@ from kiln.backends.tvm.pipeline.common import (
 )
 from kiln.backends.tvm.schedules.fast_math import cpu_legalize_map
 from kiln.backends.tvm.schedules.registry import cpu_schedule_passes
-from tvm import relax
-from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
 
 def legalize_passes(target: tvm.target.Target, *, channels_last: bool = True) -> PassList:

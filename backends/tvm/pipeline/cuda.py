@@ -13,6 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import tvm
+from tvm.relax.backend.cuda import pipeline as cuda
+from tvm.s_tir import dlight
+
 from kiln.backends.tvm.fuse_decode import fuse_decode_into_contraction
 from kiln.backends.tvm.pipeline.common import (
     PassList,
@@ -21,8 +24,6 @@ from kiln.backends.tvm.pipeline.common import (
     library_dispatch_passes,
     tuning_record_passes,
 )
-from tvm.relax.backend.cuda import pipeline as cuda
-from tvm.s_tir import dlight
 
 
 def legalize_passes(target: tvm.target.Target) -> PassList:

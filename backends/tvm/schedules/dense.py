@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import logging
 
+from tvm import s_tir, tirx
+
 from kiln.backends.tvm.schedules.analysis import (
     BufferLoad,
     const_extent,
@@ -37,7 +39,6 @@ from kiln.backends.tvm.schedules.rule import (
     choose,
     choose_factor,
 )
-from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 

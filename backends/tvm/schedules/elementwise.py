@@ -11,10 +11,11 @@
 
 from __future__ import annotations
 
-from kiln.backends.tvm.schedules.analysis import const_extent, normalize_prim_func
-from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu import Reduction as DlightCPUReduction
+
+from kiln.backends.tvm.schedules.analysis import const_extent, normalize_prim_func
+from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 
 # Below this many output elements a kernel runs on one thread (the pool's wake-up costs more).
 PARALLEL_MIN_ELEMENTS = 1 << 13

@@ -38,6 +38,8 @@ import logging
 import math
 import os
 
+from tvm import s_tir, tirx
+
 from kiln.backends.tvm.schedules.analysis import (
     collect_vars_used_in_prim_expr,
     const_extent,
@@ -59,7 +61,6 @@ from kiln.backends.tvm.schedules.dense import (
 from kiln.backends.tvm.schedules.quant_gemv import GEMV_ROWS, low_bit_params
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 from kiln.backends.tvm.schedules.window import schedule_window_reduction
-from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 
+from tvm import s_tir, tirx
+
 from kiln.backends.tvm.keep_compressed import COMPRESSED_DTYPES
 from kiln.backends.tvm.kernel_names import GROUPED_OUTPUT, GROUPED_PARTIAL, GROUPED_XSUM
 from kiln.backends.tvm.schedules.analysis import (
@@ -38,7 +40,6 @@ from kiln.backends.tvm.schedules.analysis import (
     single_reduction,
 )
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
-from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 

@@ -17,6 +17,8 @@ import logging
 import time
 
 import tvm
+from tvm import relax, s_tir, tirx
+
 from kiln.backends.tvm.schedules.dense import Contraction
 from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduction
 from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
@@ -24,7 +26,6 @@ from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
 from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
 from kiln.backends.tvm.schedules.window import Window
-from tvm import relax, s_tir, tirx
 
 log = logging.getLogger(__name__)
 

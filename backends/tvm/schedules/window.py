@@ -16,6 +16,8 @@ innermost iter also indexes the input's innermost dim.
 
 from __future__ import annotations
 
+from tvm import s_tir, tirx
+
 from kiln.backends.tvm.schedules.analysis import (
     collect_vars_used_in_prim_expr,
     inline_epilogue,
@@ -31,7 +33,6 @@ from kiln.backends.tvm.schedules.rule import (
     choose,
     choose_factor,
 )
-from tvm import s_tir, tirx
 
 # Vectors per accumulator tile (independent FMA chains hide the FMA latency).
 VECTORS_PER_TILE = 6
@@ -77,8 +78,8 @@ def _pack_constant_along(sch: s_tir.Schedule, block, ctx: RuleContext, v: tirx.V
         v_dim = dims[0]
         pack = sch.cache_read(block, index, "global")
         sch.transform_layout(pack, ("write", 0),
-                             lambda *idx: (*[x for d, x in enumerate(idx) if d != v_dim],
-                                           idx[v_dim]))
+                             lambda *idx: (*[x for d, x in enumerate(idx) if d != v_dim],  # noqa: B023
+                                           idx[v_dim]))  # noqa: B023 (called at once)
         sch.annotate(pack, PREPROC_ANNOTATION, True)
         return sch.get(pack).name_hint
     return None

@@ -9,10 +9,11 @@ import tempfile
 from pathlib import Path
 
 import tvm
-from kiln.backends.tvm.schedules.registry import RULE_ATTR, SCHEDULED_ATTR
-from kiln.backends.tvm.targets import ResolvedTarget
 from tvm import relax, tirx
 from tvm.target.codegen import target_has_features
+
+from kiln.backends.tvm.schedules.registry import RULE_ATTR, SCHEDULED_ATTR
+from kiln.backends.tvm.targets import ResolvedTarget
 
 log = logging.getLogger(__name__)
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 
 import tvm
+from tvm import s_tir, tirx
+
 from kiln.backends.tvm.schedules.registry import constant_params, schedule_primfunc
 from kiln.backends.tvm.schedules.rule import (
     ChoicePlan,
@@ -19,7 +21,6 @@ from kiln.backends.tvm.schedules.rule import (
     RuleContext,
     with_const_params,
 )
-from tvm import s_tir, tirx
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
+from tvm import tirx
+
 from kiln.backends.tvm.pipeline import legalize_passes
 from kiln.backends.tvm.schedules.registry import SCHEDULED_ATTR, ScheduleCPUKernels
 from kiln.backends.tvm.targets import ResolvedTarget
@@ -25,7 +27,6 @@ from kiln.backends.tvm.tuning.database import (
 )
 from kiln.backends.tvm.tuning.measure import candidate_builder, measure_pairs
 from kiln.backends.tvm.tuning.space import DEFAULT_SPACE, record_origin, tune_contexts
-from tvm import tirx
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +236,13 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
             if record is not None:
                 best[task.task_name] = (task, record)
         ms_funcs = {}
-        for name, (task, record) in best.items():
+        for name, (task, _record) in best.items():
             sch = scratch.query_schedule(task.dispatched[0], ms_target, name)
             if sch is not None:
                 ms_funcs[name] = sch.mod["main"]
         log.debug("best records: %s", list(best))
         kiln_secs, ms_secs = measure_pairs(kiln_funcs, ms_funcs, ms_target)
-    for name, (task, record) in best.items():
+    for name, (task, _record) in best.items():
         tuned, kiln = ms_secs.get(name), kiln_secs.get(name)
         if tuned is None:
             continue

@@ -10,12 +10,30 @@ The names most callers need are importable from here.
 """
 
 from kiln.compiler.core.spec.emit import dump_spec
-from kiln.compiler.core.spec.load import (ConfigLookup, builtin_specs, default_spec, load_spec,
-                                          spec_from_data, spec_from_text)
+from kiln.compiler.core.spec.load import (
+                                          ConfigLookup,
+                                          builtin_specs,
+                                          default_spec,
+                                          load_spec,
+                                          spec_from_data,
+                                          spec_from_text,
+)
 from kiln.compiler.core.spec.located_yaml import KeyPath, Locations, format_path
-from kiln.compiler.core.spec.schema import (COMMON_PASS_KEYS, SPEC_VERSION, Budget, Calibration,
-                                            Output, ParamCondition, PassEntry, Preprocess,
-                                            Selector, SelectorBase, Spec, Tune, Verify)
+from kiln.compiler.core.spec.schema import (
+                                          COMMON_PASS_KEYS,
+                                          SPEC_VERSION,
+                                          Budget,
+                                          Calibration,
+                                          Output,
+                                          ParamCondition,
+                                          PassEntry,
+                                          Preprocess,
+                                          Selector,
+                                          SelectorBase,
+                                          Spec,
+                                          Tune,
+                                          Verify,
+)
 
 __all__ = ["COMMON_PASS_KEYS", "SPEC_VERSION", "Budget", "Calibration", "ConfigLookup",
            "KeyPath", "Locations", "Output", "ParamCondition", "PassEntry", "Preprocess",

@@ -28,10 +28,21 @@ from pydantic import BaseModel, ValidationError
 from kiln.compiler.core.errors import KilnError, SpecError
 from kiln.compiler.core.pass_api import PassConfig
 from kiln.compiler.core.spec.located_yaml import KeyPath, Locations, compose, format_path
-from kiln.compiler.core.spec.schema import (SPEC_VERSION, Budget, Calibration, Output,
-                                            ParamCondition, PassEntry, Selector, SelectorBase,
-                                            Spec, Tune, Verify, attach_locations,
-                                            pass_item_fields)
+from kiln.compiler.core.spec.schema import (
+    SPEC_VERSION,
+    Budget,
+    Calibration,
+    Output,
+    ParamCondition,
+    PassEntry,
+    Selector,
+    SelectorBase,
+    Spec,
+    Tune,
+    Verify,
+    attach_locations,
+    pass_item_fields,
+)
 
 #: A pass name -> its config class; raises KilnError (the message says why) for a name it
 #: does not know. The driver's is ``kiln.compiler.driver.registry.config_class``.

@@ -12,8 +12,15 @@ import weakref
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SerializeAsAny,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    field_validator,
+    model_validator,
+)
 
 from kiln.compiler.core.errors import SpecError
 from kiln.compiler.core.pass_api import PassConfig
@@ -115,7 +122,7 @@ class Calibration(_Strict):
         raise ValueError(f"{value!r} is not one of random, npz:PATH, folder:PATH")
 
     @model_validator(mode="after")
-    def _folder_needs_preprocess(self) -> "Calibration":
+    def _folder_needs_preprocess(self) -> Calibration:
         if self.source.startswith("folder:") and self.preprocess is None:
             raise ValueError("a folder: source needs `preprocess:` (at least size: [H, W])")
         return self

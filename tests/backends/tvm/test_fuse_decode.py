@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
+import tvm
 
 from kiln.backends.tvm import lower_to_relax, resolve_target
 from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing.onnx_models import blocked_int4_matmul, to_ir
 from kiln.compiler.testing.reference import REL_TOL, ort_outputs
-
-tvm = pytest.importorskip("tvm")
 
 #: The 128x64 int4 weight in 32-column nibble tiles (importer.nibbles.pack_nibbles_tiled).
 PACKED = ("uint8", (2, 128, 16))

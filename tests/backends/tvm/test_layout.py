@@ -10,8 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 from tvm import relax
 
 from kiln.backends.tvm import build_artifact, load
-from kiln.backends.tvm.layout import align_constant_ranks, channels_last_convs
 from kiln.backends.tvm.importer import lower_to_relax
+from kiln.backends.tvm.layout import align_constant_ranks, channels_last_convs
 from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing.onnx_models import to_ir
 from kiln.compiler.testing.reference import REL_TOL, ort_outputs

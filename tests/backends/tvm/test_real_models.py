@@ -8,6 +8,7 @@ import pytest
 
 from kiln.backends.tvm import build_artifact, load
 from kiln.compiler.core.frontend import load_model
+from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing.real_models import (
     LIGHT_MODELS,
     light_model,
@@ -15,7 +16,6 @@ from kiln.compiler.testing.real_models import (
     rapidocr_input_shape,
     rapidocr_model,
 )
-from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing.reference import REL_TOL, ort_outputs
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-
-tvm = pytest.importorskip("tvm")
+import tvm
 
 from kiln.backends.tvm import build_artifact, load  # noqa: E402
 from kiln.backends.tvm.runtime import free_cores  # noqa: E402

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
+import tvm
 from onnx import TensorProto, helper, numpy_helper
-
-tvm = pytest.importorskip("tvm")
 
 from kiln.backends.tvm.build import build_artifact
 from kiln.backends.tvm.importer import lower_to_relax
@@ -158,12 +157,12 @@ def test_a_tuned_conv_matches_onnxruntime(tmp_path, space):
 @pytest.mark.slow
 def test_bench_tune_recheck_drops_a_record_slower_than_kiln(tmp_path, monkeypatch, capsys):
     """``python -m bench.tune --recheck`` on a record that is the unscheduled kernel."""
-    from kiln.backends.tvm.tuning.tune import legalized, tuning_target
-    from kiln.compiler.core.frontend import load_model
     from tvm.s_tir import meta_schedule as ms
 
     from bench import tune as bench_tune
     from bench.cases import CASES
+    from kiln.backends.tvm.tuning.tune import legalized, tuning_target
+    from kiln.compiler.core.frontend import load_model
 
     monkeypatch.setenv("TVM_NUM_THREADS", "2")
     target = resolve_target("host")

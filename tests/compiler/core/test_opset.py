@@ -14,8 +14,7 @@ from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.core.opset import BLOCKED_IR_VERSION, BLOCKED_OPSET, ensure_opset
 from kiln.compiler.testing import quant_models as models
-from tests.compiler.core.old_opset_models import (OLD_OPSETS, assert_valid_at, float_outputs,
-                                                  old_opset_model)
+from tests.compiler.core.old_opset_models import OLD_OPSETS, assert_valid_at, float_outputs, old_opset_model
 
 # Raising the opset reorders no arithmetic: float32 rounding only.
 EXACT_RTOL = 1e-5

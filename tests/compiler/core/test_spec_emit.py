@@ -17,8 +17,14 @@ from kiln.compiler.core.pass_api import PassConfig
 from kiln.compiler.core.spec import builtin_specs, dump_spec, load_spec, spec_from_text
 from kiln.compiler.driver import registry
 from kiln.compiler.driver.compile import compile_model
-from kiln.passes.quant.config import (ActivationQuant, IntWeights, PerChannel, PerGroup,
-                                      PerTensor, QuantizeConfig)
+from kiln.passes.quant.config import (
+    ActivationQuant,
+    IntWeights,
+    PerChannel,
+    PerGroup,
+    PerTensor,
+    QuantizeConfig,
+)
 from kiln.passes.reparam.fold_batchnorm import FoldBatchNormConfig
 
 REPO = Path(__file__).resolve().parents[3]

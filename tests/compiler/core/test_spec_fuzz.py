@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kiln.compiler.core.errors import SpecError
-from kiln.compiler.driver.compile import build_steps
 from kiln.compiler.core.spec import Spec, dump_spec
 from kiln.compiler.core.spec.emit import spec_document
+from kiln.compiler.driver.compile import build_steps
 from kiln.compiler.driver.specs import load_spec, spec_from_text
 
 # KILN_FUZZ_EXAMPLES=5000 for a longer hunt (3000 ran clean in about two minutes).

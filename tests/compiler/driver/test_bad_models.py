@@ -127,7 +127,8 @@ def test_unknown_input_in_spec(tmp_path, capsys):
 
 @pytest.mark.parametrize("source, expected", [
     ("kiln_no_such_module:make", "cannot import 'kiln_no_such_module' (ModuleNotFoundError"),
-    ("kiln.compiler.testing.torch_models:no_such_model", "'kiln.compiler.testing.torch_models' has no callable 'no_such_model'"),
+    ("kiln.compiler.testing.torch_models:no_such_model",
+     "'kiln.compiler.testing.torch_models' has no callable 'no_such_model'"),
     ("{models}/plugin_models.py:NOT_CALLABLE", "has no callable 'NOT_CALLABLE'"),
     ("{models}/plugin_models.py:boom",
      "calling it failed (RuntimeError: the model factory exploded)"),
@@ -179,8 +180,8 @@ def test_subprocess_bad_input_binding():
 
 def test_long_library_messages_are_cut_to_two_lines(capsys, monkeypatch):
     """Errors carrying a library's multi-line text still print at most two lines."""
-    from kiln.compiler.driver import compile as pipeline
     from kiln.compiler.core.errors import FrontendError
+    from kiln.compiler.driver import compile as pipeline
 
     def load_model(source, **_):
         raise FrontendError(f"{source}: the loader said:\nline one\nline two\nline three")

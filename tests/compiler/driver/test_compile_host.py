@@ -42,7 +42,8 @@ def test_cnn_with_reparam_spec(tmp_path):
 def test_small_encoder_fp32(tmp_path):
     from kiln.compiler.testing.torch_models import small_encoder
 
-    out = compile_model("kiln.compiler.testing.torch_models:small_encoder", "fp32").save(tmp_path, target="host")
+    out = compile_model("kiln.compiler.testing.torch_models:small_encoder", "fp32").save(
+        tmp_path, target="host")
     _check(out, small_encoder)
 
 

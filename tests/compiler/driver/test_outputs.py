@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.compiler.driver.cli import main
 from kiln.compiler.core.spec import builtin_specs
+from kiln.compiler.driver.cli import main
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx"

@@ -10,9 +10,9 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from kiln.compiler.driver import registry
 from kiln.compiler.core.errors import SpecError, VerificationError
 from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig, add_initializer
+from kiln.compiler.driver import registry
 from kiln.compiler.driver.compile import compile_model, plan_model
 from kiln.compiler.driver.specs import spec_from_text
 

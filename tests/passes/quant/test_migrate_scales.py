@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper
 
-from kiln.passes.quant.migrate_scales import MigrateScales, MigrateScalesConfig
 from kiln.compiler.testing import quant_models as models
+from kiln.passes.quant.migrate_scales import MigrateScales, MigrateScalesConfig
 
 # Non-power-of-two scales round once in 1/s and once in W*s.
 RTOL = 1e-5

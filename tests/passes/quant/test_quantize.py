@@ -18,11 +18,10 @@ from kiln.compiler.core import packing
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.driver.compile import compile_model
 from kiln.compiler.driver.specs import load_spec
-from kiln.passes.quant.quantize import Quantize, QuantizeConfig
-from tests.compiler.core.old_opset_models import (OLD_OPSETS, assert_valid_at, float_outputs,
-                                                  old_opset_model)
 from kiln.compiler.testing import quant_models as models
 from kiln.compiler.testing.kiln_op_models import unpack_bits_model
+from kiln.passes.quant.quantize import Quantize, QuantizeConfig
+from tests.compiler.core.old_opset_models import OLD_OPSETS, assert_valid_at, float_outputs, old_opset_model
 
 # Output SQNR floors (dB) of the seeded MLP (Gaussian weights, 2 layers) per mode,
 # a few dB under what was measured, so a regression in rounding or layout shows.

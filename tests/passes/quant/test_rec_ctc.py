@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kiln.compiler.testing.real_models import rapidocr_input_shape, rapidocr_model
 from kiln.compiler.testing.textlines import (
     REC_SIZE,
     ctc_text,
@@ -46,7 +47,6 @@ from kiln.compiler.testing.textlines import (
     text_lines,
     trim_spaces,
 )
-from kiln.compiler.testing.real_models import rapidocr_input_shape, rapidocr_model
 
 EVAL_LINES = 64
 CALIBRATION_LINES = 16          # the int8 spec's calibration.samples

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from kiln.passes.quant.salient_split import SalientSplit, SalientSplitConfig, split_quantize
 from kiln.compiler.testing import quant_models as models
+from kiln.passes.quant.salient_split import SalientSplit, SalientSplitConfig, split_quantize
 
 # The ONNX form reproduces the numpy reconstruction to float32 rounding.
 RECON_ATOL = 1e-6

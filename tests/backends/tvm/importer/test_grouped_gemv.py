@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tvm
 
 from kiln.backends.tvm.importer import lower_to_relax
 from kiln.backends.tvm.importer.context import ImportContext
@@ -13,8 +14,6 @@ from kiln.backends.tvm.kernel_names import GROUPED_OUTPUT, GROUPED_PARTIAL, GROU
 from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing.onnx_models import blocked_int4_matmul, to_ir
 from kiln.compiler.testing.reference import DECODE_REL_TOL, ort_outputs
-
-tvm = pytest.importorskip("tvm")
 
 GEMV_KERNEL = "kiln_gemv_int4"
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-tvm = pytest.importorskip("tvm")
+import tvm
+from tvm import relax, s_tir, tirx
 
 from kiln.backends.tvm.pipeline import legalize_passes
 from kiln.backends.tvm.schedules.registry import (
@@ -22,7 +22,6 @@ from kiln.backends.tvm.schedules.registry import (
 from kiln.backends.tvm.schedules.rule import with_const_params
 from kiln.backends.tvm.targets import resolve_target
 from kiln.backends.tvm.tuning.space import RULE_ANNOTATION, rule_design_spaces
-from tvm import relax, s_tir, tirx
 
 # fp32 results may differ from the unscheduled kernel only by summation order.
 RTOL = 1e-5

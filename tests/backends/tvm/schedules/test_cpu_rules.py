@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-tvm = pytest.importorskip("tvm")
-torch = pytest.importorskip("torch")
+import torch
+import tvm
+from tvm import relax
 
 from kiln.backends.tvm.pipeline import relax_pipeline
 from kiln.backends.tvm.schedules import (
@@ -18,7 +18,6 @@ from kiln.backends.tvm.schedules import (
     unscheduled_kernels,
 )
 from kiln.backends.tvm.targets import resolve_target
-from tvm import relax
 
 from .relax_models import relax_module
 

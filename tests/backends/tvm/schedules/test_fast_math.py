@@ -9,8 +9,9 @@ import onnx
 import onnx_ir
 import onnxruntime as ort
 import pytest
-from kiln.backends.tvm import build_artifact, load
 from onnx import TensorProto, helper
+
+from kiln.backends.tvm import build_artifact, load
 
 # fast_exp's relative error is ~1e-7 and fast_tanh's absolute error is below 1e-6 in float32;
 # 2e-6 leaves room for the float32 rounding of the 1 / (1 + e) around them.
@@ -63,8 +64,9 @@ def test_legalized_without_a_transcendental_call(op):
     """The legalized kernel is plain arithmetic (which the elementwise rule vectorizes), not
     a per-element ``T.exp``/``T.sigmoid``/``T.tanh`` call."""
     import tvm
-    from kiln.backends.tvm.schedules.fast_math import cpu_legalize_map
     from tvm import relax
+
+    from kiln.backends.tvm.schedules.fast_math import cpu_legalize_map
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType(SHAPE, "float32"))

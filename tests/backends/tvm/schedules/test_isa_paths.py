@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-tvm = pytest.importorskip("tvm")
+import tvm
+from tvm import relax
+from tvm.target.codegen import target_has_features
 
 from kiln.backends.tvm.importer import lower_to_relax
 from kiln.backends.tvm.pipeline import relax_pipeline
@@ -23,8 +24,6 @@ from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing import quant_models as models
 from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig
-from tvm import relax
-from tvm.target.codegen import target_has_features
 
 from .relax_models import relax_module
 

@@ -12,8 +12,10 @@ import math
 
 import numpy as np
 import pytest
-
-tvm = pytest.importorskip("tvm")
+import tvm
+from onnx import TensorProto, helper
+from tvm import relax, s_tir
+from tvm.s_tir.analysis import detect_buffer_access_lca
 
 from kiln.backends.tvm.importer import lower_to_relax
 from kiln.backends.tvm.pipeline import cpu
@@ -30,9 +32,6 @@ from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing import quant_models as models
 from kiln.compiler.testing.reference import DECODE_REL_TOL, exact_reference
 from kiln.passes.quant.quantize import Quantize, QuantizeConfig
-from onnx import TensorProto, helper
-from tvm import relax, s_tir
-from tvm.s_tir.analysis import detect_buffer_access_lca
 
 # the host's CPU (whatever its ISA), two cores: the row split is deterministic
 TARGET = {**resolve_target("host").target, "num-cores": 2}

@@ -5,6 +5,7 @@ exactly ``Expected``."""
 from __future__ import annotations
 
 import tvm
+
 from kiln.backends.tvm.schedules.registry import rule_named
 from kiln.backends.tvm.schedules.rule import with_const_params
 

@@ -5,10 +5,6 @@ compile time), the epilogue applied in the tile write-back."""
 
 from __future__ import annotations
 
-import pytest
-
-tvm = pytest.importorskip("tvm")
-
 from tvm.script import tirx as T
 
 from .check import assert_rule_gives

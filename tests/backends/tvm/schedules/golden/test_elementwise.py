@@ -5,10 +5,6 @@ parallelized by the fallback rule."""
 
 from __future__ import annotations
 
-import pytest
-
-tvm = pytest.importorskip("tvm")
-
 from tvm.script import tirx as T
 
 from .check import assert_rule_gives

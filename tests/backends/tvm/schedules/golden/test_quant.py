@@ -5,10 +5,6 @@ buffer (the int8 weight re-laid out at compile time), then runs the register til
 
 from __future__ import annotations
 
-import pytest
-
-tvm = pytest.importorskip("tvm")
-
 from tvm.script import tirx as T
 
 from .check import assert_rule_gives

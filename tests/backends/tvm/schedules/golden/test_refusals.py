@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-tvm = pytest.importorskip("tvm")
-
 from .check import apply_rule
 from .test_dense import contraction_before
 from .test_elementwise import elementwise_before, reduction_before

@@ -4,10 +4,6 @@ loop unrolled."""
 
 from __future__ import annotations
 
-import pytest
-
-tvm = pytest.importorskip("tvm")
-
 from tvm.script import tirx as T
 
 from .check import assert_rule_gives
