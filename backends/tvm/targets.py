@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import platform
 import shutil
 from dataclasses import dataclass, field
@@ -169,13 +170,24 @@ def cpu_from_flags(vendor: str, flags: set[str]) -> str:
     return "x86-64"
 
 
-@lru_cache(maxsize=1)
+#: Environment variable that overrides the detected ``host`` CPU, e.g.
+#: ``KILN_HOST_MCPU=x86-64-v3`` builds and tests the AVX2 path on an AVX-512 machine
+#: (it must name a CPU whose instructions this machine can run).
+HOST_MCPU_ENV = "KILN_HOST_MCPU"
+
+
 def detect_host_cpu() -> str:
-    """LLVM mcpu name for this machine's CPU.
+    """LLVM mcpu name for this machine's CPU (or ``$KILN_HOST_MCPU`` when set).
 
     Prefers LLVM's own answer (through TVM) when it is a specific CPU name,
     else maps /proc/cpuinfo flags; ``generic`` on non-x86 machines.
     """
+    forced = os.environ.get(HOST_MCPU_ENV, "").strip()
+    return forced or _detected_host_cpu()
+
+
+@lru_cache(maxsize=1)
+def _detected_host_cpu() -> str:
     if host_arch() != "x86_64":
         return "generic"
     try:

@@ -48,7 +48,8 @@ PREPROC_ANNOTATION = "meta_schedule.layout_rewrite_preproc"
 K_UNROLL = 4
 
 
-# Accumulator registers a micro-kernel may use (of 32 on AVX-512; 16 on AVX2 halves it).
+# Accumulator registers a micro-kernel may use on AVX-512 (of 32 registers); rules read the
+# target's own figure from RuleContext.accumulators (rule.register_accumulators).
 ACCUMULATORS = 25
 
 
@@ -66,7 +67,8 @@ def tile_columns(n: int, lanes: int) -> tuple[int, int] | None:
     return None
 
 
-def narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int) -> tuple[int, int]:
+def narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int,
+                  accumulators: int = ACCUMULATORS) -> tuple[int, int]:
     """A tile of fewer vectors but more rows when the widest one gets 1-2 rows.
 
     Rows of 14 or 7 (resnet's late stages) admit no 3..6-row tile beside 4 vectors; with
@@ -80,7 +82,7 @@ def narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int) -> tuple[int, in
         width = vectors * lanes
         if n % width:
             continue
-        rows = tile_rows(m, ACCUMULATORS // vectors)
+        rows = tile_rows(m, accumulators // vectors)
         if score(rows, vectors) > best[0]:
             best = (score(rows, vectors), width, rows)
     return best[1], best[2]
@@ -92,9 +94,9 @@ def _column_widths(n: int, lanes: int) -> list[int]:
     return widths or [n]
 
 
-def _row_tiles(m: int, nr: int, lanes: int) -> list[int]:
+def _row_tiles(m: int, nr: int, lanes: int, accumulators: int = ACCUMULATORS) -> list[int]:
     """Every MR dividing M whose MR x NR/lanes accumulators fit (the tunable options)."""
-    cap = max(1, ACCUMULATORS // max(1, nr // lanes))
+    cap = max(1, accumulators // max(1, nr // lanes))
     return [mr for mr in range(min(cap, m), 0, -1) if m % mr == 0]
 
 
@@ -170,14 +172,15 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         return False
     nr, lanes = tiles
     row_inner = match.rows[-1] if match.rows else None
-    mr = tile_rows(extents[row_inner], max(1, ACCUMULATORS // max(1, nr // lanes))) \
+    acc = ctx.accumulators
+    mr = tile_rows(extents[row_inner], max(1, acc // max(1, nr // lanes))) \
         if row_inner is not None else 1
     if row_inner is not None and mr < 3 < extents[row_inner]:
-        nr, mr = narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes)
+        nr, mr = narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes, acc)
     # choice points (analysis.choose): NR is a layout (Bp's panels), MR and KU split factors
     default_nr, nr = nr, choose(sch, ctx, _column_widths(extents[match.col], lanes), nr)
     if row_inner is not None:
-        rows = _row_tiles(extents[row_inner], nr, lanes)
+        rows = _row_tiles(extents[row_inner], nr, lanes, acc)
         mr = choose_factor(sch, ctx, rows, mr if nr == default_nr else rows[0])
 
     # Pack B as Bp[j // NR, <other dims>, j % NR] so the micro-kernel streams it.

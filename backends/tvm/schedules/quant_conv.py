@@ -49,7 +49,6 @@ from kiln.backends.tvm.schedules.analysis import (
     single_reduction,
 )
 from kiln.backends.tvm.schedules.dense import (
-    ACCUMULATORS,
     K_UNROLL,
     PREPROC_ANNOTATION,
     finish_register_tile,
@@ -196,9 +195,10 @@ def _schedule_panel(sch: s_tir.Schedule, main_name: str, last: str, match,
         return False
     nr, lanes = tiles
     row_inner = match.rows[-1]
-    mr = tile_rows(extents[row_inner], max(1, ACCUMULATORS // max(1, nr // lanes)))
+    mr = tile_rows(extents[row_inner], max(1, ctx.accumulators // max(1, nr // lanes)))
     if mr < 3 < extents[row_inner]:
-        nr, mr = narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes)
+        nr, mr = narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes,
+                               ctx.accumulators)
     before = [info.name for info in normalize_prim_func(sch)]
     before = [name for name in before[: before.index(main_name)] if name != last]
 

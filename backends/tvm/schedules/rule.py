@@ -46,6 +46,28 @@ def vector_lanes_f32(target: tvm.target.Target) -> int:
     return max(bits // 32, 4)
 
 
+def vector_registers(target: tvm.target.Target) -> int:
+    """SIMD registers the target's ISA has: 32 zmm with AVX-512 (and 32 NEON/SVE registers
+    on arm64), 16 ymm/xmm on AVX2 and older x86."""
+    try:
+        if target.kind.name == "llvm":
+            if target_has_features("avx512f", target):
+                return 32
+            mtriple = str(target.attrs.get("mtriple", "")) if target.attrs else ""
+            return 32 if mtriple.startswith(("aarch64", "arm64")) else 16
+    except Exception:  # noqa: BLE001 - non-LLVM targets
+        pass
+    return 32
+
+
+def register_accumulators(target: tvm.target.Target) -> int:
+    """Accumulator registers a micro-kernel may use: what is left of the vector registers
+    after the tile's B vectors (up to 4... 6) and the broadcast A value. 25 of 32 on AVX-512
+    (4 x 4 vectors, 5 x 3, 6 x 4 with B reuse); 12 of 16 on AVX2 (6 rows x 2 vectors, the
+    classic AVX2 sgemm kernel) instead of spilling a 4 x 4 tile."""
+    return 25 if vector_registers(target) >= 32 else 12
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RuleContext:
     """What a rule may know besides the PrimFunc: the target and which params are constants."""
@@ -53,6 +75,8 @@ class RuleContext:
     target: tvm.target.Target
     vector_lanes_f32: int  # fp32 lanes in one SIMD register (16 for AVX-512)
     num_cores: int
+    # fp32 accumulators a register tile may hold (register_accumulators(target))
+    accumulators: int
     const_params: frozenset[int]  # indices of params bound to relax.Constant at every call site
     # Tuning (kiln.backends.tvm.tuning): the rule's choice points become MetaSchedule
     # decisions; ``plan`` picks the structural ones (see ``choose``). False: defaults only.
@@ -65,6 +89,7 @@ class RuleContext:
         """The context of a kernel built for ``target``."""
         cores = int(target.attrs.get("num-cores", 0) or 0) if target.attrs else 0
         return cls(target=target, vector_lanes_f32=vector_lanes_f32(target), num_cores=cores,
+                   accumulators=register_accumulators(target),
                    const_params=frozenset(const_params), tunable=tunable, plan=plan)
 
 

@@ -56,3 +56,12 @@ def test_missing_cross_compiler_says_how_to_install(monkeypatch):
     monkeypatch.setattr(targets_module.shutil, "which", lambda name: None)
     with pytest.raises(KilnError, match="apt-get install gcc-aarch64-linux-gnu"):
         require_cross_compiler(resolve_target("arm64"))
+
+
+def test_host_cpu_can_be_forced_to_the_avx2_path(monkeypatch):
+    """KILN_HOST_MCPU makes ``host`` build for another CPU (an AVX-512 machine testing the
+    AVX2 path); unset, ``host`` is the detected CPU again."""
+    monkeypatch.setenv(targets_module.HOST_MCPU_ENV, "x86-64-v3")
+    assert resolve_target("host").target["mcpu"] == "x86-64-v3"
+    monkeypatch.delenv(targets_module.HOST_MCPU_ENV)
+    assert resolve_target("host").target["mcpu"] == targets_module.detect_host_cpu() != ""

@@ -150,3 +150,16 @@ def test_decode_rule_on_each_vector_path(rule, path):
     feeds = models.feeds(model)
     got = vm["main"](*[tvm.runtime.tensor(v) for v in feeds.values()]).numpy()
     assert relative_error(got, exact_reference(model, feeds)) < DECODE_REL_TOL
+
+
+@pytest.mark.parametrize("preset, registers, accumulators", [
+    ("x86-64-v3", 16, 12), ("x86-64-v4", 32, 25), ("arm64", 32, 25)])
+def test_register_tile_fits_the_targets_registers(preset, registers, accumulators):
+    """AVX2 has 16 vector registers, AVX-512 and NEON 32: the register tile's accumulator
+    budget follows (a 4 x 4-vector AVX-512 tile on AVX2 would spill)."""
+    from kiln.backends.tvm.schedules.rule import register_accumulators, vector_registers
+    from kiln.backends.tvm.targets import resolve_target
+
+    target = resolve_target(preset).tvm_target()
+    assert vector_registers(target) == registers
+    assert register_accumulators(target) == accumulators
