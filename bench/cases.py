@@ -47,6 +47,18 @@ def _rapidocr(which: str) -> Callable[[Path], PreparedCase]:
     return prepare
 
 
+def _held_out(name: str) -> Callable[[Path], PreparedCase]:
+    """A real model from a PyPI wheel that kiln's rules were never tuned on."""
+    def prepare(workdir: Path) -> PreparedCase:
+        from kiln.compiler.testing.real_models import held_out_input_shape, held_out_model
+
+        shapes = held_out_input_shape(name)
+        return PreparedCase(name=f"{name}-fp32", onnx_path=held_out_model(name),
+                            input_shapes=shapes, inputs=random_inputs(shapes))
+
+    return prepare
+
+
 def _resnet50(workdir: Path) -> PreparedCase:
     from kiln.compiler.testing.real_models import light_model, light_model_io
 
@@ -97,5 +109,9 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "resnet50-fp32": _resnet50,
     "gemv-fp32": _matmul_case("gemv-fp32", 1, 4096, 4096),
     "matmul-fp32": _matmul_case("matmul-fp32", 128, 1024, 256),
+    # held out: never used to tune kiln's rules
+    "yolox-det-fp32": _held_out("yolox-det"),
+    "lcnet-orientation-fp32": _held_out("lcnet-orientation"),
+    "picodet-layout-fp32": _held_out("picodet-layout"),
     **QUANT_CASES,
 }

