@@ -80,6 +80,14 @@ def run(model: ir.Model, inputs) -> list[np.ndarray]:
     return ReferenceRunner(model, optimize="all").run(inputs)
 
 
+def run_simulated(model: ir.Model, inputs) -> list[np.ndarray]:
+    """ONNX Runtime's outputs with graph optimizations off: every QDQ pair runs as written
+    (quantize, dequantize, float op), the same on every CPU. Optimized, ORT fuses QDQ into
+    its int8 kernels, whose rounding depends on the CPU (on AVX2 without VNNI its u8s8
+    kernel sums byte products in saturating int16 pairs)."""
+    return ReferenceRunner(model, optimize="none").run(inputs)
+
+
 def ops(model: ir.Model) -> list[str]:
     return [n.op_type for n in model.graph]
 

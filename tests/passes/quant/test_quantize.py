@@ -29,8 +29,11 @@ SQNR_FLOOR_DB = {
     "int8": 38, "int4": 16, "uint4": 16, "int3": 10, "int2": 5, "fp8_e4m3": 27,
     "fp8_e5m2": 21, "fp4_e2m1": 15, "fp4_e3m0": 10, "power": 16, "codebook": 4,
 }
-# W8A8 static / dynamic on the same model.
+# W8A8 static / dynamic on the same model, QDQ simulated in float (CPU-independent).
 W8A8_SQNR_FLOOR_DB = 30
+# The same model through ORT's int8 kernels, whose rounding depends on the CPU (29.7 dB was
+# seen on AMD Zen 3, AVX2 only): the int8 spec's own budget of 20 dB.
+W8A8_KERNEL_SQNR_FLOOR_DB = 20
 # Bits per weight reported in ``note`` for the 128x256 + 64x256 MLP: code bits plus
 # float32 scales (32/group or 32/row), zero points and tables/codebooks.
 EXPECTED_BITS = {
@@ -136,8 +139,11 @@ def test_static_w8a8_qdq(calibration):
     weight_dq = model.graph.node(0)
     assert weight_dq.attributes.get_int("axis") == 0 and weight_dq.inputs[0].dtype == \
         ir.DataType.INT8
+    # the method's fidelity (QDQ as written, CPU-independent), then ORT's int8 kernels
+    (simulated,) = models.run_simulated(model, inputs)
+    assert models.sqnr_db(before, simulated) > W8A8_SQNR_FLOOR_DB
     (after,) = models.run(model, inputs)
-    assert models.sqnr_db(before, after) > W8A8_SQNR_FLOOR_DB
+    assert models.sqnr_db(before, after) > W8A8_KERNEL_SQNR_FLOOR_DB
 
 
 def test_dynamic_activations():
@@ -146,8 +152,10 @@ def test_dynamic_activations():
     (before,) = models.run(model, inputs)
     _quantize(model, {"dtype": "int8"}, {"dynamic": True})
     assert models.ops(model).count("DynamicQuantizeLinear") == 2
+    (simulated,) = models.run_simulated(model, inputs)
+    assert models.sqnr_db(before, simulated) > W8A8_SQNR_FLOOR_DB
     (after,) = models.run(model, inputs)
-    assert models.sqnr_db(before, after) > W8A8_SQNR_FLOOR_DB
+    assert models.sqnr_db(before, after) > W8A8_KERNEL_SQNR_FLOOR_DB
 
 
 def test_activation_pair_shared_between_consumers():
