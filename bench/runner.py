@@ -98,12 +98,36 @@ def format_table(results: list[dict], geo: float | None) -> str:
     return "\n".join(lines)
 
 
+def machine_description() -> dict[str, str]:
+    """The CPU the bench ran on and the ``host`` target kiln built for (which
+    ``KILN_HOST_MCPU`` may force to another CPU, e.g. ``x86-64-v3`` for the AVX2 path)."""
+    from kiln.backends.tvm.targets import detect_host_cpu
+
+    cpu, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and cpu == "unknown CPU":
+                cpu = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other"
+    if "avx512_vnni" in flags:
+        isa += " + VNNI"
+    return {"cpu": cpu, "isa": isa, "host_mcpu": detect_host_cpu()}
+
+
 def format_markdown(payload: dict) -> str:
     """The results as a Markdown table (for bench/RESULTS.md)."""
     commit = (payload.get("commit") or "unknown")[:10]
+    machine = payload.get("machine") or {}
+    where = (f" Built for host mcpu `{machine['host_mcpu']}` on {machine['cpu']} "
+             f"({machine['isa']}).") if machine else ""
     lines = [f"Commit `{commit}`, {payload['threads']} threads, median of {payload['runs']} "
              f"{payload.get('protocol', 'interleaved')} runs, tuning records: "
-             f"{payload.get('tuning', 'shipped')}.", "",
+             f"{payload.get('tuning', 'shipped')}.{where}", "",
              "| case | kiln ms | ORT ms | torch ms | kiln/ORT | MB | compile s | tuned kernels "
              "| rel err vs ORT |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -140,12 +164,14 @@ def run_bench(args: argparse.Namespace) -> int:
             print(format_table(results[-1:], None).splitlines()[-1], flush=True)
     geo = geomean([r["ratio_vs_ort"] for r in results if r["case"].endswith("-fp32")])
     print()
+    machine = machine_description()
     print(f"threads={args.threads} runs={args.runs} gap={args.gap_ms} ms "
-          f"(median, {args.protocol})")
+          f"(median, {args.protocol}); host target mcpu={machine['host_mcpu']} "
+          f"on {machine['cpu']} ({machine['isa']})")
     print(format_table(results, geo))
     if args.json:
         payload = {"commit": git_commit(), "threads": args.threads, "runs": args.runs,
-                   "protocol": args.protocol, "tuning": args.tuning,
+                   "protocol": args.protocol, "tuning": args.tuning, "machine": machine,
                    "cases": results,
                    "geomean_ratio_vs_ort": round(geo, 4) if geo is not None else None}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
