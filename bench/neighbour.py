@@ -6,6 +6,8 @@ build (median of ``--runs``, ``bench.timing.median_ms``):
 
 - alone, at ``--threads``;
 - beside the neighbour, the same loaded model (its thread count fixed at ``--threads``);
+- beside the neighbour, a model loaded with the default thread count *before* the
+  neighbour started (its ``ThreadGovernor`` drops threads on stalled calls);
 - beside the neighbour, the model loaded again with kiln's default thread count (the
   cores free at load time, ``kiln.backends.tvm.runtime.free_cores``).
 
@@ -90,10 +92,13 @@ def measure(case: PreparedCase, outdir: Path, args: argparse.Namespace) -> dict:
     feeds = [case.inputs[name] for name in case.inputs]
     fixed = load(outdir, threads=args.threads)
     alone = median_ms(lambda: fixed(*feeds), args.runs, args.warmup)
+    adaptive = load(outdir)  # loaded while the cores are free: the neighbour comes later
+    median_ms(lambda: adaptive(*feeds), args.runs, args.warmup)
     core = _neighbour_core()
     neighbour = spinning_process(core) if args.kind == "spin" else ort_loop(case, core)
     with neighbour:
         beside_fixed = median_ms(lambda: fixed(*feeds), args.runs, args.warmup)
+        beside_adaptive = median_ms(lambda: adaptive(*feeds), args.runs, args.warmup)
         time.sleep(SETTLE_S)  # kiln's own workers idle, so only the neighbour is seen
         auto = load(outdir)
         beside_auto = median_ms(lambda: auto(*feeds), args.runs, args.warmup)
@@ -101,7 +106,10 @@ def measure(case: PreparedCase, outdir: Path, args: argparse.Namespace) -> dict:
             "built_via": built.via, "threads": fixed.threads, "auto_threads": auto.threads,
             "alone_ms": round(alone, 4), "beside_fixed_ms": round(beside_fixed, 4),
             "beside_auto_ms": round(beside_auto, 4),
+            "beside_adaptive_ms": round(beside_adaptive, 4),
+            "adaptive_threads": adaptive.threads,
             "ratio_fixed": round(beside_fixed / alone, 3),
+            "ratio_adaptive": round(beside_adaptive / alone, 3),
             "ratio_auto": round(beside_auto / alone, 3)}
 
 

@@ -15,6 +15,12 @@ when it is loaded (:func:`free_cores`, capped by TVM's pool size, ``TVM_NUM_THRE
 or the ``threads=`` it is given, and TVM's workers are not pinned to cores
 (``TVM_BIND_THREADS=0`` unless set), so the OS can move them off a busy one. TVM keeps
 one pool per calling thread: the count is applied in each thread that calls the model.
+
+A neighbour that starts after the model was loaded: with the default thread count the
+model watches its own call times (:class:`ThreadGovernor`): a call that takes
+``STALL_FACTOR`` times the best seen at that thread count drops one thread, and the
+count is tried one higher again after a back-off (1 s, doubling up to a minute while the
+neighbour stays). With an explicit ``threads=`` nothing adapts.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +90,43 @@ def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> int:
                       if cpu < len(busy) and busy[cpu] < 100 * BUSY_FRACTION))
 
 
+class ThreadGovernor:
+    """Thread count for the next call from the times of the calls so far.
+
+    ``observe(seconds, now)`` takes one call's duration (at :attr:`threads`) and the
+    clock; it returns the count to use next. Pure bookkeeping, no clock of its own, so
+    it is tested with given times.
+    """
+
+    STALL_FACTOR = 3.0
+    FIRST_PROBE_S = 1.0
+    MAX_PROBE_S = 60.0
+
+    def __init__(self, max_threads: int) -> None:
+        self.max_threads = max(1, max_threads)
+        self.threads = self.max_threads
+        self.best: dict[int, float] = {}
+        self.probe_after = self.FIRST_PROBE_S
+        self.changed_at: float | None = None
+        self.probing = False
+
+    def observe(self, seconds: float, now: float) -> int:
+        n = self.threads
+        best = self.best.get(n)
+        stalled = best is not None and seconds > self.STALL_FACTOR * best
+        self.best[n] = seconds if best is None else min(best, seconds)
+        if stalled and n > 1:
+            if self.probing:  # the neighbour is still there: wait longer before the next try
+                self.probe_after = min(self.MAX_PROBE_S, 2 * self.probe_after)
+            self.threads, self.changed_at, self.probing = n - 1, now, False
+        elif self.probing:  # the probe held: the cores are free again
+            self.probing, self.probe_after = False, self.FIRST_PROBE_S
+        elif n < self.max_threads and self.changed_at is not None \
+                and now - self.changed_at >= self.probe_after:
+            self.threads, self.changed_at, self.probing = n + 1, now, True
+        return self.threads
+
+
 def _configure_pool(threads: int) -> int:
     """Set the current thread's TVM pool to ``threads``; returns what TVM will use (its
     pool never grows past ``TVM_NUM_THREADS``, or half the logical cores on x86)."""
@@ -130,6 +174,8 @@ class CompiledModel:
         requested = free_cores() if threads is None else threads
         #: CPU threads per call (TVM's pool may allow fewer than requested)
         self.threads = _configure_pool(requested)
+        #: adapts the count to a neighbour that starts later (default thread count only)
+        self.governor = ThreadGovernor(self.threads) if threads is None else None
         if threads is not None and self.threads < threads:
             logger.warning("%s: %d threads asked for, TVM's pool has %d (set TVM_NUM_THREADS "
                            "before TVM starts for more)", outdir, threads, self.threads)
@@ -175,7 +221,15 @@ class CompiledModel:
         if getattr(_pool, "threads", None) != self.threads:  # another thread or model
             _configure_pool(self.threads)
         args = [tvm.runtime.tensor(a, self.device) for a in ordered]
+        started = time.perf_counter()
         result = self._main(*args)
+        if self.governor is not None and self.device.dlpack_device_type() == 1:  # CPU
+            now = time.perf_counter()
+            wanted = self.governor.observe(now - started, now)
+            if wanted != self.threads:
+                logger.debug("%s: %d -> %d threads", self.outdir, self.threads, wanted)
+                self.threads = _configure_pool(wanted)
+                self.governor.threads = self.threads
         results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         return [r.numpy() for r in results]
 

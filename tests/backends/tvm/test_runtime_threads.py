@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tvm
 
-from kiln.backends.tvm import build_artifact, load  # noqa: E402
-from kiln.backends.tvm.runtime import free_cores  # noqa: E402
-from kiln.compiler.core.errors import KilnError  # noqa: E402
-from kiln.compiler.driver.cli import main as kiln_main  # noqa: E402
-from kiln.compiler.testing.onnx_models import tiny_cnn, to_ir  # noqa: E402
+from kiln.backends.tvm import build_artifact, load
+from kiln.backends.tvm.runtime import free_cores
+from kiln.compiler.core.errors import KilnError
+from kiln.compiler.driver.cli import main as kiln_main
+from kiln.compiler.testing.onnx_models import tiny_cnn, to_ir
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +63,29 @@ def test_kiln_run_threads(artifact, tmp_path):
     assert kiln_main(["run", str(artifact), "--inputs", str(tmp_path / "in.npz"),
                       "--threads", "1"]) == 0
     assert _pool_threads() == 1
+
+
+def test_governor_drops_a_thread_on_stalls_and_probes_back_with_backoff():
+    """A neighbour starts (calls 3x slower): one thread less; it stays: the probe back to
+    two threads stalls and the next probe waits twice as long; it leaves: two threads."""
+    from kiln.backends.tvm.runtime import ThreadGovernor
+
+    gov = ThreadGovernor(2)
+    assert gov.observe(0.010, now=0.0) == 2          # first call: the bar
+    assert gov.observe(0.009, now=0.1) == 2          # normal
+    assert gov.observe(0.200, now=0.2) == 1          # stalled beside a neighbour
+    assert gov.observe(0.016, now=0.3) == 1          # one thread, not a stall
+    assert gov.observe(0.016, now=1.3) == 2          # after FIRST_PROBE_S: probe two
+    assert gov.observe(0.300, now=1.4) == 1          # still busy: back to one
+    assert gov.probe_after == 2 * ThreadGovernor.FIRST_PROBE_S
+    assert gov.observe(0.016, now=2.5) == 1          # back-off not over yet
+    assert gov.observe(0.016, now=3.5) == 2          # probe again
+    assert gov.observe(0.009, now=3.6) == 2          # the neighbour left: two threads stay
+    assert gov.probe_after == ThreadGovernor.FIRST_PROBE_S
+    assert ThreadGovernor(1).observe(1.0, now=0.0) == 1
+
+
+def test_governor_only_with_the_default_thread_count(artifact):
+    outdir = artifact[0] if isinstance(artifact, tuple) else artifact
+    assert load(outdir, threads=1).governor is None
+    assert load(outdir).governor is not None
