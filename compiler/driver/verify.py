@@ -20,6 +20,7 @@ from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import SpecError, VerificationError
 from kiln.compiler.core.metrics import sqnr_db_from_sums
 from kiln.compiler.core.spec import Spec
+from kiln.compiler.core.spec.schema import FolderSource, NpzSource
 
 Feeds = dict[str, np.ndarray]
 
@@ -146,10 +147,10 @@ def make_samples(model: ir.Model, spec: Spec, *, count: int | None = None,
     shapes = static_input_shapes(model)
     count = count or spec.verify.samples
     source = spec.calibration.source
-    if source.startswith("npz:"):
-        return _npz_samples(Path(source[4:]), shapes, count)
-    if source.startswith("folder:"):
-        return _folder_samples(Path(source[7:]), spec.calibration.preprocess, shapes, count,
+    if isinstance(source, NpzSource):
+        return _npz_samples(Path(source.path), shapes, count)
+    if isinstance(source, FolderSource):
+        return _folder_samples(Path(source.path), spec.calibration.preprocess, shapes, count,
                                spec.calibration.seed if seed is None else seed)
     rng = np.random.default_rng(spec.verify.seed if seed is None else seed)
     return [{name: _random_array(rng, shape, dtype) for name, (shape, dtype) in shapes.items()}

@@ -17,6 +17,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     SerializeAsAny,
     field_validator,
     model_validator,
@@ -102,28 +103,67 @@ class Preprocess(_Strict):
     input: str | None = None      # the model input fed (default: the first)
 
 
+class RandomSource(_Strict):
+    """Seeded normal inputs (``random``)."""
+
+    def yaml_form(self) -> str:
+        return "random"
+
+
+class NpzSource(_Strict):
+    """One array per input name, samples along the first axis (``npz:PATH``)."""
+
+    path: str
+
+    def yaml_form(self) -> str:
+        return f"npz:{self.path}"
+
+
+class FolderSource(_Strict):
+    """Images in a folder, made into inputs by ``preprocess`` (``folder:PATH``)."""
+
+    path: str
+
+    def yaml_form(self) -> str:
+        return f"folder:{self.path}"
+
+
+def _source_from_yaml(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    if value == "random":
+        return RandomSource()
+    for prefix, kind in (("npz:", NpzSource), ("folder:", FolderSource)):
+        if value.startswith(prefix) and value[len(prefix):]:
+            return kind(path=value[len(prefix):])
+    raise ValueError(f"{value!r} is not one of random, npz:PATH, folder:PATH")
+
+
+#: Where calibration samples come from, typed at load; written back as its YAML string.
+CalibrationSource = Annotated[
+    RandomSource | NpzSource | FolderSource,
+    BeforeValidator(_source_from_yaml, json_schema_input_type=str),
+    PlainSerializer(lambda source: source.yaml_form(), return_type=str),
+]
+
+
 class Calibration(_Strict):
     """Data for passes that need activations; the same samples feed verification.
 
     ``source`` is ``random`` (seeded normal inputs), ``npz:PATH`` (one array per
     input name, samples along the first axis) or ``folder:PATH`` (images, with
-    ``preprocess``)."""
+    ``preprocess``), loaded as :class:`RandomSource` / :class:`NpzSource` /
+    :class:`FolderSource`."""
 
-    source: str = "random"
+    source: CalibrationSource = Field(default=RandomSource(),
+                                      json_schema_extra={"default": "random"})
     samples: int = Field(default=8, ge=1, le=100000)
     seed: int = 0
     preprocess: Preprocess | None = None
 
-    @field_validator("source")
-    @classmethod
-    def _valid_source(cls, value: str) -> str:
-        if value == "random" or value.startswith(("npz:", "folder:")):
-            return value
-        raise ValueError(f"{value!r} is not one of random, npz:PATH, folder:PATH")
-
     @model_validator(mode="after")
     def _folder_needs_preprocess(self) -> Calibration:
-        if self.source.startswith("folder:") and self.preprocess is None:
+        if isinstance(self.source, FolderSource) and self.preprocess is None:
             raise ValueError("a folder: source needs `preprocess:` (at least size: [H, W])")
         return self
 

@@ -139,3 +139,24 @@ def test_emitted_spec_compiles_to_the_same_onnx(name, tmp_path):
     first = compile_model(EXAMPLE, spec)
     second = compile_model(EXAMPLE, again)
     assert kir.model_bytes(first.model) == kir.model_bytes(second.model)
+
+
+@pytest.mark.parametrize("text, kind, path", [
+    ("random", "RandomSource", None),
+    ("npz:cal/samples.npz", "NpzSource", "cal/samples.npz"),
+    ("folder:images", "FolderSource", "images"),
+])
+def test_calibration_source_is_typed_and_written_back_as_its_string(text, kind, path):
+    preprocess = "\n  preprocess: {size: [8, 8]}" if text.startswith("folder:") else ""
+    spec = spec_from_text(f"kiln: 1\ncalibration:\n  source: '{text}'{preprocess}\npasses: []\n",
+                          config_for=registry.config_class)
+    source = spec.calibration.source
+    assert type(source).__name__ == kind and getattr(source, "path", None) == path
+    assert yaml.safe_load(dump_spec(spec))["calibration"]["source"] == text
+
+
+@pytest.mark.parametrize("text", ["npz:", "csv:data.csv", "randomly"])
+def test_bad_calibration_source_names_the_forms(text):
+    with pytest.raises(SpecError, match="is not one of random, npz:PATH, folder:PATH"):
+        spec_from_text(f"kiln: 1\ncalibration: {{source: '{text}'}}\npasses: []\n",
+                       config_for=registry.config_class)
