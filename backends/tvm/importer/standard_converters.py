@@ -103,8 +103,8 @@ def _hard_sigmoid(x, alpha: float, beta: float):
     return relax.op.minimum(relax.op.maximum(y, relax.const(0.0, dtype)), relax.const(1.0, dtype))
 
 
-class HardSigmoidAsMinMax:
-    """ONNX ``HardSigmoid`` as multiply-add and ``maximum``/``minimum`` (float inputs)."""
+class _FloatOnly:
+    """A converter for float inputs (``convert_float``); other dtypes go to TVM's."""
 
     def __init__(self, fallback) -> None:
         self.fallback = fallback
@@ -115,30 +115,28 @@ class HardSigmoidAsMinMax:
         def convert(bb, inputs, attr, params):
             if not str(inputs[0].ty.dtype).startswith("float"):
                 return fallback(bb, inputs, attr, params)
-            return _hard_sigmoid(inputs[0], float(attr.get("alpha", 0.2)),
-                                 float(attr.get("beta", 0.5)))
+            return self.convert_float(inputs[0], attr)
 
         return convert
 
+    def convert_float(self, x, attr):
+        raise NotImplementedError
 
-class HardSwishAsMinMax:
+
+class HardSigmoidAsMinMax(_FloatOnly):
+    """ONNX ``HardSigmoid`` as multiply-add and ``maximum``/``minimum`` (float inputs)."""
+
+    def convert_float(self, x, attr):
+        return _hard_sigmoid(x, float(attr.get("alpha", 0.2)), float(attr.get("beta", 0.5)))
+
+
+class HardSwishAsMinMax(_FloatOnly):
     """ONNX ``HardSwish``: ``x * hard_sigmoid(x, 1/6, 1/2)`` (float inputs)."""
 
-    def __init__(self, fallback) -> None:
-        self.fallback = fallback
+    def convert_float(self, x, attr):
+        from tvm import relax
 
-    def get_converter(self, opset: int):
-        fallback = self.fallback.get_converter(opset)
-
-        def convert(bb, inputs, attr, params):
-            from tvm import relax
-
-            x = inputs[0]
-            if not str(x.ty.dtype).startswith("float"):
-                return fallback(bb, inputs, attr, params)
-            return relax.op.multiply(x, _hard_sigmoid(x, 1.0 / 6.0, 0.5))
-
-        return convert
+        return relax.op.multiply(x, _hard_sigmoid(x, 1.0 / 6.0, 0.5))
 
 
 def _as_ints(values, default: list[int]) -> list[int]:

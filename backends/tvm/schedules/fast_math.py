@@ -36,27 +36,9 @@ def _is_f32(call: relax.Call) -> bool:
     return isinstance(ty, relax.TensorType) and str(ty.dtype) == "float32"
 
 
-def _erf(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if not _is_f32(call):
-        return _default("relax.erf")(bb, call)
-    return bb.call_te(topi.fast_erf, call.args[0], primfunc_name_hint="erf")
-
-
 def _gelu_te(x):
     erf = topi.fast_erf(topi.multiply(x, SQRT_HALF))
     return topi.multiply(x, topi.add(topi.multiply(erf, 0.5), 0.5))
-
-
-def _gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if not _is_f32(call):
-        return _default("relax.nn.gelu")(bb, call)
-    return bb.call_te(_gelu_te, call.args[0], primfunc_name_hint="gelu")
-
-
-def _exp(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if not _is_f32(call):
-        return _default("relax.exp")(bb, call)
-    return bb.call_te(topi.fast_exp, call.args[0], primfunc_name_hint="exp")
 
 
 def _softmax_te(x, axis: int):
@@ -65,34 +47,32 @@ def _softmax_te(x, axis: int):
     return topi.divide(e, topi.sum(e, axis=axis, keepdims=True))
 
 
-def _softmax(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if not _is_f32(call):
-        return _default("relax.nn.softmax")(bb, call)
-    return bb.call_te(_softmax_te, call.args[0], int(call.attrs.axis),
-                      primfunc_name_hint="softmax")
-
-
 def _sigmoid_te(x):
     # fast_exp clamps its argument to [-88.4, 88.4], so exp(-x) never overflows to inf
     return topi.divide(1.0, topi.add(topi.fast_exp(topi.negative(x)), 1.0))
 
 
-def _sigmoid(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if not _is_f32(call):
-        return _default("relax.sigmoid")(bb, call)
-    return bb.call_te(_sigmoid_te, call.args[0], primfunc_name_hint="sigmoid")
+def _float32_legalization(op_name: str, te_func, hint: str, *, axis_attr: bool = False):
+    """Legalize ``op_name`` with ``te_func`` on float32 inputs, TVM's default otherwise."""
 
+    def legalize(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
+        if not _is_f32(call):
+            return _default(op_name)(bb, call)
+        extra = (int(call.attrs.axis),) if axis_attr else ()
+        return bb.call_te(te_func, call.args[0], *extra, primfunc_name_hint=hint)
 
-def _tanh(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
-    if not _is_f32(call):
-        return _default("relax.tanh")(bb, call)
-    return bb.call_te(topi.fast_tanh, call.args[0], primfunc_name_hint="tanh")
+    return legalize
 
 
 def cpu_legalize_map() -> dict:
     """``LegalizeOps(customize_legalize_map=...)`` for CPU builds."""
-    return {"relax.erf": _erf, "relax.nn.gelu": _gelu, "relax.exp": _exp,
-            "relax.nn.softmax": _softmax, "relax.sigmoid": _sigmoid, "relax.tanh": _tanh}
+    table = [("relax.erf", topi.fast_erf, "erf"), ("relax.nn.gelu", _gelu_te, "gelu"),
+             ("relax.exp", topi.fast_exp, "exp"), ("relax.sigmoid", _sigmoid_te, "sigmoid"),
+             ("relax.tanh", topi.fast_tanh, "tanh")]
+    legalize = {op: _float32_legalization(op, te, hint) for op, te, hint in table}
+    legalize["relax.nn.softmax"] = _float32_legalization("relax.nn.softmax", _softmax_te,
+                                                         "softmax", axis_attr=True)
+    return legalize
 
 
 __all__ = ["cpu_legalize_map"]
