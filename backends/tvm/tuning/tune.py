@@ -242,7 +242,7 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
                 ms_funcs[name] = sch.mod["main"]
         log.debug("best records: %s", list(best))
         kiln_secs, ms_secs = measure_pairs(kiln_funcs, ms_funcs, ms_target)
-    for name, (task, _record) in best.items():
+    for name, (task, record) in best.items():
         tuned, kiln = ms_secs.get(name), kiln_secs.get(name)
         if tuned is None:
             continue
