@@ -183,7 +183,23 @@ def detect_host_cpu() -> str:
     else maps /proc/cpuinfo flags; ``generic`` on non-x86 machines.
     """
     forced = os.environ.get(HOST_MCPU_ENV, "").strip()
-    return forced or _detected_host_cpu()
+    if not forced:
+        return _detected_host_cpu()
+    if forced not in _llvm_cpu_names():
+        raise KilnError(f"{HOST_MCPU_ENV}={forced!r} is not a CPU LLVM knows "
+                        "(e.g. x86-64-v3, x86-64-v4, haswell, znver3)")
+    return forced
+
+
+@lru_cache(maxsize=1)
+def _llvm_cpu_names() -> frozenset[str]:
+    """CPU names LLVM accepts for this machine's architecture."""
+    import tvm
+    from tvm.target import codegen
+
+    triple = "aarch64-linux-gnu" if host_arch() == "aarch64" else "x86_64-linux-gnu"
+    target = tvm.target.Target({"kind": "llvm", "mtriple": triple})
+    return frozenset(str(name) for name in codegen.llvm_get_cpu_archlist(target))
 
 
 @lru_cache(maxsize=1)

@@ -81,9 +81,10 @@ def _check_target_name(target, spec, *, from_spec: bool) -> None:
     """An unknown preset name fails now, not after the passes (a raw dict is TVM's to check)."""
     if not isinstance(target, str):
         return
-    from kiln.backends.tvm.targets import TARGETS
+    from kiln.backends.tvm.targets import TARGETS, resolve_target
 
     if target in TARGETS:
+        resolve_target(target)  # before any output is written (e.g. a bad KILN_HOST_MCPU)
         return
     import difflib
 

@@ -65,3 +65,21 @@ def test_host_cpu_can_be_forced_to_the_avx2_path(monkeypatch):
     assert resolve_target("host").target["mcpu"] == "x86-64-v3"
     monkeypatch.delenv(targets_module.HOST_MCPU_ENV)
     assert resolve_target("host").target["mcpu"] == targets_module.detect_host_cpu() != ""
+
+
+def test_unknown_forced_host_cpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(targets_module.HOST_MCPU_ENV, "bogus-cpu")
+    with pytest.raises(KilnError, match="KILN_HOST_MCPU='bogus-cpu' is not a CPU LLVM knows"):
+        resolve_target("host")
+
+
+def test_cli_refuses_a_bad_forced_host_cpu_before_writing(monkeypatch, tmp_path, capsys):
+    from kiln.compiler.core.example_models import EXAMPLE_PATH
+    from kiln.compiler.driver.cli import main
+
+    monkeypatch.setenv(targets_module.HOST_MCPU_ENV, "bogus-cpu")
+    out = tmp_path / "out"
+    assert main(["compile", str(EXAMPLE_PATH), "--spec", "fp32", "--target", "host",
+                 "-o", str(out)]) == 2
+    assert "KILN_HOST_MCPU='bogus-cpu'" in capsys.readouterr().err
+    assert not out.exists()
