@@ -29,7 +29,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from kiln.compiler.core import graph as kir
-from kiln.compiler.core import packing
+from kiln.compiler.core import kiln_domain, packing
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.core.opset import BLOCKED_OPSET, ensure_opset
 from kiln.compiler.core.pass_api import (
@@ -189,7 +189,7 @@ class SalientSplit(KilnPass):
 
         K, N = k.shape
         bits = op("UnpackBits", [init("mask", packing.pack_bits(mask.astype(np.uint8), 1))],
-                  "mask_codes", kiln_ops.DOMAIN, bits=1, shape=[K])
+                  "mask_codes", kiln_domain.DOMAIN, bits=1, shape=[K])
         as_bool = op("Cast", [bits], "mask_bool", to=ir.DataType.BOOL)
         salient_rows_ = op("NonZero", [as_bool], "salient_rows")
         other_rows = op("NonZero", [op("Not", [as_bool], "mask_not")], "other_rows")
@@ -199,10 +199,10 @@ class SalientSplit(KilnPass):
                                       init("salient_scale", col_scale.astype(dtype))],
                  "salient_dequantized", axis=1)
         sign_codes = op("UnpackBits", [init("signs", packing.pack_bits(signs, 1))],
-                        "sign_codes", kiln_ops.DOMAIN, bits=1, shape=list(signs.shape))
+                        "sign_codes", kiln_domain.DOMAIN, bits=1, shape=list(signs.shape))
         w_b = op("DequantizeTable", [sign_codes, init("sign_table", np.array([-1, 1], dtype)),
                                      init("block_scale", alpha.astype(dtype))],
-                 "binary_dequantized", kiln_ops.DOMAIN, axis=0, block_size=self.config.block)
+                 "binary_dequantized", kiln_domain.DOMAIN, axis=0, block_size=self.config.block)
         stacked = op("Concat", [w_s, w_b], "stacked", axis=0)
         zeros = init("zeros_shape", np.array([K, N], dtype=np.int64))
         empty = op("ConstantOfShape", [zeros], "zeros")
