@@ -1,0 +1,30 @@
+"""A conformance worker: reads cases (JSON, one a line) on stdin, runs each with
+:func:`~kiln.compiler.testing.conformance.runner.run_in_process`, and writes each
+outcome (JSON, one a line) to the file descriptor named by
+``KILN_CONFORMANCE_RESULT_FD``. Started by :func:`runner.run_cases`, not by hand."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+from .cases import Case
+from .runner import run_in_process
+
+
+def main() -> None:
+    out = os.fdopen(int(os.environ["KILN_CONFORMANCE_RESULT_FD"]), "w")
+    logging.disable(logging.WARNING)
+    for line in sys.stdin:
+        entry = json.loads(line)
+        for key in ("domains", "input_types", "output_types"):
+            entry[key] = tuple(entry[key])
+        outcome = run_in_process(Case(**entry))
+        out.write(outcome.to_json() + "\n")
+        out.flush()
+
+
+if __name__ == "__main__":
+    main()
