@@ -1,4 +1,6 @@
 # kiln: `make demo` and `make test` work on a fresh machine (they set up .venv first).
+# .[test] pulls the optional extras the tests use (torch, xgboost); users install kiln,
+# kiln[torch] (PyTorch frontend) or kiln[tune] (MetaSchedule tuning) as they need.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -12,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q -e ".[test]"
+	@# optional: the arm64 cross toolchain via apt-get (it says what it installs; it skips,
+	@# with a message, without root or with KILN_NO_APT=1)
 	bash tools/edge/install_cross.sh
 	touch $(STAMP)
 

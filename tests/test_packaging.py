@@ -38,9 +38,41 @@ def test_every_subpackage_is_mapped():
         assert config["package-dir"][name] == folder
 
 
+def _folder_of(package: str) -> Path:
+    for folder, name in TOP.items():
+        if package == name or package.startswith(name + "."):
+            return ROOT / folder / Path(*package[len(name):].lstrip(".").split(".") if
+                                        package != name else ())
+    raise AssertionError(f"{package} is under no mapped folder")
+
+
 def test_package_dir_has_no_stale_entries():
-    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
-    assert listed <= _packages_on_disk()
+    config = _pyproject()["tool"]["setuptools"]
+    listed = set(config["packages"])
+    data_only = listed - _packages_on_disk()
+    # A folder of data without __init__.py is listed so that its package data installs;
+    # it must exist and declare that data.
+    for package in data_only:
+        assert _folder_of(package).is_dir(), f"{package}: no such folder"
+        assert package in config["package-data"], f"{package}: listed but holds no package data"
+
+
+def test_package_data_globs_match_files():
+    for package, globs in _pyproject()["tool"]["setuptools"]["package-data"].items():
+        for pattern in globs:
+            assert list(_folder_of(package).glob(pattern)), f"{package}: {pattern} matches nothing"
+
+
+def test_heavy_dependencies_are_extras():
+    project = _pyproject()["project"]
+    required = " ".join(project["dependencies"])
+    assert "xgboost" not in required and "torch" not in required
+    extras = project["optional-dependencies"]
+    assert any(d.startswith("xgboost") for d in extras["tune"])
+    assert all("==" not in d for d in extras["torch"])
+    # `make test` installs .[test]: it must pull what the tests import
+    test = " ".join(extras["test"])
+    assert "torch" in test and "xgboost" in test
 
 
 def _imports(path: Path) -> set[str]:

@@ -27,6 +27,7 @@ from kiln.backends.tvm.tuning.database import (
 )
 from kiln.backends.tvm.tuning.measure import candidate_builder, measure_pairs
 from kiln.backends.tvm.tuning.space import DEFAULT_SPACE, record_origin, tune_contexts
+from kiln.compiler.core.errors import KilnError
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,15 @@ def _register_cpu_tensor_intrinsics() -> None:
         importlib.import_module(f"{name}.{sub}")
 
 
+def require_xgboost() -> None:
+    """MetaSchedule's cost model is XGBoost, an optional extra (it pulls ~470 MB of NCCL)."""
+    import importlib.util
+
+    if importlib.util.find_spec("xgboost") is None:
+        raise KilnError("tuning needs XGBoost (MetaSchedule's cost model): "
+                        "pip install 'kiln[tune]', or compile with --tune 0")
+
+
 def _reset_meta_schedule_handlers() -> None:
     """Drop the handlers an earlier tuning run left on MetaSchedule's logger.
 
@@ -216,6 +226,7 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
                if isinstance(f, tirx.PrimFunc) and f.attrs and f.attrs.get(SCHEDULED_ATTR)}
     kiln_funcs = {t.task_name: by_name[t.task_name] for t in pending if t.task_name in by_name}
 
+    require_xgboost()
     report("tune", 0, trials)
     if target.family == "cpu":
         _register_cpu_tensor_intrinsics()
