@@ -21,10 +21,14 @@ def export_bytes(model: ir.Model, *, producer_version: str = "") -> bytes:
 
 
 def save_model(model: ir.Model, path: Path, *, protect: tuple[Path, ...] = (),
-               producer_version: str = "") -> int:
-    """Save as one self-contained .onnx file; returns its size in bytes."""
+               producer_version: str = "", shown: Path | None = None) -> int:
+    """Save as one self-contained .onnx file; returns its size in bytes.
+
+    ``shown``: the name errors give the file (its final name when ``path`` is in a
+    staging folder)."""
     data = export_bytes(model, producer_version=producer_version)
     if len(data) >= 2**31 - 1:
-        raise OutputError(f"{path}: model over 2 GiB; external data output is not supported yet")
+        raise OutputError(f"{shown or path}: model over 2 GiB; external data output is not "
+                          "supported yet")
     write_atomic(path, data, protect=protect)
     return len(data)

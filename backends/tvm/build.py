@@ -6,7 +6,14 @@ target's tuning database (:mod:`.tuning`), run the target family's phases
 rest) through ``tvm.compile``, export the library (with the
 target's cross linker), check the binary's kind, and write the manifest.
 Both files are written atomically, so an interrupted build never leaves a
-library that does not match its manifest under the final names.
+library that does not match its manifest under the final names, and the
+manifest records the library's SHA-256.
+
+An interrupt (SIGINT/SIGTERM) that lands inside TVM's C++ code comes back as a
+TVM error: when :func:`kiln.compiler.core.interrupt.received` says a signal
+arrived, it is re-raised as ``KeyboardInterrupt``, not reported as a failed
+build. A full disk or a file size limit is named as such (``no space left on
+device writing model.so``), not as the linker's command line.
 """
 
 from __future__ import annotations
@@ -23,14 +30,15 @@ from typing import Any
 
 import onnx_ir as ir
 
-from kiln.compiler.core.atomic import replace_atomic, write_atomic
-from kiln.compiler.core.errors import LoweringError
+from kiln.compiler.core import interrupt
+from kiln.compiler.core.atomic import replace_atomic, write_fault
+from kiln.compiler.core.errors import KilnError, LoweringError, OutputError
 from kiln.compiler.core.graph import graph_inputs
 from kiln.compiler.core.version import kiln_version
 
 from .binary_check import check_binary
 from .importer import check_static_inputs, lower_to_relax
-from .manifest import LIBRARY_NAME, MANIFEST_NAME, Manifest, TensorSpec
+from .manifest import LIBRARY_NAME, Manifest, TensorSpec, write_manifest
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels
 from .targets import ResolvedTarget, require_cross_compiler, resolve_target
@@ -94,6 +102,22 @@ def _relax_outputs(mod, names: list[str]) -> list[TensorSpec]:
         shape = tuple(int(d) for d in ty.shape.values)
         specs.append(TensorSpec(name, shape, str(ty.dtype)))
     return specs
+
+
+def _failure(err: Exception, what: str, resolved: ResolvedTarget, file: str) -> KilnError:
+    """The KilnError for a failure in TVM's ``what`` step (or a KeyboardInterrupt to raise
+    when the failure is an interrupt that came back through TVM's FFI)."""
+    if interrupt.received() is not None:
+        raise KeyboardInterrupt from None
+    if isinstance(err, MemoryError):
+        return KilnError(f"target {resolved.name!r}: out of memory during {what}")
+    cause = write_fault(err)
+    if cause is not None:
+        return OutputError(f"{cause} writing {file}")
+    detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    if "bad_alloc" in detail:
+        return KilnError(f"target {resolved.name!r}: out of memory during {what}")
+    return LoweringError(f"{what} failed: {detail}", target=resolved.name)
 
 
 def _export(executable, library: Path, cross_cc: str | None) -> None:
@@ -172,13 +196,13 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     def on_scheduled(scheduled_mod) -> None:
         scheduled["unscheduled"] = unscheduled_kernels(scheduled_mod)
         scheduled["rules"] = schedule_rules_used(scheduled_mod)
+        interrupt.checkpoint("build")  # called from inside tvm.compile (C++)
 
     try:
         executable = tvm.compile(mod, target=resolved.tvm_target(),
                                  relax_pipeline=relax_pipeline(resolved, database, on_scheduled))
     except Exception as err:  # TVM raises its own error types from C++
-        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise LoweringError(f"TVM compile failed: {detail}", target=resolved.name) from err
+        raise _failure(err, "TVM compile", resolved, LIBRARY_NAME) from err
 
     unscheduled = scheduled.get("unscheduled", [])
     rules = scheduled.get("rules", {})
@@ -195,18 +219,16 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     try:
         _export(executable, library, cross_cc)
     except Exception as err:
-        detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise LoweringError(f"exporting the library failed: {detail}",
-                            target=resolved.name) from err
+        raise _failure(err, "exporting the library", resolved, LIBRARY_NAME) from err
 
     step("check")
     binary = check_binary(library, resolved)
     manifest = Manifest(
         target_name=resolved.name, target=resolved.target, target_family=resolved.family,
         target_arch=resolved.arch, inputs=tuple(model_inputs), outputs=tuple(outputs),
-        model_hash=model_hash, kiln_version=kiln_version(), tvm_version=str(tvm.__version__))
-    manifest_path = outdir / MANIFEST_NAME
-    write_atomic(manifest_path, manifest.to_json().encode())
+        model_hash=model_hash, kiln_version=kiln_version(), tvm_version=str(tvm.__version__)
+    ).with_files(outdir, [LIBRARY_NAME])
+    manifest_path = write_manifest(outdir, manifest)
     last = next(reversed(times))
     times[last] = time.perf_counter() - times[last]
     seconds = time.perf_counter() - start

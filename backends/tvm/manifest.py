@@ -3,21 +3,30 @@
 Written next to ``model.so`` by :mod:`.build`, read by :mod:`.runtime` (and by
 anything that ships the artifact) so the library can be called without the
 original model: input/output names, shapes and dtypes in call order, the
-target, and the versions and model+spec hash that produced it.
+target, the versions that produced it, and the SHA-256 of every file of the
+build (``files``: model.so, and model.onnx, report.json... when the driver wrote
+them) with the build's model hash (:mod:`kiln.compiler.core.digest`).
+:func:`check_files` compares them with the folder before the library is loaded,
+so a folder mixing two builds, or a truncated ``model.so``, is refused in one line
+instead of being dlopen'ed (a truncated library dies with SIGBUS).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kiln.compiler.core.atomic import write_atomic
+from kiln.compiler.core.digest import file_sha256
 from kiln.compiler.core.errors import KilnError
 
 MANIFEST_NAME = "manifest.json"
 LIBRARY_NAME = "model.so"
-FORMAT_VERSION = 1
+#: 2: ``files`` (name -> SHA-256) added; a format-1 folder cannot be checked: rebuild it.
+FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,16 @@ class Manifest:
     library: str = LIBRARY_NAME
     format: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
+    #: file name (in the artifact's folder) -> hex SHA-256 of its bytes
+    files: dict[str, str] = field(default_factory=dict)
+
+    def with_files(self, folder: Path, names: list[str], *, model_hash: str | None = None
+                   ) -> Manifest:
+        """This manifest also covering ``names`` in ``folder`` (their SHA-256 now)."""
+        files = dict(self.files)
+        files.update({name: file_sha256(Path(folder) / name) for name in names})
+        return replace(self, files=dict(sorted(files.items())),
+                       model_hash=self.model_hash if model_hash is None else model_hash)
 
     def to_json(self) -> str:
         data = asdict(self)
@@ -65,7 +84,8 @@ class Manifest:
                                    for t in data["inputs"])
             data["outputs"] = tuple(TensorSpec(t["name"], tuple(t["shape"]), t["dtype"])
                                     for t in data["outputs"])
-            if data.get("format") != FORMAT_VERSION:
+            if data.get("format") != FORMAT_VERSION or \
+                    not isinstance(data.get("files"), Mapping):
                 raise KilnError(f"{source}: manifest format {data.get('format')!r} is not "
                                 f"supported (expected {FORMAT_VERSION}); rebuild the artifact")
             return cls(**data)
@@ -81,3 +101,27 @@ def read_manifest(outdir: Path) -> Manifest:
     if not path.is_file():
         raise KilnError(f"{outdir}: no {MANIFEST_NAME} (not a kiln build output)")
     return Manifest.from_json(path.read_text(), source=str(path))
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write ``folder/manifest.json`` atomically; returns its path."""
+    path = Path(folder) / MANIFEST_NAME
+    write_atomic(path, manifest.to_json().encode())
+    return path
+
+
+def check_files(outdir: Path, manifest: Manifest) -> None:
+    """KilnError (one line) unless every file the manifest covers is in ``outdir`` with the
+    recorded SHA-256, the library among them."""
+    outdir = Path(outdir)
+    if manifest.library not in manifest.files:
+        raise KilnError(f"{outdir / MANIFEST_NAME}: does not record {manifest.library}'s "
+                        "hash; rebuild the artifact")
+    for name, want in manifest.files.items():
+        path = outdir / name
+        if not path.is_file():
+            raise KilnError(f"{path}: missing (listed in {MANIFEST_NAME}); the folder is "
+                            "incomplete: rebuild it")
+        if file_sha256(path) != want:
+            raise KilnError(f"{path}: does not match {MANIFEST_NAME} (changed, damaged or "
+                            "from another build); rebuild the artifact")

@@ -39,7 +39,7 @@ import numpy as np
 from kiln.compiler.core.atomic import write_atomic
 from kiln.compiler.core.errors import KilnError
 
-from .manifest import Manifest, TensorSpec, read_manifest
+from .manifest import Manifest, TensorSpec, check_files, read_manifest
 from .targets import cuda_device_present, host_arch
 
 logger = logging.getLogger(__name__)
@@ -243,9 +243,13 @@ def load(outdir: Path | str, *, threads: int | None = None) -> CompiledModel:
     """Load the artifact in ``outdir`` for this machine (CPU, or the GPU for CUDA builds).
 
     ``threads``: CPU threads per call; None uses the cores free now (:func:`free_cores`).
+    Every file the manifest covers is checked against its SHA-256 first (a folder mixing
+    builds, or a damaged library, is a KilnError, never loaded).
     """
     outdir = Path(outdir)
-    return CompiledModel(outdir, read_manifest(outdir), threads=threads)
+    manifest = read_manifest(outdir)
+    check_files(outdir, manifest)
+    return CompiledModel(outdir, manifest, threads=threads)
 
 
 def _npz_inputs(model: CompiledModel, path: Path) -> dict[str, np.ndarray]:

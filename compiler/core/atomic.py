@@ -6,6 +6,7 @@ outputs) goes through a temporary file in the destination folder and ``os.replac
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -16,7 +17,8 @@ from kiln.compiler.core.errors import OutputError
 DEFAULT_MODE = 0o666
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read without changing it for good)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -28,7 +30,7 @@ def replace_atomic(tmp: Path | str, path: Path | str, *, mode: int = DEFAULT_MOD
     ``tempfile.mkstemp`` creates files 0600; ``mode`` (less the umask) is what a plainly
     written file would have (0o755 for a shared library).
     """
-    os.chmod(tmp, mode & ~_umask())
+    os.chmod(tmp, mode & ~current_umask())
     os.replace(tmp, path)
 
 
@@ -61,3 +63,31 @@ def write_atomic(path: Path | str, data: bytes, *, protect: tuple[Path, ...] = (
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+#: errno, phrases a tool prints for it (a linker's message), and how kiln names it.
+_WRITE_FAULTS = (
+    (errno.ENOSPC, ("no space left on device",), "no space left on device"),
+    (errno.EFBIG, ("file too large", "file size limit exceeded"), "file size limit exceeded"),
+    (errno.EDQUOT, ("disk quota exceeded",), "disk quota exceeded"),
+)
+
+
+def write_fault(error: BaseException) -> str | None:
+    """``"no space left on device"`` (or the file size limit, the quota) when ``error`` (its
+    errno, or its text: a linker's message) says the disk refused the write, else None."""
+    code = getattr(error, "errno", None)
+    text = str(error).lower()
+    for number, phrases, cause in _WRITE_FAULTS:
+        if code == number or any(phrase in text for phrase in phrases):
+            return cause
+    return None
+
+
+def write_error(shown: Path | str, error: OSError) -> OutputError:
+    """The one-line OutputError for a failed write of the file the user knows as ``shown``
+    (the final name, not the temporary file that was being written)."""
+    cause = write_fault(error)
+    if cause is not None:
+        return OutputError(f"{cause} writing {shown}")
+    return OutputError(f"{shown}: cannot write output ({error.strerror or error})")

@@ -112,7 +112,7 @@ def _check_outdir(out: Path, model: Path, writes_onnx: bool) -> None:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from kiln.compiler.driver.compile import compile_model
+    from kiln.compiler.driver.compile import compile_model, compile_to_folder
 
     spec = _load_spec(args.spec)
     target = _target_arg(args.target)
@@ -131,23 +131,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
         _check_outdir(out, Path(args.model), spec.output.onnx)
     started = time.perf_counter()
     with _progress(not args.quiet) as say:
-        result = compile_model(args.model, spec, input_shapes=_input_shapes(args.input),
-                               target=target, progress=say)
-        if out is not None:
-            try:
-                result.save(out, target=target, progress=say, tune_trials=args.tune,
-                            tuning_db=args.tuning_db)
-            except OSError as error:
-                where = error.filename or out
-                raise OutputError(f"{where}: cannot write output ({error.strerror or error})") \
-                    from error
+        if out is None:
+            result = compile_model(args.model, spec, input_shapes=_input_shapes(args.input),
+                                   target=target, progress=say)
+        else:  # staged, all or nothing, under OUTDIR's lock (kiln.compiler.driver.outdir)
+            result = compile_to_folder(args.model, spec, out,
+                                       input_shapes=_input_shapes(args.input), target=target,
+                                       progress=say, tune_trials=args.tune,
+                                       tuning_db=args.tuning_db)
     console = _console()
     if not args.quiet:
         console.print(result.report.table())
         for line in result.report.compiled_lines():
             console.print(line)
         if out is not None:
-            written = ", ".join(sorted(p.name for p in out.iterdir() if not p.name.startswith(".")))
+            written = ", ".join(p.name for p in result.written)  # this run's files only
             console.print(f"wrote {out}/: {written} ({time.perf_counter() - started:.1f} s)")
         else:
             console.print("nothing written (no -o OUTDIR)")
@@ -339,12 +337,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from kiln.compiler.core import interrupt
+
     try:
-        return args.func(args)
+        with interrupt.handled():  # SIGTERM too; an interrupt TVM turned into an error stays one
+            try:
+                return args.func(args)
+            except KilnError:
+                if interrupt.received() is not None:
+                    raise KeyboardInterrupt from None
+                raise
     except KilnError as error:
         if args.debug:
             raise
         sys.stderr.write(f"kiln: error: {_short_message(error)}\n")
+        if getattr(error, "failed_report", None):
+            sys.stderr.write(f"kiln: report of the failed compile: {error.failed_report}\n")
         return error.exit_code
     except KeyboardInterrupt:
         sys.stderr.write("kiln: interrupted\n")

@@ -4,6 +4,12 @@ This is the one module (with the CLI) that ties passes and backends together.
 Every pass is checked with ONNX Runtime against the model before it and the
 source model: exact passes must match to float32 tolerance, lossy passes must
 meet their ``budget`` (or ``on_budget_exceeded: skip_pass`` undoes them).
+
+Outputs go through :class:`kiln.compiler.driver.outdir.OutputFolder`: a run writes
+into a staging folder and replaces OUTDIR's kiln files in one step at the end, so an
+error, a full disk or an interrupt leaves OUTDIR as it was. :func:`compile_to_folder`
+(what ``kiln compile -o`` runs) holds OUTDIR's lock for the whole run and writes a
+failed compile's report (``status: failed``).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,13 +28,23 @@ from typing import Any
 import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir
-from kiln.compiler.core.errors import FrontendError, KilnError, PassError, SpecError, VerificationError
+from kiln.compiler.core import interrupt
+from kiln.compiler.core.digest import file_sha256, model_hash
+from kiln.compiler.core.errors import (
+    FrontendError,
+    KilnError,
+    OutputError,
+    PassError,
+    SpecError,
+    VerificationError,
+)
 from kiln.compiler.core.frontend import load_model
 from kiln.compiler.core.pass_api import CalibrationContext, Candidate, KilnPass, PassConfig
 from kiln.compiler.core.selectors import describe, select_nodes
 from kiln.compiler.core.spec import Budget, PassEntry, Spec, default_spec
 from kiln.compiler.core.version import kiln_version
 from kiln.compiler.driver import registry
+from kiln.compiler.driver.outdir import OutputFolder
 from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
 from kiln.compiler.driver.specs import load_spec
 from kiln.compiler.driver.verify import ErrorMetrics, Feeds, compare, make_samples
@@ -113,38 +130,83 @@ class CompileResult:
     reference_outputs: list[list] = field(default_factory=list)
     target: str | dict | None = None
 
+    #: the files the last ``save`` wrote (``OUTDIR/name``), sorted
+    written: list[Path] = field(default_factory=list)
+
     @property
     def model_hash(self) -> str:
+        """A hash of the model and the spec, known before anything is written (the build's
+        provisional id; the reported ``model_hash`` is that of the shipped files, see
+        :mod:`kiln.compiler.core.digest`)."""
         spec_text = json.dumps(self.spec.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(kir.model_bytes(self.model) + spec_text.encode()).hexdigest()
+
+    def _protect(self) -> tuple[Path, ...]:
+        return (Path(self.source),) if Path(self.source).exists() else ()
 
     def save(self, outdir: str | os.PathLike, *, target: str | dict | None = None,
              progress: Callable[[str], Any] | None = None, tune_trials: int | None = None,
              tuning_db: str | os.PathLike | None = None) -> Path:
-        """Write model.onnx (and, with a target, model.so + manifest.json) and report.json."""
-        from kiln.backends.onnx import save_model
-        from kiln.compiler.core.atomic import write_atomic
+        """Write model.onnx (and, with a target, model.so + manifest.json) and report.json
+        into ``outdir``, all or nothing (see :mod:`.outdir`); returns ``outdir``.
+        ``self.written`` lists the files written."""
+        with OutputFolder(outdir, protect=self._protect()) as folder:
+            self.write_into(folder, target=target, progress=progress,
+                            tune_trials=tune_trials, tuning_db=tuning_db)
+            folder.commit()
+        self.written = list(folder.written)
+        return Path(outdir)
 
-        out = Path(outdir)
-        if out.exists() and not out.is_dir():
-            raise KilnError(f"{out}: exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        protect = (Path(self.source),) if Path(self.source).exists() else ()
-        self.report.model_hash = self.model_hash
+    def write_into(self, folder: OutputFolder, *, target: str | dict | None = None,
+                   progress: Callable[[str], Any] | None = None,
+                   tune_trials: int | None = None,
+                   tuning_db: str | os.PathLike | None = None) -> None:
+        """Write every output into ``folder.staging`` (the commit is the caller's)."""
+        from kiln.backends.onnx import save_model
+        from kiln.compiler.core.atomic import write_atomic, write_error
+
+        assert folder.staging is not None, "write_into needs an entered OutputFolder"
+        out = folder.staging
+        names: list[str] = []
+
+        def write(name: str, data: bytes) -> None:
+            try:
+                write_atomic(out / name, data)
+            except OSError as error:
+                raise write_error(folder.shown / name, error) from error
+            names.append(name)
+
         if self.spec.output.onnx:
-            self.report.onnx_bytes = save_model(self.model, out / "model.onnx", protect=protect,
-                                                producer_version=kiln_version())
+            try:
+                self.report.onnx_bytes = save_model(self.model, out / "model.onnx",
+                                                    producer_version=kiln_version(),
+                                                    shown=folder.shown / "model.onnx")
+            except OSError as error:
+                raise write_error(folder.shown / "model.onnx", error) from error
+            names.append("model.onnx")
+        interrupt.checkpoint("write")
         target = target if target is not None else self.target
         if target is not None and self.spec.output.tvm:
             trials = self.spec.tune.trials if tune_trials is None else tune_trials
             db = tuning_db if tuning_db is not None else self.spec.tune.db
             self.report.compiled = _build_and_check(self, target, out, progress, trials,
                                                     Path(db) if db else None)
+        digests = {name: file_sha256(out / name) for name in os.listdir(out)
+                   if not name.startswith(".")}
+        self.report.model_hash = model_hash(digests)
         if "json" in self.spec.output.report:
-            write_atomic(out / "report.json", self.report.to_json().encode(), protect=protect)
+            write("report.json", self.report.to_json().encode())
         if "html" in self.spec.output.report:
-            write_atomic(out / "report.html", self.report.to_html().encode(), protect=protect)
-        return out
+            write("report.html", self.report.to_html().encode())
+        if self.report.compiled is not None:
+            from kiln.backends.tvm.manifest import read_manifest, write_manifest
+
+            manifest = read_manifest(out).with_files(out, names,
+                                                     model_hash=self.report.model_hash)
+            try:
+                write_manifest(out, manifest)
+            except OSError as error:
+                raise write_error(folder.shown / "manifest.json", error) from error
 
 
 # The compiled module is compared with ONNX Runtime running the final model: float
@@ -263,6 +325,19 @@ class _Runner:
         return [runner.run(feeds) for feeds in self.samples]
 
 
+def spec_label(spec: Spec) -> str:
+    """How reports name a spec: its own ``name`` (else its file) and what it extends,
+    e.g. ``my.yaml (extends int8)``. A name inherited through ``extends`` is not its own."""
+    file, _ = spec.locate(("name",))
+    own = spec.name if spec.name and (file is None or file == spec.source) else None
+    label = own or spec.source or "<spec>"
+    return f"{label} (extends {spec.extends})" if spec.extends else label
+
+
+def _new_report(source, spec: Spec) -> CompileReport:
+    return CompileReport(model=str(source), spec=spec_label(spec), kiln_version=kiln_version())
+
+
 def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
                   input_shapes: Mapping[str, Sequence[int]] | None = None,
                   target: str | dict | None = None,
@@ -272,27 +347,75 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
     if isinstance(spec, str):
         spec = load_spec(spec)
     spec = spec or default_spec()
+    return _compile(source, spec, _new_report(source, spec), input_shapes=input_shapes,
+                    target=target, progress=progress)
+
+
+def compile_to_folder(source: str | os.PathLike, spec: Spec | str | None, outdir: str | os.PathLike,
+                      *, input_shapes: Mapping[str, Sequence[int]] | None = None,
+                      target: str | dict | None = None,
+                      progress: Callable[[str], Any] | None = None,
+                      tune_trials: int | None = None,
+                      tuning_db: str | os.PathLike | None = None) -> CompileResult:
+    """``compile_model`` + ``save`` holding OUTDIR's lock from start to end (a second run
+    into the same folder refuses at once). A compile that fails with a KilnError (not a
+    write fault, not an interrupt) writes a ``status: failed`` report
+    (:meth:`OutputFolder.write_failed_report`); the error's ``failed_report`` names it."""
+    if isinstance(spec, str):
+        spec = load_spec(spec)
+    spec = spec or default_spec()
+    protect = (Path(source),) if Path(source).exists() else ()
+    with OutputFolder(outdir, protect=protect) as folder:
+        report = _new_report(source, spec)
+        try:
+            result = _compile(source, spec, report, input_shapes=input_shapes, target=target,
+                              progress=progress)
+            result.write_into(folder, target=target, progress=progress,
+                              tune_trials=tune_trials, tuning_db=tuning_db)
+            interrupt.checkpoint("commit")
+            folder.commit()
+        except MemoryError:
+            raise KilnError("out of memory (run with --debug for where)") from None
+        except KilnError as error:
+            if isinstance(error, OutputError) or interrupt.received() is not None:
+                raise
+            report.fail(error)
+            error.failed_report = folder.write_failed_report(  # type: ignore[attr-defined]
+                report.to_json().encode())
+            raise
+    result.written = list(folder.written)
+    return result
+
+
+def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
+             input_shapes: Mapping[str, Sequence[int]] | None,
+             target: str | dict | None,
+             progress: Callable[[str], Any] | None) -> CompileResult:
+    """``compile_model``, filling ``report`` as it goes (a failure leaves what ran)."""
     steps = build_steps(spec)
     say = progress or (lambda _text: None)
     started = time.perf_counter()
     say("loading model")
+    interrupt.checkpoint("load")
     model = _load(source, spec, input_shapes)
-    report = CompileReport(model=str(source), spec=spec.name or (spec.source or "<spec>"),
-                           kiln_version=kiln_version(), params_source=kir.count_params(model),
-                           bytes_source=kir.count_weight_bytes(model))
+    report.params_source = kir.count_params(model)
+    report.bytes_source = kir.count_weight_bytes(model)
     samples = _with_spec_location(spec, ("calibration", "source"),
                                   lambda: make_samples(model, spec)) if spec.verify.enabled else []
     calibration = _calibration_context(model, spec, steps)
     run = _Runner(samples, label=str(source))
     output_names = [v.name for v in model.graph.outputs]
     say("reference run")
+    interrupt.checkpoint("verify")
     source_outputs = run(model)
     report.verify_samples = len(samples)
     report.load_seconds = time.perf_counter() - started
     previous = source_outputs
     ran: list[str] = []
+    kept_vs_source: tuple[float | None, float | None] = (math.inf, 0.0)  # the model we keep
     for step in steps:
         say(f"pass {step.name}")
+        interrupt.checkpoint("pass")
         t0 = time.perf_counter()
         entry = step.entry
         selected = _selection(model, step, spec)
@@ -337,6 +460,7 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
                     p.skipped = True
                     p.note = f"undone: {failure}" + (f" ({p.note})" if p.note else "")
                     p.params_after, p.bytes_after = p.params_before, p.bytes_before
+                    p.sqnr_db_vs_source, p.max_abs_err_vs_source = kept_vs_source
                     logger.warning("pass %s undone: %s", step.name, failure)
                     outputs = previous
                 else:
@@ -345,15 +469,14 @@ def compile_model(source: str | os.PathLike, spec: Spec | str | None = None, *,
                         pass_name=step.name, output=vs_prev.worst_output,
                         sqnr_db=vs_prev.sqnr_db, max_abs_err=vs_prev.max_abs_err)
             previous = outputs
+            kept_vs_source = (p.sqnr_db_vs_source, p.max_abs_err_vs_source)
         elif p.modified:
             p.sqnr_db = p.sqnr_db_vs_source = None
             p.max_abs_err = p.max_abs_err_vs_source = None
             p.note = "; ".join(filter(None, [p.note, "not verified (verify.enabled: false)"]))
+            kept_vs_source = (None, None)
         else:
-            prev_report = report.passes[-1] if report.passes else None
-            if prev_report is not None:
-                p.sqnr_db_vs_source = prev_report.sqnr_db_vs_source
-                p.max_abs_err_vs_source = prev_report.max_abs_err_vs_source
+            p.sqnr_db_vs_source, p.max_abs_err_vs_source = kept_vs_source
         p.seconds = time.perf_counter() - t0
         report.passes.append(p)
         ran.append(step.name)

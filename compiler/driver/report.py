@@ -1,5 +1,11 @@
 """The compile report: per pass, what it matched and changed, what it cost in
-size and error, and how long it took; written as report.json and shown as a table."""
+size and error, and how long it took; written as report.json and shown as a table.
+
+The total counts only the passes whose result was kept (a pass undone by
+``on_budget_exceeded: skip_pass`` is listed, marked skipped, but changes nothing).
+``status`` is ``ok``, or ``failed`` with the error and the passes that ran before it.
+``model_hash`` is the hash of the shipped files (:mod:`kiln.compiler.core.digest`),
+the same value as in manifest.json."""
 
 from __future__ import annotations
 
@@ -77,12 +83,22 @@ class CompileReport:
     compiled: CompiledReport | None = None
     model_hash: str = ""
     onnx_bytes: int | None = None
+    status: str = "ok"
+    #: a failed compile: {"kind": error class, "message": text, "pass": failing pass or None}
+    error: dict[str, Any] | None = None
+
+    def fail(self, error: Exception) -> None:
+        """Mark the report failed with ``error`` (the passes listed are those that ran)."""
+        self.status = "failed"
+        self.error = {"kind": type(error).__name__, "message": str(error),
+                      "pass": getattr(error, "pass_name", None)}
 
     def total(self) -> dict[str, Any]:
-        last = self.passes[-1] if self.passes else None
+        kept = [p for p in self.passes if not p.skipped]
+        last = kept[-1] if kept else None
         return {
             "passes": len(self.passes),
-            "modified": sum(1 for p in self.passes if p.modified),
+            "modified": sum(1 for p in kept if p.modified),
             "params_before": self.params_source,
             "params_after": last.params_after if last else self.params_source,
             "bytes_before": self.bytes_source,
@@ -94,7 +110,8 @@ class CompileReport:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
+            "status": self.status,
             "model": self.model,
             "spec": self.spec,
             "kiln_version": self.kiln_version,
@@ -106,6 +123,9 @@ class CompileReport:
             "onnx_bytes": self.onnx_bytes,
             "compiled": self.compiled.to_dict() if self.compiled else None,
         }
+        if self.error is not None:
+            data["error"] = self.error
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"

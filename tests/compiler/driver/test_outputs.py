@@ -148,13 +148,41 @@ def test_outdir_that_cannot_be_created(tmp_path, capsys):
     assert "cannot write output" in err
 
 
-def test_failed_compile_writes_nothing(tmp_path, capsys):
+def test_failed_compile_writes_only_a_failed_report(tmp_path, capsys):
     spec = tmp_path / "spec.yaml"
-    spec.write_text("kiln: 1\npasses:\n  - fold_batchnorm: {select: {op: LSTM}}\n")
+    spec.write_text("kiln: 1\npasses:\n  - dedupe_weights\n"
+                    "  - fold_batchnorm: {select: {op: LSTM}}\n")
     out = tmp_path / "out"
     code = main(["compile", str(EXAMPLE), "--spec", str(spec), "--no-build", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert sorted(p.name for p in out.iterdir()) == ["report.json"]  # no model.onnx
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "failed"
+    assert report["error"]["kind"] == "SpecError" and "matches no node" in \
+        report["error"]["message"]
+    assert [p["name"] for p in report["passes"]] == ["dedupe_weights"]  # what ran before
+    assert f"report of the failed compile: {out / 'report.json'}" in err
+
+
+def test_failed_compile_beside_an_earlier_build_leaves_it_alone(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = compile_to(capsys, EXAMPLE, out)
+    assert code == 0, err
+    before = {p.name: sha256(p) for p in out.iterdir()}
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("kiln: 1\npasses:\n  - fold_batchnorm: {select: {op: LSTM}}\n")
+    code = main(["compile", str(EXAMPLE), "--spec", str(spec), "--no-build", "-o", str(out)])
+    err = capsys.readouterr().err
     assert code == 2
-    assert not out.exists()
+    assert {p.name: sha256(p) for p in out.iterdir()} == before
+    beside = tmp_path / "out.failed-report.json"
+    assert json.loads(beside.read_text())["status"] == "failed"
+    assert str(beside) in err
+    # the next good run into the folder removes the stale failed report
+    code, err = compile_to(capsys, EXAMPLE, out)
+    assert code == 0, err
+    assert not beside.exists()
 
 
 # -- kiln schema and kiln passes ---------------------------------------------------------

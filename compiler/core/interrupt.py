@@ -1,0 +1,93 @@
+"""Interrupts (SIGINT, SIGTERM) that stay interrupts, and test pause points.
+
+Python turns SIGINT into ``KeyboardInterrupt`` at the next bytecode; raised inside a
+callback that TVM's C++ code called, it comes back out of the FFI as a TVM error
+(``RuntimeError``). :func:`handled` installs handlers that remember that a signal
+arrived (:func:`received`), so code that catches a library's error can tell an
+interrupt from a failure and re-raise it as ``KeyboardInterrupt``. SIGTERM is handled
+like SIGINT (Python's default for it kills the process without cleaning up).
+
+:func:`deferred` blocks both signals for a short critical section (the final renames of
+an output folder): one that arrives meanwhile is delivered when the section ends.
+
+:func:`checkpoint` is a pause point for tests: with ``KILN_TEST_PAUSE=NAME`` in the
+environment, the process prints ``kiln-test: paused at NAME`` to stderr and sleeps
+there, so a test can send a signal at a known point of a compile.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+#: Environment variable naming the :func:`checkpoint` at which to pause (tests only).
+PAUSE_ENV = "KILN_TEST_PAUSE"
+#: How long a checkpoint pauses (a test signals the process well before).
+PAUSE_SECONDS = 30.0
+
+_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
+                 if s is not None)
+_state = {"signal": None}
+
+
+def received() -> int | None:
+    """The number of the interrupt signal received inside :func:`handled`, if any."""
+    return _state["signal"]
+
+
+def _on_signal(signum, frame) -> None:
+    _state["signal"] = signum
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def handled() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt and are remembered (main thread only;
+    elsewhere nothing is installed). The previous handlers come back at the end."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _on_signal) for s in _SIGNALS}
+    _state["signal"] = None
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends (then they are delivered)."""
+    if not hasattr(signal, "pthread_sigmask") or \
+            threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def pending() -> bool:
+    """An interrupt is waiting to be delivered (inside :func:`deferred`) or was received."""
+    if received() is not None:
+        return True
+    if hasattr(signal, "sigpending"):
+        return bool(set(signal.sigpending()) & set(_SIGNALS))
+    return False
+
+
+def checkpoint(name: str) -> None:
+    """Pause here when ``KILN_TEST_PAUSE`` names this point (see the module docstring)."""
+    if os.environ.get(PAUSE_ENV) != name:
+        return
+    sys.stderr.write(f"kiln-test: paused at {name}\n")
+    sys.stderr.flush()
+    time.sleep(PAUSE_SECONDS)
