@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir
-from kiln.compiler.core.errors import SpecError, VerificationError
+from kiln.compiler.core.errors import FrontendError, SpecError, VerificationError
 from kiln.compiler.core.metrics import sqnr_db_from_sums
 from kiln.compiler.core.spec import Spec
 from kiln.compiler.core.spec.schema import FolderSource, NpzSource
@@ -53,8 +53,9 @@ def static_input_shapes(model: ir.Model) -> dict[str, tuple[list[int], np.dtype]
     for value in kir.graph_inputs(model):
         dims = kir.shape_list(value)
         if value.shape is None or any(not isinstance(d, int) or d <= 0 for d in dims):
-            raise SpecError(f"input {value.name!r} has dynamic shape {dims}: bind it with "
-                            f"--input {value.name}=DxDx... or the spec's `inputs:`")
+            # A property of the model, not of a spec key (the driver locates SpecErrors).
+            raise FrontendError(f"input {value.name!r} has dynamic shape {dims}: bind it with "
+                                f"--input {value.name}=DxDx... or the spec's `inputs:`")
         shapes[value.name] = (list(dims), kir.numpy_dtype(value))
     return shapes
 
