@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -13,6 +14,30 @@ from kiln.compiler.core.errors import VerificationError
 
 #: ``optimize=`` values: ORT's graph optimization levels by name.
 OPTIMIZATION_LEVELS = ("none", "basic", "all")
+
+
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ")
+_CPP_SOURCE = re.compile(r"\S+\.(?:h|hpp|cc|cpp):\d+\s+")
+
+
+def ort_message(text: str) -> str:
+    """ONNX Runtime's first error line without its status prefix and the C++ source path
+    and function signature it puts in front (``/onnxruntime_src/...h:46 void f(...)``)."""
+    lines = text.strip().splitlines()
+    first = _ORT_PREFIX.sub("", lines[0]) if lines else ""
+    source = _CPP_SOURCE.search(first)
+    if source is None:
+        return first
+    rest = first[source.end():]
+    start = rest.find("(")
+    if 0 <= start < 200:
+        depth = 0
+        for i in range(start, len(rest)):          # skip the signature: balanced (...)
+            depth += {"(": 1, ")": -1}.get(rest[i], 0)
+            if depth == 0:
+                rest = rest[i + 1:]
+                break
+    return (first[:source.start()] + rest.strip()).strip()
 
 
 class ReferenceRunner:
@@ -44,7 +69,7 @@ class ReferenceRunner:
             self.session = ort.InferenceSession(data, options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            first = ort_message(str(error))
             raise VerificationError(f"{label}: ONNX Runtime cannot load it: {first}") from error
         self.label = label
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -54,7 +79,7 @@ class ReferenceRunner:
         try:
             return self.session.run(None, {k: feeds[k] for k in self.input_names})
         except Exception as error:
-            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            first = ort_message(str(error))
             raise VerificationError(f"{self.label}: ONNX Runtime failed to run it: {first}") \
                 from error
 

@@ -51,11 +51,15 @@ def _progress(enabled: bool):
 
 def _input_shapes(bindings: list[str] | None) -> dict[str, list[int]]:
     from kiln.compiler.core.frontend import parse_input_binding
+    from kiln.compiler.core.spec.schema import check_input_size
 
     shapes = {}
     for text in bindings or ():
         name, dims = parse_input_binding(text)
-        shapes[name] = dims
+        try:
+            shapes[name] = check_input_size(dims)
+        except ValueError as error:
+            raise KilnError(f"--input {text!r}: {error}") from None
     return shapes
 
 
@@ -63,7 +67,12 @@ def _load_spec(ref: str | None):
     from kiln.compiler.core.spec import default_spec
     from kiln.compiler.driver.specs import load_spec
 
-    return load_spec(ref) if ref else default_spec()
+    if ref is None:
+        return default_spec()
+    if not ref.strip():
+        raise KilnError("--spec is empty: give a spec file or a built-in spec name "
+                        "(`kiln specs` lists them)")
+    return load_spec(ref)
 
 
 def _target_arg(text: str | None):

@@ -57,19 +57,101 @@ class Locations:
                 self.lines.setdefault(dst + key[len(src):], where)
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    pass
+#: Limits that keep a hostile or broken document from taking the machine: nesting depth
+#: (PyYAML composes recursively; 20000 ``[`` would end in a RecursionError), the number of
+#: values once aliases are expanded (a 500-byte "billion laughs" expands to 10^9), and the
+#: text's size. Real specs are a few levels deep and a few hundred values long.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
+MAX_CHARS = 1 << 20
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """The safe loader, refusing nesting deeper than MAX_DEPTH while it composes and
+    remembering where the first alias is (to name it if aliases expand too far)."""
+
+    def __init__(self, text: str, file: str) -> None:
+        super().__init__(text)
+        self.file = file
+        self.depth = 0
+        self.first_alias: int | None = None
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent) and self.first_alias is None:
+            self.first_alias = self.peek_event().start_mark.line + 1
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                line = self.peek_event().start_mark.line + 1
+                raise SpecError(f"invalid YAML: nested deeper than {MAX_DEPTH} levels",
+                                file=self.file, line=line)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def _check_expansion(root: yaml.Node, loader: _SpecLoader) -> None:
+    """Refuse, before anything is expanded, a document whose aliases make it too big or too
+    deep (or refer to themselves). The node graph shares aliased nodes, so sizes are
+    counted once per node (memoized), not once per use."""
+    sizes: dict[int, tuple[int, int]] = {}     # id(node) -> (values, depth) once expanded
+    open_nodes: set[int] = set()
+
+    def measure(n: yaml.Node) -> tuple[int, int]:
+        key = id(n)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            raise SpecError("invalid YAML: an alias refers to the node that contains it",
+                            file=loader.file, line=n.start_mark.line + 1)
+        open_nodes.add(key)
+        values, depth = 1, 0
+        children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) \
+            else n.value if isinstance(n, yaml.SequenceNode) else []
+        for child in children:
+            child_values, child_depth = measure(child)
+            values += child_values
+            depth = max(depth, child_depth)
+            if values > MAX_VALUES or depth >= MAX_DEPTH:
+                what = f"more than {MAX_VALUES} values" if values > MAX_VALUES else \
+                    f"nesting deeper than {MAX_DEPTH} levels"
+                raise SpecError(f"invalid YAML: aliases expand to {what}; refusing to "
+                                "expand them (write the values out or use `extends:`)",
+                                file=loader.file, line=loader.first_alias or 1)
+        open_nodes.discard(key)
+        sizes[key] = (values, depth + 1)
+        return sizes[key]
+
+    measure(root)
+
+
+def _yaml_error(error: yaml.YAMLError, file: str) -> SpecError:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    return SpecError(f"invalid YAML: {problem}", file=file, line=mark.line + 1 if mark else None)
 
 
 def compose(text: str, file: str) -> tuple[Any, Locations]:
     """Parse ``text``: (data, the line of every key path); bad YAML is a SpecError."""
+    if len(text) > MAX_CHARS:
+        raise SpecError(f"a spec larger than {MAX_CHARS >> 20} MiB is refused", file=file)
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        loader = _SpecLoader(text, file)     # its reader already checks the characters
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise SpecError(f"invalid YAML: {problem}", file=file,
-                        line=mark.line + 1 if mark else None) from None
+        raise _yaml_error(error, file) from None
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as error:
+            raise _yaml_error(error, file) from None
+        if node is not None:
+            _check_expansion(node, loader)
+        return _build(node, file, loader)
+    finally:
+        loader.dispose()
+
+
+def _build(node: yaml.Node | None, file: str, loader: _SpecLoader) -> tuple[Any, Locations]:
     locations = Locations()
     if node is None:
         return None, locations
@@ -101,14 +183,14 @@ def compose(text: str, file: str) -> tuple[Any, Locations]:
 
     def build_scalar(n: yaml.Node) -> Any:
         if isinstance(n, yaml.ScalarNode):
-            return _scalar(n, file)
+            return _scalar(n, file, loader)
         return [] if isinstance(n, yaml.SequenceNode) else {}
 
     return build(node, ()), locations
 
 
-def _scalar(n: yaml.ScalarNode, file: str) -> Any:
-    loader = _UniqueKeyLoader("")
+def _scalar(n: yaml.ScalarNode, file: str, loader: yaml.SafeLoader) -> Any:
+    """One scalar, constructed by the document's own loader (not a new one per scalar)."""
     try:
         return loader.construct_object(n)
     except yaml.YAMLError as error:
@@ -119,5 +201,3 @@ def _scalar(n: yaml.ScalarNode, file: str) -> Any:
             problem = getattr(error, "problem", None) or str(error).splitlines()[0]
             problem = f"invalid YAML: {problem}"
         raise SpecError(problem, file=file, line=n.start_mark.line + 1) from None
-    finally:
-        loader.dispose()

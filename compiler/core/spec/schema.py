@@ -7,12 +7,15 @@ typed config object (``PassEntry.options``).
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import weakref
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -212,6 +215,40 @@ class PassEntry(_Strict):
 COMMON_PASS_KEYS = ("select", "optional", "budget")
 
 
+def _machine_memory() -> int:
+    """Bytes of physical memory (a generous 1 TiB where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 40
+
+
+def _bytes_text(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if count < 1024 or unit == "PiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_input_size(dims: list[int]) -> list[int]:
+    """Refuse input dims whose float32 tensor the machine could not hold (verification and
+    calibration make such tensors): ``[1099511627776, 3, 16, 16]`` is 3 PiB. A ValueError
+    says by how much; the spec loader and ``--input`` name the file, key and input."""
+    elements = math.prod(dims)
+    memory = _machine_memory()
+    if elements * 4 > memory:
+        shape = "x".join(str(d) for d in dims)
+        raise ValueError(f"shape {shape} is {elements:.3g} values ({_bytes_text(elements * 4)} "
+                         f"as float32), more than this machine's memory "
+                         f"({_bytes_text(memory)})")
+    return dims
+
+
+#: One input's dims in ``inputs:``: positive, and small enough to be held in memory.
+InputDims = Annotated[list[Annotated[int, Field(gt=0)]], AfterValidator(check_input_size)]
+
+
 class Spec(_Strict):
     """A loaded spec: every section typed, each pass's options its config object."""
 
@@ -219,7 +256,7 @@ class Spec(_Strict):
     name: str | None = None
     extends: str | None = None
     description: str | None = None
-    inputs: dict[str, list[Annotated[int, Field(gt=0)]]] | None = None
+    inputs: dict[str, InputDims] | None = None
     calibration: Calibration = Calibration()
     passes: list[PassEntry] = []
     verify: Verify = Verify()
