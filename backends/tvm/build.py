@@ -91,16 +91,32 @@ def _check_declared_inputs(found: list[TensorSpec], declared: Sequence[InputDecl
                             target=target)
 
 
-def _relax_outputs(mod, names: list[str]) -> list[TensorSpec]:
-    """Output specs from the Relax main's return type (static after import)."""
+def _relax_outputs(mod, outputs: Sequence[ir.Value]) -> list[TensorSpec]:
+    """Output specs from the Relax main's return type; an output whose shape Relax leaves
+    open (data-dependent: NonZero, Unique, Tile by an input ...) takes the shape the ONNX
+    graph declares, and is a LoweringError naming the output and its producer if none."""
     from tvm import relax
 
     ret = mod["main"].ret_ty
     fields = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
     specs = []
-    for name, ty in zip(names, fields, strict=True):
-        shape = tuple(int(d) for d in ty.shape.values)
-        specs.append(TensorSpec(name, shape, str(ty.dtype)))
+    for value, ty in zip(outputs, fields, strict=True):
+        dims = getattr(getattr(ty, "shape", None), "values", None)
+        try:  # a symbolic dimension (tir.Var) has no int()
+            shape = tuple(int(d) for d in dims) if dims is not None else None
+        except Exception:
+            shape = None
+        if shape is not None:
+            pass
+        elif value.shape is not None and all(isinstance(d, int) for d in value.shape):
+            shape = tuple(int(d) for d in value.shape)
+        else:
+            node = value.producer()
+            made_by = f" (made by {node.op_type} node {node.name!r})" if node else ""
+            raise LoweringError(f"output {value.name!r}{made_by} has a data-dependent shape; "
+                                "kiln builds static shapes only")
+        dtype = getattr(ty, "dtype", None) or str(value.dtype.numpy())
+        specs.append(TensorSpec(value.name, shape, str(dtype)))
     return specs
 
 
@@ -176,7 +192,7 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
 
     step("lower")
     mod = lower_to_relax(model, target_name=resolved.name)
-    outputs = _relax_outputs(mod, [v.name for v in model.graph.outputs])
+    outputs = _relax_outputs(mod, list(model.graph.outputs))
 
     step("tune")
     tuning_summary = None

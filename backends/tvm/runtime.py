@@ -211,7 +211,8 @@ class CompiledModel:
             if got.shape != spec.shape or got.dtype != spec.dtype:
                 raise KilnError(f"input {spec.name!r}: expected shape {spec.describe()}, "
                                 f"got {got.describe()}")
-            ordered.append(np.ascontiguousarray(array))
+            # ascontiguousarray makes a 0-d array 1-d; TVM checks the rank, so keep it
+            ordered.append(np.ascontiguousarray(array).reshape(array.shape))
         return ordered
 
     def __call__(self, *arrays: Any, **named: Any) -> list[np.ndarray]:

@@ -47,7 +47,14 @@ from kiln.compiler.driver import registry
 from kiln.compiler.driver.outdir import OutputFolder
 from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
 from kiln.compiler.driver.specs import load_spec
-from kiln.compiler.driver.verify import ErrorMetrics, Feeds, compare, make_samples
+from kiln.compiler.driver.verify import (
+    ErrorMetrics,
+    Feeds,
+    compare,
+    make_samples,
+    reference_outputs,
+    verification_samples,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -400,14 +407,13 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
     model = _load(source, spec, input_shapes)
     report.params_source = kir.count_params(model)
     report.bytes_source = kir.count_weight_bytes(model)
-    samples = _with_spec_location(spec, ("calibration", "source"),
-                                  lambda: make_samples(model, spec)) if spec.verify.enabled else []
+    samples = verification_samples(model, spec) if spec.verify.enabled else []
     calibration = _calibration_context(model, spec, steps)
     run = _Runner(samples, label=str(source))
     output_names = [v.name for v in model.graph.outputs]
     say("reference run")
     interrupt.checkpoint("verify")
-    source_outputs = run(model)
+    source_outputs = reference_outputs(run, model)
     report.verify_samples = len(samples)
     report.load_seconds = time.perf_counter() - started
     previous = source_outputs

@@ -3,7 +3,14 @@ with ONNX Runtime, and the error of every output (SQNR in dB, max abs error).
 
 SQNR = 10 log10(sum(ref^2) / sum((ref - out)^2)) over all samples of an output
 (``kiln.compiler.core.metrics``); identical outputs give +inf (written as null in
-JSON, "exact" in tables).
+JSON, "exact" in tables). NaN where the reference has NaN, and the same infinity where
+it has one, count as equal; any other non-finite difference is an infinite error.
+
+Random inputs are drawn where they mean something to the ops that read them
+(:mod:`.input_ranges`: indices within the dimension, valid axes, real shapes, ...);
+``verify.inputs: npz:PATH`` gives verification inputs instead. When ONNX Runtime cannot
+run the reference on them, verification "could not be done" (:func:`unverifiable`), which
+is never reported as the model being wrong.
 """
 
 from __future__ import annotations
@@ -17,10 +24,12 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir
-from kiln.compiler.core.errors import FrontendError, SpecError, VerificationError
-from kiln.compiler.core.metrics import sqnr_db_from_sums
+from kiln.compiler.core.errors import FrontendError, KilnError, SpecError, VerificationError
+from kiln.compiler.core.metrics import equal_nonfinite, sqnr_db_from_sums
 from kiln.compiler.core.spec import Spec
 from kiln.compiler.core.spec.schema import FolderSource, NpzSource
+
+from .input_ranges import Draw, input_draws
 
 Feeds = dict[str, np.ndarray]
 
@@ -34,29 +43,53 @@ class ErrorMetrics:
     within_tolerance: bool   # every output within atol + rtol * max|ref|
 
     def describe(self) -> str:
-        sqnr = "exact" if math.isinf(self.sqnr_db) else f"{self.sqnr_db:.1f} dB"
+        if self.sqnr_db == math.inf:
+            sqnr = "exact"
+        elif self.sqnr_db == -math.inf:
+            sqnr = "-inf dB (NaN/inf where the reference differs)" \
+                if not math.isfinite(self.max_abs_err) else "-inf dB"
+        else:
+            sqnr = f"{self.sqnr_db:.1f} dB"
         return f"SQNR {sqnr}, max abs error {self.max_abs_err:.3g} (output {self.worst_output!r})"
 
 
-def _random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-    if np.issubdtype(dtype, np.floating):
+VERIFY_HINT = "give inputs with verify.inputs: npz:PATH (or set verify.enabled: false)"
+
+
+def unverifiable(why: str) -> VerificationError:
+    """The error for a model kiln could not check (never "the model is wrong")."""
+    return VerificationError(f"verification could not be done: {why}; {VERIFY_HINT}")
+
+
+def _random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype,
+                  name: str = "?", draw: Draw | None = None) -> np.ndarray:
+    if draw is not None:
+        return draw(rng, list(shape), dtype)
+    if np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16", "float8_e4m3fn",
+                                                           "float8_e5m2"):
         return rng.standard_normal(shape).astype(dtype)
     if dtype == np.bool_:
         return rng.random(shape) < 0.5
     if np.issubdtype(dtype, np.integer):
         return rng.integers(0, 4, size=shape).astype(dtype)
-    raise SpecError(f"cannot make random inputs of dtype {dtype}")
+    raise unverifiable(f"kiln cannot make random values of dtype {dtype} (input {name!r})")
 
 
 def static_input_shapes(model: ir.Model) -> dict[str, tuple[list[int], np.dtype]]:
+    """Shape and dtype of every graph input; a zero-length dimension is static."""
     shapes = {}
     for value in kir.graph_inputs(model):
         dims = kir.shape_list(value)
-        if value.shape is None or any(not isinstance(d, int) or d <= 0 for d in dims):
-            # A property of the model, not of a spec key (the driver locates SpecErrors).
+        if value.shape is None or any(not isinstance(d, int) or d < 0 for d in dims):
             raise FrontendError(f"input {value.name!r} has dynamic shape {dims}: bind it with "
-                                f"--input {value.name}=DxDx... or the spec's `inputs:`")
-        shapes[value.name] = (list(dims), kir.numpy_dtype(value))
+                                f"--input {value.name}=DxDx... or the spec's `inputs:`",
+                                input_key=value.name)
+        try:
+            dtype = kir.numpy_dtype(value)
+        except Exception as error:
+            raise unverifiable(f"input {value.name!r} has type {value.dtype}, which numpy "
+                               f"cannot hold ({error})") from None
+        shapes[value.name] = (list(dims), dtype)
     return shapes
 
 
@@ -135,7 +168,7 @@ def _folder_samples(folder: Path, recipe, shapes: dict[str, tuple[list[int], np.
         pixels = (pixels * recipe.scale - mean) / std
         if recipe.layout == "NCHW":
             pixels = pixels.transpose(2, 0, 1)
-        feeds = {other: _random_array(rng, s, d) for other, (s, d) in shapes.items()
+        feeds = {other: _random_array(rng, s, d, other) for other, (s, d) in shapes.items()
                  if other != name}
         feeds[name] = np.ascontiguousarray(pixels[None]).astype(dtype)
         samples.append(feeds)
@@ -144,7 +177,8 @@ def _folder_samples(folder: Path, recipe, shapes: dict[str, tuple[list[int], np.
 
 def make_samples(model: ir.Model, spec: Spec, *, count: int | None = None,
                  seed: int | None = None) -> list[Feeds]:
-    """Inputs for verification and calibration: the spec's npz samples or seeded random."""
+    """Inputs for verification and calibration: the spec's npz or folder samples, or seeded
+    random inputs drawn where the graph says they are valid (:mod:`.input_ranges`)."""
     shapes = static_input_shapes(model)
     count = count or spec.verify.samples
     source = spec.calibration.source
@@ -153,9 +187,48 @@ def make_samples(model: ir.Model, spec: Spec, *, count: int | None = None,
     if isinstance(source, FolderSource):
         return _folder_samples(Path(source.path), spec.calibration.preprocess, shapes, count,
                                spec.calibration.seed if seed is None else seed)
-    rng = np.random.default_rng(spec.verify.seed if seed is None else seed)
-    return [{name: _random_array(rng, shape, dtype) for name, (shape, dtype) in shapes.items()}
-            for _ in range(count)]
+    return random_samples(model, shapes, count, spec.verify.seed if seed is None else seed)
+
+
+def random_samples(model: ir.Model, shapes: dict[str, tuple[list[int], np.dtype]], count: int,
+                   seed: int) -> list[Feeds]:
+    rng = np.random.default_rng(seed)
+    draws = input_draws(model)
+    return [{name: _random_array(rng, shape, dtype, name, draws.get(name))
+             for name, (shape, dtype) in shapes.items()} for _ in range(count)]
+
+
+def verification_samples(model: ir.Model, spec: Spec) -> list[Feeds]:
+    """The verification inputs: ``verify.inputs`` when the spec gives them (errors point at
+    that key), else :func:`make_samples` (errors about a calibration file point at
+    ``calibration.source``; errors about the model itself point nowhere in the spec)."""
+    given = spec.verify.inputs
+    if given is not None:
+        shapes = static_input_shapes(model)
+        try:
+            return _npz_samples(Path(given.path), shapes, spec.verify.samples)
+        except SpecError as error:
+            raise spec.error(("verify", "inputs"), error.detail) from None
+    if isinstance(spec.calibration.source, NpzSource | FolderSource):
+        try:
+            return make_samples(model, spec)
+        except SpecError as error:
+            if error.file is None and error.line is None:
+                raise spec.error(("calibration", "source"), error.detail) from None
+            raise
+    return make_samples(model, spec)
+
+
+def reference_outputs(run, model: ir.Model) -> list:
+    """``run(model)`` (ONNX Runtime on the verification inputs); when ONNX Runtime cannot
+    load or run the model on them, verification could not be done (a clean error)."""
+    try:
+        return run(model)
+    except VerificationError as error:
+        raise unverifiable(f"ONNX Runtime cannot run the reference on kiln's inputs "
+                           f"({str(error).split(': ', 1)[-1]})") from None
+    except KilnError:
+        raise
 
 
 def compare(reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence[np.ndarray]],
@@ -177,12 +250,15 @@ def compare(reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence
             if ref.shape != act.shape:
                 raise VerificationError(f"output {name!r} changed shape from {list(ref.shape)} "
                                         f"to {list(act.shape)}", output=name)
-            if ref.dtype.kind not in "fc":
+            if ref.dtype.kind in "biu":
                 diff = (ref != act).astype(np.float64)
                 ref64 = ref.astype(np.float64)
             else:
                 ref64 = ref.astype(np.float64)
-                diff = ref64 - act.astype(np.float64)
+                act64 = act.astype(np.float64)
+                same = equal_nonfinite(ref64, act64)
+                ref64 = np.where(same, 0.0, ref64)
+                diff = np.where(same, 0.0, ref64 - np.where(same, 0.0, act64))
             if not np.all(np.isfinite(diff)):
                 noise = math.inf
                 out_err = math.inf

@@ -171,14 +171,29 @@ class Calibration(_Strict):
         return self
 
 
+def _npz_from_yaml(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.startswith("npz:") or not value[4:]:
+            raise ValueError(f"{value!r} is not npz:PATH")
+        return NpzSource(path=value[4:])
+    return value
+
+
+#: Verification inputs the user gives (``npz:PATH``: one array per input name).
+VerifyInputs = Annotated[NpzSource, BeforeValidator(_npz_from_yaml, json_schema_input_type=str),
+                         PlainSerializer(lambda source: source.yaml_form(), return_type=str)]
+
+
 class Verify(_Strict):
-    """Per-pass and end-to-end numerical checks with ONNX Runtime."""
+    """Per-pass and end-to-end numerical checks with ONNX Runtime (on ``inputs`` when
+    given, else on the calibration source's samples or seeded random inputs)."""
 
     enabled: bool = True
     samples: int = Field(default=2, ge=1, le=1000)
     seed: int = 0
     budget: Budget | None = None
     on_budget_exceeded: Literal["fail", "skip_pass"] = "fail"
+    inputs: VerifyInputs | None = None
     # Exact passes must match to float32 tolerance: |a-b| <= atol + rtol * max|ref|.
     rtol: float = Field(default=1e-4, gt=0)
     atol: float = Field(default=1e-5, ge=0)

@@ -1,0 +1,280 @@
+"""Random verification inputs that mean something to the ops that read them.
+
+A model input that feeds indices, axes, a shape, repeats, sizes or ``k`` is useless
+drawn as noise: ``Gather`` with an index past the end makes ONNX Runtime fail (and a
+compiled module read out of bounds), ``ReduceSum`` with axis 3 on a rank-2 tensor is
+an error, ``Reshape`` to a random shape is impossible. So each input is followed to
+the op(s) that read it (through ``Identity``/``Cast``) and drawn within what that
+operand accepts, using the static shapes of the op's other operands:
+
+- Gather / GatherElements / OneHot indices: ``[0, dim)`` of the indexed axis (OneHot:
+  ``depth`` when constant); GatherND: per index column ``[0, dim_j)``;
+  ScatterElements / ScatterND indices: distinct positions (no two updates race);
+- axes (Reduce*, Squeeze, Unsqueeze, Slice, Pad, CumSum axis): distinct, in range;
+  Squeeze axes only where the dimension is 1;
+- Reshape / Expand / ConstantOfShape / Resize sizes / Tile repeats / Split sizes /
+  TopK k: from the node's static output shape when the model gives it, else a valid
+  shape derived from the input's (identity reshape, ``k = 1``, ...);
+- Slice steps: 1 or 2 (never 0); integer Div / Mod divisors: non-zero; BitShift
+  amounts: within the element width; integer Pow exponents: 0..3.
+
+An input no rule speaks for gets the default draw (normal floats, ints in [0, 4),
+fair booleans).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from kiln.compiler.core import graph as kir
+
+#: draws one input: (rng, shape, dtype) -> array
+Draw = Callable[[np.random.Generator, list[int], np.dtype], np.ndarray]
+
+_PASS_THROUGH = ("Identity", "Cast", "CastLike")
+_REDUCE_AXES_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+                    "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+                    "ReduceSumSquare")
+
+
+def _static(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = kir.shape_list(value)
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.value
+
+
+def _ints(rng: np.random.Generator, low: int, high: int, shape: list[int],
+          dtype: np.dtype) -> np.ndarray:
+    return rng.integers(low, max(high, low + 1), size=shape).astype(dtype)
+
+
+def _filled(values: list[int]) -> Draw:
+    """A draw that gives exactly ``values`` (a 1-d shape/sizes/repeats operand)."""
+    def draw(rng, shape, dtype):
+        size = int(np.prod(shape)) if shape else 1
+        if size != len(values):
+            return _ints(rng, 1, 2, shape, dtype)
+        return np.asarray(values, dtype=dtype).reshape(shape)
+    return draw
+
+
+def _distinct_axes(choices: list[int]) -> Draw:
+    """``n`` distinct axes from ``choices`` (n = the operand's size)."""
+    def draw(rng, shape, dtype):
+        size = int(np.prod(shape)) if shape else 1
+        picked = rng.permutation(choices)[:size] if len(choices) >= size else \
+            np.resize(np.asarray(choices or [0]), size)
+        return np.asarray(sorted(int(a) for a in picked), dtype=dtype).reshape(shape)
+    return draw
+
+
+def _below(bound: int) -> Draw:
+    return lambda rng, shape, dtype: _ints(rng, 0, bound, shape, dtype)
+
+
+def _gather_nd(dims: list[int]) -> Draw:
+    def draw(rng, shape, dtype):
+        out = np.zeros(shape, dtype=dtype)
+        for j in range(shape[-1] if shape else 0):
+            bound = dims[j] if j < len(dims) else 1
+            out[..., j] = rng.integers(0, max(bound, 1), size=shape[:-1])
+        return out
+    return draw
+
+
+def _scatter_nd(dims: list[int]) -> Draw:
+    def draw(rng, shape, dtype):
+        k = shape[-1]
+        count = int(np.prod(shape[:-1]))
+        space = int(np.prod(dims[:k]))
+        flat = rng.choice(space, size=count, replace=count > space)
+        return np.stack(np.unravel_index(flat, dims[:k]), axis=-1).astype(dtype).reshape(shape)
+    return draw
+
+
+def _scatter_elements(dim: int, axis: int) -> Draw:
+    def draw(rng, shape, dtype):
+        n = shape[axis]
+        moved = [s for i, s in enumerate(shape) if i != axis]
+        lines = int(np.prod(moved)) if moved else 1
+        rows = [rng.permutation(dim)[:n] if dim >= n else rng.integers(0, dim, n)
+                for _ in range(lines)]
+        block = np.asarray(rows, dtype=dtype).reshape([*moved, n])
+        return np.moveaxis(block, -1, axis).copy()
+    return draw
+
+
+def _nonzero(rng, shape, dtype):
+    values = rng.integers(1, 4, size=shape) * rng.choice([-1, 1], size=shape)
+    if np.issubdtype(dtype, np.unsignedinteger):
+        values = np.abs(values)
+    return values.astype(dtype)
+
+
+def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None:
+    """The draw for operand ``index`` of ``node`` (None: the default draw)."""
+    op = node.op_type
+    inputs = list(node.inputs)
+    data = _static(inputs[0]) if inputs else None
+    rank = len(data) if data is not None else None
+    if op == "Gather" and index == 1 and data:
+        return _below(data[_attr(node, "axis", 0) % rank])
+    if op == "GatherElements" and index == 1 and data:
+        return _below(data[_attr(node, "axis", 0) % rank])
+    if op == "GatherND" and index == 1 and data:
+        return _gather_nd(data[_attr(node, "batch_dims", 0):])
+    if op == "ScatterND" and index == 1 and data:
+        return _scatter_nd(data)
+    if op in ("ScatterElements", "Scatter") and index == 1 and data:
+        axis = _attr(node, "axis", 0) % rank
+        return _scatter_elements(data[axis], axis)
+    if op == "OneHot" and index == 0:
+        depth = kir.constant_tensor(inputs[1]) if len(inputs) > 1 else None
+        return _below(int(np.asarray(depth.numpy()).reshape(-1)[0])) if depth is not None \
+            else _below(2)
+    if op == "OneHot" and index == 1:
+        return lambda rng, shape, dtype: _ints(rng, 2, 5, shape, dtype)
+    if op in _REDUCE_AXES_OPS and index == 1 and data is not None and out_shape is not None:
+        return _reduced_axes(data, out_shape, bool(_attr(node, "keepdims", 1)))
+    if rank is not None and index == 1 and (
+            op in _REDUCE_AXES_OPS or op == "Unsqueeze" and out_shape is None):
+        return _distinct_axes(list(range(-rank, rank)) if op != "Unsqueeze" else [0])
+    if op == "Unsqueeze" and index == 1 and out_shape is not None and data is not None:
+        return _filled(_unsqueezed_axes(data, out_shape))
+    if op == "Squeeze" and index == 1 and data is not None:
+        return _distinct_axes([i for i, d in enumerate(data) if d == 1])
+    if op == "CumSum" and index == 1 and rank:
+        return _below(rank)
+    if op in ("Reshape", "Expand") and index == 1:
+        if out_shape is not None:
+            return _filled(out_shape)
+        if data is not None:
+            return _reshape_like(data, op)
+    if op == "ConstantOfShape" and index == 0:
+        if out_shape is not None:
+            return _filled(out_shape)
+        return lambda rng, shape, dtype: _ints(rng, 1, 4, shape, dtype)
+    if op == "Tile" and index == 1 and data is not None:
+        if out_shape is not None and len(out_shape) == len(data):
+            return _filled([o // max(i, 1) for o, i in zip(out_shape, data)])
+        return lambda rng, shape, dtype: _ints(rng, 1, 3, shape, dtype)
+    if op == "TopK" and index == 1 and data:
+        axis = _attr(node, "axis", -1) % rank
+        k = out_shape[axis] if out_shape is not None else 1
+        return _filled([k])
+    if op == "Split" and index == 1 and data:
+        axis = _attr(node, "axis", 0) % rank
+        outs = [_static(v) for v in node.outputs]
+        if all(o is not None for o in outs):
+            return _filled([o[axis] for o in outs])  # type: ignore[index]
+        return _even_split(data[axis])
+    if op == "Resize" and index == 3 and out_shape is not None:
+        return _filled(out_shape)
+    if op == "Slice" and index == 3 and rank:
+        return _distinct_axes(list(range(rank)))
+    if op == "Slice" and index == 4:
+        return lambda rng, shape, dtype: _ints(rng, 1, 3, shape, dtype)
+    if op == "Pad" and index == 1:
+        return lambda rng, shape, dtype: _ints(rng, 0, 3, shape, dtype)
+    if op == "Pad" and index == 3 and rank:
+        return _distinct_axes(list(range(rank)))
+    if op in ("Div", "Mod") and index == 1:
+        return _integer_only(_nonzero)
+    if op == "BitShift" and index == 1:
+        return lambda rng, shape, dtype: _ints(rng, 0, np.dtype(dtype).itemsize * 8, shape,
+                                               dtype)
+    if op == "Pow" and index == 1:
+        return _integer_only(lambda rng, shape, dtype: _ints(rng, 0, 4, shape, dtype))
+    return None
+
+
+def _integer_only(draw: Draw) -> Draw | None:
+    def only(rng, shape, dtype):
+        if np.issubdtype(dtype, np.integer):
+            return draw(rng, shape, dtype)
+        return rng.standard_normal(shape).astype(dtype)
+    return only
+
+
+def _reduced_axes(data: list[int], out: list[int], keepdims: bool) -> Draw:
+    """Axes that reduce ``data`` to ``out`` (padded with size-1 axes to the operand's size)."""
+    if keepdims and len(out) == len(data):
+        must = [i for i, (d, o) in enumerate(zip(data, out)) if o == 1 and d != 1]
+        spare = [i for i, (d, o) in enumerate(zip(data, out)) if o == 1 and d == 1]
+    else:
+        must, spare = _unsqueezed_axes(out, data), []
+
+    def draw(rng, shape, dtype):
+        size = int(np.prod(shape)) if shape else 1
+        axes = (must + spare)[:max(size, len(must))]
+        if len(axes) != size:
+            return _distinct_axes(list(range(len(data))))(rng, shape, dtype)
+        return np.asarray(sorted(axes), dtype=dtype).reshape(shape)
+    return draw
+
+
+def _unsqueezed_axes(data: list[int], out: list[int]) -> list[int]:
+    """The axes of ``out`` that Unsqueeze inserted into ``data`` (the 1s not matched)."""
+    axes, j = [], 0
+    for i, d in enumerate(out):  # greedy subsequence match: valid since out is data + 1s
+        if j < len(data) and d == data[j]:
+            j += 1
+        else:
+            axes.append(i)
+    return axes
+
+
+def _reshape_like(data: list[int], op: str) -> Draw:
+    def draw(rng, shape, dtype):
+        n = int(np.prod(shape)) if shape else 1
+        if op == "Expand":
+            values = [1] * max(n - len(data), 0) + data[-n:] if n else []
+        elif n == len(data):
+            values = list(data)
+        else:
+            values = [int(np.prod(data))] + [1] * (n - 1) if n else []
+        return np.asarray(values, dtype=dtype).reshape(shape)
+    return draw
+
+
+def _even_split(dim: int) -> Draw:
+    def draw(rng, shape, dtype):
+        n = int(np.prod(shape)) if shape else 1
+        sizes = [dim // n] * n
+        sizes[-1] += dim - sum(sizes)
+        return np.asarray(sizes, dtype=dtype).reshape(shape)
+    return draw
+
+
+def _readers(value: ir.Value, depth: int = 0):
+    """(node, operand index) pairs that read ``value``, looking through Identity/Cast."""
+    for node, index in value.uses():
+        if node.op_type in _PASS_THROUGH and depth < 3 and node.outputs:
+            yield from _readers(node.outputs[0], depth + 1)
+        else:
+            yield node, index
+
+
+def input_draws(model: ir.Model) -> dict[str, Draw]:
+    """The graph-derived draw of each input that needs one (by input name)."""
+    draws: dict[str, Draw] = {}
+    for value in kir.graph_inputs(model):
+        for node, index in _readers(value):
+            out_shape = _static(node.outputs[0]) if node.outputs else None
+            try:
+                draw = _rule(node, index, out_shape)
+            except (IndexError, ZeroDivisionError, TypeError, ValueError):
+                draw = None
+            if draw is not None:
+                draws[value.name] = draw
+                break
+    return draws
