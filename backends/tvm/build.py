@@ -33,7 +33,7 @@ import onnx_ir as ir
 from kiln.compiler.core import interrupt
 from kiln.compiler.core.atomic import replace_atomic, write_fault
 from kiln.compiler.core.errors import KilnError, LoweringError, OutputError
-from kiln.compiler.core.graph import graph_inputs
+from kiln.compiler.core.graph import count_weight_bytes, graph_inputs
 from kiln.compiler.core.version import kiln_version
 
 from .binary_check import check_binary
@@ -121,19 +121,45 @@ def _relax_outputs(mod, outputs: Sequence[ir.Value]) -> list[TensorSpec]:
 
 
 def _failure(err: Exception, what: str, resolved: ResolvedTarget, file: str) -> KilnError:
-    """The KilnError for a failure in TVM's ``what`` step (or a KeyboardInterrupt to raise
-    when the failure is an interrupt that came back through TVM's FFI)."""
+    """The KilnError for a failure in TVM's ``what`` step. Raises KeyboardInterrupt instead
+    when the failure is an interrupt that came back through TVM's FFI, and MemoryError
+    (with the target and step) when TVM ran out of memory."""
     if interrupt.received() is not None:
         raise KeyboardInterrupt from None
-    if isinstance(err, MemoryError):
-        return KilnError(f"target {resolved.name!r}: out of memory during {what}")
+    detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    if isinstance(err, MemoryError) or "bad_alloc" in detail:  # a fault, not the model's
+        raise MemoryError(f"target {resolved.name!r}: out of memory during {what}") from err
     cause = write_fault(err)
     if cause is not None:
         return OutputError(f"{cause} writing {file}")
-    detail = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-    if "bad_alloc" in detail:
-        return KilnError(f"target {resolved.name!r}: out of memory during {what}")
     return LoweringError(f"{what} failed: {detail}", target=resolved.name)
+
+
+#: Room a library needs beyond its weights (kernels, runtime glue; the tiny CNN's is ~90 KB).
+LIBRARY_CODE_BYTES = 256 * 1024
+
+
+def _check_room(outdir: Path, weight_bytes: int) -> None:
+    """Refuse to export when the file size limit or the free space cannot hold the library.
+
+    LLVM writes the object file inside this process and, on a write error, ends the whole
+    process (``LLVM ERROR: IO failure on output stream``) before Python can name the cause
+    or clean up; so the room is checked first (the object goes to the temp folder, the
+    library to ``outdir``). The need is estimated: weights + :data:`LIBRARY_CODE_BYTES`.
+    """
+    import resource
+
+    needed = weight_bytes + LIBRARY_CODE_BYTES
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise OutputError(f"file size limit exceeded writing {LIBRARY_NAME} (ulimit -f allows "
+                          f"{soft} bytes, the library needs about {needed})")
+    for folder in dict.fromkeys((Path(outdir), Path(tempfile.gettempdir()))):
+        stat = os.statvfs(folder)
+        free = stat.f_bavail * stat.f_frsize
+        if free < needed:
+            raise OutputError(f"no space left on device writing {LIBRARY_NAME} ({free} bytes "
+                              f"free in {folder}, the library needs about {needed})")
 
 
 def _export(executable, library: Path, cross_cc: str | None) -> None:
@@ -232,6 +258,7 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
 
     step("export")
     library = outdir / LIBRARY_NAME
+    _check_room(outdir, count_weight_bytes(model))
     try:
         _export(executable, library, cross_cc)
     except Exception as err:

@@ -381,8 +381,8 @@ def compile_to_folder(source: str | os.PathLike, spec: Spec | str | None, outdir
                               tune_trials=tune_trials, tuning_db=tuning_db)
             interrupt.checkpoint("commit")
             folder.commit()
-        except MemoryError:
-            raise KilnError("out of memory (run with --debug for where)") from None
+        except MemoryError as error:  # a fault: no failed report, OUTDIR as it was
+            raise KilnError(str(error) or "out of memory (--debug shows where)") from error
         except KilnError as error:
             if isinstance(error, OutputError) or interrupt.received() is not None:
                 raise

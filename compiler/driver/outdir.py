@@ -16,7 +16,8 @@ writes goes into a fresh staging folder beside OUTDIR (same filesystem). At the 
   model is never moved or removed.
 
 Any exception or interrupt before the commit deletes the staging folder: OUTDIR stays
-exactly as it was. A failed compile's report goes to ``OUTDIR/report.json`` only when
+exactly as it was (a run killed outright leaves its staging folder, which the next run
+into OUTDIR removes). A failed compile's report goes to ``OUTDIR/report.json`` only when
 OUTDIR holds no earlier build, else beside it (``OUTDIR.failed-report.json``).
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -72,6 +74,7 @@ class OutputFolder:
         try:
             parent.mkdir(parents=True, exist_ok=True)
             self._lock()
+            self._remove_stale_staging()
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.kiln-",
                                                  dir=parent))
         except OSError as error:
@@ -86,6 +89,14 @@ class OutputFolder:
                 shutil.rmtree(self.staging, ignore_errors=True)
         finally:
             self._unlock()
+
+    def _remove_stale_staging(self) -> None:
+        """Staging folders a killed run (SIGKILL, LLVM's fatal exit) left beside OUTDIR: no
+        one else uses them while we hold the lock."""
+        stale = re.compile(rf"\.{re.escape(self.target.name)}\.kiln-(old-)?[a-z0-9_]{{8}}")
+        for entry in self.target.parent.iterdir():
+            if stale.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _lock(self) -> None:
         path = self.target.parent / f".{self.target.name}.kiln-lock"
