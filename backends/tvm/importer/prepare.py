@@ -8,7 +8,9 @@
    importer fails on Reshape/Resize fed by computed shapes (:func:`refold`);
 3. drops the bodies of kiln's model-local functions (their ops have converters, so
    packed weights stay packed) and inlines any other function;
-4. keeps 4-bit and codebook weights compressed (:mod:`.packed_weights`).
+4. keeps 4-bit and codebook weights compressed (:mod:`.packed_weights`);
+5. rewrites ops whose TVM converters are wrong at their edges (:mod:`.edge_cases`:
+   IsInf's detect flags, float Mod with fmod=0, out-of-range BitShift amounts).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS, is_kil
 from kiln.compiler.core.kiln_domain import DOMAIN as KILN_DOMAIN
 from kiln.compiler.core.packing import unpack_bits
 
+from .edge_cases import rewrite_edge_cases
 from .packed_weights import attributes, codebook_weights, initializers, pack_four_bit_weights
 
 logger = logging.getLogger(__name__)
@@ -138,6 +141,7 @@ def prepare_onnx(model: ir.Model, target_name: str | None = None) -> onnx.ModelP
         logger.info("model still computes shapes; folding constants before import")
         proto = refold(proto)
     proto = drop_kiln_functions(proto, target_name)
+    rewrite_edge_cases(proto)
     pack_four_bit_weights(proto)
     codebook_weights(proto)
     return proto

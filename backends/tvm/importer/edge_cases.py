@@ -1,0 +1,156 @@
+"""ONNX rewrites, before import, for ops TVM 0.27's converters get wrong at their edges.
+
+Each rewrite keeps the op and adds a few standard ops around it (found by onnx's
+conformance cases; silently wrong numbers before):
+
+- ``IsInf`` with ``detect_negative=0`` or ``detect_positive=0`` (TVM ignores both):
+  ``IsInf(x) and x > -x`` (only +inf), ``IsInf(x) and x < -x`` (only -inf), all false
+  when both are 0;
+- ``Mod`` with ``fmod=0`` on floats (TVM computes ``x - floor(x/y)*y``: NaN for an
+  infinite ``y``): ``r = fmod(x, y)``, then ``r + y`` where ``r != 0`` and the signs of
+  ``r`` and ``y`` differ (Python's ``%``: ``-5 % inf = inf``, ``5 % inf = 5``);
+- ``BitShift`` by a negative amount or one >= the element width (undefined in C, so
+  TVM's result is whatever the CPU does): 0, or -1 for a negative ``x`` shifted right
+  (as onnx's reference defines it).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+_FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                          onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _needs_rewrite(node: onnx.NodeProto) -> bool:
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "IsInf":
+        return not (_attr(node, "detect_negative", 1) and _attr(node, "detect_positive", 1))
+    if node.op_type == "Mod":
+        return not _attr(node, "fmod", 0)
+    return node.op_type == "BitShift"
+
+
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in itertools.chain(graph.input, graph.value_info, graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+class _Builder:
+    def __init__(self, node: onnx.NodeProto) -> None:
+        self.prefix = f"{node.name or node.op_type}_kiln_edge"
+        self.count = 0
+        self.nodes: list[onnx.NodeProto] = []
+
+    def __call__(self, op: str, *inputs: str, out: str | None = None, **attrs) -> str:
+        self.count += 1
+        name = out or f"{self.prefix}_{self.count}"
+        self.nodes.append(helper.make_node(op, list(inputs), [name],
+                                           name=f"{self.prefix}_{op}_{self.count}", **attrs))
+        return name
+
+    def const(self, value: np.ndarray) -> str:
+        self.count += 1
+        name = f"{self.prefix}_c{self.count}"
+        self.nodes.append(helper.make_node("Constant", [], [name], name=name,
+                                           value=numpy_helper.from_array(value, name)))
+        return name
+
+
+def _isinf(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    b = _Builder(node)
+    x, (y,) = node.input[0], node.output
+    inf = b("IsInf", x)
+    negative, positive = _attr(node, "detect_negative", 1), _attr(node, "detect_positive", 1)
+    if not negative and not positive:
+        b("Xor", inf, inf, out=y)
+    else:
+        side = b("Greater" if positive else "Less", x, b("Neg", x))
+        b("And", inf, side, out=y)
+    return b.nodes
+
+
+def _mod(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    b = _Builder(node)
+    x, d = node.input
+    (z,) = node.output
+    r = b("Mod", x, d, fmod=1)
+    zero = b("Sub", r, r)  # 0 of r's type and shape (NaN where r is NaN: r stays NaN)
+    differ = b("Xor", b("Less", r, zero), b("Less", d, zero))
+    adjust = b("And", b("Not", b("Equal", r, zero)), differ)
+    b("Where", adjust, b("Add", r, d), r, out=z)
+    return b.nodes
+
+
+def _bitshift(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
+    dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    b = _Builder(node)
+    x, s = node.input
+    (z,) = node.output
+    shifted = b("BitShift", x, s, direction=_attr(node, "direction", "LEFT"))
+    zero = b("Sub", s, s)
+    width = b.const(np.array(np.dtype(dtype).itemsize * 8, dtype=dtype))
+    valid = b("And", b("Not", b("Less", s, zero)), b("Less", s, width))
+    fill = zero
+    if _attr(node, "direction", "LEFT") in ("RIGHT", b"RIGHT") and \
+            np.issubdtype(dtype, np.signedinteger):
+        fill = b("Where", b("Less", x, b("Sub", x, x)), b.const(np.array(-1, dtype=dtype)),
+                 b("Sub", x, x))
+    b("Where", valid, shifted, fill, out=z)
+    return b.nodes
+
+
+def rewrite_edge_cases(model: onnx.ModelProto) -> int:
+    """Rewrite the main graph's IsInf / float Mod fmod=0 / BitShift nodes (in place).
+    Returns how many were rewritten."""
+    graph = model.graph
+    if not any(_needs_rewrite(node) for node in graph.node):
+        return 0
+    types = _elem_types(model)
+    out: list[onnx.NodeProto] = []
+    rewritten = 0
+    for node in graph.node:
+        replacement = None
+        if _needs_rewrite(node):
+            if node.op_type == "IsInf":
+                replacement = _isinf(node)
+            elif node.op_type == "Mod" and types.get(node.input[0]) in _FLOAT_TYPES:
+                replacement = _mod(node)
+            elif node.op_type == "BitShift" and not _shift_is_safe(graph, node):
+                elem = types.get(node.input[1])
+                replacement = _bitshift(node, elem) if elem else None
+        if replacement is None:
+            out.append(node)
+        else:
+            out.extend(replacement)
+            rewritten += 1
+    if rewritten:
+        del graph.node[:]
+        graph.node.extend(out)
+    return rewritten
+
+
+def _shift_is_safe(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
+    """A constant shift amount already within [0, width) needs no guard."""
+    init = next((t for t in graph.initializer if t.name == node.input[1]), None)
+    if init is None:
+        return False
+    amounts = numpy_helper.to_array(init)
+    width = np.dtype(amounts.dtype).itemsize * 8
+    return bool(np.all((amounts >= 0) & (amounts < width)))
