@@ -14,6 +14,7 @@ from . import internal_ops
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
 from .recurrent import GRU, LSTM, RNN
+from .resize import SeparableResize
 from .standard_converters import (
     ClipAsMinMax,
     ConvTransposeAsConv,
@@ -68,6 +69,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["HardSwish"] = HardSwishAsMinMax(base["HardSwish"])
     table["ConvTranspose"] = ConvTransposeAsConv(base["ConvTranspose"])
     table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
+    table["Resize"] = SeparableResize(base["Resize"])
     table["LSTM"] = LSTM()
     table["GRU"] = GRU()
     table["RNN"] = RNN()
