@@ -10,6 +10,9 @@ like SIGINT (Python's default for it kills the process without cleaning up).
 :func:`deferred` blocks both signals for a short critical section (the final renames of
 an output folder): one that arrives meanwhile is delivered when the section ends.
 
+:func:`release_quietly` frees an interrupted call's frames with stderr silenced (native
+destructors would otherwise print warnings after ``kiln: interrupted``).
+
 :func:`checkpoint` is a pause point for tests: with ``KILN_TEST_PAUSE=NAME`` in the
 environment, the process prints ``kiln-test: paused at NAME`` to stderr and sleeps
 there, so a test can send a signal at a known point of a compile.
@@ -17,6 +20,7 @@ there, so a test can send a signal at a known point of a compile.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import sys
@@ -82,6 +86,39 @@ def pending() -> bool:
     if hasattr(signal, "sigpending"):
         return bool(set(signal.sigpending()) & set(_SIGNALS))
     return False
+
+
+def release_quietly(error: BaseException) -> None:
+    """Free what an interrupted call left behind, with the process's stderr (fd 2) silenced.
+
+    The frames of an interrupted call live on in the exception's traceback; freeing them
+    destroys native objects whose destructors complain on stderr (TVM's
+    ``BlockBuilder destroyed with remaining blocks!`` after an interrupted import). After
+    ``kiln: interrupted`` nothing more should be printed, so the tracebacks of ``error``
+    and the errors chained to it are dropped and collected while fd 2 points at
+    ``/dev/null``; fd 2 is restored afterwards.
+    """
+    chain: list[BaseException] = []
+    link: BaseException | None = error
+    while link is not None and all(link is not seen for seen in chain):
+        chain.append(link)
+        link = link.__cause__ or link.__context__
+    try:
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+    except OSError:
+        return
+    try:
+        sys.stderr.flush()
+        os.dup2(devnull, 2)
+        for link in chain:
+            link.__traceback__ = link.__context__ = link.__cause__ = None
+        chain.clear()
+        gc.collect()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def checkpoint(name: str) -> None:
