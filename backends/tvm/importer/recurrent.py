@@ -225,12 +225,14 @@ class _RecurrentOp:
                 xw = op.add(xw, bias)
             # [T*B, G*H] split into T row blocks [B, G*H]: no squeeze for the GEMV's
             # epilogue to read through (the contraction rule takes a plain addend)
-            pieces = bb.emit(op.split(bb.emit(xw), node.steps, axis=0))
+            xw = bb.emit(xw)
+            # (relax's split into one section is the tensor itself, not a 1-tuple)
+            pieces = bb.emit(op.split(xw, node.steps, axis=0)) if node.steps > 1 else None
             state = [self.initial_state(bb, node, s, d) for s in range(self.states)]
             outputs: list = [None] * node.steps
             order = range(node.steps - 1, -1, -1) if backwards else range(node.steps)
             for t in order:
-                x_t = bb.emit(relax.TupleGetItem(pieces, t))
+                x_t = xw if pieces is None else bb.emit(relax.TupleGetItem(pieces, t))
                 new = step(x_t, state)
                 mask = self.step_mask(bb, node, t)
                 if mask is not None:

@@ -120,8 +120,13 @@ def check_against_ort(model, feeds, tmp_path, tol=REL_TOL, layout=0):
     return result
 
 
+#: One-direction cases run in the slow suite: a bidirectional node runs both code paths.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
-@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("direction", [pytest.param("forward", marks=SLOW),
+                                       pytest.param("reverse", marks=SLOW), "bidirectional"])
 def test_directions_match_ort(op, direction, tmp_path):
     model = recurrent_model(op, direction=direction, initial=direction != "forward")
     result = check_against_ort(model, feeds_for(model), tmp_path)
@@ -130,19 +135,20 @@ def test_directions_match_ort(op, direction, tmp_path):
 
 
 @pytest.mark.parametrize("op, attrs", [
-    ("LSTM", {"clip": 0.5}),
-    ("LSTM", {"input_forget": 1}),
-    ("LSTM", {"peepholes": True, "initial": True}),
+    pytest.param("LSTM", {"clip": 0.5}, marks=SLOW),
+    pytest.param("LSTM", {"input_forget": 1}, marks=SLOW),
+    ("LSTM", {"peepholes": True, "initial": True, "clip": 0.5}),
     ("LSTM", {"bias": False, "layout": 1, "initial": True}),
-    ("LSTM", {"activations": ["HardSigmoid", "Relu", "Softsign"], "activation_alpha": [0.3],
-              "activation_beta": [0.4]}),
-    ("GRU", {"linear_before_reset": 1, "initial": True}),
+    pytest.param("LSTM", {"activations": ["HardSigmoid", "Relu", "Softsign"],
+                          "activation_alpha": [0.3], "activation_beta": [0.4]}, marks=SLOW),
+    pytest.param("GRU", {"linear_before_reset": 1, "initial": True}, marks=SLOW),
     ("GRU", {"linear_before_reset": 1, "direction": "bidirectional", "layout": 1}),
     ("GRU", {"clip": 0.3, "activations": ["Sigmoid", "LeakyRelu"], "activation_alpha": [0.2]}),
     ("RNN", {"activations": ["Relu", "Affine"], "activation_alpha": [0.7],
              "activation_beta": [0.1], "direction": "bidirectional"}),
-    ("RNN", {"activations": ["ScaledTanh"], "activation_alpha": [1.5], "activation_beta": [0.5]}),
-], ids=["lstm-clip", "lstm-input-forget", "lstm-peepholes", "lstm-layout1-nobias",
+    pytest.param("RNN", {"activations": ["ScaledTanh"], "activation_alpha": [1.5],
+                         "activation_beta": [0.5]}, marks=SLOW),
+], ids=["lstm-clip", "lstm-input-forget", "lstm-peepholes-clip", "lstm-layout1-nobias",
         "lstm-activations", "gru-lbr", "gru-lbr-bidir-layout1", "gru-clip-leaky",
         "rnn-relu-affine-bidir", "rnn-scaledtanh"])
 def test_attributes_match_ort(op, attrs, tmp_path):
@@ -152,14 +158,22 @@ def test_attributes_match_ort(op, attrs, tmp_path):
     check_against_ort(model, feeds_for(model), tmp_path, layout=layout)
 
 
-@pytest.mark.parametrize("op", ["LSTM", "GRU"])
-@pytest.mark.parametrize("as_input", [False, True], ids=["constant", "input"])
+@pytest.mark.parametrize("op, as_input", [("LSTM", True), ("GRU", False),
+                                           pytest.param("LSTM", False, marks=SLOW),
+                                           pytest.param("GRU", True, marks=SLOW)])
 def test_sequence_lengths_match_ort(op, as_input, tmp_path):
     """Shorter sequences keep their state and write zeros past their end, both ways."""
     lengths = [5, 2, 3]
     model = recurrent_model(op, batch=3, direction="bidirectional", initial=True,
                             lengths=lengths, lengths_input=as_input)
     check_against_ort(model, feeds_for(model, lengths), tmp_path)
+
+
+@pytest.mark.parametrize("op", ["LSTM", pytest.param("GRU", marks=SLOW),
+                                pytest.param("RNN", marks=SLOW)])
+def test_a_single_step_matches_ort(op, tmp_path):
+    model = recurrent_model(op, steps=1, batch=3, direction="bidirectional")
+    check_against_ort(model, feeds_for(model), tmp_path)
 
 
 def test_shapes_and_only_y_h_used(tmp_path):
