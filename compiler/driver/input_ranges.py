@@ -150,6 +150,8 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
         return _distinct_axes(list(range(-rank, rank)) if op != "Unsqueeze" else [0])
     if op == "Unsqueeze" and index == 1 and out_shape is not None and data is not None:
         return _filled(_unsqueezed_axes(data, out_shape))
+    if op == "Squeeze" and index == 1 and data is not None and out_shape is not None:
+        return _filled(_unsqueezed_axes(out_shape, data))
     if op == "Squeeze" and index == 1 and data is not None:
         return _distinct_axes([i for i, d in enumerate(data) if d == 1])
     if op == "CumSum" and index == 1 and rank:

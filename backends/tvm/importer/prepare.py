@@ -10,7 +10,9 @@
    packed weights stay packed) and inlines any other function;
 4. keeps 4-bit and codebook weights compressed (:mod:`.packed_weights`);
 5. rewrites ops whose TVM converters are wrong at their edges (:mod:`.edge_cases`:
-   IsInf's detect flags, float Mod with fmod=0, out-of-range BitShift amounts).
+   IsInf's detect flags, float Mod with fmod=0, out-of-range BitShift amounts);
+6. fixes shape/axes/k operands fed by model inputs to the value the declared output
+   shape implies (:mod:`.static_operands`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from kiln.compiler.core.packing import unpack_bits
 
 from .edge_cases import rewrite_edge_cases
 from .packed_weights import attributes, codebook_weights, initializers, pack_four_bit_weights
+from .static_operands import fix_shape_operands
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,7 @@ def drop_kiln_functions(proto: onnx.ModelProto, target_name: str | None) -> onnx
 def prepare_onnx(model: ir.Model, target_name: str | None = None) -> onnx.ModelProto:
     """The backend's own ONNX copy of ``model``, folded if needed, weights kept packed."""
     proto = ir.serde.serialize_model(model)
+    fix_shape_operands(proto)
     if fold_index_unpacks(proto) or \
             any(n.op_type in _SHAPE_OPS for n in walk_nodes(proto.graph)):
         logger.info("model still computes shapes; folding constants before import")

@@ -1,0 +1,130 @@
+"""Shape operands fed by model inputs, fixed to the value the declared output shape implies.
+
+kiln builds static shapes: a model whose ``Expand`` shape, ``Reshape`` shape, ``Tile``
+repeats, ``TopK`` k or ``Reduce*``/``Squeeze``/``Unsqueeze`` axes come from a graph input
+can only be built for one output shape, the one its graph output declares. Given that
+shape, the operand's effect is fixed (``Expand`` to ``[2, 3, 6]``, ``ReduceSum`` over
+axis 1, ...), so the operand becomes that constant before import; the input stays an
+input (the compiled module takes it and ignores it). Without this TVM's importer refuses
+non-constant axes/k/shapes, and its Expand takes a runtime shape of ``[2, 1, 6]``
+literally (``[2, 1, 6]`` out where broadcasting gives ``[2, 3, 6]``: wrong numbers).
+
+Only nodes whose output is a graph output with a declared static shape, and whose data
+input has a static shape, are touched. Each is logged.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+logger = logging.getLogger(__name__)
+
+_REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
+                     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
+                     "ReduceSumSquare"})
+#: op -> the operand index that carries a shape, repeats, k or axes
+_OPERAND = {"Expand": 1, "Reshape": 1, "Tile": 1, "TopK": 1, "Squeeze": 1, "Unsqueeze": 1,
+            **dict.fromkeys(_REDUCE, 1)}
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    graph = model.graph
+    shapes = {}
+    for value in itertools.chain(graph.input, graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
+                and all(d.HasField("dim_value") for d in dims):
+            shapes[value.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def _subsequence_gaps(short: list[int], long: list[int]) -> list[int]:
+    """Positions of ``long`` not matched by ``short`` as a subsequence (greedy)."""
+    gaps, j = [], 0
+    for i, d in enumerate(long):
+        if j < len(short) and d == short[j]:
+            j += 1
+        else:
+            gaps.append(i)
+    return gaps if j == len(short) else []
+
+
+def _value(node: onnx.NodeProto, data: list[int], out: list[int], size: int) -> list[int] | None:
+    """The operand's value that gives ``out`` from ``data`` (None: none or ambiguous)."""
+    op = node.op_type
+    if op in ("Expand", "Reshape"):
+        return list(out) if size == len(out) else None
+    if op == "Tile" and len(data) == len(out) == size and all(
+            d and o % d == 0 for d, o in zip(data, out)):
+        return [o // d for d, o in zip(data, out)]
+    if op == "TopK" and size == 1 and len(data) == len(out):
+        return [out[_attr(node, "axis", -1) % len(data)]]
+    if op == "Squeeze":
+        axes = _subsequence_gaps(out, data)
+        return axes if len(axes) == size and all(data[a] == 1 for a in axes) else None
+    if op == "Unsqueeze":
+        axes = _subsequence_gaps(data, out)
+        return axes if len(axes) == size else None
+    if op in _REDUCE:
+        if size == 0:
+            return []
+        if _attr(node, "keepdims", 1):
+            if len(out) != len(data):
+                return None
+            axes = [i for i, (d, o) in enumerate(zip(data, out)) if o == 1 and d != 1]
+            spare = [i for i, (d, o) in enumerate(zip(data, out)) if o == 1 and d == 1]
+            axes = sorted(axes + spare[:max(0, size - len(axes))])
+        else:  # which axes went is ambiguous when equal dims sit side by side: refuse then
+            axes = _subsequence_gaps(out, data)
+            rev = [len(data) - 1 - i for i in _subsequence_gaps(out[::-1], data[::-1])]
+            if [a for a in axes if data[a] != 1] != sorted(a for a in rev if data[a] != 1):
+                return None
+        return axes if len(axes) == size else None
+    return None
+
+
+def fix_shape_operands(model: onnx.ModelProto) -> int:
+    """Replace input-fed shape operands by constants (in place); returns how many."""
+    graph = model.graph
+    inputs = {v.name: v for v in graph.input}
+    inits = {t.name for t in graph.initializer}
+    candidates = [n for n in graph.node if n.domain in ("", "ai.onnx")
+                  and n.op_type in _OPERAND and len(n.input) > _OPERAND[n.op_type]
+                  and n.input[_OPERAND[n.op_type]] in inputs
+                  and n.input[_OPERAND[n.op_type]] not in inits]
+    if not candidates:
+        return 0
+    shapes = _static_shapes(model)
+    fixed = 0
+    for node in candidates:
+        index = _OPERAND[node.op_type]
+        operand = node.input[index]
+        data = shapes.get(node.input[0])
+        out = shapes.get(node.output[0])
+        size_dims = shapes.get(operand)
+        if data is None or out is None or size_dims is None:
+            continue
+        value = _value(node, data, out, int(np.prod(size_dims)) if size_dims else 1)
+        if value is None:
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(inputs[operand].type.tensor_type.elem_type)
+        name = f"{operand}_fixed_for_{node.name or node.op_type}"
+        array = np.asarray(value, dtype=dtype).reshape(size_dims)
+        graph.initializer.append(numpy_helper.from_array(array, name))
+        node.input[index] = name
+        fixed += 1
+        logger.info("input %r of %s %r fixed to %s (the value its declared output shape %s "
+                    "implies)", operand, node.op_type, node.name, value, out)
+    return fixed
