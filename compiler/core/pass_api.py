@@ -10,12 +10,17 @@ doing it:
 - ``rewrite(model, accepted)`` changes the model for the accepted candidates
   and returns how many it rewrote.
 
-``call`` runs both. Passes never mutate a matched weight in place: they make
-a new initializer and redirect its users.
+``call`` runs ``prepare`` (an exact clean-up a pass needs before matching, e.g.
+folding computed weights; default: nothing), then both. Passes never mutate a matched
+weight in place: they make a new initializer and redirect its users.
+
+``refusal_summary`` counts the refused candidates by reason ("54 nodes: weight is
+not a constant"): the driver warns with it when a lossy pass changes nothing.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -55,15 +60,26 @@ class CalibrationContext:
 
     ``samples`` are the spec's calibration inputs (name -> array);
     ``activations(model, names)`` runs the model on them and returns, for each
-    requested value name, one array per sample.
+    requested value name, one array per sample. ``source`` names where the samples
+    came from (``random``, ``npz:PATH``, ...); ``used`` turns True once a pass reads
+    them, so the driver can say which passes were calibrated from what.
     """
 
     def __init__(self, samples: list[dict[str, Any]],
-                 collect: Callable[[ir.Model, list[str]], dict[str, list[Any]]]) -> None:
-        self.samples = samples
+                 collect: Callable[[ir.Model, list[str]], dict[str, list[Any]]], *,
+                 source: str = "random") -> None:
+        self._samples = samples
         self._collect = collect
+        self.source = source
+        self.used = False
+
+    @property
+    def samples(self) -> list[dict[str, Any]]:
+        self.used = True
+        return self._samples
 
     def activations(self, model: ir.Model, names: Sequence[str]) -> dict[str, list[Any]]:
+        self.used = True
         return self._collect(model, list(names))
 
 
@@ -103,6 +119,12 @@ class KilnPass(ir.passes.InPlacePass):
         return [node for node in kir.nodes(model) if self.selected(node)]
 
     # -- to implement -------------------------------------------------------------------
+    def prepare(self, model: ir.Model) -> int:
+        """An exact clean-up before matching (e.g. fold computed weights); returns how many
+        places it changed. ``call`` runs it first; tools that call ``candidates`` on their
+        own (the sensitivity analysis) run it too."""
+        return 0
+
     def candidates(self, model: ir.Model) -> list[Candidate]:
         raise NotImplementedError
 
@@ -111,11 +133,25 @@ class KilnPass(ir.passes.InPlacePass):
 
     # -- onnx_ir pass protocol ------------------------------------------------------------
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        prepared = self.prepare(model)
         found = self.candidates(model)
         self.last_candidates = found
         accepted = [c for c in found if c.accepted]
         changed = self.rewrite(model, accepted) if accepted else 0
-        return ir.passes.PassResult(model, modified=changed > 0)
+        return ir.passes.PassResult(model, modified=changed > 0 or prepared > 0)
+
+
+def refusal_summary(candidates: Sequence[Candidate], *, top: int = 3) -> str:
+    """The most common refusal reasons with their counts, most common first:
+    ``"54 nodes: weight is not a constant; 2 nodes: ..."`` ("" when nothing was refused)."""
+    counts = Counter(c.reason for c in candidates if c.reason is not None)
+    if not counts:
+        return ""
+    parts = [f"{n} node{'s' if n != 1 else ''}: {reason}" for reason, n in counts.most_common(top)]
+    rest = sum(counts.values()) - sum(n for _, n in counts.most_common(top))
+    if rest:
+        parts.append(f"{rest} more with {len(counts) - top} other reason(s)")
+    return "; ".join(parts)
 
 
 def unique_name(graph: ir.Graph, base: str) -> str:

@@ -34,6 +34,10 @@ dynamic: DynamicQuantizeLinear(x) -> DequantizeLinear (uint8, computed at run ti
 
 Bits per weight (codes, scales, zero points, tables) are in every candidate's label
 and in ``note``.
+
+Before matching, ``prepare`` folds weights the graph computes from constants
+(``ConstantOfShape``, ``Reshape``/``Transpose``/``Cast`` of an initializer...: see
+``fold_weights``), so such models quantize; ``note`` says how many nodes were folded.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from kiln.passes.quant import kiln_ops
 from kiln.passes.quant.calibrate import calibrate_range
 from kiln.passes.quant.config import ActivationQuant, QuantizeConfig
 from kiln.passes.quant.emit import drop_constant, emit_activation_qdq, emit_weight
+from kiln.passes.quant.fold_weights import fold_weight_paths
 from kiln.passes.quant.plan import WeightPlan, plan_weight
 from kiln.passes.quant.weights import WEIGHT_OPS, find_weight
 
@@ -61,6 +66,13 @@ class Quantize(KilnPass):
     config_class = QuantizeConfig
     exact = False
     needs_calibration = True
+    #: op types of the weight-path nodes ``prepare`` folded (for ``note``)
+    folded: list[str] = []
+
+    def prepare(self, model: ir.Model) -> int:
+        folded = fold_weight_paths(model, self.selected_nodes(model))
+        self.folded = folded
+        return len(folded)
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
         found: list[Candidate] = []
@@ -94,6 +106,10 @@ class Quantize(KilnPass):
             bits = sum(c.data.bits_per_weight * c.anchor.inputs[1].const_value.size
                        for c in accepted)
             self.note = f"{bits / total:.2f} bits/weight over {len(accepted)} weights"
+        if self.folded:
+            kinds = ", ".join(sorted(set(self.folded)))
+            self.note = "; ".join(filter(None, [self.note, f"folded {len(self.folded)} "
+                                                f"weight-path node(s) ({kinds}) first"]))
         return found
 
     def _calibrate(self, model: ir.Model, accepted: list[Candidate],
