@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cases import select
+from .cases import FIGURES, select
 from .runner import DEFAULT_TIMEOUT_S, run_cases, summarize
 
 
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = run_cases(cases, jobs=args.jobs, timeout=args.timeout, on_result=show)
     if sink is not None:
         sink.close()
-    for figure in ("headline", "extended"):
+    for figure in FIGURES:
         counts = summarize(outcomes, figure)
         print(f"{figure} (ONNX Runtime passes): " +
               ", ".join(f"{k} {v}" for k, v in counts.items()))

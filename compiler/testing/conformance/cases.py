@@ -37,6 +37,8 @@ HEADLINE_DTYPES = frozenset({"bool", "float32", "int8", "int16", "int32", "int64
 #: element types of the second figure (the headline's plus half floats)
 EXTENDED_DTYPES = HEADLINE_DTYPES | {"float16", "bfloat16"}
 HEADLINE_MAX_OPSET = 21
+#: the figures a case can count in (see :meth:`Case.in_figure`)
+FIGURES = ("headline", "all-opsets", "extended")
 #: onnx's backend runner compares with these unless a case says otherwise
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-7
@@ -68,13 +70,21 @@ class Case:
                        for t in self.input_types + self.output_types)
 
     def in_figure(self, figure: str) -> bool:
-        """In the headline figure (``"headline"``) or the extended one (``"extended"``)."""
+        """In a figure (:data:`FIGURES`): ``headline`` (headline dtypes, opset <= 21),
+        ``all-opsets`` (headline dtypes, any opset: the issue's filter) or ``extended``
+        (+ float16/bfloat16, any opset)."""
         if not self.tensor_only or self.domains:
             return False
         types = set(self.input_types + self.output_types)
         if figure == "headline":
             return types <= HEADLINE_DTYPES and self.opset <= HEADLINE_MAX_OPSET
+        if figure == "all-opsets":
+            return types <= HEADLINE_DTYPES
         return types <= EXTENDED_DTYPES
+
+    @property
+    def figures(self) -> list[str]:
+        return [f for f in FIGURES if self.in_figure(f)]
 
     def load_data(self) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """(feeds by input name, expected outputs in graph order)."""

@@ -56,7 +56,7 @@ class Outcome:
     reason: str = ""              # refusal / crash / mismatch, one line
     ort: str = ""                 # "pass", or why ONNX Runtime failed the case
     seconds: float = 0.0
-    figures: list[str] = field(default_factory=list)  # "headline", "extended"
+    figures: list[str] = field(default_factory=list)  # cases.FIGURES it counts in
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -119,8 +119,7 @@ def run_in_process(case: Case, *, check_ort: bool = True) -> Outcome:
     from kiln.compiler.driver.compile import compile_model
 
     started = time.perf_counter()
-    result = Outcome(case.name, case.op, case.kind, "excluded",
-                     figures=[f for f in ("headline", "extended") if case.in_figure(f)])
+    result = Outcome(case.name, case.op, case.kind, "excluded", figures=case.figures)
     if not case.tensor_only:
         result.reason = "non-tensor inputs or outputs"
         return result
@@ -217,7 +216,7 @@ class _Worker:
 def _failed(case: Case, outcome: str, reason: str, started: float) -> Outcome:
     return Outcome(case.name, case.op, case.kind, outcome, reason,
                    seconds=round(time.perf_counter() - started, 3),
-                   figures=[f for f in ("headline", "extended") if case.in_figure(f)])
+                   figures=case.figures)
 
 
 def run_cases(cases: Iterable[Case], *, jobs: int = 2, timeout: float = DEFAULT_TIMEOUT_S,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 
 from .cases import Case
@@ -21,6 +22,8 @@ def main() -> None:
         entry = json.loads(line)
         for key in ("domains", "input_types", "output_types"):
             entry[key] = tuple(entry[key])
+        if entry["name"] == os.environ.get("KILN_CONFORMANCE_SIGNAL_ON"):
+            os.kill(os.getpid(), signal.SIGSEGV)  # the runner's own test: a crashing case
         outcome = run_in_process(Case(**entry))
         out.write(outcome.to_json() + "\n")
         out.flush()
