@@ -11,7 +11,11 @@ conformance cases; silently wrong numbers before):
   ``r`` and ``y`` differ (Python's ``%``: ``-5 % inf = inf``, ``5 % inf = 5``);
 - ``BitShift`` by a negative amount or one >= the element width (undefined in C, so
   TVM's result is whatever the CPU does): 0, or -1 for a negative ``x`` shifted right
-  (as onnx's reference defines it).
+  (as onnx's reference defines it);
+- ``LayerNormalization`` with its optional ``Mean``/``InvStdDev`` outputs (TVM returns
+  them as scalars): the node keeps ``Y``; ``Mean = ReduceMean(X)`` and
+  ``InvStdDev = 1/sqrt(ReduceMean((X - Mean)^2) + epsilon)`` over the normalized axes
+  (keepdims, in ``stash_type``) are computed beside it.
 """
 
 from __future__ import annotations
@@ -40,16 +44,22 @@ def _needs_rewrite(node: onnx.NodeProto) -> bool:
         return not (_attr(node, "detect_negative", 1) and _attr(node, "detect_positive", 1))
     if node.op_type == "Mod":
         return not _attr(node, "fmod", 0)
+    if node.op_type == "LayerNormalization":
+        return len([o for o in node.output if o]) > 1
     return node.op_type == "BitShift"
 
 
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+def _elem_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]:
+    """Element type and rank of every value onnx's shape inference can type."""
     inferred = onnx.shape_inference.infer_shapes(model)
     graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in itertools.chain(graph.input, graph.value_info, graph.output)}
+    values = list(itertools.chain(graph.input, graph.value_info, graph.output))
+    types = {v.name: v.type.tensor_type.elem_type for v in values}
     types.update({t.name: t.data_type for t in graph.initializer})
-    return types
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in values
+             if v.type.tensor_type.HasField("shape")}
+    ranks.update({t.name: len(t.dims) for t in graph.initializer})
+    return types, ranks
 
 
 class _Builder:
@@ -116,13 +126,46 @@ def _bitshift(node: onnx.NodeProto, elem_type: int) -> list[onnx.NodeProto]:
     return b.nodes
 
 
+def _layer_norm(node: onnx.NodeProto, elem_type: int, rank: int,
+                opset: int) -> list[onnx.NodeProto]:
+    b = _Builder(node)
+    x = node.input[0]
+    y, *stats = list(node.output) + ["", ""]
+    mean_out, inv_out = stats[0], stats[1]
+    keep = onnx.NodeProto()
+    keep.CopyFrom(node)
+    del keep.output[:]
+    keep.output.append(y)
+    b.nodes.append(keep)
+    stash = _attr(node, "stash_type", 1)
+    if stash != elem_type:
+        x = b("Cast", x, to=stash)
+    axes = list(range(_attr(node, "axis", -1) % rank, rank))
+    dtype = helper.tensor_dtype_to_np_dtype(stash)
+
+    def reduce_mean(value: str, out: str | None = None) -> str:
+        if opset >= 18:
+            return b("ReduceMean", value, b.const(np.array(axes, np.int64)), keepdims=1, out=out)
+        return b("ReduceMean", value, axes=axes, keepdims=1, out=out)
+
+    mean = reduce_mean(x, out=mean_out or None)
+    if inv_out:
+        centered = b("Sub", x, mean)
+        var = reduce_mean(b("Mul", centered, centered))
+        eps = b.const(np.array(_attr(node, "epsilon", 1e-5), dtype=dtype))
+        b("Reciprocal", b("Sqrt", b("Add", var, eps)), out=inv_out)
+    return b.nodes
+
+
 def rewrite_edge_cases(model: onnx.ModelProto) -> int:
-    """Rewrite the main graph's IsInf / float Mod fmod=0 / BitShift nodes (in place).
+    """Rewrite the main graph's IsInf / float Mod fmod=0 / BitShift / LayerNormalization
+    nodes (in place).
     Returns how many were rewritten."""
     graph = model.graph
     if not any(_needs_rewrite(node) for node in graph.node):
         return 0
-    types = _elem_types(model)
+    types, ranks = _elem_types(model)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     out: list[onnx.NodeProto] = []
     rewritten = 0
     for node in graph.node:
@@ -132,6 +175,9 @@ def rewrite_edge_cases(model: onnx.ModelProto) -> int:
                 replacement = _isinf(node)
             elif node.op_type == "Mod" and types.get(node.input[0]) in _FLOAT_TYPES:
                 replacement = _mod(node)
+            elif node.op_type == "LayerNormalization" and node.input[0] in ranks \
+                    and node.input[0] in types:
+                replacement = _layer_norm(node, types[node.input[0]], ranks[node.input[0]], opset)
             elif node.op_type == "BitShift" and not _shift_is_safe(graph, node):
                 elem = types.get(node.input[1])
                 replacement = _bitshift(node, elem) if elem else None
