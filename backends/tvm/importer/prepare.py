@@ -30,13 +30,15 @@ from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS, is_kil
 from kiln.compiler.core.kiln_domain import DOMAIN as KILN_DOMAIN
 from kiln.compiler.core.packing import unpack_bits
 
+from .control_flow import fold_constant_branches, should_fold
 from .edge_cases import rewrite_edge_cases
 from .packed_weights import attributes, codebook_weights, initializers, pack_four_bit_weights
 from .static_operands import fix_shape_operands
 
 logger = logging.getLogger(__name__)
 
-_SHAPE_OPS = frozenset({"Shape", "Size"})
+#: (a small ConstantOfShape folds too: control_flow.should_fold)
+_SHAPE_OPS = frozenset({"Shape", "Size", "ConstantOfShape"})
 #: kiln.UnpackBits outputs up to this many codes that feed index computations (a
 #: salient-rows mask -> NonZero) are evaluated before import, so the indices fold.
 MAX_FOLDED_CODES = 1 << 16
@@ -103,7 +105,7 @@ def refold(proto: onnx.ModelProto) -> onnx.ModelProto:
     kiln = {key: copy.functions.pop(key) for key in list(copy.functions)
             if is_kiln_op(key[0], key[1])}
     common.InlinePass()(copy)
-    fold_constants(copy, onnx_shape_inference=True)
+    fold_constants(copy, onnx_shape_inference=True, should_fold=should_fold)
     common.RemoveUnusedNodesPass()(copy)
     copy.functions.update(kiln)
     return ir.serde.serialize_model(copy)
@@ -144,6 +146,7 @@ def prepare_onnx(model: ir.Model, target_name: str | None = None) -> onnx.ModelP
             any(n.op_type in _SHAPE_OPS for n in walk_nodes(proto.graph)):
         logger.info("model still computes shapes; folding constants before import")
         proto = refold(proto)
+    proto = fold_constant_branches(proto, refold)
     proto = drop_kiln_functions(proto, target_name)
     rewrite_edge_cases(proto)
     pack_four_bit_weights(proto)

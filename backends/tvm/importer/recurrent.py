@@ -185,6 +185,8 @@ class _RecurrentOp:
 
         inputs = inputs + [None] * (8 - len(inputs))
         x, w, r, b, lengths, initial_h = inputs[:6]
+        if len(static_shape(x)) != 3:
+            raise RecurrentAttributeError(f"X has shape {static_shape(x)}, expected 3 dims")
         layout = int(attr.get("layout", 0))
         if layout not in (0, 1):
             raise RecurrentAttributeError(f"layout={layout}")
