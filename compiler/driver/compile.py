@@ -35,7 +35,6 @@ from kiln.compiler.core.errors import (
     KilnError,
     OutputError,
     PassError,
-    SpecError,
     VerificationError,
 )
 from kiln.compiler.core.frontend import load_model
@@ -43,17 +42,17 @@ from kiln.compiler.core.pass_api import CalibrationContext, Candidate, KilnPass,
 from kiln.compiler.core.selectors import describe, select_nodes
 from kiln.compiler.core.spec import Budget, PassEntry, Spec, default_spec
 from kiln.compiler.core.version import kiln_version
-from kiln.compiler.driver import registry
+from kiln.compiler.driver import registry, sensitivity
 from kiln.compiler.driver.outdir import OutputFolder
+from kiln.compiler.driver.pass_checks import after_pass
 from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
+from kiln.compiler.driver.samples import SampleSets, sample_sets
 from kiln.compiler.driver.specs import load_spec
 from kiln.compiler.driver.verify import (
     ErrorMetrics,
     Feeds,
     compare,
-    make_samples,
     reference_outputs,
-    verification_samples,
 )
 
 logger = logging.getLogger(__name__)
@@ -123,6 +122,8 @@ class PlanEntry:
     selector: str
     selected: int
     candidates: list[Candidate]
+    #: with ``plan_model(sensitivity=True)``, a lossy pass's layers, most sensitive first
+    ranking: list[sensitivity.LayerSensitivity] | None = None
 
 
 @dataclass
@@ -271,6 +272,16 @@ def _budget_failure(metrics: ErrorMetrics, budget: Budget | None) -> str | None:
     return None
 
 
+def _pass_failure(vs_prev: ErrorMetrics, vs_source: ErrorMetrics, budget: Budget | None,
+                  end_to_end: Budget | None) -> str | None:
+    """Why a lossy pass's result breaks its own budget or the spec's end-to-end one."""
+    failure = _budget_failure(vs_prev, budget)
+    if failure is None:
+        whole = _budget_failure(vs_source, end_to_end)
+        failure = f"end to end, {whole}" if whole else None
+    return failure
+
+
 def _load(source, spec: Spec, input_shapes) -> ir.Model:
     """Load the model; a spec `inputs:` key naming no input points at its spec line."""
     try:
@@ -283,26 +294,18 @@ def _load(source, spec: Spec, input_shapes) -> ir.Model:
         raise
 
 
-def _with_spec_location(spec: Spec, path: tuple, make):
-    """Run ``make``; a SpecError without a location gets the spec key's file and line."""
-    try:
-        return make()
-    except SpecError as error:
-        if error.file is None and error.line is None:
-            raise spec.error(path, error.detail) from None
-        raise
-
-
-def _calibration_context(model: ir.Model, spec: Spec,
-                         steps: Sequence[PassStep]) -> CalibrationContext | None:
-    """Calibration samples (count from ``calibration.samples``) for passes that need them."""
+def _calibration_context(model: ir.Model, spec: Spec, steps: Sequence[PassStep],
+                         sets: SampleSets | None = None) -> CalibrationContext | None:
+    """Calibration samples (count from ``calibration.samples``; held out from verification's,
+    see :mod:`.samples`) for passes that need them."""
     if not any(step.pass_class.needs_calibration for step in steps):
         return None
     from kiln.backends.ort import collect_activations
 
-    samples = _with_spec_location(spec, ("calibration", "source"), lambda: make_samples(
-        model, spec, count=spec.calibration.samples, seed=spec.calibration.seed))
-    return CalibrationContext(samples, lambda m, names: collect_activations(m, names, samples))
+    sets = sets or sample_sets(model, spec, calibrate=True)
+    samples = sets.calibration
+    return CalibrationContext(samples, lambda m, names: collect_activations(m, names, samples),
+                              source=sets.source)
 
 
 def _run_pass(instance: KilnPass, model: ir.Model, name: str, ran: Sequence[str]):
@@ -407,8 +410,10 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
     model = _load(source, spec, input_shapes)
     report.params_source = kir.count_params(model)
     report.bytes_source = kir.count_weight_bytes(model)
-    samples = verification_samples(model, spec) if spec.verify.enabled else []
-    calibration = _calibration_context(model, spec, steps)
+    sets = sample_sets(model, spec, calibrate=any(s.pass_class.needs_calibration for s in steps))
+    samples = sets.verification if spec.verify.enabled else []
+    calibration = _calibration_context(model, spec, steps, sets)
+    report.calibration = sets
     run = _Runner(samples, label=str(source))
     output_names = [v.name for v in model.graph.outputs]
     say("reference run")
@@ -427,6 +432,8 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
         selected = _selection(model, step, spec)
         skip_allowed = spec.verify.on_budget_exceeded == "skip_pass"
         snapshot = _clone(model) if skip_allowed and not step.pass_class.exact else None
+        trial = sensitivity.PassTrial(model, step.pass_class, step.config, selected, calibration) \
+            if spec.verify.on_budget_exceeded == "fallback" and not step.pass_class.exact else None
         p = PassReport(name=step.name, exact=step.pass_class.exact,
                        params_before=kir.count_params(model),
                        bytes_before=kir.count_weight_bytes(model))
@@ -441,6 +448,7 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
         p.params_after = kir.count_params(model)
         p.bytes_after = kir.count_weight_bytes(model)
         p.note = instance.note
+        after_pass(step.name, instance, p, spec, calibration, sets, ran)
         if samples and p.modified:
             outputs = run(model, f" after pass {step.name!r}")
             vs_prev = compare(previous, outputs, output_names, rtol=spec.verify.rtol,
@@ -456,10 +464,27 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
                     f"exact pass {step.name!r} changed the outputs beyond float32 tolerance: "
                     f"{vs_prev.describe()}", pass_name=step.name, output=vs_prev.worst_output,
                     sqnr_db=vs_prev.sqnr_db, max_abs_err=vs_prev.max_abs_err)
-            failure = _budget_failure(vs_prev, entry.budget)
-            if failure is None:
-                end_to_end = _budget_failure(vs_source, spec.verify.budget)
-                failure = f"end to end, {end_to_end}" if end_to_end else None
+            failure = _pass_failure(vs_prev, vs_source, entry.budget, spec.verify.budget)
+            if failure is not None and trial is not None:  # keep sensitive layers in float
+                def judge(outs, before=previous, budget=entry.budget):
+                    a, b = (compare(ref, outs, output_names, rtol=spec.verify.rtol,
+                                    atol=spec.verify.atol) for ref in (before, source_outputs))
+                    return _pass_failure(a, b, budget, spec.verify.budget), a, b
+                kept = sensitivity.fall_back(trial, run, previous, output_names, judge,
+                                             progress=say)
+                if kept is not None:
+                    model, outputs, vs_prev, vs_source = (kept.model, kept.outputs, kept.vs_prev,
+                                                          kept.vs_source)
+                    p.matched, p.kept_float = kept.rewritten, kept.kept_float_dicts()
+                    p.note = "; ".join(filter(None, [p.note, kept.note()]))
+                    logger.warning("pass %s: %s", step.name, kept.note())
+                    p.params_after = kir.count_params(model)
+                    p.bytes_after = kir.count_weight_bytes(model)
+                    p.sqnr_db, p.max_abs_err = vs_prev.sqnr_db, vs_prev.max_abs_err
+                    p.sqnr_db_vs_source = vs_source.sqnr_db
+                    p.max_abs_err_vs_source = vs_source.max_abs_err
+                    p.worst_output = vs_prev.worst_output
+                    failure = None
             if failure is not None:
                 if snapshot is not None:
                     model = snapshot
@@ -492,24 +517,37 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
 
 
 def plan_model(source: str | os.PathLike, spec: Spec | str, *,
-               input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[PlanEntry]:
+               input_shapes: Mapping[str, Sequence[int]] | None = None,
+               sensitivity_of_layers: bool = False,
+               progress: Callable[[str], Any] | None = None) -> list[PlanEntry]:
     """What each pass would touch, and why candidates were refused, changing nothing on disk.
 
     Passes are applied in order to an in-memory copy so that each sees the model
-    the earlier passes leave (no verification).
+    the earlier passes leave (no verification). With ``sensitivity_of_layers``, each lossy
+    pass's layers are ranked by the output SQNR of rewriting each alone
+    (:mod:`.sensitivity`, on the verification samples).
     """
     if isinstance(spec, str):
         spec = load_spec(spec)
     steps = build_steps(spec)
     model = _load(source, spec, input_shapes)
-    calibration = _calibration_context(model, spec, steps)
+    sets = sample_sets(model, spec, calibrate=any(s.pass_class.needs_calibration for s in steps))
+    calibration = _calibration_context(model, spec, steps, sets)
     plan = []
     for step in steps:
         selected = _selection(model, step, spec)
         count = sum(1 for node in kir.nodes(model) if selected is None or selected(node))
+        ranking = None
+        if sensitivity_of_layers and not step.pass_class.exact and sets.verification:
+            run = sensitivity.ort_runner(sets.verification)
+            trial = sensitivity.PassTrial(model, step.pass_class, step.config, selected,
+                                          calibration)
+            ranking = sensitivity.layer_sensitivity(
+                trial, run, run(model), [v.name for v in model.graph.outputs],
+                rtol=spec.verify.rtol, atol=spec.verify.atol, progress=progress)
         instance = step.pass_class(step.config, selected=selected, calibration=calibration
                                    if step.pass_class.needs_calibration else None)
         _run_pass(instance, model, step.name, [e.name for e in plan])
         plan.append(PlanEntry(step.name, describe(step.entry.select), count,
-                              list(instance.last_candidates)))
+                              list(instance.last_candidates), ranking))
     return plan

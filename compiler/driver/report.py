@@ -40,6 +40,8 @@ class PassReport:
     skipped: bool = False
     note: str = ""
     seconds: float = 0.0
+    #: layers ``on_budget_exceeded: fallback`` kept in float: node, rank, sqnr_db alone, why
+    kept_float: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -86,6 +88,8 @@ class CompileReport:
     status: str = "ok"
     #: a failed compile: {"kind": error class, "message": text, "pass": failing pass or None}
     error: dict[str, Any] | None = None
+    #: where calibration and verification samples came from (driver.samples.SampleSets)
+    calibration: Any = None
 
     def fail(self, error: Exception) -> None:
         """Mark the report failed with ``error`` (the passes listed are those that ran)."""
@@ -117,6 +121,7 @@ class CompileReport:
             "kiln_version": self.kiln_version,
             "model_hash": self.model_hash,
             "verify_samples": self.verify_samples,
+            "calibration": self.calibration.to_dict() if self.calibration else None,
             "load_seconds": round(self.load_seconds, 3),
             "passes": [p.to_dict() for p in self.passes],
             "total": self.total(),
@@ -182,6 +187,14 @@ class CompileReport:
                       f"{total['max_abs_err'] or 0:.2g}", sqnr(total["sqnr_db"]),
                       f"{total['seconds']:.2f}", style="bold")
         return table
+
+    def summary_lines(self) -> list[str]:
+        """Console lines after the table: the calibration source, layers kept in float."""
+        lines = [self.calibration.describe()] if self.calibration else []
+        lines += [f"{p.name}: {len(p.kept_float)} layer(s) kept in float: " + ", ".join(
+            f"{k['node']} (rank {k['rank']})" for k in p.kept_float) for p in self.passes
+            if p.kept_float]
+        return lines
 
     def compiled_lines(self) -> list[str]:
         if not self.compiled:

@@ -27,8 +27,9 @@ from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import FrontendError, KilnError, SpecError, VerificationError
 from kiln.compiler.core.metrics import equal_nonfinite, sqnr_db_from_sums
 from kiln.compiler.core.spec import Spec
-from kiln.compiler.core.spec.schema import FolderSource, NpzSource
+from kiln.compiler.core.spec.schema import CallableSource, FolderSource, NpzSource
 
+from .callable_source import callable_samples
 from .input_ranges import Draw, input_draws
 
 Feeds = dict[str, np.ndarray]
@@ -187,6 +188,8 @@ def make_samples(model: ir.Model, spec: Spec, *, count: int | None = None,
     if isinstance(source, FolderSource):
         return _folder_samples(Path(source.path), spec.calibration.preprocess, shapes, count,
                                spec.calibration.seed if seed is None else seed)
+    if isinstance(source, CallableSource):
+        return callable_samples(source, shapes, count, spec.source)
     return random_samples(model, shapes, count, spec.verify.seed if seed is None else seed)
 
 
@@ -209,7 +212,7 @@ def verification_samples(model: ir.Model, spec: Spec) -> list[Feeds]:
             return _npz_samples(Path(given.path), shapes, spec.verify.samples)
         except SpecError as error:
             raise spec.error(("verify", "inputs"), error.detail) from None
-    if isinstance(spec.calibration.source, NpzSource | FolderSource):
+    if isinstance(spec.calibration.source, NpzSource | FolderSource | CallableSource):
         try:
             return make_samples(model, spec)
         except SpecError as error:

@@ -80,3 +80,32 @@ def positive_samples(count: int):
     rng = np.random.default_rng(7)
     for _ in range(count):
         yield {"x": np.abs(rng.standard_normal((4, 64))).astype(np.float32)}
+
+
+def photo_cnn(seed: int = 0) -> ir.Model:
+    """x[1, 3, 32, 32] (an RGB crop) -> Conv 3x3 (8) -> Relu -> Conv 3x3 stride 2 (16) -> Relu
+    -> GlobalAveragePool -> Flatten -> Gemm (10) -> y: for calibration on real photos."""
+    rng = np.random.default_rng(seed)
+    inits = [init("w1", rng.standard_normal((8, 3, 3, 3)) * 0.3),
+             init("b1", rng.standard_normal(8) * 0.1),
+             init("w2", rng.standard_normal((16, 8, 3, 3)) * 0.15),
+             init("w3", rng.standard_normal((10, 16)) * 0.3)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1],
+                              strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "w3"], ["y"], name="fc", transB=1)]
+    return build(nodes, inits,
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])])
+
+
+def input_weight_model() -> ir.Model:
+    """x[2, 4] @ w (a graph input, so not a constant) -> y: ``quantize`` refuses its one node."""
+    return build([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [],
+                 [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                  helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3])],
+                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])])

@@ -131,6 +131,20 @@ class FolderSource(_Strict):
         return f"folder:{self.path}"
 
 
+class CallableSource(_Strict):
+    """A Python callable yielding input dicts (``module:function`` or ``file.py:function``;
+    a relative file is found next to the spec): :mod:`kiln.compiler.driver.samples`."""
+
+    module: str
+    function: str
+
+    def yaml_form(self) -> str:
+        return f"{self.module}:{self.function}"
+
+
+_CALLABLE = re.compile(r"^(?P<module>[^:]+):(?P<function>[A-Za-z_][A-Za-z0-9_]*)$")
+
+
 def _source_from_yaml(value: Any) -> Any:
     if not isinstance(value, str):
         return value
@@ -139,12 +153,16 @@ def _source_from_yaml(value: Any) -> Any:
     for prefix, kind in (("npz:", NpzSource), ("folder:", FolderSource)):
         if value.startswith(prefix) and value[len(prefix):]:
             return kind(path=value[len(prefix):])
-    raise ValueError(f"{value!r} is not one of random, npz:PATH, folder:PATH")
+    match = _CALLABLE.match(value)
+    if match and not value.startswith(("npz:", "folder:")):
+        return CallableSource(module=match["module"], function=match["function"])
+    raise ValueError(f"{value!r} is not one of random, npz:PATH, folder:PATH, "
+                     "module:function, file.py:function")
 
 
 #: Where calibration samples come from, typed at load; written back as its YAML string.
 CalibrationSource = Annotated[
-    RandomSource | NpzSource | FolderSource,
+    RandomSource | NpzSource | FolderSource | CallableSource,
     BeforeValidator(_source_from_yaml, json_schema_input_type=str),
     PlainSerializer(lambda source: source.yaml_form(), return_type=str),
 ]
@@ -192,7 +210,8 @@ class Verify(_Strict):
     samples: int = Field(default=2, ge=1, le=1000)
     seed: int = 0
     budget: Budget | None = None
-    on_budget_exceeded: Literal["fail", "skip_pass"] = "fail"
+    # fallback: keep the most sensitive layers in float until the budget holds
+    on_budget_exceeded: Literal["fail", "skip_pass", "fallback"] = "fail"
     inputs: VerifyInputs | None = None
     # Exact passes must match to float32 tolerance: |a-b| <= atol + rtol * max|ref|.
     rtol: float = Field(default=1e-4, gt=0)
@@ -278,6 +297,8 @@ class Spec(_Strict):
     target: str | dict[str, Any] | None = None
     tune: Tune = Tune()
     output: Output = Output()
+    # A lossy pass that changes nothing is an error, not a warning (CLI: --strict).
+    strict: bool = False
 
     # Where the spec was read from: not part of the schema.
     source: Annotated[str | None, Field(exclude=True)] = None
