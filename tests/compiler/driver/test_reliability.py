@@ -61,7 +61,8 @@ def earlier_build(tmp_path, capsys) -> Path:
 def kiln_subprocess(args: list[str], *, pause: str | None = None,
                     send: signal.Signals | None = None, preexec=None):
     """Run kiln in a subprocess; with ``pause``, wait until it pauses there, send ``send``.
-    Returns (exit code, stderr without the pause line)."""
+    Returns (exit code, stderr without the pause line). (Not with -q: that silences fd 2,
+    where the pause line goes.)"""
     env = dict(os.environ)
     env.pop(PAUSE_ENV, None)
     if pause:
@@ -120,7 +121,7 @@ def test_concurrent_run_refuses_while_the_first_works(earlier_build, capsys):
     before = snapshot(out)
     env = dict(os.environ, **{PAUSE_ENV: "pass"})
     first = subprocess.Popen([sys.executable, "-m", "kiln.compiler.driver.cli",
-                              *compile_args(out, "-q")], stderr=subprocess.PIPE, text=True,
+                              *compile_args(out)], stderr=subprocess.PIPE, text=True,
                              env=env, cwd=REPO)
     try:
         assert first.stderr.readline() == "kiln-test: paused at pass\n"
@@ -175,14 +176,14 @@ def check_interrupted(out: Path, before: dict, code: int, err: str) -> None:
 def test_interrupt_leaves_outdir_as_it_was(earlier_build, point, build, send):
     out = earlier_build
     before = snapshot(out)
-    code, err = kiln_subprocess(compile_args(out, "-q", build=build), pause=point, send=send)
+    code, err = kiln_subprocess(compile_args(out, build=build), pause=point, send=send)
     check_interrupted(out, before, code, err)
 
 
 def test_interrupt_into_a_new_folder_creates_nothing(tmp_path):
     out = tmp_path / "new"
     before = snapshot(out)
-    code, err = kiln_subprocess(compile_args(out, "-q"), pause="write")
+    code, err = kiln_subprocess(compile_args(out), pause="write")
     check_interrupted(out, before, code, err)
     assert not out.exists()
 
@@ -297,7 +298,7 @@ def test_file_size_limit_while_linking_the_library(earlier_build):
     def small_files():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    code, err = kiln_subprocess(compile_args(out, "-q", build=True), preexec=small_files)
+    code, err = kiln_subprocess(compile_args(out, build=True), preexec=small_files)
     assert code == 2, err
     assert err.strip().splitlines()[-1].startswith(
         "kiln: error: file size limit exceeded writing model.so (ulimit -f allows 49152 bytes")
