@@ -15,7 +15,9 @@ writes goes into a fresh staging folder beside OUTDIR (same filesystem). At the 
   run does not write are removed; other files in OUTDIR are left alone, and the input
   model is never moved or removed.
 
-Any exception or interrupt before the commit deletes the staging folder: OUTDIR stays
+An interrupt that arrives during those moves (milliseconds) is held until they end: the
+new build is then complete and kiln exits 130. Any exception or interrupt before the
+commit deletes the staging folder: OUTDIR stays
 exactly as it was (a run killed outright leaves its staging folder, which the next run
 into OUTDIR removes). A failed compile's report goes to ``OUTDIR/report.json`` only when
 OUTDIR holds no earlier build, else beside it (``OUTDIR.failed-report.json``).
@@ -169,13 +171,15 @@ class OutputFolder:
                 raise OutputError(f"{self.shown / name}: is the input model; refusing to "
                                   "write over it (choose another -o OUTDIR)")
         with interrupt.deferred():
-            if interrupt.pending():
-                return []  # the held signal is raised as the block ends; nothing moved
-            if not self.target.exists():
-                self._rename_whole()
-            else:
-                self._swap_files(new)
-            self.failed_report_path.unlink(missing_ok=True)
+            stop = interrupt.pending()  # an interrupt before the first move: nothing moves
+            if not stop:
+                if not self.target.exists():
+                    self._rename_whole()
+                else:
+                    self._swap_files(new)
+                self.failed_report_path.unlink(missing_ok=True)
+        if stop:  # (a signal held meanwhile has already been raised as the block ended)
+            raise KeyboardInterrupt
         self.written = [self.shown / name for name in new]
         return self.written
 

@@ -58,6 +58,14 @@ def earlier_build(tmp_path, capsys) -> Path:
     return out
 
 
+def pause_line(stderr) -> str:
+    """The first stderr line that is not a progress line (a slow step prints ``kiln: ...``)."""
+    line = stderr.readline()
+    while line.startswith("kiln: ") and not line.startswith("kiln: error"):
+        line = stderr.readline()
+    return line
+
+
 def kiln_subprocess(args: list[str], *, pause: str | None = None,
                     send: signal.Signals | None = None, preexec=None):
     """Run kiln in a subprocess; with ``pause``, wait until it pauses there, send ``send``.
@@ -72,7 +80,7 @@ def kiln_subprocess(args: list[str], *, pause: str | None = None,
                             cwd=REPO, preexec_fn=preexec)
     first = ""
     if pause:
-        first = proc.stderr.readline()
+        first = pause_line(proc.stderr)
         assert first == f"kiln-test: paused at {pause}\n", first + proc.stderr.read()
         proc.send_signal(send or signal.SIGINT)
     try:
@@ -124,7 +132,7 @@ def test_concurrent_run_refuses_while_the_first_works(earlier_build, capsys):
                               *compile_args(out)], stderr=subprocess.PIPE, text=True,
                              env=env, cwd=REPO)
     try:
-        assert first.stderr.readline() == "kiln-test: paused at pass\n"
+        assert pause_line(first.stderr) == "kiln-test: paused at pass\n"
         code = main(compile_args(out, "--spec", "fp32"))
         err = capsys.readouterr().err
         assert code == 2 and f"another kiln compile (pid {first.pid})" in err
@@ -142,6 +150,29 @@ def test_python_api_save_lists_what_it_wrote(tmp_path):
     out = result.save(tmp_path / "out")
     assert out == tmp_path / "out"
     assert result.written == [out / "model.onnx", out / "report.json"]
+
+
+def test_a_failed_move_at_the_commit_puts_everything_back(earlier_build, capsys,
+                                                          monkeypatch):
+    """E.g. a read-only OUTDIR: the error names the final file, not a temporary one."""
+    out = earlier_build
+    (out / "model.so").write_bytes(b"old library")  # a stale file the commit moves out
+    before = snapshot(out)
+    real = os.replace
+
+    def refuse_model_onnx(src, dst):  # the new model.onnx; putting the old back works
+        if Path(dst) == out / "model.onnx" and ".kiln-old-" not in str(src):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_model_onnx)
+    code = main(compile_args(out))
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip() == f"kiln: error: {out / 'model.onnx'}: cannot write output " \
+                          "(Permission denied)"
+    assert snapshot(out) == before
 
 
 def test_staging_left_by_a_killed_run_is_removed_by_the_next(earlier_build, capsys):
