@@ -120,3 +120,23 @@ def test_fp4_e2m1_blocked_weights(tmp_path):
     dense = weights.astype(np.float32) * np.repeat(scale, BLOCK, axis=0)
     (out,) = load(tmp_path)(x)
     assert relative_error(out, x @ dense) < REL_TOL
+
+
+def test_manifest_records_the_library_hash_and_load_checks_it(cnn_artifact, tmp_path):
+    import hashlib
+    import shutil
+
+    outdir, result, _ = cnn_artifact
+    manifest = json.loads((outdir / "manifest.json").read_text())
+    digest = hashlib.sha256(result.library.read_bytes()).hexdigest()
+    assert manifest["format"] == 2 and manifest["files"] == {"model.so": digest}
+    damaged = tmp_path / "damaged"
+    shutil.copytree(outdir, damaged)
+    library = damaged / "model.so"
+    data = library.read_bytes()
+    library.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one byte changed
+    with pytest.raises(KilnError, match="model.so: does not match manifest.json"):
+        load(damaged)
+    library.unlink()
+    with pytest.raises(KilnError, match=r"model.so: missing \(listed in manifest.json\)"):
+        load(damaged)
