@@ -390,8 +390,11 @@ def compile_to_folder(source: str | os.PathLike, spec: Spec | str | None, outdir
             if isinstance(error, OutputError) or interrupt.received() is not None:
                 raise
             report.fail(error)
-            error.failed_report = folder.write_failed_report(  # type: ignore[attr-defined]
-                report.to_json().encode())
+            try:
+                error.failed_report = folder.write_failed_report(  # type: ignore[attr-defined]
+                    report.to_json().encode())
+            except OutputError as unwritable:  # the compile's own error is the one to show
+                logger.warning("the failed compile's report was not written: %s", unwritable)
             raise
     result.written = list(folder.written)
     return result

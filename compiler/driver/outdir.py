@@ -1,6 +1,7 @@
 """One build, one folder, all or nothing: how a run's files reach OUTDIR.
 
-A run takes OUTDIR's lock (``fcntl.flock`` on ``.NAME.kiln-lock`` beside OUTDIR): a
+A run takes OUTDIR's lock (``fcntl.flock`` on ``.NAME.kiln-lock`` beside OUTDIR; inside
+it when OUTDIR is a mount point or its parent is read-only, as the staging folder): a
 second run into the same folder while the first holds it **refuses at once** with a
 one-line OutputError naming the first run's pid (it does not wait: a compile can take
 minutes and the second would overwrite the first's result anyway). Everything the run
@@ -63,6 +64,7 @@ class OutputFolder:
         self.target = Path(os.path.realpath(outdir))
         self.protect = tuple(Path(p) for p in protect)
         self.staging: Path | None = None
+        self.work = self.target.parent
         self.written: list[Path] = []
         self._lock_fd: int | None = None
         self._lock_path: Path | None = None
@@ -72,13 +74,13 @@ class OutputFolder:
     def __enter__(self) -> OutputFolder:
         if self.target.exists() and not self.target.is_dir():
             raise OutputError(f"{self.shown}: exists and is not a folder")
-        parent = self.target.parent
         try:
-            parent.mkdir(parents=True, exist_ok=True)
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.work = self._work_folder()
             self._lock()
             self._remove_stale_staging()
             self.staging = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.kiln-",
-                                                 dir=parent))
+                                                 dir=self.work))
         except OSError as error:
             self._unlock()
             raise OutputError(f"{self.shown}: cannot write output "
@@ -92,16 +94,26 @@ class OutputFolder:
         finally:
             self._unlock()
 
+    def _work_folder(self) -> Path:
+        """Where the lock and the staging folder go: beside OUTDIR, or inside it when OUTDIR
+        is a mount point (a container's bind mount: a rename across filesystems fails) or
+        its parent is not writable."""
+        parent = self.target.parent
+        if self.target.is_dir() and (os.stat(self.target).st_dev != os.stat(parent).st_dev
+                                     or not os.access(parent, os.W_OK)):
+            return self.target
+        return parent
+
     def _remove_stale_staging(self) -> None:
         """Staging folders a killed run (SIGKILL, LLVM's fatal exit) left beside OUTDIR: no
         one else uses them while we hold the lock."""
         stale = re.compile(rf"\.{re.escape(self.target.name)}\.kiln-(old-)?[a-z0-9_]{{8}}")
-        for entry in self.target.parent.iterdir():
+        for entry in self.work.iterdir():
             if stale.fullmatch(entry.name) and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _lock(self) -> None:
-        path = self.target.parent / f".{self.target.name}.kiln-lock"
+        path = self.work / f".{self.target.name}.kiln-lock"
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -197,7 +209,7 @@ class OutputFolder:
         old = [n for n in KILN_FILES if (self.target / n).is_file() and not self._protected(n)]
         incoming = sorted(new, key=lambda n: n == COMMIT_LAST)
         backup = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.kiln-old-",
-                                       dir=self.target.parent))
+                                       dir=self.work))
         moved_out: list[str] = []
         moved_in: list[str] = []
         current = ""
