@@ -1,14 +1,13 @@
-"""kiln: compile neural networks with verified rewrites (ONNX/PyTorch in; ONNX and TVM kernels out).
+"""The ``kiln`` command line.
 
     kiln compile MODEL [--spec SPEC] [--input NAME=1x3x224x224] [--target T] [-o OUTDIR]
-    kiln plan MODEL --spec SPEC [--emit-spec OUT.yaml|-] [--json]
+    kiln plan MODEL --spec SPEC [--emit-spec OUT.yaml|-]
     kiln run OUTDIR --inputs in.npz [--output out.npz]
-    kiln passes [NAME] [--json]
-    kiln specs [NAME]
+    kiln passes
     kiln schema
 
-Errors from bad input print one or two lines and exit with code 2; --debug shows the
-traceback. -v/--verbose, -q/--quiet and --debug go before or after the subcommand.
+Errors from bad input print one or two lines and exit with code 2; ``--debug``
+shows the traceback.
 """
 
 from __future__ import annotations
@@ -18,17 +17,36 @@ import json
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from kiln.compiler.core.errors import KilnError, OutputError
-from kiln.compiler.driver.console import make_console as _console
-from kiln.compiler.driver.console import native_output_silenced, print_table, progress
 
 logger = logging.getLogger("kiln")
 
 
-def _print_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    console = Console(stderr=stderr, highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 132)  # logs and pipes: do not squeeze tables
+    return console
+
+
+@contextmanager
+def _progress(enabled: bool):
+    """A spinner with the current step on stderr (only on a terminal)."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = _console(stderr=True)
+    if not enabled or not console.is_terminal:
+        yield lambda text: logger.info("%s", text)
+        return
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("kiln", total=None)
+        yield lambda text: progress.update(task, description=text)
 
 
 def _input_shapes(bindings: list[str] | None) -> dict[str, list[int]]:
@@ -121,34 +139,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if out is not None:
         _check_outdir(out, Path(args.model), spec.output.onnx)
     started = time.perf_counter()
-    shapes = _input_shapes(args.input)
-    # -q and --json print nothing but the result: TVM's C++ logging goes to a scratch file
-    silent = (args.quiet or args.json) and not args.debug
-    with progress("off" if args.quiet or args.json else "auto") as say, \
-            native_output_silenced(silent):
+    with _progress(not args.quiet) as say:
         if out is None:
-            result = compile_model(args.model, spec, input_shapes=shapes,
+            result = compile_model(args.model, spec, input_shapes=_input_shapes(args.input),
                                    target=target, progress=say)
         else:  # staged, all or nothing, under OUTDIR's lock (kiln.compiler.driver.outdir)
             result = compile_to_folder(args.model, spec, out,
-                                       input_shapes=shapes, target=target,
+                                       input_shapes=_input_shapes(args.input), target=target,
                                        progress=say, tune_trials=args.tune,
                                        tuning_db=args.tuning_db)
     console = _console()
-    seconds = time.perf_counter() - started
-    if args.json:
-        _print_json({"model": str(args.model), "output": str(out) if out else None,
-                     "files": [p.name for p in result.written] if out is not None else [],
-                     "seconds": round(seconds, 3), "compiled": result.report.compiled_lines(),
-                     "report": json.loads(result.report.to_json())})
-    elif not args.quiet:
-        print_table(console, result.report.table())
+    if not args.quiet:
+        console.print(result.report.table())
         for line in result.report.compiled_lines():
-            console.print(line, markup=False, soft_wrap=True)
+            console.print(line)
         if out is not None:
             written = ", ".join(p.name for p in result.written)  # this run's files only
-            console.print(f"wrote {out}/: {written} ({seconds:.1f} s)", markup=False,
-                          soft_wrap=True)
+            console.print(f"wrote {out}/: {written} ({time.perf_counter() - started:.1f} s)")
         else:
             console.print("nothing written (no -o OUTDIR)")
     return 0
@@ -158,19 +165,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from kiln.compiler.driver.compile import plan_model
 
     spec = _load_spec(args.spec)
-    if args.json and args.emit_spec == "-":
-        raise KilnError("--json and --emit-spec - both write to stdout; give --emit-spec a file")
     plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input))
-    if args.json:
-        _print_json([{"pass": entry.name, "select": str(entry.selector),
-                      "selected": entry.selected,
-                      "rewrites": [c.label for c in entry.candidates if c.accepted],
-                      "refuses": [{"node": c.label, "reason": c.reason}
-                                  for c in entry.candidates if not c.accepted]}
-                     for entry in plan])
-        if args.emit_spec:
-            _emit_spec(spec, args.emit_spec)
-        return 0
     # With the spec on stdout, the plan goes to stderr.
     console = _console(stderr=args.emit_spec == "-")
     for entry in plan:
@@ -206,81 +201,31 @@ def _emit_spec(spec, where: str) -> None:
 def cmd_passes(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from kiln.compiler.driver import option_types, registry
+    from kiln.compiler.driver import registry
 
-    infos = registry.available()
-    if args.name is not None:
-        registry.get_pass_class(args.name)          # an unknown name: KilnError with a hint
-        infos = {args.name: infos[args.name]}
     console = _console()
-    listing = []
-    for name, info in sorted(infos.items()):
+    for name, info in sorted(registry.available().items()):
         try:
             cls = registry.get_pass_class(name)
         except KilnError as error:
-            listing.append({"name": name, "origin": info.origin, "unavailable": str(error)})
-            if not args.json:
-                console.print(f"{escape(name)}  [red]unavailable[/red]: {escape(str(error))}",
-                              soft_wrap=True)
+            console.print(f"{escape(name)}  [red]unavailable[/red]: {escape(str(error))}")
             continue
-        if args.json:
-            listing.append(option_types.pass_json(name, cls, info.origin))
-            continue
-        doc = (cls.__doc__ or "").strip()
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         kind = "exact" if cls.exact else "lossy"
         origin = "" if info.origin == "builtin" else f" [plugin: {info.origin}]"
         # escape: "[plugin: ...]" and docstrings with brackets are not rich markup.
-        first = doc.splitlines()[0] if doc else ""
-        console.print(f"[bold]{escape(name)}[/bold] ({kind}){escape(origin)}: {escape(first)}",
-                      soft_wrap=True)
-        schema = cls.config_class.model_json_schema()
-        for line in option_types.option_lines(schema):
-            console.print(line, markup=False, soft_wrap=True)
+        console.print(f"[bold]{escape(name)}[/bold] ({kind}){escape(origin)}: {escape(doc)}")
+        for field_name, field in cls.config_class.model_fields.items():
+            default = field.default
+            desc = f" - {field.description}" if field.description else ""
+            console.print(f"    {field_name}: {_type_name(field.annotation)} = {default!r}{desc}",
+                          markup=False)
         console.print("    (every pass also takes: select, optional, budget)", markup=False)
-        if args.name is not None:
-            extra = option_types.definition_lines(schema)
-            if extra:
-                console.print("  where:", markup=False)
-                for line in extra:
-                    console.print(line, markup=False, soft_wrap=True)
-    if args.json:
-        _print_json(listing)
     return 0
 
 
-def cmd_specs(args: argparse.Namespace) -> int:
-    from kiln.compiler.core.spec import builtin_specs
-    from kiln.compiler.core.spec.located_yaml import compose
-
-    specs = builtin_specs()
-    if args.name is not None:
-        if args.name not in specs:
-            import difflib
-
-            close = difflib.get_close_matches(args.name, specs, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise KilnError(f"no built-in spec named {args.name!r}{hint}; built-in: "
-                            f"{', '.join(sorted(specs))}")
-        sys.stdout.write(specs[args.name].read_text(encoding="utf-8"))
-        return 0
-    rows = []
-    for name, path in sorted(specs.items()):
-        data, _ = compose(path.read_text(encoding="utf-8"), str(path))
-        data = data if isinstance(data, dict) else {}
-        summary = " ".join(str(data.get("description") or "").split())
-        if data.get("extends"):
-            summary = f"(extends {data['extends']}) {summary}".strip()
-        rows.append({"name": name, "description": summary, "file": str(path)})
-    if args.json:
-        _print_json(rows)
-        return 0
-    console = _console()
-    width = max((len(r["name"]) for r in rows), default=0)
-    for row in rows:
-        console.print(f"{row['name']:<{width}}  {row['description']}", markup=False,
-                      soft_wrap=True)
-    console.print("(kiln specs NAME prints one; kiln compile --spec NAME uses it)", markup=False)
-    return 0
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def spec_json_schema() -> dict:
