@@ -433,6 +433,15 @@ def test_files_from_another_build_are_refused(built, tmp_path, capsys):
     assert "model.onnx: does not match manifest.json" in err and len(err.splitlines()) == 1
 
 
+def test_library_and_manifest_alone_still_run(built, tmp_path, capsys):
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    for name in ("model.so", "manifest.json"):  # what goes onto a device
+        shutil.copy(built / name, folder / name)
+    code, err = run_artifact_cli(folder, tmp_path, capsys)
+    assert code == 0, err
+
+
 def test_manifest_without_hashes_is_refused(built, tmp_path, capsys):
     folder = tmp_path / "old"
     shutil.copytree(built, folder)
