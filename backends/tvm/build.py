@@ -41,6 +41,7 @@ from .importer import check_static_inputs, lower_to_relax
 from .manifest import LIBRARY_NAME, Manifest, TensorSpec, write_manifest
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels
+from .strip import strip_library
 from .targets import ResolvedTarget, require_cross_compiler, resolve_target
 from .tuning.database import TUNED_RULE, database_dirs, open_database
 from .tuning.tune import describe, tune_relax_module
@@ -162,13 +163,17 @@ def _check_room(outdir: Path, weight_bytes: int) -> None:
                               f"free in {folder}, the library needs about {needed})")
 
 
-def _export(executable, library: Path, cross_cc: str | None) -> None:
-    """``export_library`` into a temp file next to ``library``, then rename over it."""
+def _export(executable, library: Path, cross_cc: str | None, *, keep_symbols: bool = False) -> None:
+    """``export_library`` into a temp file next to ``library``, then rename over it. A
+    cross-compiled library is stripped with the cross toolchain's strip (unless
+    ``keep_symbols``); see strip_library."""
     fd, tmp = tempfile.mkstemp(prefix=f".{library.name}.", suffix=".so", dir=library.parent)
     os.close(fd)
     try:
         kwargs = {"cc": cross_cc} if cross_cc else {}
         executable.export_library(tmp, **kwargs)
+        if cross_cc and not keep_symbols:
+            strip_library(Path(tmp), cross_cc)
         replace_atomic(tmp, library, mode=0o755)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -179,7 +184,8 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
                    outdir: Path, *, model_hash: str,
                    inputs: Sequence[InputDecl] | None = None,
                    progress: Progress | None = None, tune_trials: int = 0,
-                   tuning_db: Path | None = None, apply_tuning: bool = True) -> BuildResult:
+                   tuning_db: Path | None = None, apply_tuning: bool = True,
+                   keep_symbols: bool = False) -> BuildResult:
     """Compile ``model`` for ``target`` into ``outdir/model.so`` + ``outdir/manifest.json``.
 
     ``model`` has static input shapes and folded constants (the frontend's
@@ -189,7 +195,8 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     with MetaSchedule (that many trials in all) into the database under
     ``tuning_db`` (default: the user cache, see :mod:`.tuning`); every build
     applies the records that match, whether or not it tuned (``apply_tuning=False``:
-    kiln's rules only, e.g. to compare). Raises LoweringError (unsupported ops, import or compile
+    kiln's rules only, e.g. to compare). A cross-compiled library is stripped unless
+    ``keep_symbols``. Raises LoweringError (unsupported ops, import or compile
     failure) or KilnError (missing cross compiler).
     """
     import tvm
@@ -260,7 +267,7 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     library = outdir / LIBRARY_NAME
     _check_room(outdir, count_weight_bytes(model))
     try:
-        _export(executable, library, cross_cc)
+        _export(executable, library, cross_cc, keep_symbols=keep_symbols)
     except Exception as err:
         raise _failure(err, "exporting the library", resolved, LIBRARY_NAME) from err
 

@@ -1,13 +1,14 @@
-"""The ``kiln`` command line.
+"""kiln: compile neural networks with verified rewrites (ONNX/PyTorch in; ONNX and TVM kernels out).
 
     kiln compile MODEL [--spec SPEC] [--input NAME=1x3x224x224] [--target T] [-o OUTDIR]
-    kiln plan MODEL --spec SPEC [--emit-spec OUT.yaml|-]
+    kiln plan MODEL --spec SPEC [--emit-spec OUT.yaml|-] [--json]
     kiln run OUTDIR --inputs in.npz [--output out.npz]
-    kiln passes
+    kiln passes [NAME] [--json]
+    kiln specs [NAME]
     kiln schema
 
-Errors from bad input print one or two lines and exit with code 2; ``--debug``
-shows the traceback.
+Errors from bad input print one or two lines and exit with code 2; --debug shows the
+traceback. -v/--verbose, -q/--quiet and --debug go before or after the subcommand.
 """
 
 from __future__ import annotations
@@ -17,36 +18,17 @@ import json
 import logging
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from kiln.compiler.core.errors import KilnError, OutputError
+from kiln.compiler.driver.console import make_console as _console
+from kiln.compiler.driver.console import native_output_silenced, print_table, progress
 
 logger = logging.getLogger("kiln")
 
 
-def _console(stderr: bool = False):
-    from rich.console import Console
-
-    console = Console(stderr=stderr, highlight=False)
-    if not console.is_terminal:
-        console.width = max(console.width, 132)  # logs and pipes: do not squeeze tables
-    return console
-
-
-@contextmanager
-def _progress(enabled: bool):
-    """A spinner with the current step on stderr (only on a terminal)."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = _console(stderr=True)
-    if not enabled or not console.is_terminal:
-        yield lambda text: logger.info("%s", text)
-        return
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        task = progress.add_task("kiln", total=None)
-        yield lambda text: progress.update(task, description=text)
+def _print_json(data) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _input_shapes(bindings: list[str] | None) -> dict[str, list[int]]:
@@ -124,6 +106,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from kiln.compiler.driver.compile import compile_model, compile_to_folder
 
     spec = _load_spec(args.spec)
+    if args.keep_symbols:
+        from kiln.compiler.core.spec.schema import with_sections
+
+        spec = with_sections(spec, output=spec.output.model_copy(update={"keep_symbols": True}))
     target = _target_arg(args.target)
     _check_target_name(spec.target, spec, from_spec=True)
     _check_target_name(target, spec, from_spec=False)
@@ -139,23 +125,34 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if out is not None:
         _check_outdir(out, Path(args.model), spec.output.onnx)
     started = time.perf_counter()
-    with _progress(not args.quiet) as say:
+    shapes = _input_shapes(args.input)
+    # -q and --json print nothing but the result: TVM's C++ logging goes to a scratch file
+    silent = (args.quiet or args.json) and not args.debug
+    with progress("off" if args.quiet or args.json else "auto") as say, \
+            native_output_silenced(silent):
         if out is None:
-            result = compile_model(args.model, spec, input_shapes=_input_shapes(args.input),
+            result = compile_model(args.model, spec, input_shapes=shapes,
                                    target=target, progress=say)
         else:  # staged, all or nothing, under OUTDIR's lock (kiln.compiler.driver.outdir)
             result = compile_to_folder(args.model, spec, out,
-                                       input_shapes=_input_shapes(args.input), target=target,
+                                       input_shapes=shapes, target=target,
                                        progress=say, tune_trials=args.tune,
                                        tuning_db=args.tuning_db)
     console = _console()
-    if not args.quiet:
-        console.print(result.report.table())
-        for line in result.report.compiled_lines():
-            console.print(line)
+    seconds = time.perf_counter() - started
+    if args.json:
+        _print_json({"model": str(args.model), "output": str(out) if out else None,
+                     "files": [p.name for p in result.written] if out is not None else [],
+                     "seconds": round(seconds, 3), "compiled": result.report.compiled_lines(),
+                     "report": json.loads(result.report.to_json())})
+    elif not args.quiet:
+        print_table(console, result.report.table())
+        for line in result.report.summary_lines() + result.report.compiled_lines():
+            console.print(line, markup=False)          # wrapped at the console's width
         if out is not None:
             written = ", ".join(p.name for p in result.written)  # this run's files only
-            console.print(f"wrote {out}/: {written} ({time.perf_counter() - started:.1f} s)")
+            console.print(f"wrote {out}/: {written} ({seconds:.1f} s)", markup=False,
+                          soft_wrap=True)
         else:
             console.print("nothing written (no -o OUTDIR)")
     return 0
@@ -165,7 +162,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from kiln.compiler.driver.compile import plan_model
 
     spec = _load_spec(args.spec)
+    if args.json and args.emit_spec == "-":
+        raise KilnError("--json and --emit-spec - both write to stdout; give --emit-spec a file")
     plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input))
+    if args.json:
+        _print_json([{"pass": entry.name, "select": str(entry.selector),
+                      "selected": entry.selected,
+                      "rewrites": [c.label for c in entry.candidates if c.accepted],
+                      "refuses": [{"node": c.label, "reason": c.reason}
+                                  for c in entry.candidates if not c.accepted]}
+                     for entry in plan])
+        if args.emit_spec:
+            _emit_spec(spec, args.emit_spec)
+        return 0
     # With the spec on stdout, the plan goes to stderr.
     console = _console(stderr=args.emit_spec == "-")
     for entry in plan:
@@ -201,31 +210,81 @@ def _emit_spec(spec, where: str) -> None:
 def cmd_passes(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from kiln.compiler.driver import registry
+    from kiln.compiler.driver import option_types, registry
 
+    infos = registry.available()
+    if args.name is not None:
+        registry.get_pass_class(args.name)          # an unknown name: KilnError with a hint
+        infos = {args.name: infos[args.name]}
     console = _console()
-    for name, info in sorted(registry.available().items()):
+    listing = []
+    for name, info in sorted(infos.items()):
         try:
             cls = registry.get_pass_class(name)
         except KilnError as error:
-            console.print(f"{escape(name)}  [red]unavailable[/red]: {escape(str(error))}")
+            listing.append({"name": name, "origin": info.origin, "unavailable": str(error)})
+            if not args.json:
+                console.print(f"{escape(name)}  [red]unavailable[/red]: {escape(str(error))}",
+                              soft_wrap=True)
             continue
-        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        if args.json:
+            listing.append(option_types.pass_json(name, cls, info.origin))
+            continue
+        doc = (cls.__doc__ or "").strip()
         kind = "exact" if cls.exact else "lossy"
         origin = "" if info.origin == "builtin" else f" [plugin: {info.origin}]"
         # escape: "[plugin: ...]" and docstrings with brackets are not rich markup.
-        console.print(f"[bold]{escape(name)}[/bold] ({kind}){escape(origin)}: {escape(doc)}")
-        for field_name, field in cls.config_class.model_fields.items():
-            default = field.default
-            desc = f" - {field.description}" if field.description else ""
-            console.print(f"    {field_name}: {_type_name(field.annotation)} = {default!r}{desc}",
-                          markup=False)
+        first = option_types.plain_text(doc.splitlines()[0]) if doc else ""
+        console.print(f"[bold]{escape(name)}[/bold] ({kind}){escape(origin)}: {escape(first)}",
+                      soft_wrap=True)
+        schema = cls.config_class.model_json_schema()
+        for line in option_types.option_lines(schema):
+            console.print(line, markup=False, soft_wrap=True)
         console.print("    (every pass also takes: select, optional, budget)", markup=False)
+        if args.name is not None:
+            extra = option_types.definition_lines(schema)
+            if extra:
+                console.print("  where:", markup=False)
+                for line in extra:
+                    console.print(line, markup=False, soft_wrap=True)
+    if args.json:
+        _print_json(listing)
     return 0
 
 
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+def cmd_specs(args: argparse.Namespace) -> int:
+    from kiln.compiler.core.spec import builtin_specs
+    from kiln.compiler.core.spec.located_yaml import compose
+
+    specs = builtin_specs()
+    if args.name is not None:
+        if args.name not in specs:
+            import difflib
+
+            close = difflib.get_close_matches(args.name, specs, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KilnError(f"no built-in spec named {args.name!r}{hint}; built-in: "
+                            f"{', '.join(sorted(specs))}")
+        sys.stdout.write(specs[args.name].read_text(encoding="utf-8"))
+        return 0
+    rows = []
+    for name, path in sorted(specs.items()):
+        data, _ = compose(path.read_text(encoding="utf-8"), str(path))
+        data = data if isinstance(data, dict) else {}
+        summary = " ".join(str(data.get("description") or "").split())
+        if data.get("extends"):
+            summary = f"(extends {data['extends']}) {summary}".strip()
+        rows.append({"name": name, "description": summary, "file": str(path)})
+    if args.json:
+        _print_json(rows)
+        return 0
+    console = _console()
+    width = max((len(r["name"]) for r in rows), default=0)
+    for row in rows:
+        console.print(f"{row['name']:<{width}}  {row['description']}", markup=False,
+                      soft_wrap=True)
+    console.print("(kiln specs NAME prints one; kiln compile --spec NAME uses it)", markup=False)
+    return 0
 
 
 def spec_json_schema() -> dict:
@@ -285,47 +344,149 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description=__doc__.splitlines()[0])
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    sub = parser.add_subparsers(dest="command", required=True)
+#: (command, what it does) per subcommand, shown under its --help
+_EXAMPLES: dict[str, list[tuple[str, str]]] = {
+    "compile": [
+        ("kiln compile model.onnx -o out/", "verify, export ONNX, build for this CPU"),
+        ("kiln compile model.onnx --spec int8 -o out/", "a built-in spec (kiln specs lists them)"),
+        ("kiln compile model.onnx -s my.yaml -i x=1x3x224x224 -t arm64 -o out/",
+         "your spec, a bound input shape, an arm64 build"),
+        ("kiln compile model.onnx --spec int4-weights --no-build -o out/",
+         "the rewritten model.onnx and report only"),
+        ("kiln compile model.onnx -o out/ --tune 200", "tune kernels (needs kiln[tune])"),
+        ("kiln compile model.onnx -o out/ --json", "the summary as JSON, for scripts"),
+    ],
+    "plan": [
+        ("kiln plan model.onnx --spec int8", "the nodes each pass would rewrite or refuse"),
+        ("kiln plan model.onnx --spec my.yaml --input x=1x3x640x640", "with a bound input"),
+        ("kiln plan model.onnx --spec my.yaml --emit-spec -", "the resolved spec as YAML"),
+        ("kiln plan model.onnx --spec int8 --json", "the plan as JSON"),
+    ],
+    "run": [
+        ("kiln run out/ --inputs in.npz", "print the outputs' shapes and dtypes"),
+        ("kiln run out/ --inputs in.npz --output out.npz --threads 2", "save the outputs"),
+    ],
+    "passes": [
+        ("kiln passes", "every pass and its options"),
+        ("kiln passes quantize", "one pass, the types of its options spelled out"),
+        ("kiln passes --json", "the options as JSON Schema"),
+    ],
+    "specs": [
+        ("kiln specs", "the built-in specs, one line each"),
+        ("kiln specs int8 > my.yaml", "a built-in spec, to start your own from"),
+    ],
+    "schema": [("kiln schema > kiln-spec.schema.json", "for editors that check YAML")],
+}
 
-    p = sub.add_parser("compile", help="rewrite, verify, export ONNX and build a model")
-    p.add_argument("model", help="model.onnx, model.pt2 or MODULE:CALLABLE")
-    p.add_argument("--spec", "-s", help="a spec file or built-in spec name")
+
+def _examples(name: str) -> str | None:
+    if name not in _EXAMPLES:
+        return None
+    return "examples:\n" + "\n".join(f"  # {what}\n  {command}" for command, what in
+                                      _EXAMPLES[name])
+
+
+def _common_options(defaults: bool) -> argparse.ArgumentParser:
+    """-v, -q and --debug, accepted before and after the subcommand (after it, they are
+    SUPPRESSed defaults, so that they do not undo what was given before it)."""
+    common = argparse.ArgumentParser(add_help=False)
+    keep = {} if defaults else {"default": argparse.SUPPRESS}
+    group = common.add_argument_group("output")
+    group.add_argument("-v", "--verbose", action="count", help="log more (-v: info, -vv: debug)",
+                       **({"default": 0} if defaults else keep))
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="print nothing on success, TVM's own C++ logging included",
+                       **({"default": False} if defaults else keep))
+    group.add_argument("--debug", action="store_true",
+                       help="show tracebacks and debug logs (TVM's logging is not silenced)",
+                       **({"default": False} if defaults else keep))
+    return common
+
+
+def _sub(sub, name: str, common, help_text: str):
+    return sub.add_parser(name, parents=[common], help=help_text, description=help_text,
+                          epilog=_examples(name),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _model_and_inputs(p: argparse.ArgumentParser, *, spec_required: bool) -> None:
+    p.add_argument("model", help="the model: model.onnx, model.pt2 (torch.export) or "
+                                 "MODULE:CALLABLE returning (nn.Module, example inputs)")
+    p.add_argument("--spec", "-s", metavar="SPEC", required=spec_required,
+                   help="a spec file (my.yaml) or a built-in spec name (int8, reparam, ...: "
+                        "kiln specs lists them)" + ("" if spec_required else
+                                                    "; default: no passes"))
     p.add_argument("--input", "-i", action="append", metavar="NAME=DIMS",
-                   help="bind an input shape, e.g. x=1x3x640x640 (repeatable)")
-    p.add_argument("--target", "-t", help="target preset (host, arm64, cuda-sm90, ...) or JSON")
-    p.add_argument("--no-build", action="store_true", help="skip the TVM build")
+                   help="bind a dynamic input's shape, e.g. x=1x3x640x640 (repeat for each "
+                        "input; overrides the spec's inputs:)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kiln.compiler.core.version import kiln_version
+
+    parser = argparse.ArgumentParser(
+        prog="kiln", description=__doc__.split("\n\n")[0],
+        epilog="kiln COMMAND --help shows a command's options and examples.",
+        parents=[_common_options(defaults=True)])
+    parser.add_argument("--version", action="version", version=f"kiln {kiln_version()}")
+    common = _common_options(defaults=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = _sub(sub, "compile", common, "rewrite, verify, export ONNX and build a model")
+    _model_and_inputs(p, spec_required=False)
+    p.add_argument("--target", "-t", metavar="TARGET",
+                   help="a target preset (host, x86-64-v3, arm64, cuda-sm90, ...) or a TVM "
+                        "target as JSON, e.g. '{\"kind\": \"llvm\", \"mcpu\": \"znver4\"}'; "
+                        "default: the spec's target:, else host")
+    p.add_argument("--no-build", action="store_true",
+                   help="skip the TVM build (write the rewritten model.onnx and report only)")
     p.add_argument("--tune", type=int, metavar="TRIALS", default=None,
-                   help="MetaSchedule trials (overrides the spec's tune.trials; 0: none)")
+                   help="MetaSchedule trials for kernels without a tuning record (overrides "
+                        "the spec's tune.trials; 0: none; needs pip install 'kiln[tune]')")
     p.add_argument("--tuning-db", metavar="DIR", default=None,
                    help="tuning database folder (default: the user's cache folder)")
-    p.add_argument("-o", "--output", metavar="OUTDIR", help="folder for model.onnx, report.json...")
-    p.add_argument("--quiet", "-q", action="store_true", help="print nothing on success")
+    p.add_argument("-o", "--output", metavar="OUTDIR",
+                   help="folder for model.onnx, model.so, manifest.json, report.json "
+                        "(replaced all or nothing); without it nothing is written")
+    p.add_argument("--keep-symbols", action="store_true",
+                   help="keep the symbol table in a cross-compiled library (default: strip "
+                        "arm64 libraries, about half the size)")
+    p.add_argument("--json", action="store_true",
+                   help="print the summary (report, files written) as JSON on stdout")
     p.set_defaults(func=cmd_compile)
 
-    p = sub.add_parser("plan", help="show what each pass would touch, changing nothing")
-    p.add_argument("model")
-    p.add_argument("--spec", "-s", required=True)
-    p.add_argument("--input", "-i", action="append", metavar="NAME=DIMS")
+    p = _sub(sub, "plan", common, "show what each pass would touch, changing nothing")
+    _model_and_inputs(p, spec_required=True)
     p.add_argument("--emit-spec", metavar="OUT", default=None,
                    help="write the loaded spec (extends resolved, every option) as YAML to OUT "
-                        "(- for stdout)")
+                        "(- for stdout; the plan then goes to stderr)")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as JSON: per pass, the nodes it rewrites and refuses "
+                        "(with the reason)")
     p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("run", help="run a compiled artifact on inputs from an .npz")
-    p.add_argument("artifact", metavar="OUTDIR")
-    p.add_argument("--inputs", required=True, help=".npz with one array per input name")
-    p.add_argument("--output", help="write outputs to this .npz")
+    p = _sub(sub, "run", common, "run a compiled artifact on inputs from an .npz")
+    p.add_argument("artifact", metavar="OUTDIR", help="a folder kiln compile -o wrote")
+    p.add_argument("--inputs", required=True, metavar="IN.npz",
+                   help=".npz with one array per input name")
+    p.add_argument("--output", metavar="OUT.npz", help="write the outputs to this .npz")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads (default: the cores free when it starts)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("passes", help="list every pass with its options")
+    p = _sub(sub, "passes", common, "list every pass with its options")
+    p.add_argument("name", nargs="?", metavar="NAME",
+                   help="show one pass, with the types its options refer to spelled out")
+    p.add_argument("--json", action="store_true",
+                   help="print the passes and their options (as JSON Schema) as JSON")
     p.set_defaults(func=cmd_passes)
 
-    p = sub.add_parser("schema", help="print the spec's JSON Schema")
+    p = _sub(sub, "specs", common, "list the built-in specs, or print one")
+    p.add_argument("name", nargs="?", metavar="NAME", help="print this built-in spec's YAML")
+    p.add_argument("--json", action="store_true", help="print the list as JSON")
+    p.set_defaults(func=cmd_specs)
+
+    p = _sub(sub, "schema", common, "print the spec's JSON Schema (every pass's options too)")
     p.set_defaults(func=cmd_schema)
     return parser
 
@@ -344,8 +505,11 @@ def _short_message(error: KilnError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if args.debug or args.verbose >= 2:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     from kiln.compiler.core import interrupt
 
     try:

@@ -233,7 +233,7 @@ def _build_and_check(result: CompileResult, target, out: Path, progress, tune_tr
         progress(f"building for {preset.name}")
     built = tvm_backend.build_artifact(
         result.model, preset, out, model_hash=result.model_hash, tune_trials=tune_trials,
-        tuning_db=tuning_db,
+        tuning_db=tuning_db, keep_symbols=result.spec.output.keep_symbols,
         progress=(lambda step, done, total: progress(f"build: {step} ({done}/{total})"))
         if progress else None)
     report = CompiledReport(target=preset.name, library=built.library.name,

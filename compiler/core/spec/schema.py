@@ -227,9 +227,13 @@ class Tune(_Strict):
 
 
 class Output(_Strict):
+    """What a compile writes; ``keep_symbols`` keeps the symbol table of a cross-compiled
+    library (stripped by default: an arm64 model.so is about half the size without it)."""
+
     onnx: bool = True
     tvm: bool = True
     report: list[Literal["json", "html"]] = ["json"]
+    keep_symbols: bool = False
 
 
 class PassEntry(_Strict):
@@ -330,6 +334,13 @@ def attach_locations(spec: Spec, locations: Locations) -> Spec:
     _LOCATIONS[key] = locations
     weakref.finalize(spec, _LOCATIONS.pop, key, None)
     return spec
+
+
+def with_sections(spec: Spec, **sections: Any) -> Spec:
+    """``spec`` with some sections replaced (``output=...``), still locating its keys (a
+    command-line flag that overrides a spec key, e.g. ``--keep-symbols``)."""
+    updated = spec.model_copy(update=sections)
+    return attach_locations(updated, _LOCATIONS.get(id(spec), Locations()))
 
 
 def pass_item_fields(item: Any, index: int) -> dict[str, Any]:

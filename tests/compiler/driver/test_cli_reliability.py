@@ -5,6 +5,7 @@ CLI answers the flags people expect. Small graphs only: nothing here builds a bi
 from __future__ import annotations
 
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -164,3 +165,229 @@ def test_input_size_check_is_exact_at_the_limit(monkeypatch):
     assert schema.check_input_size([10, 100]) == [10, 100]
     with pytest.raises(ValueError, match="more than this machine's memory"):
         schema.check_input_size([10, 101])
+
+
+# ---- the CLI people expect -----------------------------------------------------------------
+
+def test_version(capsys):
+    from kiln.compiler.core.version import kiln_version
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"kiln {kiln_version()}"
+
+
+@pytest.mark.parametrize("flag", ["--debug", "-v", "-vv", "--verbose", "-q"])
+def test_common_flags_before_and_after_the_subcommand(capsys, flag):
+    assert main([flag, "specs"]) == 0
+    assert main(["specs", flag]) == 0
+
+
+def test_debug_after_the_subcommand_shows_the_traceback():
+    from kiln.compiler.core.errors import SpecError
+
+    with pytest.raises(SpecError):
+        main(["plan", EXAMPLE, "--spec", "no-such-spec", "--debug"])
+
+
+def _actions(parser):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {a}", h) for a, h in _actions(sub))
+        else:
+            yield "/".join(action.option_strings) or action.dest, action.help
+
+
+def test_every_argument_has_help_without_rst_markup():
+    from kiln.compiler.driver.cli import build_parser
+
+    parser = build_parser()
+    seen = list(_actions(parser))
+    assert len(seen) > 30
+    for name, text in seen:
+        assert text, f"{name}: no help text"
+        assert "``" not in text, f"{name}: RST backticks in help"
+    assert "``" not in parser.format_help()
+
+
+@pytest.mark.parametrize("command", ["compile", "plan", "run", "passes", "specs", "schema"])
+def test_every_command_help_has_examples(capsys, command):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and f"kiln {command}" in text.split("examples:")[1]
+    assert "``" not in text
+
+
+def test_passes_shows_full_option_types(capsys):
+    assert main(["passes", "quantize"]) == 0
+    out = capsys.readouterr().out
+    assert "weights: IntWeights | FloatWeights | PowerWeights | CodebookWeights" in out
+    assert "clip: 'none' | 'mse_search' = 'none'" in out          # a Literal, under IntWeights
+    assert "Union" not in out and "Literal" not in out and "``" not in out
+    assert main(["passes"]) == 0
+    listing = capsys.readouterr().out
+    assert "fold_batchnorm (exact)" in listing and "IntWeights:" not in listing
+
+
+def test_option_types_from_json_schema():
+    from kiln.compiler.driver.option_types import type_text
+
+    assert type_text({"type": "array", "items": {"type": "integer"}}) == "list[int]"
+    assert type_text({"anyOf": [{"type": "boolean"}, {"type": "null"}]}) == "bool | None"
+    assert type_text({"enum": ["a", "b"], "type": "string"}) == "'a' | 'b'"
+    assert type_text({"type": "object", "additionalProperties": {"type": "number"}}) == \
+        "dict[str, float]"
+    assert type_text({"$ref": "#/$defs/PerGroup"}) == "PerGroup"
+
+
+def test_passes_unknown_name(capsys):
+    message = refused(capsys, "passes", "quantise")
+    assert "did you mean 'quantize'" in message
+
+
+def test_passes_json(capsys):
+    assert main(["passes", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    quantize = next(p for p in listing if p["name"] == "quantize")
+    assert quantize["exact"] is False and "weights" in quantize["options"]["properties"]
+
+
+def test_specs_lists_and_prints_builtins(capsys):
+    from kiln.compiler.core.spec import builtin_specs
+
+    assert main(["specs"]) == 0
+    out = capsys.readouterr().out
+    for name in builtin_specs():
+        assert any(line.startswith(name + " ") for line in out.splitlines()), name
+    assert "Static W8A8" in out
+    assert main(["specs", "int8"]) == 0
+    assert capsys.readouterr().out == (REPO / "specs" / "int8.yaml").read_text()
+    assert main(["specs", "--json"]) == 0
+    assert {r["name"] for r in json.loads(capsys.readouterr().out)} == set(builtin_specs())
+    assert "did you mean 'int8'" in refused(capsys, "specs", "int9")
+
+
+def test_plan_json(capsys):
+    assert main(["plan", EXAMPLE, "--spec", "reparam", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [p["pass"] for p in plan] == ["dedupe_weights", "fold_batchnorm"]
+    fold = plan[1]
+    assert fold["rewrites"] and all({"node", "reason"} <= set(r) for r in fold["refuses"])
+
+
+def test_compile_json_summary(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", EXAMPLE, "--spec", "reparam", "--no-build", "-o", str(out),
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["files"] == ["model.onnx", "report.json"]
+    assert [p["name"] for p in summary["report"]["passes"]] == ["dedupe_weights",
+                                                                "fold_batchnorm"]
+
+
+def test_summary_fits_80_columns(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["compile", EXAMPLE, "--spec", "reparam", "--no-build"]) == 0
+    out = capsys.readouterr().out
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= 80, out
+    assert "weight bytes" in out and "fold_batchnorm" in out
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["compile", EXAMPLE, "--spec", "reparam", "--no-build"]) == 0
+    wide = capsys.readouterr().out
+    assert "┃ pass" in wide or "| pass" in wide or "pass " in wide.splitlines()[1]
+
+
+def test_plain_progress_prints_slow_steps_as_they_happen(monkeypatch):
+    import io
+
+    from kiln.compiler.driver.console import PlainProgress
+
+    monkeypatch.setattr(PlainProgress, "SLOW_SECONDS", 0.05)
+    stream = io.StringIO()
+    say = PlainProgress(stream)
+    say("loading model")
+    say("reference run")                 # quick: nothing printed for loading model
+    time.sleep(0.3)
+    assert stream.getvalue() == "kiln: reference run ...\n"     # printed while it runs
+    say("build: tune (1/8)")
+    time.sleep(0.3)
+    for done in range(2, 9):
+        say(f"build: tune ({done}/8)")
+    say.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[1].startswith("kiln: reference run: 0.") and lines[1].endswith(" s")
+    assert lines[2] == "kiln: build: tune (1/8)" and "kiln: build: tune (8/8)" in lines
+    assert lines[-1].startswith("kiln: build: tune: ")
+    assert len(lines) < 10                                       # counters are thinned
+
+
+def test_quiet_silences_tvm_native_logging(tmp_path):
+    import subprocess
+    import sys
+
+    model = relu_model(tmp_path / "relu.onnx", [2, 4])
+    target = json.dumps({"kind": "llvm", "mcpu": "bogus"})   # TVM logs an error per kernel
+    argv = [sys.executable, "-m", "kiln.compiler.driver.cli", "compile", model, "--target",
+            target, "-o", str(tmp_path / "out")]
+    loud = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert loud.returncode == 0 and "mcpu=bogus" in loud.stderr      # the native log, unsilenced
+    quiet = subprocess.run(argv + ["-q"], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "" and quiet.stderr == ""
+
+
+def test_native_silencing_restores_stderr(capfd):
+    import os
+
+    from kiln.compiler.driver.console import native_output_silenced
+
+    with native_output_silenced():
+        os.write(2, b"native noise\n")
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"
+
+
+# ---- arm64 libraries are stripped ----------------------------------------------------------
+
+def _sections(library: Path) -> set[str]:
+    data = library.read_bytes()
+    return {name for name in (".symtab", ".strtab", ".dynsym") if name.encode() in data}
+
+
+def _dynamic_symbols(library: Path) -> list[str]:
+    import subprocess
+
+    nm = subprocess.run(["aarch64-linux-gnu-nm", "-D", "--defined-only", str(library)],
+                        capture_output=True, text=True, check=True)
+    return sorted(line.split()[-1] for line in nm.stdout.splitlines() if line.strip())
+
+
+@pytest.mark.skipif(__import__("shutil").which("aarch64-linux-gnu-strip") is None,
+                    reason="no arm64 cross toolchain (tools/edge/install_cross.sh)")
+def test_arm64_library_is_stripped_unless_keep_symbols(tmp_path, capsys):
+    model = relu_model(tmp_path / "relu.onnx", [2, 4])
+    stripped, kept = tmp_path / "stripped", tmp_path / "kept"
+    assert main(["compile", model, "--target", "arm64", "-o", str(stripped), "-q"]) == 0
+    assert main(["compile", model, "--target", "arm64", "-o", str(kept), "-q",
+                 "--keep-symbols"]) == 0
+    small, big = stripped / "model.so", kept / "model.so"
+    assert _sections(small) == {".dynsym"} and {".symtab", ".dynsym"} <= _sections(big)
+    assert small.stat().st_size < big.stat().st_size
+    # what the runtime looks up (dlsym) is all still there
+    assert _dynamic_symbols(small) == _dynamic_symbols(big) != []
+    # the manifest's hash is of the stripped file that ships
+    manifest = json.loads((stripped / "manifest.json").read_text())
+    assert small.name in json.dumps(manifest)
+
+
+def test_keep_symbols_in_the_spec_loads_and_round_trips(tmp_path):
+    from kiln.compiler.core.spec import dump_spec
+    from kiln.compiler.driver.specs import load_spec, spec_from_text
+
+    spec = load_spec(spec_file(tmp_path, "kiln: 1\noutput: {keep_symbols: true}\n"))
+    assert spec.output.keep_symbols is True
+    assert spec_from_text(dump_spec(spec), file=spec.source) == spec
