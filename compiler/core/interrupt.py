@@ -36,16 +36,20 @@ PAUSE_SECONDS = 30.0
 
 _SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None))
                  if s is not None)
-_state = {"signal": None}
+_state: dict[str, int | bool | None] = {"signal": None, "deferring": False, "held": None}
 
 
 def received() -> int | None:
     """The number of the interrupt signal received inside :func:`handled`, if any."""
-    return _state["signal"]
+    signum = _state["signal"]
+    return signum if isinstance(signum, int) else None
 
 
 def _on_signal(signum, frame) -> None:
     _state["signal"] = signum
+    if _state["deferring"]:  # inside deferred(): raised when the block ends
+        _state["held"] = signum
+        return
     raise KeyboardInterrupt
 
 
@@ -67,16 +71,27 @@ def handled() -> Iterator[None]:
 
 @contextmanager
 def deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends (then they are delivered)."""
-    if not hasattr(signal, "pthread_sigmask") or \
-            threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT and SIGTERM until the block ends (then they are delivered).
+
+    Inside :func:`handled`, the handler itself holds them (a signal may be delivered to
+    any thread, e.g. one of TVM's workers, and Python still runs the handler in the main
+    thread); the main thread's signal mask also blocks them, for Python's default handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS) \
+        if hasattr(signal, "pthread_sigmask") else None
+    _state["deferring"], _state["held"] = True, None
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _state["deferring"] = False
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if _state["held"] is not None:
+            _state["held"] = None
+            raise KeyboardInterrupt
 
 
 def pending() -> bool:

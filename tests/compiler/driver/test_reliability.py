@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,34 @@ def test_interrupt_into_a_new_folder_creates_nothing(tmp_path):
     code, err = kiln_subprocess(compile_args(out), pause="write")
     check_interrupted(out, before, code, err)
     assert not out.exists()
+
+
+def test_an_interrupt_during_the_commit_is_held_until_it_ends():
+    """Even when the signal reaches another thread (one of TVM's workers): Python runs the
+    handler in the main thread, which must not stop half-way through the renames."""
+    import threading
+
+    from kiln.compiler.core import interrupt
+
+    moved = []
+    parked = threading.Event()
+    release = threading.Event()
+    worker = threading.Thread(target=lambda: (parked.set(), release.wait(10)))
+    worker.start()
+    parked.wait(10)
+    try:
+        with interrupt.handled(), pytest.raises(KeyboardInterrupt):
+            with interrupt.deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                signal.pthread_kill(worker.ident, signal.SIGINT)
+                for step in range(3):
+                    time.sleep(0.05)  # the worker's C handler runs; Python's would run next
+                    moved.append(step)
+            moved.append("after")  # not reached: raised as the block ends
+    finally:
+        release.set()
+        worker.join()
+    assert moved == [0, 1, 2]
 
 
 def test_interrupted_tvm_objects_are_freed_without_native_warnings(capfd):
