@@ -220,13 +220,15 @@ class OutputFolder:
             for current in incoming:
                 os.replace(self.staging / current, self.target / current)
                 moved_in.append(current)
-        except OSError as error:
+        except BaseException as error:  # OSError, or an interrupt not held off (Python API)
             for name in reversed(moved_in):
                 os.replace(self.target / name, self.staging / name)
             for name in reversed(moved_out):
                 os.replace(backup / name, self.target / name)
             shutil.rmtree(backup, ignore_errors=True)
-            raise write_error(self.shown / current, error) from error
+            if isinstance(error, OSError):
+                raise write_error(self.shown / current, error) from error
+            raise
         shutil.rmtree(backup, ignore_errors=True)
 
     def write_failed_report(self, data: bytes) -> Path:
