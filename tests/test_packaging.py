@@ -1,8 +1,9 @@
-"""The package mapping and the layer rules of STYLE.md."""
+"""The package mapping and the layer rules of docs/architecture.md."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,32 @@ def test_one_pass_per_module_with_a_mirrored_test():
         assert parts[-1] == name, f"pass {name!r} lives in module {module}"
         test = ROOT / "tests" / "passes" / Path(*parts[:-1]) / f"test_{parts[-1]}.py"
         assert test.exists(), f"missing test {test.relative_to(ROOT)}"
+
+
+_DOC_REFERENCE = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.md)\b")
+_SKIP_FOLDERS = {".git", ".venv", "build", ".lint", ".pytest_cache", "node_modules"}
+
+
+def _cited_documents():
+    for path in sorted(ROOT.rglob("*")):
+        rel = path.relative_to(ROOT)
+        if not path.is_file() or _SKIP_FOLDERS & set(rel.parts) or \
+                rel.parts[:2] == ("tests", ".cache") or "egg-info" in str(rel) or \
+                path.suffix not in (".py", ".md", ".toml", ".yaml", ".sh", "") and \
+                path.name != "Makefile":
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        for match in _DOC_REFERENCE.finditer(text):
+            yield rel, match.group(1)
+
+
+def test_every_cited_document_exists():
+    """Docstrings, error texts, pyproject and docs name only documents that ship here."""
+    cited = list(_cited_documents())
+    assert any(doc == "docs/spec.md" for _, doc in cited)
+    missing = sorted({f"{rel}: {doc}" for rel, doc in cited
+                      if not (ROOT / doc).exists() and not (ROOT / rel.parent / doc).exists()})
+    assert not missing, missing

@@ -1,7 +1,7 @@
 """The typed options of ``quantize``: what a weight (and its input activation) becomes.
 
 A spec writes them in YAML; they are parsed here once, at spec load, into frozen
-objects (SPEC.md keeps the YAML forms):
+objects (docs/spec.md keeps the YAML forms):
 
     granularity: per_tensor          -> PerTensor()
     granularity: per_channel         -> PerChannel()

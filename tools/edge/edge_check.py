@@ -9,7 +9,7 @@ a conv and a MatMul quantized by kiln's ``quantize`` pass, int4 with a scale per
 input channels), whose arm64 kernels read the packed weights (kiln's ``decode_conv``
 and grouped-GEMV ``decode_contraction`` rules, checked in the build report).
 
-Steps (what ENVIRONMENT.md found to work; no binfmt or chroot needed):
+Steps (what docs/environment.md describes; no binfmt or chroot needed):
 1. build each model for ``host`` and ``arm64`` (linked with aarch64-linux-gnu-gcc);
 2. an arm64 Debian rootfs: ``debootstrap --foreign --arch=arm64 --variant=minbase
    --include=python3 bookworm``, then ``dpkg -x`` of every downloaded .deb;

@@ -1,4 +1,4 @@
-"""The spec language (SPEC.md): a strict, typed YAML document naming the passes to run.
+"""The spec language (docs/spec.md): a strict, typed YAML document naming the passes to run.
 
 - ``schema``: the typed, frozen model of a loaded spec (``Spec``, ``PassEntry``, ...);
 - ``located_yaml``: YAML parsed keeping every key's file and line;

@@ -302,6 +302,9 @@ def spec_from_data(data: Any, *, config_for: ConfigLookup, file: str | None = No
 
 def load_spec(ref: str | Path, *, config_for: ConfigLookup) -> Spec:
     """Load a spec by built-in name (``int8``) or path, resolving ``extends``."""
+    if not str(ref).strip():
+        raise SpecError("empty spec name: give a spec file or a built-in spec name "
+                        f"({', '.join(sorted(builtin_specs()))})")
     if isinstance(ref, Path) or str(ref).endswith((".yaml", ".yml")) or Path(str(ref)).exists():
         path = Path(ref)
         if not path.exists():

@@ -1,4 +1,4 @@
-"""The spec language's schema: a strict, typed, frozen model per section (SPEC.md).
+"""The spec language's schema: a strict, typed, frozen model per section (docs/spec.md).
 
 What a YAML document becomes once loaded (``load``): unknown keys are errors,
 every value is validated on construction, and each pass's options are its own

@@ -391,3 +391,11 @@ def test_keep_symbols_in_the_spec_loads_and_round_trips(tmp_path):
     spec = load_spec(spec_file(tmp_path, "kiln: 1\noutput: {keep_symbols: true}\n"))
     assert spec.output.keep_symbols is True
     assert spec_from_text(dump_spec(spec), file=spec.source) == spec
+
+
+def test_empty_spec_name_in_python():
+    from kiln.compiler.core.errors import SpecError
+    from kiln.compiler.driver.specs import load_spec
+
+    with pytest.raises(SpecError, match="empty spec name"):
+        load_spec("")

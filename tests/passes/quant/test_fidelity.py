@@ -1,4 +1,4 @@
-"""Claims of PASSES.md reproduced at small scale, as orderings (not numbers):
+"""Claims of docs/passes.md reproduced at small scale, as orderings (not numbers):
 FP4 E2M1 vs INT4 (group 128, clip search), NUPES searched exponent vs INT4 and a=0.5,
 salient channels by activation norm vs weight norm and random (PTQ1.61), and
 int8 / int4 accuracy of a small digits CNN within a point of float."""
