@@ -25,6 +25,7 @@ from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
 from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
+from kiln.backends.tvm.schedules.split_preproc import split_layout_rewrite_preproc
 from kiln.backends.tvm.schedules.window import Window
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def cpu_schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
     to compile time (run after FuseTIR, before the dataflow lowering passes)."""
     return [
         ScheduleCPUKernels(target),
-        relax.transform.SplitLayoutRewritePreproc(),
+        split_layout_rewrite_preproc,  # TVM's pass, minus the kernels it aborts on
         fold_weight_prepack(),
     ]
 
