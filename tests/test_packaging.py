@@ -164,3 +164,18 @@ def test_every_cited_document_exists():
     missing = sorted({f"{rel}: {doc}" for rel, doc in cited
                       if not (ROOT / doc).exists() and not (ROOT / rel.parent / doc).exists()})
     assert not missing, missing
+
+
+@pytest.mark.slow
+def test_editable_install_prints_no_warnings():
+    """`pip install -e .` (as `make setup` runs it) with no setuptools warnings: SPDX
+    license, package data declared, the editable-install notice filtered by the backend."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-e", f"{ROOT}[test]",
+                           "--no-deps", "--no-build-isolation"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "warn" not in output.lower(), output
