@@ -101,6 +101,11 @@ class KilnPass(ir.passes.InPlacePass):
     # provides a CalibrationContext).
     needs_calibration: ClassVar[bool] = False
 
+    # True when a candidate's ``data`` holds no node or value of the model it was found in
+    # (only arrays and numbers), so it can be rewritten on a copy of that model (the
+    # per-layer sensitivity analysis does; otherwise it finds the candidates again per copy).
+    portable_candidates: ClassVar[bool] = False
+
     def __init__(self, config: PassConfig | None = None, *,
                  selected: NodeFilter | None = None,
                  calibration: CalibrationContext | None = None) -> None:

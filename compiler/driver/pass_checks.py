@@ -21,7 +21,7 @@ from kiln.compiler.core.spec.schema import RandomSource
 from kiln.compiler.driver.report import PassReport
 from kiln.compiler.driver.samples import SampleSets
 
-logger = logging.getLogger("kiln.compiler.driver.compile")
+logger = logging.getLogger(__name__)
 
 RANDOM_CALIBRATION_HINT = ("give real data: calibration.source: npz:PATH, folder:PATH "
                            "(with preprocess) or module:function")

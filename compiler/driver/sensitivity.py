@@ -16,7 +16,9 @@ break the budget, the pass fails (or is undone) as without fallback. The report 
 layers kept in float with their SQNR alone and rank.
 
 Candidates are computed once, on a copy of the model before the pass (``PassTrial``);
-every trial rewrites a subset of them on a fresh copy, so calibration runs once.
+every trial rewrites a subset of them on a fresh copy, so calibration runs once (for a
+pass whose candidates point into the model, ``portable_candidates = False``, each copy
+finds its candidates again).
 """
 
 from __future__ import annotations
@@ -107,12 +109,19 @@ class PassTrial:
         if not rewrite:
             return model
         nodes = list(kir.nodes(model))
-        chosen = []
-        for i in sorted(rewrite):
-            anchor, inside = self._where[i]
-            chosen.append(replace(accepted[i], anchor=nodes[anchor] if anchor >= 0 else None,
-                                  nodes=tuple(nodes[j] for j in inside)))
-        self._instance(model).rewrite(model, chosen)
+        instance = self._instance(model)
+        if self.pass_class.portable_candidates:
+            chosen = []
+            for i in sorted(rewrite):
+                anchor, inside = self._where[i]
+                chosen.append(replace(accepted[i], anchor=nodes[anchor] if anchor >= 0
+                                      else None, nodes=tuple(nodes[j] for j in inside)))
+        else:  # the candidates' data points into the model: find them again on this copy
+            again = {_positions(model, [c.anchor])[0]: c for c in instance.candidates(model)
+                     if c.accepted and c.anchor is not None}
+            chosen = [again[self._where[i][0]] for i in sorted(rewrite)
+                      if self._where[i][0] in again]
+        instance.rewrite(model, chosen)
         return model
 
 

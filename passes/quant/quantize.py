@@ -66,6 +66,7 @@ class Quantize(KilnPass):
     config_class = QuantizeConfig
     exact = False
     needs_calibration = True
+    portable_candidates = True      # a WeightPlan is arrays and attributes only
     #: op types of the weight-path nodes ``prepare`` folded (for ``note``)
     folded: list[str] = []
 

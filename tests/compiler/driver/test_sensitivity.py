@@ -102,6 +102,21 @@ def test_fall_back_bisects_to_the_fewest_float_layers():
     assert [s.node for s in kept.kept_float] == [s.node for s in ranking[:3]]
 
 
+def test_trials_of_a_pass_whose_candidates_point_into_the_model():
+    """salient_split's candidates hold the model's own nodes: each copy finds them again."""
+    from kiln.passes.quant.salient_split import SalientSplit, SalientSplitConfig
+
+    model = edge.outlier_mlp()
+    trial = PassTrial(model, SalientSplit, SalientSplitConfig(select_by="weight"), None, None)
+    assert len(trial.accepted) == 5 and not SalientSplit.portable_candidates
+    for i in (0, 3):
+        copy = trial.build([i])
+        float_weights = [n.name for n in copy.graph if n.op_type == "MatMul"
+                         and n.inputs[1].producer() is None]
+        assert len(float_weights) == 4 and trial.accepted[i].anchor.name not in float_weights
+    assert all(n.inputs[1].producer() is None for n in model.graph if n.op_type == "MatMul")
+
+
 # PP-OCRv4 rec, W8A8 (minmax) calibrated on 16 rendered text lines, verified on 4 held-out
 # lines: whole-model int8 measured 18.7 dB; fallback kept 3 of 47 layers in float (20.3 dB;
 # a 25 dB budget kept 15 in float: 27.9 dB). 12 s on 2 cores.
