@@ -399,3 +399,25 @@ def test_empty_spec_name_in_python():
 
     with pytest.raises(SpecError, match="empty spec name"):
         load_spec("")
+
+
+def test_terminal_progress_is_a_live_bar(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    from kiln.compiler.driver import console as console_module
+
+    screen = io.StringIO()
+    terminal = Console(file=screen, force_terminal=True, width=80)
+    monkeypatch.setattr(console_module, "make_console", lambda stderr=False: terminal)
+    with console_module.progress("auto") as say:
+        assert not isinstance(say, console_module.PlainProgress)
+        say("loading model")
+        for done in range(1, 5):
+            say(f"build: tune ({done}/4)")
+    shown = screen.getvalue()
+    assert "\x1b[" in shown and "build: tune" in shown        # drawn live, with escapes
+    assert "4/4" in shown                                    # a determinate bar for counters
+    with console_module.progress("off") as say:
+        say("loading model")                                 # prints nothing anywhere
