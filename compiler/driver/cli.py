@@ -65,6 +65,8 @@ def _target_arg(text: str | None):
             return json.loads(text)
         except json.JSONDecodeError as error:
             raise KilnError(f"--target: not valid JSON ({error.msg})") from None
+        except RecursionError:
+            raise KilnError("--target: JSON nested too deeply") from None
     return text
 
 

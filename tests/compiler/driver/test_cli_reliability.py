@@ -421,3 +421,8 @@ def test_terminal_progress_is_a_live_bar(monkeypatch):
     assert "4/4" in shown                                    # a determinate bar for counters
     with console_module.progress("off") as say:
         say("loading model")                                 # prints nothing anywhere
+
+
+def test_deeply_nested_target_json(capsys):
+    message = refused(capsys, "compile", EXAMPLE, "--target", "{\"a\": " + "[" * 100000)
+    assert message.startswith("--target:")
