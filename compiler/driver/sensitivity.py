@@ -175,8 +175,12 @@ class Fallback:
     def note(self) -> str:
         names = ", ".join(f"{s.node} ({_db(s.sqnr_db)} alone)" for s in self.kept_float[:6])
         more = f" and {len(self.kept_float) - 6} more" if len(self.kept_float) > 6 else ""
-        return (f"fallback: {len(self.kept_float)} of {len(self.ranking)} layers kept in "
+        text = (f"fallback: {len(self.kept_float)} of {len(self.ranking)} layers kept in "
                 f"float (the most sensitive) so the budget holds: {names}{more}")
+        if 2 * len(self.kept_float) > len(self.ranking):
+            text += (" (most layers stayed float: calibrate on data like the model's own, "
+                     "or relax the budget)")
+        return text
 
     def kept_float_dicts(self) -> list[dict[str, Any]]:
         return [s.to_dict() | {"why": f"rank {s.rank} of {len(self.ranking)} by sensitivity "
