@@ -112,6 +112,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from kiln.compiler.core.spec.schema import with_sections
 
         spec = with_sections(spec, output=spec.output.model_copy(update={"keep_symbols": True}))
+    if args.strict:  # a lossy pass that changes nothing fails (driver.pass_checks)
+        from kiln.compiler.core.spec.schema import with_sections
+
+        spec = with_sections(spec, strict=True)
     target = _target_arg(args.target)
     _check_target_name(spec.target, spec, from_spec=True)
     _check_target_name(target, spec, from_spec=False)
@@ -162,18 +166,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from kiln.compiler.driver.compile import plan_model
+    from kiln.compiler.driver.sensitivity import ranking_lines
 
     spec = _load_spec(args.spec)
     if args.json and args.emit_spec == "-":
         raise KilnError("--json and --emit-spec - both write to stdout; give --emit-spec a file")
-    plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input))
+    with progress("off" if args.quiet or args.json or not args.sensitivity else "auto") as say:
+        plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input),
+                          sensitivity_of_layers=args.sensitivity, progress=say)
     if args.json:
         _print_json([{"pass": entry.name, "select": str(entry.selector),
                       "selected": entry.selected,
                       "rewrites": [c.label for c in entry.candidates if c.accepted],
                       "refuses": [{"node": c.label, "reason": c.reason}
                                   for c in entry.candidates if not c.accepted]}
-                     for entry in plan])
+                     | ({"sensitivity": [s.to_dict() for s in entry.ranking]}
+                        if entry.ranking is not None else {}) for entry in plan])
         if args.emit_spec:
             _emit_spec(spec, args.emit_spec)
         return 0
@@ -189,6 +197,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             console.print(f"  + {c.label}", markup=False)
         for c in refused:
             console.print(f"  - {c.label}: {c.reason}", markup=False)
+        for line in ranking_lines(entry.name, entry.ranking) if entry.ranking else []:
+            console.print(line, markup=False)
     if args.emit_spec:
         _emit_spec(spec, args.emit_spec)
     return 0
@@ -453,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-symbols", action="store_true",
                    help="keep the symbol table in a cross-compiled library (default: strip "
                         "arm64 libraries, about half the size)")
+    p.add_argument("--strict", action="store_true",
+                   help="a lossy pass that changes nothing is an error (spec: strict: true)")
     p.add_argument("--json", action="store_true",
                    help="print the summary (report, files written) as JSON on stdout")
     p.set_defaults(func=cmd_compile)
@@ -465,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print the plan as JSON: per pass, the nodes it rewrites and refuses "
                         "(with the reason)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="rank each lossy pass's layers by the output SQNR of rewriting each "
+                        "alone (on the verification samples)")
     p.set_defaults(func=cmd_plan)
 
     p = _sub(sub, "run", common, "run a compiled artifact on inputs from an .npz")
