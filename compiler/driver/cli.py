@@ -345,9 +345,12 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from kiln.backends import tvm as tvm_backend
 
-    outputs = tvm_backend.run_artifact(Path(args.artifact), Path(args.inputs),
-                                       Path(args.output) if args.output else None,
-                                       threads=args.threads)
+    with native_output_silenced(args.quiet and not args.debug):
+        outputs = tvm_backend.run_artifact(Path(args.artifact), Path(args.inputs),
+                                           Path(args.output) if args.output else None,
+                                           threads=args.threads)
+    if args.quiet:
+        return 0
     console = _console()
     for i, array in enumerate(outputs):
         console.print(f"output {i}: shape {list(array.shape)} {array.dtype}", markup=False)

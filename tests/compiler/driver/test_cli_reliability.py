@@ -9,6 +9,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
@@ -426,3 +427,16 @@ def test_terminal_progress_is_a_live_bar(monkeypatch):
 def test_deeply_nested_target_json(capsys):
     message = refused(capsys, "compile", EXAMPLE, "--target", "{\"a\": " + "[" * 100000)
     assert message.startswith("--target:")
+
+
+def test_run_quiet_prints_nothing(tmp_path, capsys):
+    model = relu_model(tmp_path / "relu.onnx", [2, 4])
+    out = tmp_path / "out"
+    assert main(["compile", model, "--target", "host", "-o", str(out), "-q"]) == 0
+    inputs = tmp_path / "in.npz"
+    np.savez(inputs, x=np.ones((2, 4), np.float32))
+    capsys.readouterr()
+    assert main(["run", str(out), "--inputs", str(inputs), "--output",
+                 str(tmp_path / "y.npz"), "-q"]) == 0
+    assert capsys.readouterr() == ("", "")
+    assert np.load(tmp_path / "y.npz")[np.load(tmp_path / "y.npz").files[0]].shape == (2, 4)
