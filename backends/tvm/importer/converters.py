@@ -17,6 +17,7 @@ from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
 from .standard_converters import (
     ClipAsMinMax,
+    ConstantThresholdNMS,
     ConvTransposeAsConv,
     HardSigmoidAsMinMax,
     HardSwishAsMinMax,
@@ -70,6 +71,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["ConvTranspose"] = ConvTransposeAsConv(base["ConvTranspose"])
     table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
     table["Resize"] = SeparableResize(base["Resize"])
+    table["NonMaxSuppression"] = ConstantThresholdNMS(base["NonMaxSuppression"])
     table["LSTM"] = LSTM()
     table["GRU"] = GRU()
     table["RNN"] = RNN()

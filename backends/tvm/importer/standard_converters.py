@@ -9,7 +9,8 @@ Each takes the cases it improves and hands the rest to TVM's own converter
 - ``HardSigmoid`` / ``HardSwish`` the same way (TVM's ``relax.clip`` made layout
   conversion put two transposes around every HardSwish of a channels-last CNN);
 - ``ConvTranspose`` whose kernel equals its stride as a 1x1 conv + pixel shuffle;
-- ``ScatterND`` writing every row once as an injective row gather.
+- ``ScatterND`` writing every row once as an injective row gather;
+- ``NonMaxSuppression`` with ONNX's defaults and IoU comparison (runtime operands refused).
 """
 
 from __future__ import annotations
@@ -252,5 +253,50 @@ class ScatterRowsAsGather:
             return bb.emit_te(compute, updates, relax.const(inverse, "int64"),
                               primfunc_name_hint="kiln_permute_rows",
                               primfunc_attrs=INJECTIVE)
+
+        return convert
+
+
+class NonMaxSuppressionError(ValueError):
+    """A NonMaxSuppression kiln cannot lower (the importer reports the node)."""
+
+
+class ConstantThresholdNMS:
+    """ONNX ``NonMaxSuppression`` through TVM's converter, with its scalar operands checked.
+
+    TVM's converter reads ``max_output_boxes_per_class`` / ``iou_threshold`` /
+    ``score_threshold`` only when they are constants and otherwise substitutes 0 / 0.5 /
+    0.0 (silently no boxes, or other boxes, than ONNX Runtime); absent ones it sets to 0.5
+    and 0.0 where ONNX means 0 and "no score filter". kiln passes ONNX's defaults and
+    refuses operands computed at run time.
+    """
+
+    #: ONNX's defaults for absent operands: no score threshold is "every score passes".
+    DEFAULTS = ((2, "max_output_boxes_per_class", 0, "int64"), (3, "iou_threshold", 0.0, "float32"),
+                (4, "score_threshold", float(np.finfo(np.float32).min), "float32"))
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def get_converter(self, opset: int):
+        fallback = self.fallback.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            import tvm
+            from tvm import relax
+
+            inputs = list(inputs) + [None] * (5 - len(inputs))
+            for index, name, default, dtype in self.DEFAULTS:
+                value = inputs[index]
+                if value is None:
+                    inputs[index] = relax.const(np.array([default], dtype))
+                elif not isinstance(value, tvm.ir.GenericConst):
+                    raise NonMaxSuppressionError(
+                        f"{name} is computed at run time; kiln needs it constant")
+            # ONNX suppresses a box whose IoU is > the threshold, TOPI's when it is >=:
+            # the next float32 up makes them agree (on float32 IoUs)
+            iou = inputs[3].value.numpy().astype(np.float32).reshape(-1)[:1]
+            inputs[3] = relax.const(np.nextafter(iou, np.float32(np.inf)), "float32")
+            return fallback(bb, inputs, attr, params)
 
         return convert

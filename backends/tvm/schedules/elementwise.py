@@ -76,6 +76,11 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, *, spatial_only: 
         sch.vectorize(vec)
 
 
+def _opaque(block) -> bool:
+    """A block of IR-builder code: no iteration variables, no declared reads or writes."""
+    return not block.iter_vars and not block.reads and not block.writes
+
+
 class Elementwise(KilnRule):
     """All-injective kernels: inlined into the last block, parallel, vectorized rows."""
 
@@ -89,6 +94,8 @@ def _schedule_elementwise(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedu
     infos = normalize_prim_func(sch)
     if infos is None or not all(info.is_injective() for info in infos):
         return None
+    if any(_opaque(sch.get(info.block_rv)) for info in infos):
+        return None  # IR-builder code (TOPI's NMS, sort) reads buffers we would inline
     # inline everything that can be inlined, producers first
     changed = True
     while changed:
