@@ -155,6 +155,9 @@ def _pydantic_message(error: dict[str, Any], model_fields: dict[KeyPath, list[st
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"unknown key {key!r}{hint}" + (f"; expected one of: {', '.join(known)}"
                                                 if known and not close else "")
+    if kind == "union_tag_invalid":
+        ctx = error.get("ctx", {})
+        return f"{ctx.get('tag')!r} is not one of {ctx.get('expected_tags', '')}"
     if kind == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
         return f"{error.get('input')!r} is not one of {expected}"
@@ -204,6 +207,11 @@ def validation_error_to_spec_error(error: ValidationError, data: Any, locations:
     errors = error.errors()
     first = errors[0]
     loc = _clean_loc(tuple(first.get("loc", ())), data)
+    if first.get("type") == "union_tag_invalid":
+        # a tagged union's tag is wrong (weights.dtype: int5): point at the tag's own key
+        key = str(first.get("ctx", {}).get("discriminator", "")).strip("'")
+        if key and isinstance(first.get("input"), dict) and key in first["input"]:
+            loc = loc + (key,)
     path = prefix + loc
     known = known or {}
     message = _pydantic_message({**first, "loc": loc}, known)

@@ -273,3 +273,11 @@ def test_unknown_target_option(tmp_path, capsys):
     assert code == 2
     assert line.startswith("kiln: error: --target: unknown target 'hots' (did you mean 'host'?)")
     assert not out.exists()
+
+
+def test_wrong_tag_of_a_tagged_union_points_at_the_tag(tmp_path, capsys):
+    spec = write(tmp_path, "kiln: 1\npasses:\n  - quantize:\n      weights:\n"
+                           "        granularity: per_channel\n        dtype: int5\n")
+    message = plan_error(capsys, spec)
+    assert message.startswith(f"{spec}:6 passes[0].quantize.weights.dtype: "), message
+    assert "'int5' is not one of 'int8', 'int4'" in message and "Input tag" not in message
