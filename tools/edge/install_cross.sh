@@ -39,4 +39,5 @@ if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq --no-install-rec
     echo "install_cross: apt-get could not install $PACKAGES; arm64 builds will say so" >&2
     exit 0
 fi
-command -v aarch64-linux-gnu-gcc
+command -v aarch64-linux-gnu-gcc || \
+    echo "install_cross: apt-get ran, but aarch64-linux-gnu-gcc is not on PATH" >&2

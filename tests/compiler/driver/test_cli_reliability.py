@@ -440,3 +440,49 @@ def test_run_quiet_prints_nothing(tmp_path, capsys):
                  str(tmp_path / "y.npz"), "-q"]) == 0
     assert capsys.readouterr() == ("", "")
     assert np.load(tmp_path / "y.npz")[np.load(tmp_path / "y.npz").files[0]].shape == (2, 4)
+
+
+# ---- make setup's apt step -----------------------------------------------------------------
+
+INSTALL_CROSS = REPO / "tools" / "edge" / "install_cross.sh"
+
+
+def _install_cross(tmp_path, tools: dict[str, str], **env) -> tuple[int, str]:
+    """Run install_cross.sh with PATH holding only ``tools`` (name -> script body)."""
+    import shutil
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in tools.items():
+        tool = bin_dir / name
+        tool.write_text("#!/bin/sh\n" + body + "\n")
+        tool.chmod(0o755)
+    done = subprocess.run([shutil.which("bash"), str(INSTALL_CROSS)], capture_output=True,
+                          text=True, timeout=60, env={"PATH": str(bin_dir), **env})
+    return done.returncode, done.stderr
+
+
+def test_install_cross_skips_without_root_and_says_what_to_run(tmp_path):
+    calls = tmp_path / "apt-calls"
+    code, err = _install_cross(tmp_path, {"id": "echo 1000",
+                                          "apt-get": f"echo \"$@\" >> {calls}"})
+    assert code == 0 and "skipped (not root" in err
+    assert "apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross" in err
+    assert not calls.exists()                                 # apt-get never ran
+
+
+def test_install_cross_says_what_it_installs_as_root(tmp_path):
+    calls = tmp_path / "apt-calls"
+    code, err = _install_cross(tmp_path, {"id": "echo 0",
+                                          "apt-get": f"echo \"$@\" >> {calls}"})
+    assert code == 0
+    assert "installing the arm64 cross toolchain with apt-get: gcc-aarch64-linux-gnu" in err
+    assert "install -y -qq --no-install-recommends gcc-aarch64-linux-gnu" in calls.read_text()
+
+
+def test_install_cross_opt_out(tmp_path):
+    calls = tmp_path / "apt-calls"
+    code, err = _install_cross(tmp_path, {"id": "echo 0", "apt-get": f"echo x >> {calls}"},
+                               KILN_NO_APT="1")
+    assert code == 0 and "KILN_NO_APT=1" in err and not calls.exists()
