@@ -42,6 +42,7 @@ from kiln.compiler.core.spec.schema import (
     Verify,
     attach_locations,
     pass_item_fields,
+    sample_memory_problem,
 )
 
 #: A pass name -> its config class; raises KilnError (the message says why) for a name it
@@ -305,7 +306,11 @@ def spec_from_data(data: Any, *, config_for: ConfigLookup, file: str | None = No
     entries = [entry.model_copy(update={"options": _typed_options(
         entry, raw, config_for, locations, file)}) for entry, raw in zip(spec.passes,
                                                                           raw_options)]
-    return attach_locations(spec.model_copy(update={"passes": entries}), locations)
+    spec = attach_locations(spec.model_copy(update={"passes": entries}), locations)
+    problem = sample_memory_problem(spec)
+    if problem is not None:
+        raise spec.error(*problem)
+    return spec
 
 
 def load_spec(ref: str | Path, *, config_for: ConfigLookup) -> Spec:

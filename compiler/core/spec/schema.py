@@ -283,6 +283,25 @@ def check_input_size(dims: list[int]) -> list[int]:
     return dims
 
 
+def sample_memory_problem(spec: Spec) -> tuple[KeyPath, str] | None:
+    """A ``samples`` count whose inputs (float32, all of ``inputs:`` per sample) could not
+    be held in memory at once: (the key, why), else None. Verification and calibration
+    each keep their samples in memory."""
+    if not spec.inputs:
+        return None
+    per_sample = 4 * sum(math.prod(dims) for dims in spec.inputs.values())
+    memory = _machine_memory()
+    counts = [(("calibration", "samples"), spec.calibration.samples)]
+    if spec.verify.enabled:
+        counts.append((("verify", "samples"), spec.verify.samples))
+    for path, count in counts:
+        if count * per_sample > memory:
+            return path, (f"{count} samples of the inputs ({_bytes_text(per_sample)} each) "
+                          f"need {_bytes_text(count * per_sample)}, more than this machine's "
+                          f"memory ({_bytes_text(memory)})")
+    return None
+
+
 #: One input's dims in ``inputs:``: positive, and small enough to be held in memory.
 InputDims = Annotated[list[Annotated[int, Field(gt=0)]], AfterValidator(check_input_size)]
 

@@ -486,3 +486,17 @@ def test_install_cross_opt_out(tmp_path):
     code, err = _install_cross(tmp_path, {"id": "echo 0", "apt-get": f"echo x >> {calls}"},
                                KILN_NO_APT="1")
     assert code == 0 and "KILN_NO_APT=1" in err and not calls.exists()
+
+
+def test_samples_that_cannot_be_held_in_memory(tmp_path, capsys, monkeypatch):
+    from kiln.compiler.core.spec import schema
+
+    monkeypatch.setattr(schema, "_machine_memory", lambda: 1 << 30)         # 1 GiB
+    model = relu_model(tmp_path / "dyn.onnx", ["N", 3, 256, 256])            # 768 KiB/sample
+    spec = spec_file(tmp_path, "kiln: 1\ninputs: {x: [1, 3, 256, 256]}\n"
+                               "calibration:\n  samples: 2000\n")
+    message = refused(capsys, "plan", model, "--spec", spec)
+    assert message.startswith(f"{spec}:4 calibration.samples: 2000 samples"), message
+    fits = spec_file(tmp_path, "kiln: 1\ninputs: {x: [1, 3, 256, 256]}\nverify: {samples: 8}\n",
+                     name="fits.yaml")
+    assert main(["plan", model, "--spec", fits]) == 0
