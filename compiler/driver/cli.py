@@ -134,7 +134,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     shapes = _input_shapes(args.input)
     # -q and --json print nothing but the result: TVM's C++ logging goes to a scratch file
     silent = (args.quiet or args.json) and not args.debug
-    with progress("off" if args.quiet or args.json else "auto") as say, \
+    with progress("off" if args.quiet or args.json else "auto",
+                  every_step=args.verbose > 0) as say, \
             native_output_silenced(silent):
         if out is None:
             result = compile_model(args.model, spec, input_shapes=shapes,
@@ -525,11 +526,14 @@ def _short_message(error: KilnError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # -v: kiln's own info; -vv and --debug: everything's debug logs; -q: errors only
     if args.debug or args.verbose >= 2:
         level = logging.DEBUG
     else:
-        level = logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING
+        level = logging.ERROR if args.quiet else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kiln").setLevel(logging.INFO if args.verbose == 1 and not args.debug
+                                       else logging.NOTSET)
     from kiln.compiler.core import interrupt
 
     try:

@@ -60,8 +60,9 @@ class PlainProgress:
     EVERY_SECONDS = 10.0
     EVERY_FRACTION = 0.25
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, *, every_step: bool = False) -> None:
         self.stream = stream
+        self.every_step = every_step      # -v: every step gets its lines, however quick
         self.lock = threading.Lock()
         self.timer: threading.Timer | None = None
         self.step: str | None = None
@@ -99,6 +100,9 @@ class PlainProgress:
             with self.lock:
                 self.step, self.text, self.shown = step, text, False
                 self.started, self.last_print, self.last_done = now, now, 0
+            if self.every_step:
+                self._show(step)
+                return
             self.timer = threading.Timer(self.SLOW_SECONDS, self._show, args=(step,))
             self.timer.daemon = True
             self.timer.start()
@@ -145,9 +149,10 @@ def _rich_progress(console) -> Iterator[Say]:
 
 
 @contextmanager
-def progress(mode: str) -> Iterator[Say]:
+def progress(mode: str, *, every_step: bool = False) -> Iterator[Say]:
     """``say(text)`` for the pipeline's steps. ``mode``: ``"auto"`` (live bars on a terminal,
-    timed plain lines otherwise), ``"plain"`` (always lines) or ``"off"`` (nothing)."""
+    timed plain lines otherwise), ``"plain"`` (always lines) or ``"off"`` (nothing).
+    ``every_step`` (``-v``): plain lines for every step, not only the slow ones."""
     if mode == "off":
         yield lambda text: None
         return
@@ -156,7 +161,7 @@ def progress(mode: str) -> Iterator[Say]:
         with _rich_progress(console) as say:
             yield say
         return
-    plain = PlainProgress(sys.stderr)
+    plain = PlainProgress(sys.stderr, every_step=every_step)
     try:
         yield plain
     finally:

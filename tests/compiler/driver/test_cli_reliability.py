@@ -500,3 +500,12 @@ def test_samples_that_cannot_be_held_in_memory(tmp_path, capsys, monkeypatch):
     fits = spec_file(tmp_path, "kiln: 1\ninputs: {x: [1, 3, 256, 256]}\nverify: {samples: 8}\n",
                      name="fits.yaml")
     assert main(["plan", model, "--spec", fits]) == 0
+
+
+def test_verbose_prints_every_step(capsys):
+    assert main(["compile", EXAMPLE, "--spec", "reparam", "--no-build", "-v"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "kiln: loading model ..." in err and "kiln: pass fold_batchnorm ..." in err
+    assert any(line.startswith("kiln: pass fold_batchnorm: ") for line in err)
+    assert main(["compile", EXAMPLE, "--spec", "reparam", "--no-build"]) == 0
+    assert "kiln: pass fold_batchnorm ..." not in capsys.readouterr().err   # quick: no line
