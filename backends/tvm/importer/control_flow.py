@@ -6,7 +6,7 @@ most conditions are constants: :func:`inline_constant_ifs` replaces such an ``If
 nodes of the branch it takes (names prefixed with the If's, so they cannot collide; the
 branch's outputs renamed to the If's). onnxscript's folder leaves control flow alone
 ("not supported yet"), and the inlined branch often holds more foldable shape chains, so
-:mod:`.prepare` folds again afterwards.
+:mod:`.prepare` folds again afterwards (:func:`.unroll.fold_control_flow`).
 
 An ``If`` on a value known only at run time is left to TVM's importer, which converts
 both branches into a Relax ``If``.
@@ -18,7 +18,6 @@ preserves every one by default): PyTorch's ``F.pad`` export builds its pads with
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -58,20 +57,24 @@ def _branch(node: onnx.NodeProto, name: str) -> onnx.GraphProto:
     return next(attr.g for attr in node.attribute if attr.name == name)
 
 
-def _renamed_nodes(branch: onnx.GraphProto, outputs: list[str], prefix: str
-                   ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """The branch's nodes and initializers with its own names prefixed, and its outputs
-    renamed to ``outputs``. Names from outer scopes are kept."""
+def inline_graph(branch: onnx.GraphProto, outputs: list[str], prefix: str,
+                 inputs: list[str] | None = None
+                 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """The subgraph's nodes and initializers with its own names prefixed, its outputs
+    renamed to ``outputs`` and its formal inputs to ``inputs`` (a Scan/Loop body).
+    Names from outer scopes are kept."""
     local = {init.name for init in branch.initializer}
     for node in branch.node:
         local.update(o for o in node.output if o)
     rename = {name: f"{prefix}/{name}" for name in local}
     rename.update({out.name: new for out, new in zip(branch.output, outputs) if out.name in local})
-    passthrough = [(out.name, new) for out, new in zip(branch.output, outputs)
-                   if out.name not in local]
+    rename.update({formal.name: actual for formal, actual in zip(branch.input, inputs or [])})
 
     def fix(name: str) -> str:
         return rename.get(name, name)
+
+    passthrough = [(fix(out.name), new) for out, new in zip(branch.output, outputs)
+                   if out.name not in local]
 
     nodes = []
     for node in branch.node:
@@ -128,7 +131,7 @@ def inline_constant_ifs(graph: onnx.GraphProto) -> int:
             continue
         taken = "then_branch" if bool(constants[cond].reshape(())) else "else_branch"
         prefix = node.name or f"If_{index}"
-        nodes, inits = _renamed_nodes(_branch(node, taken), list(node.output), prefix)
+        nodes, inits = inline_graph(_branch(node, taken), list(node.output), prefix)
         kept.extend(nodes)
         graph.initializer.extend(inits)
         replaced += 1
@@ -138,27 +141,3 @@ def inline_constant_ifs(graph: onnx.GraphProto) -> int:
         graph.node.extend(kept)
     return replaced
 
-
-def _has_if(graph: onnx.GraphProto) -> bool:
-    return any(node.op_type == "If" or any(
-        _has_if(sub) for attr in node.attribute
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs))
-        for node in graph.node)
-
-
-def fold_constant_branches(proto: onnx.ModelProto, refold: Callable[[onnx.ModelProto],
-                                                                    onnx.ModelProto],
-                           max_rounds: int = 8) -> onnx.ModelProto:
-    """Inline the ``If`` nodes whose condition is constant, folding constants (``refold``)
-    after each round: an inlined branch can make the next condition constant."""
-    if not _has_if(proto.graph):
-        return proto
-    refolded = False
-    for _ in range(max_rounds):
-        if inline_constant_ifs(proto.graph):
-            proto, refolded = refold(proto), True
-        elif refolded:
-            break
-        else:
-            proto, refolded = refold(proto), True  # the conditions may fold now
-    return proto

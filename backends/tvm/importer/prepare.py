@@ -30,10 +30,11 @@ from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS, is_kil
 from kiln.compiler.core.kiln_domain import DOMAIN as KILN_DOMAIN
 from kiln.compiler.core.packing import unpack_bits
 
-from .control_flow import fold_constant_branches, should_fold
+from .control_flow import should_fold
 from .edge_cases import rewrite_edge_cases
 from .packed_weights import attributes, codebook_weights, initializers, pack_four_bit_weights
 from .static_operands import fix_shape_operands
+from .unroll import fold_control_flow
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ def prepare_onnx(model: ir.Model, target_name: str | None = None) -> onnx.ModelP
             any(n.op_type in _SHAPE_OPS for n in walk_nodes(proto.graph)):
         logger.info("model still computes shapes; folding constants before import")
         proto = refold(proto)
-    proto = fold_constant_branches(proto, refold)
+    proto = fold_control_flow(proto, refold)
     proto = drop_kiln_functions(proto, target_name)
     rewrite_edge_cases(proto)
     pack_four_bit_weights(proto)
