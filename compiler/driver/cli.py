@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(replaced all or nothing); without it nothing is written")
     p.add_argument("--keep-symbols", action="store_true",
                    help="keep the symbol table in a cross-compiled library (default: strip "
-                        "arm64 libraries, about half the size)")
+                        "arm64 libraries, about a third smaller)")
     p.add_argument("--strict", action="store_true",
                    help="a lossy pass that changes nothing is an error (spec: strict: true)")
     p.add_argument("--json", action="store_true",

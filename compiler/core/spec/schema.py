@@ -228,7 +228,7 @@ class Tune(_Strict):
 
 class Output(_Strict):
     """What a compile writes; ``keep_symbols`` keeps the symbol table of a cross-compiled
-    library (stripped by default: an arm64 model.so is about half the size without it)."""
+    library (stripped by default: an arm64 model.so is about a third smaller without it)."""
 
     onnx: bool = True
     tvm: bool = True
