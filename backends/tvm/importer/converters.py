@@ -13,6 +13,7 @@ from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS
 from . import internal_ops
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
+from .attention import StandardAttention
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
 from .standard_converters import (
@@ -72,6 +73,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
     table["Resize"] = SeparableResize(base["Resize"])
     table["NonMaxSuppression"] = ConstantThresholdNMS(base["NonMaxSuppression"])
+    table["Attention"] = StandardAttention()
     table["LSTM"] = LSTM()
     table["GRU"] = GRU()
     table["RNN"] = RNN()
