@@ -11,9 +11,9 @@ from __future__ import annotations
 from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS
 
 from . import internal_ops
+from .attention import StandardAttention
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
-from .attention import StandardAttention
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
 from .standard_converters import (
