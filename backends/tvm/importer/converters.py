@@ -22,6 +22,7 @@ from .standard_converters import (
     ConvTransposeAsConv,
     HardSigmoidAsMinMax,
     HardSwishAsMinMax,
+    RMSNormalizationAsRelax,
     ScatterRowsAsGather,
     SumAsAdds,
 )
@@ -74,6 +75,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["Resize"] = SeparableResize(base["Resize"])
     table["NonMaxSuppression"] = ConstantThresholdNMS(base["NonMaxSuppression"])
     table["Attention"] = StandardAttention()
+    table["RMSNormalization"] = RMSNormalizationAsRelax
     table["LSTM"] = LSTM()
     table["GRU"] = GRU()
     table["RNN"] = RNN()

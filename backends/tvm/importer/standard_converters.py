@@ -300,3 +300,31 @@ class ConstantThresholdNMS:
             return fallback(bb, inputs, attr, params)
 
         return convert
+
+
+class RMSNormalizationAsRelax:
+    """ONNX ``RMSNormalization`` (opset 23): ``x / sqrt(mean(x^2 over axis..-1) + eps) *
+    scale`` with the mean kept at full rank (TVM's conversion over every axis made a 0-d
+    tensor its legalized kernels mis-index: 'Tensor dimension mismatch'). Computed in
+    float32 (``stash_type`` 1, the default) for float16/bfloat16 inputs."""
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            op = relax.op
+            x, scale = inputs[0], inputs[1]
+            dtype = dtype_of(x)
+            rank = len(static_shape(x))
+            axis = int(attr.get("axis", -1)) % rank
+            work = "float32" if int(attr.get("stash_type", 1)) == 1 else dtype
+            xs = x if dtype == work else op.astype(x, work)
+            mean = op.mean(op.multiply(xs, xs), axis=list(range(axis, rank)), keepdims=True)
+            eps = relax.const(float(attr.get("epsilon", 1e-5)), work)
+            y = op.multiply(xs, op.rsqrt(op.add(mean, eps)))
+            if dtype != work:
+                y = op.astype(y, dtype)
+            return op.multiply(y, scale)
+
+        return convert

@@ -131,3 +131,19 @@ def test_scatter_nd_of_rows_matches(rows, tmp_path):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])])
     kernels = _build_and_compare(model, quant_models.feeds(model), tmp_path, DECODE_REL_TOL).rules
     assert any("kiln_permute_rows" in name for name in kernels) == (len(rows) == 4), kernels
+
+
+@pytest.mark.parametrize("axis, shape", [(0, [2, 3, 4]), (-1, [2, 3, 4]), (1, [1, 4, 6])])
+def test_rms_normalization_over_any_axes_matches(axis, shape, tmp_path):
+    """Over every axis (axis 0) TVM's own conversion failed to compile."""
+    scale = numpy_helper.from_array(
+        np.random.default_rng(4).standard_normal(shape[axis % len(shape):]).astype(np.float32),
+        "scale")
+    graph = helper.make_graph(
+        [helper.make_node("RMSNormalization", ["x", "scale"], ["y"], axis=axis,
+                          epsilon=1e-3)], "rms",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    _build_and_compare(model, {"x": x}, tmp_path)
