@@ -16,6 +16,7 @@ from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
+from .rotary import RotaryEmbedding
 from .standard_converters import (
     ClipAsMinMax,
     ConstantThresholdNMS,
@@ -76,6 +77,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["NonMaxSuppression"] = ConstantThresholdNMS(base["NonMaxSuppression"])
     table["Attention"] = StandardAttention()
     table["RMSNormalization"] = RMSNormalizationAsRelax
+    table["RotaryEmbedding"] = RotaryEmbedding
     table["LSTM"] = LSTM()
     table["GRU"] = GRU()
     table["RNN"] = RNN()
