@@ -16,7 +16,9 @@ operand accepts, using the static shapes of the op's other operands:
   TopK k: from the node's static output shape when the model gives it, else a valid
   shape derived from the input's (identity reshape, ``k = 1``, ...);
 - Slice steps: 1 or 2 (never 0); integer Div / Mod divisors: non-zero; BitShift
-  amounts: within the element width; integer Pow exponents: 0..3.
+  amounts: within the element width; integer Pow exponents: 0..3; Resize scales:
+  output / input (positive); NonMaxSuppression thresholds in [0, 1); AffineGrid size
+  from the output shape.
 
 An input no rule speaks for gets the default draw (normal floats, ints in [0, 4),
 fair booleans).
@@ -63,6 +65,16 @@ def _filled(values: list[int]) -> Draw:
         size = int(np.prod(shape)) if shape else 1
         if size != len(values):
             return _ints(rng, 1, 2, shape, dtype)
+        return np.asarray(values, dtype=dtype).reshape(shape)
+    return draw
+
+
+def _floats(values: list[float]) -> Draw:
+    """A draw that gives exactly ``values`` (a 1-d float operand such as Resize scales)."""
+    def draw(rng, shape, dtype):
+        size = int(np.prod(shape)) if shape else 1
+        if size != len(values):
+            return np.ones(shape, dtype=dtype)
         return np.asarray(values, dtype=dtype).reshape(shape)
     return draw
 
@@ -154,8 +166,18 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
         return _filled(_unsqueezed_axes(out_shape, data))
     if op == "Squeeze" and index == 1 and data is not None:
         return _distinct_axes([i for i, d in enumerate(data) if d == 1])
-    if op == "CumSum" and index == 1 and rank:
+    if op in ("CumSum", "CumProd") and index == 1 and rank:
         return _below(rank)
+    if op == "Resize" and index == 2 and data and out_shape is not None:
+        return _floats([o / d for o, d in zip(out_shape, data)])
+    if op == "Resize" and index == 2:
+        return lambda rng, shape, dtype: rng.uniform(0.5, 2.0, size=shape).astype(dtype)
+    if op == "NonMaxSuppression" and index in (3, 4):  # iou / score thresholds
+        return lambda rng, shape, dtype: rng.uniform(0.0, 1.0, size=shape).astype(dtype)
+    if op == "NonMaxSuppression" and index == 2:
+        return lambda rng, shape, dtype: _ints(rng, 0, 4, shape, dtype)
+    if op == "AffineGrid" and index == 1 and data and out_shape is not None:
+        return _filled([data[0], 1, *out_shape[1:-1]])
     if op in ("Reshape", "Expand") and index == 1:
         if out_shape is not None:
             return _filled(out_shape)

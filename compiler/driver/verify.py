@@ -64,15 +64,16 @@ def unverifiable(why: str) -> VerificationError:
 
 def _random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtype,
                   name: str = "?", draw: Draw | None = None) -> np.ndarray:
+    # np.asarray: a 0-d draw is a numpy scalar, which ONNX Runtime does not take as a tensor
     if draw is not None:
-        return draw(rng, list(shape), dtype)
+        return np.asarray(draw(rng, list(shape), dtype), dtype=dtype)
     if np.issubdtype(dtype, np.floating) or dtype.name in ("bfloat16", "float8_e4m3fn",
                                                            "float8_e5m2"):
-        return rng.standard_normal(shape).astype(dtype)
+        return np.asarray(rng.standard_normal(shape), dtype=dtype)
     if dtype == np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)
     if np.issubdtype(dtype, np.integer):
-        return rng.integers(0, 4, size=shape).astype(dtype)
+        return np.asarray(rng.integers(0, 4, size=shape), dtype=dtype)
     raise unverifiable(f"kiln cannot make random values of dtype {dtype} (input {name!r})")
 
 

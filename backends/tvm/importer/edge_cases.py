@@ -15,7 +15,9 @@ conformance cases; silently wrong numbers before):
 - ``LayerNormalization`` with its optional ``Mean``/``InvStdDev`` outputs (TVM returns
   them as scalars): the node keeps ``Y``; ``Mean = ReduceMean(X)`` and
   ``InvStdDev = 1/sqrt(ReduceMean((X - Mean)^2) + epsilon)`` over the normalized axes
-  (keepdims, in ``stash_type``) are computed beside it.
+  (keepdims, in ``stash_type``) are computed beside it;
+- ``Constant`` with ``value_int(s)``/``value_float(s)`` (TVM reads only ``value``; constant
+  folding writes a Shape of a static input this way): the same values as ``value``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,18 @@ from onnx import helper, numpy_helper
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                           onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
+
+
+#: Constant attributes TVM's importer does not read, and the numpy type of each
+_CONSTANT_FORMS = {"value_int": np.int64, "value_ints": np.int64, "value_float": np.float32,
+                   "value_floats": np.float32}
+
+
+def _constant(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    attr = next(a for a in node.attribute if a.name in _CONSTANT_FORMS)
+    value = np.asarray(helper.get_attribute_value(attr), dtype=_CONSTANT_FORMS[attr.name])
+    return [helper.make_node("Constant", [], list(node.output), name=node.name,
+                             value=numpy_helper.from_array(value, node.output[0]))]
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -44,6 +58,8 @@ def _needs_rewrite(node: onnx.NodeProto) -> bool:
         return not (_attr(node, "detect_negative", 1) and _attr(node, "detect_positive", 1))
     if node.op_type == "Mod":
         return not _attr(node, "fmod", 0)
+    if node.op_type == "Constant":
+        return any(a.name in _CONSTANT_FORMS for a in node.attribute)
     if node.op_type == "LayerNormalization":
         return len([o for o in node.output if o]) > 1
     return node.op_type == "BitShift"
@@ -164,14 +180,19 @@ def rewrite_edge_cases(model: onnx.ModelProto) -> int:
     graph = model.graph
     if not any(_needs_rewrite(node) for node in graph.node):
         return 0
-    types, ranks = _elem_types(model)
+    if all(n.op_type == "Constant" for n in graph.node if _needs_rewrite(n)):
+        types, ranks = {}, {}  # no inference needed (it may be slow on a large model)
+    else:
+        types, ranks = _elem_types(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     out: list[onnx.NodeProto] = []
     rewritten = 0
     for node in graph.node:
         replacement = None
         if _needs_rewrite(node):
-            if node.op_type == "IsInf":
+            if node.op_type == "Constant":
+                replacement = _constant(node)
+            elif node.op_type == "IsInf":
                 replacement = _isinf(node)
             elif node.op_type == "Mod" and types.get(node.input[0]) in _FLOAT_TYPES:
                 replacement = _mod(node)

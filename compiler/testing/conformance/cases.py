@@ -280,17 +280,16 @@ def all_cases() -> tuple[Case, ...]:
 
 def select(names: list[str] | None = None, ops: list[str] | None = None,
            kinds: list[str] | None = None) -> list[Case]:
-    """Cases by exact name, by op (``Resize`` also takes its expanded cases), by kind."""
+    """Cases named in ``names`` or of an op in ``ops`` (``Resize`` also takes its expanded
+    cases), or every case when neither is given; ``kinds`` then keeps those kinds."""
     chosen = list(all_cases())
-    if names:
-        wanted = set(names)
-        chosen = [c for c in chosen if c.name in wanted]
+    if names or ops:
+        wanted = set(names or ())
+        keep = {o.lower() for o in ops or ()}
         missing = wanted - {c.name for c in chosen}
         if missing:
             raise ValueError(f"no conformance case named {sorted(missing)}")
-    if ops:
-        keep = {o.lower() for o in ops}
-        chosen = [c for c in chosen if c.op.split(" ")[0].lower() in keep]
+        chosen = [c for c in chosen if c.name in wanted or c.op.split(" ")[0].lower() in keep]
     if kinds:
         chosen = [c for c in chosen if c.kind in kinds]
     return chosen
