@@ -102,7 +102,7 @@ def render(outcomes: list[Outcome], commit: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", help="a run's JSON lines (else: run now)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "op-coverage.md"))
+    parser.add_argument("--out", default=str(ROOT / "docs/op-coverage.md"))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--commit", help="the commit the run was made at (default: HEAD)")
     args = parser.parse_args(argv)
