@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -89,8 +90,12 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarr
 
 
 def collect_activations(model: ir.Model, names: list[str],
-                        samples: list[Mapping[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """Values of intermediate tensors (by name) on each sample, by exposing them as outputs."""
+                        samples: list[Mapping[str, np.ndarray]], *,
+                        progress: Callable[[int, int], Any] | None = None,
+                        ) -> dict[str, list[np.ndarray]]:
+    """Values of intermediate tensors (by name) on each sample, by exposing them as outputs.
+
+    ``progress(done, total)`` is called after each sample."""
     proto = kir.to_proto(model)
     existing = {o.name for o in proto.graph.output}
     known = {v.name: v for v in list(proto.graph.value_info) + list(proto.graph.input)}
@@ -108,8 +113,10 @@ def collect_activations(model: ir.Model, names: list[str],
                                    providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]
     result: dict[str, list[np.ndarray]] = {name: [] for name in names}
-    for feeds in samples:
+    for done, feeds in enumerate(samples, 1):
         values = session.run(names, {k: feeds[k] for k in inputs})
         for name, value in zip(names, values):
             result[name].append(value)
+        if progress is not None:
+            progress(done, len(samples))
     return result

@@ -295,7 +295,9 @@ def _load(source, spec: Spec, input_shapes) -> ir.Model:
 
 
 def _calibration_context(model: ir.Model, spec: Spec, steps: Sequence[PassStep],
-                         sets: SampleSets | None = None) -> CalibrationContext | None:
+                         sets: SampleSets | None = None,
+                         progress: Callable[[str], Any] | None = None,
+                         ) -> CalibrationContext | None:
     """Calibration samples (count from ``calibration.samples``; held out from verification's,
     see :mod:`.samples`) for passes that need them."""
     if not any(step.pass_class.needs_calibration for step in steps):
@@ -304,7 +306,13 @@ def _calibration_context(model: ir.Model, spec: Spec, steps: Sequence[PassStep],
 
     sets = sets or sample_sets(model, spec, calibrate=True)
     samples = sets.calibration
-    return CalibrationContext(samples, lambda m, names: collect_activations(m, names, samples),
+    def counted(done: int, total: int) -> None:
+        if progress is not None:
+            progress(f"calibration ({done}/{total})")
+
+    return CalibrationContext(samples,
+                              lambda m, names: collect_activations(m, names, samples,
+                                                                   progress=counted),
                               source=sets.source)
 
 
@@ -322,9 +330,11 @@ def _run_pass(instance: KilnPass, model: ir.Model, name: str, ran: Sequence[str]
 class _Runner:
     """Runs a model on the verification samples with ONNX Runtime."""
 
-    def __init__(self, samples: list[Feeds], *, label: str) -> None:
+    def __init__(self, samples: list[Feeds], *, label: str,
+                 progress: Callable[[str], Any] | None = None) -> None:
         self.samples = samples
         self.label = label
+        self.progress = progress
 
     def __call__(self, model: ir.Model, stage: str = "") -> list[list]:
         from kiln.backends.ort import ReferenceRunner
@@ -332,7 +342,12 @@ class _Runner:
         if not self.samples:
             return []
         runner = ReferenceRunner(model, label=f"{self.label}{stage}")
-        return [runner.run(feeds) for feeds in self.samples]
+        outputs = []
+        for done, feeds in enumerate(self.samples, 1):
+            outputs.append(runner.run(feeds))
+            if self.progress is not None:  # a determinate bar on a terminal
+                self.progress(f"verify{stage} ({done}/{len(self.samples)})")
+        return outputs
 
 
 def spec_label(spec: Spec) -> str:
@@ -415,9 +430,9 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
     report.bytes_source = kir.count_weight_bytes(model)
     sets = sample_sets(model, spec, calibrate=any(s.pass_class.needs_calibration for s in steps))
     samples = sets.verification if spec.verify.enabled else []
-    calibration = _calibration_context(model, spec, steps, sets)
+    calibration = _calibration_context(model, spec, steps, sets, progress=progress)
     report.calibration = sets
-    run = _Runner(samples, label=str(source))
+    run = _Runner(samples, label=str(source), progress=progress)
     output_names = [v.name for v in model.graph.outputs]
     say("reference run")
     interrupt.checkpoint("verify")

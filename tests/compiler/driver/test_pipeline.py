@@ -208,3 +208,14 @@ def test_folder_calibration_with_preprocessing(tmp_path):
                          "  preprocess: {size: [32, 32], color: gray}\n", file="g.yaml")
     with pytest.raises(SpecError, match=r"g.yaml:3 calibration.source: preprocessed images"):
         compile_model(EXAMPLE, bad)
+
+
+def test_progress_counts_calibration_and_verification_samples():
+    """Calibration and verification report (done/total), which the console draws as
+    determinate bars (and plain counted lines in a pipe)."""
+    said: list[str] = []
+    compile_model(EXAMPLE, "int8", progress=said.append)
+    assert said.count("verify (4/4)") == 1
+    assert "verify after pass 'quantize' (4/4)" in said
+    calibration = [t for t in said if t.startswith("calibration (")]
+    assert calibration[-1] == "calibration (16/16)" and len(calibration) >= 16
