@@ -15,7 +15,8 @@ operand accepts, using the static shapes of the op's other operands:
 - Reshape / Expand / ConstantOfShape / Resize sizes / Tile repeats / Split sizes /
   TopK k: from the node's static output shape when the model gives it, else a valid
   shape derived from the input's (identity reshape, ``k = 1``, ...);
-- Slice steps: 1 or 2 (never 0); integer Div / Mod divisors: non-zero; BitShift
+- Slice starts 0, ends 1..4, steps 1 or 2 (never 0: an empty extent crashes TVM's
+  dynamic strided_slice); integer Div / Mod divisors: non-zero; BitShift
   amounts: within the element width; integer Pow exponents: 0..3; Resize scales:
   output / input (positive); NonMaxSuppression thresholds in [0, 1); AffineGrid size
   from the output shape.
@@ -203,6 +204,10 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
         return _even_split(data[axis])
     if op == "Resize" and index == 3 and out_shape is not None:
         return _filled(out_shape)
+    if op == "Slice" and index == 1:  # starts 0, ends >= 1: never an empty or negative
+        return lambda rng, shape, dtype: np.zeros(shape, dtype)  # extent (TVM's dynamic
+    if op == "Slice" and index == 2:  # strided_slice does not clamp one to 0 as ONNX does)
+        return lambda rng, shape, dtype: _ints(rng, 1, 5, shape, dtype)
     if op == "Slice" and index == 3 and rank:
         return _distinct_axes(list(range(rank)))
     if op == "Slice" and index == 4:
