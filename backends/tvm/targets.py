@@ -191,13 +191,14 @@ def detect_host_cpu() -> str:
     return forced
 
 
-@lru_cache(maxsize=1)
-def _llvm_cpu_names() -> frozenset[str]:
-    """CPU names LLVM accepts for this machine's architecture."""
+@lru_cache(maxsize=4)
+def _llvm_cpu_names(triple: str = "") -> frozenset[str]:
+    """CPU names LLVM accepts for ``triple`` (default: this machine's architecture)."""
     import tvm
     from tvm.target import codegen
 
-    triple = "aarch64-linux-gnu" if host_arch() == "aarch64" else "x86_64-linux-gnu"
+    if not triple:
+        triple = "aarch64-linux-gnu" if host_arch() == "aarch64" else "x86_64-linux-gnu"
     target = tvm.target.Target({"kind": "llvm", "mtriple": triple})
     return frozenset(str(name) for name in codegen.llvm_get_cpu_archlist(target))
 
@@ -280,6 +281,12 @@ def resolve_target(name_or_dict: str | dict[str, Any]) -> ResolvedTarget:
     else:
         raise KilnError(f"target kind {kind!r} is not supported by kiln's TVM backend "
                         "(use 'llvm' or 'cuda')")
+    mcpu = target.get("mcpu")
+    if kind == "llvm" and isinstance(mcpu, str) and mcpu not in _llvm_cpu_names(
+            str(target.get("mtriple", ""))):  # LLVM would warn per kernel and build generic code
+        raise KilnError(f"target mcpu {mcpu!r} is not a CPU LLVM knows for "
+                        f"{target.get('mtriple') or host_arch()} (e.g. x86-64-v3, znver4, "
+                        "cortex-a76; 'host' targets this machine)")
     try:
         import tvm
 

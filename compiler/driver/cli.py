@@ -71,10 +71,19 @@ def _target_arg(text: str | None):
 
 
 def _check_target_name(target, spec, *, from_spec: bool) -> None:
-    """An unknown preset name fails now, not after the passes (a raw dict is TVM's to check)."""
-    if not isinstance(target, str):
-        return
+    """An unknown preset name or an invalid raw target dict fails now, not after the passes."""
     from kiln.backends.tvm.targets import TARGETS, resolve_target
+
+    if target is None:
+        return
+    if not isinstance(target, str):
+        try:
+            resolve_target(target)  # a bad mcpu or kind, before any work or output
+        except KilnError as err:
+            if from_spec:
+                raise spec.error(("target",), str(err)) from None
+            raise KilnError(f"--target: {err}") from None
+        return
 
     if target in TARGETS:
         resolve_target(target)  # before any output is written (e.g. a bad KILN_HOST_MCPU)

@@ -83,3 +83,20 @@ def test_cli_refuses_a_bad_forced_host_cpu_before_writing(monkeypatch, tmp_path,
                  "-o", str(out)]) == 2
     assert "KILN_HOST_MCPU='bogus-cpu'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_raw_target_with_an_unknown_mcpu_is_refused_before_writing(tmp_path, capsys):
+    """LLVM would warn once per kernel and build generic code; kiln refuses it up front."""
+    from kiln.compiler.core.example_models import EXAMPLE_PATH
+    from kiln.compiler.driver.cli import main
+
+    with pytest.raises(KilnError, match="mcpu 'bogus' is not a CPU LLVM knows"):
+        resolve_target({"kind": "llvm", "mcpu": "bogus"})
+    assert resolve_target({"kind": "llvm", "mtriple": "aarch64-linux-gnu",
+                           "mcpu": "cortex-a76"}).arch == "aarch64"
+    out = tmp_path / "out"
+    assert main(["compile", str(EXAMPLE_PATH), "--spec", "fp32",
+                 "--target", '{"kind": "llvm", "mcpu": "bogus"}', "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--target: target mcpu 'bogus'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
