@@ -29,6 +29,8 @@ BUILTIN_PASSES: dict[str, str] = {
     "quantize": "kiln.passes.quant.quantize:Quantize",
     "migrate_scales": "kiln.passes.quant.migrate_scales:MigrateScales",
     "salient_split": "kiln.passes.quant.salient_split:SalientSplit",
+    "prune_channels": "kiln.passes.prune.prune_channels:PruneChannels",
+    "apply_mask": "kiln.passes.prune.apply_mask:ApplyMask",
 }
 
 
