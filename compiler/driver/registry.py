@@ -25,6 +25,10 @@ ENTRY_POINT_GROUP = "kiln.passes"
 # name -> "module:Class" (lazy: importing a pass module only when it is used)
 BUILTIN_PASSES: dict[str, str] = {
     "fold_batchnorm": "kiln.passes.reparam.fold_batchnorm:FoldBatchNorm",
+    "merge_branches": "kiln.passes.reparam.merge_branches:MergeBranches",
+    "merge_lora": "kiln.passes.reparam.merge_lora:MergeLora",
+    "fold_parametrization": "kiln.passes.reparam.fold_parametrization:FoldParametrization",
+    "low_rank": "kiln.passes.reparam.low_rank:LowRank",
     "dedupe_weights": "kiln.passes.share.dedupe_weights:DedupeWeights",
     "quantize": "kiln.passes.quant.quantize:Quantize",
     "migrate_scales": "kiln.passes.quant.migrate_scales:MigrateScales",

@@ -81,15 +81,18 @@ def _evaluate(model: ir.Model, path: list[ir.Node], value: ir.Value):
     return ReferenceEvaluator(proto).run(None, {})[0]
 
 
-def fold_weight_paths(model: ir.Model, nodes: list[ir.Node]) -> list[str]:
+def fold_weight_paths(model: ir.Model, nodes: list[ir.Node], *,
+                      ops: tuple[str, ...] | None = WEIGHT_OPS,
+                      indices: tuple[int, ...] | None = (1, 2)) -> list[str]:
     """Fold the computed weight (input 1) and bias (input 2) of each Conv/Gemm/MatMul in
-    ``nodes``; returns the op types of the folded nodes (one entry per node removed)."""
+    ``nodes``; returns the op types of the folded nodes (one entry per node removed).
+    ``ops=None`` takes nodes of any op, ``indices=None`` every input of them."""
     graph = model.graph
     folded: list[str] = []
     for node in nodes:
-        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+        if (ops is not None and node.op_type not in ops) or node.domain not in ("", "ai.onnx"):
             continue
-        for index in (1, 2):
+        for index in indices if indices is not None else range(len(node.inputs)):
             value = node.inputs[index] if len(node.inputs) > index else None
             if value is None or value.is_graph_output():
                 continue
