@@ -168,6 +168,5 @@ def emit(model: ir.Model, layer: MoeLayer, *, name: str) -> ir.Value:
     graph.insert_after(out_node, b.tape.nodes)
     y.shape, y.type = layer.y.shape, layer.y.type
     replace_value(graph, layer.y, y)
-    for node in reversed(layer.nodes):
-        graph.remove(node, safe=False)
+    graph.remove(list(layer.nodes), safe=True)
     return y

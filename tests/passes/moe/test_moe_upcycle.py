@@ -1,0 +1,55 @@
+"""moe_upcycle: a dense FFN becomes E copies + a router, exact (renormalized gates)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kiln.passes.moe.form import MoeLayer, recognize
+from kiln.passes.moe.moe_upcycle import MoeUpcycle, MoeUpcycleConfig
+from tests.passes.moe.conftest import load, run
+
+#: y = sum_j v_j f(x) with sum_j v_j = 1 is f(x) up to float32 rounding
+FLOAT_TOL = 1e-5
+
+
+def test_upcycles_exactly(moe_files):
+    model = load(moe_files["ffn"])
+    reference = run(model)
+    p = MoeUpcycle(MoeUpcycleConfig(experts=8, k=2))
+    assert p(model).modified
+    assert "8 experts, top-2" in p.last_candidates[0].label
+    np.testing.assert_allclose(run(model), reference, atol=FLOAT_TOL, rtol=FLOAT_TOL)
+    [(_, layer)] = recognize(model)
+    assert isinstance(layer, MoeLayer) and layer.num_experts == 8 and layer.k == 2
+
+
+def test_idempotent_and_refuses_moe_layers(moe_files):
+    model = load(moe_files["ffn"])
+    MoeUpcycle()(model)
+    p = MoeUpcycle()
+    assert not p(model).modified
+    assert all(c.reason == "already inside a MoE layer" for c in p.last_candidates)
+    p = MoeUpcycle()
+    assert not p(load(moe_files["sparse"])).modified
+
+
+def test_through_the_pipeline(moe_files):
+    """Compiled with the driver (verification to float32 tolerance) and compared with ONNX
+    Runtime on the source."""
+    from kiln.compiler.driver.compile import compile_model
+    from kiln.compiler.driver.specs import spec_from_text
+
+    result = compile_model(moe_files["ffn"], spec_from_text(
+        "kiln: 1\ninputs: {x: [5, 16]}\npasses:\n  - moe_upcycle: {experts: 4, k: 2}\n"),
+        input_shapes={"x": [5, 16]})
+    [entry] = [p for p in result.report.passes if p.name == "moe_upcycle"]
+    assert entry.matched == 1 and entry.exact
+    x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
+    np.testing.assert_allclose(run(result.model, x), run(load(moe_files["ffn"]), x),
+                               atol=FLOAT_TOL)
+
+
+def test_config_validates():
+    with pytest.raises(ValueError, match="experts"):
+        MoeUpcycleConfig(experts=1)
