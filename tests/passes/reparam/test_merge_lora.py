@@ -1,0 +1,108 @@
+"""merge_lora: torch LoRA-wrapped Linears (scaled, SoRA-gated) merged in the graph through
+the pipeline vs ORT; peft-style safetensors adapters mapped by module path; refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+from kiln.compiler.core import graph as kir
+from kiln.compiler.core.errors import KilnError
+from kiln.compiler.core.frontend import load_model
+from kiln.passes.reparam.merge_lora import MergeLora, MergeLoraConfig
+
+# float32 rounding of W + s A B against the unmerged sum, relative to |y|
+RTOL = 1e-5
+
+
+def _run(model, x):
+    session = ort.InferenceSession(kir.model_bytes(model), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+def _export(module, args, path):
+    torch.onnx.export(module, args, path, dynamo=True)
+    return path
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_graph_adapters_merge_through_the_pipeline(tmp_path, gated):
+    from kiln.compiler.driver.compile import compile_model
+    from kiln.compiler.driver.specs import spec_from_text
+    from kiln.compiler.testing.reparam_models import lora_mlp
+
+    module, args = lora_mlp(gated=gated)
+    source = _export(module, args, tmp_path / "lora.onnx")
+    result = compile_model(source, spec_from_text("kiln: 1\npasses:\n  - merge_lora: {}\n"))
+    report = next(p for p in result.report.passes if p.name == "merge_lora")
+    assert report.matched == 2
+    assert [n.op_type for n in result.model.graph] == ["MatMul", "Add", "Relu", "MatMul", "Add"]
+    assert ("2 gated rank(s) dropped" in report.note) == gated
+    expected = module(*args).detach().numpy()
+    reference = _run(load_model(source), args[0].numpy())
+    got = _run(result.model, args[0].numpy())
+    np.testing.assert_allclose(got, reference, atol=RTOL * np.abs(expected).max())
+    np.testing.assert_allclose(got, expected, atol=RTOL * np.abs(expected).max())
+    assert result.report.passes[-1].params_after < result.report.params_source
+
+
+def test_safetensors_adapters_by_module_path(tmp_path):
+    from kiln.compiler.testing.reparam_models import plain_mlp
+
+    module, args = plain_mlp()
+    model = load_model(_export(module, args, tmp_path / "mlp.onnx"))
+    rng = np.random.default_rng(0)
+    a1, b1 = rng.standard_normal((4, 16)), rng.standard_normal((32, 4))
+    a2, b2 = rng.standard_normal((2, 32)), rng.standard_normal((8, 2))
+    gate = np.array([0.0, 1.0])
+    tensors = {"base_model.model.fc1.lora_A.weight": a1, "base_model.model.fc1.lora_B.weight": b1,
+               "fc2.lora_A.weight": a2, "fc2.lora_B.weight": b2, "fc2.lora_gate": gate}
+    path = tmp_path / "adapter.safetensors"
+    save_file({k: v.astype(np.float32) for k, v in tensors.items()}, str(path))
+    alpha = 8.0
+    with torch.no_grad():
+        module.fc1.weight += torch.tensor(alpha / 4 * b1 @ a1, dtype=torch.float32)
+        module.fc2.weight += torch.tensor(alpha / 2 * (b2 * gate) @ a2, dtype=torch.float32)
+    merge = MergeLora(MergeLoraConfig(adapters=str(path), alpha=alpha))
+    assert merge(model).modified
+    assert len(merge.last_candidates) == 2 and all(c.accepted for c in merge.last_candidates)
+    assert "1 gated rank(s) dropped" in merge.note
+    expected = module(*args).detach().numpy()
+    np.testing.assert_allclose(_run(model, args[0].numpy()), expected,
+                               atol=RTOL * np.abs(expected).max())
+
+
+def test_unknown_adapter_and_bad_shapes_are_errors(tmp_path):
+    from kiln.compiler.testing.reparam_models import plain_mlp
+
+    module, args = plain_mlp()
+    source = _export(module, args, tmp_path / "mlp.onnx")
+    path = tmp_path / "adapter.safetensors"
+    save_file({"fc9.lora_A.weight": np.zeros((2, 16), np.float32),
+               "fc9.lora_B.weight": np.zeros((32, 2), np.float32)}, str(path))
+    with pytest.raises(KilnError, match="'fc9'.*matches no MatMul/Gemm.*fc1"):
+        MergeLora(MergeLoraConfig(adapters=str(path)))(load_model(source))
+    save_file({"fc1.lora_A.weight": np.zeros((2, 15), np.float32),
+               "fc1.lora_B.weight": np.zeros((32, 2), np.float32)}, str(path))
+    with pytest.raises(KilnError, match="do not fit"):
+        MergeLora(MergeLoraConfig(adapters=str(path)))(load_model(source))
+
+
+def test_adapter_value_used_elsewhere_is_refused(tmp_path):
+    from kiln.compiler.testing.reparam_models import lora_mlp
+
+    module, args = lora_mlp()
+    model = load_model(_export(module, args, tmp_path / "lora.onnx"))
+    # expose the first adapter's A output: merging would remove a value someone reads
+    lora_a = next(n for n in model.graph if kir.module_path(n) == "fc1.lora_A")
+    model.graph.outputs.append(lora_a.outputs[0])
+    merge = MergeLora()
+    merge(model)
+    refused = [c for c in merge.last_candidates if not c.accepted]
+    assert len(refused) == 1 and "used outside the adapter" in refused[0].reason
+    clean = load_model(tmp_path / "lora.onnx")
+    assert MergeLora()(clean).modified
+    assert not MergeLora()(clean).modified  # idempotent: nothing left to merge
