@@ -1,0 +1,46 @@
+"""MoE fidelity on a char-level LM trained on the stdlib sources (bench/moe_fidelity.py):
+a tiny run in the default suite, the minute-long one with KILN_SLOW=1."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+#: uniform guessing over bytes
+UNIFORM_PERPLEXITY = 256.0
+
+
+def _run(tmp_path, **train):
+    from bench.moe_fidelity import fidelity, table
+    from kiln.compiler.testing import moe_lm
+
+    trained = moe_lm.train(**train)
+    rows = fidelity(trained, tmp_path)
+    print(table(rows, trained))
+    return {r.variant: r for r in rows}
+
+
+def test_tiny_model_table(tmp_path):
+    rows = _run(tmp_path, seconds=1.0, max_bytes=100_000, test_bytes=3000, context=8,
+                dim=32, hidden=32, experts=4)
+    assert list(rows) == ["top-2 (as trained)", "dense mixture", "top-1", "pruned to 3",
+                          "merged to 3", "pruned to 2", "merged to 2"]
+    assert [(r.experts, r.k) for r in rows.values()] == [
+        (4, "2"), (4, "dense"), (4, "1"), (3, "2"), (3, "2"), (2, "2"), (2, "2")]
+    top2 = rows["top-2 (as trained)"].perplexity
+    assert top2 < UNIFORM_PERPLEXITY / 4  # it learned something
+    assert all(math.isfinite(r.perplexity) and r.perplexity < UNIFORM_PERPLEXITY
+               for r in rows.values())
+
+
+@pytest.mark.slow
+def test_minute_trained_model(tmp_path):
+    """Measured (60 s, 2 busy cores): see bench/RESULTS_MOE.md."""
+    rows = _run(tmp_path, seconds=60.0)
+    top2 = rows["top-2 (as trained)"].perplexity
+    assert top2 < 10.0
+    assert rows["dense mixture"].perplexity < top2 * 1.10
+    assert rows["top-1"].perplexity > top2
+    assert rows["pruned to 6"].perplexity < top2 * 1.25
+    assert rows["merged to 6"].perplexity < top2 * 1.25
