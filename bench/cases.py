@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.case import SEED, PreparedCase, random_inputs
+from bench.cases_moe import MOE_CASES
 from bench.cases_quant import QUANT_CASES
 
 
@@ -114,4 +115,5 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "lcnet-orientation-fp32": _held_out("lcnet-orientation"),
     "picodet-layout-fp32": _held_out("picodet-layout"),
     **QUANT_CASES,
+    **MOE_CASES,
 }
