@@ -89,6 +89,27 @@ def lora_mlp(seed: int = 0, gated: bool = False) -> tuple[nn.Module, tuple[torch
     return LoRAMLP(gated).eval(), (torch.randn(2, 5, 16),)
 
 
+class LoRAConv(nn.Module):
+    """peft's Conv LoRA: ``base(x) + scaling * B(A(x))``, A a 3x3 Conv to r channels, B 1x1."""
+
+    def __init__(self, cin: int, cout: int, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base_layer = nn.Conv2d(cin, cout, 3, padding=1)
+        self.lora_A = nn.Conv2d(cin, rank, 3, padding=1, bias=False)
+        self.lora_B = nn.Conv2d(rank, cout, 1, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.2)
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def lora_conv(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """One Conv LoRA layer (4 -> 8 channels, rank 2) on a [1, 4, 8, 8] input."""
+    torch.manual_seed(seed)
+    return LoRAConv(4, 8, rank=2, alpha=4.0).eval(), (torch.randn(1, 4, 8, 8),)
+
+
 def plain_mlp(seed: int = 0) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """``fc2(relu(fc1 x))`` with fc1 16->32, fc2 32->8: the base of a safetensors adapter."""
     torch.manual_seed(seed)

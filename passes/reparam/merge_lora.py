@@ -5,7 +5,9 @@ Two sources of adapters:
 - in the graph: an ``Add`` of a base linear layer (``MatMul(x, W)`` [+ ``Add(bias)``] or
   ``Gemm``) and ``[Mul(s)] <- MatMul(., B) <- [Mul(g)] <- MatMul(x, A)`` reading the same
   x, with W, A, B, s and g constants (as peft and the torch exporter write it). g is a
-  SoRA-style gate vector of length r between A and B (a scalar is folded into s);
+  SoRA-style gate vector of length r between A and B (a scalar is folded into s). Conv
+  LoRA (peft's lora.Conv2d) too: A a Conv of the base's kernel, strides and pads with r
+  outputs, B a 1x1 Conv: W' = W + s sum_r B[:, r] g_r A[r] (group 1 only);
 - a safetensors file (``adapters``) with peft key names ``P.lora_A.weight`` [r, in] and
   ``P.lora_B.weight`` [out, r] (optionally ``P.lora_gate`` [r]), added to the base layer
   whose module path (the exporter's ``pkg.torch.onnx.name_scopes`` metadata, via
@@ -102,6 +104,57 @@ def _linear(node: ir.Node | None) -> _Linear | None:
     return _Linear(node, node.inputs[0], weight, bias)
 
 
+def _conv(node: ir.Node | None) -> _Linear | None:
+    """A Conv with constant kernel (and bias), as a _Linear whose weight keeps the Conv
+    layout [out, in, *k]."""
+    if node is None or node.domain != "" or node.op_type != "Conv" \
+            or node.attributes.get_int("group", 1) != 1:
+        return None
+    weight = _const(node.inputs[1])
+    bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+    bias = _const(bias_value) if bias_value is not None else None
+    if weight is None or (bias_value is not None and bias is None):
+        return None
+    return _Linear(node, node.inputs[0], weight.astype(np.float64),
+                   None if bias is None else bias.astype(np.float64).reshape(-1))
+
+
+def _geometry(node: ir.Node, spatial: int) -> tuple:
+    a = node.attributes
+    return (tuple(a.get_ints("strides", [1] * spatial)), tuple(a.get_ints("pads", [0] * 2 * spatial)),
+            tuple(a.get_ints("dilations", [1] * spatial)), a.get_string("auto_pad", "NOTSET"))
+
+
+def _conv_delta(base: _Linear, lora_a: _Linear, lora_b: _Linear,
+                gate: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray | None,
+                                                             int] | str:
+    """Conv LoRA (peft's lora.Conv2d): A a Conv like the base with r outputs, B a 1x1 Conv:
+    W' = W + s sum_r B[:, r] g_r A[r]; returns (delta without s, bias without s, dropped)."""
+    spatial = base.weight.ndim - 2
+    a, b = lora_a.weight, lora_b.weight
+    rank = a.shape[0]
+    if a.shape[1:] != base.weight.shape[1:] or b.shape[:2] != (base.weight.shape[0], rank) \
+            or any(k != 1 for k in b.shape[2:]):
+        return "Conv adapter shapes do not match the base"
+    if _geometry(lora_a.node, spatial) != _geometry(base.node, spatial) or \
+            _geometry(lora_b.node, spatial) != ((1,) * spatial, (0,) * 2 * spatial,
+                                                (1,) * spatial, "NOTSET"):
+        return "Conv adapter strides, pads or dilations differ from the base"
+    if gate.size not in (1, rank):
+        return f"gate has {gate.size} values, rank {rank}"
+    g, dropped = _gated(gate, rank, threshold)
+    b2 = b.reshape(b.shape[0], rank) * g
+    delta = np.tensordot(b2, a, axes=(1, 0))
+    bias = None
+    if lora_a.bias is not None or lora_b.bias is not None:
+        bias = np.zeros(base.weight.shape[0])
+        if lora_a.bias is not None:
+            bias += b2 @ lora_a.bias
+        if lora_b.bias is not None:
+            bias += lora_b.bias
+    return delta, bias, dropped
+
+
 def _base(value: ir.Value) -> _Linear | None:
     """The base layer computing ``value``: Gemm, MatMul, or MatMul + Add(constant bias)."""
     producer = value.producer()
@@ -172,6 +225,12 @@ class MergeLora(KilnPass):
 
     def _graph_candidate(self, add: ir.Node) -> Candidate | None:
         for i in (0, 1):
+            conv = _conv(add.inputs[i].producer())
+            if conv is not None:
+                candidate = self._conv_candidate(add, i, conv)
+                if candidate is not None:
+                    return candidate
+                continue
             base = _base(add.inputs[i])
             if base is None:
                 continue
@@ -193,17 +252,9 @@ class MergeLora(KilnPass):
                 return Candidate(add, label, reason="LoRA scale is not a scalar")
             if gate.size not in (1, rank):
                 return Candidate(add, label, reason=f"gate has {gate.size} values, rank {rank}")
-            inner = [v for v in (lora_a.node.outputs[0], mul_g and mul_g.outputs[0],
-                                 lora_b.node.outputs[0], mul_s and mul_s.outputs[0])
-                     if v is not None]
-            if any(not _single_use(v) for v in inner):
-                return Candidate(add, label, reason="an adapter value is used outside the "
-                                 "adapter")
-            if base.node.outputs[0].is_graph_output() or len(add.inputs[i].uses()) != 1:
-                return Candidate(add, label, reason="the base output has other consumers")
-            if any(n is not base.node for n, _ in base.node.inputs[1].uses()):
-                return Candidate(add, label, reason=f"base weight {base.node.inputs[1].name!r} "
-                                 "is shared")
+            reason = self._inner_reason(add, i, base, lora_a, mul_g, lora_b, mul_s)
+            if reason:
+                return Candidate(add, label, reason=reason)
             g, dropped = _gated(gate, rank, self.config.gate_threshold)
             s = float(scale.reshape(()))
             delta = s * (lora_a.weight * g) @ lora_b.weight
@@ -221,6 +272,44 @@ class MergeLora(KilnPass):
             dead = [n for n in (add, mul_s, lora_b.node, mul_g, lora_a.node) if n is not None]
             return Candidate(add, label, nodes=(base.node, *dead),
                              data=_Lora(base, delta, bias, dead, add, dropped))
+        return None
+
+    def _conv_candidate(self, add: ir.Node, i: int, base: _Linear) -> Candidate | None:
+        tail, scale, mul_s = _scaled(add.inputs[1 - i])
+        lora_b = _conv(tail.producer())
+        if lora_b is None:
+            return None
+        head, gate, mul_g = _scaled(lora_b.x)
+        lora_a = _conv(head.producer())
+        if lora_a is None or lora_a.x is not base.x or lora_a.node is base.node:
+            return None
+        label = f"{kir.node_label(base.node)} <- {kir.node_label(lora_a.node)}, " \
+                f"{kir.node_label(lora_b.node)}"
+        if scale.size != 1:
+            return Candidate(add, label, reason="LoRA scale is not a scalar")
+        found = _conv_delta(base, lora_a, lora_b, gate, self.config.gate_threshold)
+        if isinstance(found, str):
+            return Candidate(add, label, reason=found)
+        reason = self._inner_reason(add, i, base, lora_a, mul_g, lora_b, mul_s)
+        if reason:
+            return Candidate(add, label, reason=reason)
+        delta, bias, dropped = found
+        s = float(scale.reshape(()))
+        dead = [n for n in (add, mul_s, lora_b.node, mul_g, lora_a.node) if n is not None]
+        return Candidate(add, label, nodes=(base.node, *dead), data=_Lora(
+            base, s * delta, None if bias is None else s * bias, dead, add, dropped))
+
+    @staticmethod
+    def _inner_reason(add, i, base, lora_a, mul_g, lora_b, mul_s) -> str | None:
+        inner = [v for v in (lora_a.node.outputs[0], mul_g and mul_g.outputs[0],
+                             lora_b.node.outputs[0], mul_s and mul_s.outputs[0])
+                 if v is not None]
+        if any(not _single_use(v) for v in inner):
+            return "an adapter value is used outside the adapter"
+        if base.node.outputs[0].is_graph_output() or len(add.inputs[i].uses()) != 1:
+            return "the base output has other consumers"
+        if any(n is not base.node for n, _ in base.node.inputs[1].uses()):
+            return f"base weight {base.node.inputs[1].name!r} is shared"
         return None
 
     def _file_candidates(self, model: ir.Model) -> list[Candidate]:
@@ -325,8 +414,8 @@ class MergeLora(KilnPass):
                 graph, f"{value.name}_merged", (bias.astype(np.float64) + extra.reshape(
                     bias.shape)).astype(bias.dtype)))
             return
-        if node.op_type == "Gemm":
-            beta = node.attributes.get_float("beta", 1.0)
+        if node.op_type in ("Gemm", "Conv"):
+            beta = node.attributes.get_float("beta", 1.0) if node.op_type == "Gemm" else 1.0
             dtype = kir.numpy_dtype(node.inputs[1])
             current = np.zeros_like(extra) if base.bias is None else base.bias
             total = (current + extra) / beta

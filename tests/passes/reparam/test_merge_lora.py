@@ -49,6 +49,21 @@ def test_graph_adapters_merge_through_the_pipeline(tmp_path, gated):
     assert result.report.passes[-1].params_after < result.report.params_source
 
 
+def test_conv_lora_merges(tmp_path):
+    from kiln.compiler.testing.reparam_models import lora_conv
+
+    module, args = lora_conv()
+    model = load_model(_export(module, args, tmp_path / "conv.onnx"))
+    x = args[0].numpy()
+    before = _run(model, x)
+    merge = MergeLora()
+    assert merge(model).modified
+    assert [n.op_type for n in model.graph] == ["Conv"]
+    expected = module(*args).detach().numpy()
+    np.testing.assert_allclose(_run(model, x), before, atol=RTOL * np.abs(expected).max())
+    np.testing.assert_allclose(_run(model, x), expected, atol=RTOL * np.abs(expected).max())
+
+
 def test_safetensors_adapters_by_module_path(tmp_path):
     from kiln.compiler.testing.reparam_models import plain_mlp
 
