@@ -1,6 +1,6 @@
 """low_rank: truncated SVD factors of constant MatMul/Gemm weights; rank and energy;
 refusals; activation-aware (whitened) SVD beats plain SVD when a few input channels
-dominate (the PASSES.md claim); a Gemm + MatMul model through the pipeline vs ORT."""
+dominate (the docs/passes.md claim); a Gemm + MatMul model through the pipeline vs ORT."""
 
 from __future__ import annotations
 
