@@ -3,9 +3,10 @@ for the MoE passes' fidelity figures (bench/moe_fidelity.py, tests/passes/moe).
 
 The model reads the previous ``context`` bytes, embeds them, mixes them with one Linear,
 then a Mixtral-style top-2 MoE block (``moe_models.SparseMoE``) with a residual, and
-predicts the next byte. It is trained with Adam for a wall-clock budget, exported to ONNX
-(TorchScript exporter, dynamic token count), and perplexity is measured with ONNX Runtime
-on held-out text: exp(mean cross-entropy) per byte (bench/moe_fidelity.py).
+predicts the next byte. It is trained with Adam (plus a load-balancing loss) for a
+wall-clock budget, exported to ONNX (TorchScript exporter, dynamic token count), and
+perplexity is measured with ONNX Runtime on held-out text: exp(mean cross-entropy) per
+byte (bench/moe_fidelity.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch import nn
 from kiln.compiler.testing.moe_models import SparseMoE
 
 VOCAB = 256
+#: weight of the load-balancing loss (without it the router collapses onto a few experts)
+BALANCE_WEIGHT = 0.01
 
 
 def stdlib_corpus(max_bytes: int = 2_000_000, seed: int = 0) -> bytes:
@@ -48,9 +51,21 @@ class CharMoeLM(nn.Module):
         self.moe = SparseMoE(dim, hidden, experts, k)
         self.head = nn.Linear(dim, VOCAB)
 
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.mix(self.embed(ids).reshape(ids.shape[0], -1)))
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.mix(self.embed(ids).reshape(ids.shape[0], -1)))
+        h = self.hidden(ids)
         return self.head(h + self.moe(h))
+
+    def balance_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Switch-Transformer load balancing: E * sum_e f_e P_e (f: share of top-k
+        choices, P: mean router probability); 1 when routing is uniform."""
+        probs = torch.softmax(self.moe.gate(self.hidden(ids)), dim=-1)
+        chosen = torch.topk(probs, self.moe.k, dim=-1).indices
+        f = torch.zeros(probs.shape[1]).index_add(0, chosen.reshape(-1),
+                                                  torch.ones(chosen.numel())) / chosen.numel()
+        return probs.shape[1] * torch.sum(f * probs.mean(dim=0))
 
 
 def windows(data: bytes, context: int) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +100,8 @@ def train(seconds: float = 60.0, *, batch: int = 256, seed: int = 0, max_bytes: 
     steps = 0
     while steps < 10 or time.perf_counter() - start < seconds:
         pick = torch.from_numpy(rng.integers(0, len(xs), batch))
-        loss = nn.functional.cross_entropy(model(xs[pick]), ys[pick])
+        loss = nn.functional.cross_entropy(model(xs[pick]), ys[pick]) \
+            + BALANCE_WEIGHT * model.balance_loss(xs[pick])
         opt.zero_grad()
         loss.backward()
         opt.step()
