@@ -81,3 +81,11 @@ def test_dynamo_export_is_recognized(tmp_path, cls):
     reference = run(model)
     emit(model, layer, name="moe")
     np.testing.assert_allclose(run(model), reference, atol=FLOAT_TOL, rtol=FLOAT_TOL)
+
+
+def test_kiln_plan_lists_each_layer_with_experts_and_k(moe_files, capsys):
+    from kiln.compiler.driver.cli import main
+
+    main(["plan", str(moe_files["sparse8"]), "--spec", "moe-top2", "--input", "x=4x16"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "8 experts (FFN 16->24->16, silu), softmax gate, top-2 renormalized" in out
