@@ -143,11 +143,22 @@ def _dense(b: _Builder, layer: MoeLayer, xf: ir.Value, p: ir.Value) -> ir.Value:
                 keepdims=0)
 
 
+def _unique_prefix(graph: ir.Graph, name: str) -> str:
+    """A prefix no node name or value name starts with yet (one per emitted layer)."""
+    used = {n.name.split("/")[0] for n in graph if n.name}
+    base = unique_name(graph, name)
+    prefix, i = base, 0
+    while prefix in used:
+        i += 1
+        prefix = unique_name(graph, f"{base}_{i}")
+    return prefix
+
+
 def emit(model: ir.Model, layer: MoeLayer, *, name: str) -> ir.Value:
     """Replace ``layer``'s nodes by its documented form (top-k when ``layer.k`` is set, the
     stacked dense mixture otherwise); returns the new output value."""
     graph = model.graph
-    prefix = unique_name(graph, name)
+    prefix = _unique_prefix(graph, name)
     b = _Builder(graph, prefix, layer.dtype, model_opset(model))
     d_in = layer.router_w.shape[0]
     d_out = layer.experts[0].w2.shape[1]

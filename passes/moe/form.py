@@ -34,6 +34,7 @@ WEIGHT_OPS = ("MatMul", "Gemm")
 ACTIVATION_OPS = {"Relu": "relu", "Gelu": "gelu", "Erf": "gelu", "Tanh": "tanh",
                   "Sigmoid": "silu"}
 #: ops the router logits may pass through on their way to the gate (no change of value)
+NO_EXPERTS = "no expert FFNs found"
 #: how many nodes past the first common descendant of gate and experts may be the combine
 MAX_COMBINE_TRIES = 64
 PASS_THROUGH = ("Cast", "Identity", "Reshape", "Squeeze", "Unsqueeze")
@@ -352,7 +353,7 @@ def _experts(x: ir.Value, gate: _Gate, region: set[int], order: dict[int, int]
             experts.append((order[id(first)], Expert(w1, w2, _flat(b1), _flat(b2), w3,
                                                      _flat(b3)), out))
     if not experts:
-        return "no expert FFNs (MatMul/Gemm stacks reading the router's input) found"
+        return f"{NO_EXPERTS} (MatMul/Gemm stacks reading the router's input)"
     experts.sort(key=lambda item: item[0])
     return [e for _, e, _ in experts], [o for _, _, o in experts], activation or "identity", \
         dispatch
@@ -485,7 +486,8 @@ def recognize_gate(gate_node: ir.Node) -> MoeLayer | str:
 
 
 def recognize(model: ir.Model, selected=None) -> list[tuple[ir.Node, MoeLayer | str]]:
-    """Every Softmax/Sigmoid that reads a router, with its layer or the refusal reason."""
+    """Every Softmax/Sigmoid that reads a router and has experts downstream, with its layer
+    or the reason it cannot be one (other softmaxes are not listed)."""
     found = []
     claimed: set[int] = set()
     for node in list(model.graph):
@@ -493,11 +495,11 @@ def recognize(model: ir.Model, selected=None) -> list[tuple[ir.Node, MoeLayer | 
             continue
         if selected is not None and not selected(node):
             continue
-        if isinstance(_find_gate(node), str) and node.op_type == "Sigmoid":
-            continue  # a SiLU inside an expert, not a gate
+        if isinstance(_find_gate(node), str):
+            continue  # an attention softmax, a SiLU's Sigmoid...: no router, not a gate
         layer = recognize_gate(node)
-        if isinstance(layer, str) and "router" in layer and "MatMul" in layer:
-            continue  # an attention softmax or another plain Softmax: not a MoE gate
+        if isinstance(layer, str) and layer.startswith(NO_EXPERTS):
+            continue  # a classifier's softmax head: a router-like Gemm but no experts
         if isinstance(layer, MoeLayer):
             claimed.update(id(n) for n in layer.nodes)
         found.append((node, layer))

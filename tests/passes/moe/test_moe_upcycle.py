@@ -53,3 +53,25 @@ def test_through_the_pipeline(moe_files):
 def test_config_validates():
     with pytest.raises(ValueError, match="experts"):
         MoeUpcycleConfig(experts=1)
+
+
+def test_two_ffns_in_a_row_then_rerouted(tmp_path):
+    """Two blocks upcycled (distinct node names, ORT accepts the model), then both layers
+    rerouted top-1: still exact, the experts being copies."""
+    import torch
+
+    from kiln.compiler.testing.moe_models import FeedForward, export
+    from kiln.passes.moe.moe_router import MoeRouter, MoeRouterConfig
+
+    torch.manual_seed(0)
+    path = export(torch.nn.Sequential(FeedForward(16, 32), FeedForward(16, 32)),
+                  tmp_path / "two.onnx")
+    model = load(path)
+    reference = run(model)
+    MoeUpcycle(MoeUpcycleConfig(experts=4))(model)
+    names = [n.name for n in model.graph]
+    assert len(names) == len(set(names))
+    assert len(recognize(model)) == 2
+    MoeRouter(MoeRouterConfig(k=1))(model)
+    assert [layer.k for _, layer in recognize(model)] == [1, 1]
+    np.testing.assert_allclose(run(model), reference, atol=FLOAT_TOL, rtol=FLOAT_TOL)
