@@ -476,7 +476,7 @@ def recognize_gate(gate_node: ir.Node) -> MoeLayer | str:
     if isinstance(combine, str):
         return combine
     out, nodes = combine
-    dtype = np.dtype(kir.numpy_dtype(x)) if x.type is not None else np.dtype(np.float32)
+    dtype = kir.constant_tensor(gate.router.inputs[1]).numpy().dtype
     return MoeLayer(x=x, y=out.outputs[0], nodes=tuple(n for n in graph if id(n) in nodes),
                     router_w=gate.w, router_b=gate.b,
                     gate="softmax" if gate.gate.op_type == "Softmax" else "sigmoid",

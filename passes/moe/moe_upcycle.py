@@ -128,7 +128,7 @@ class MoeUpcycle(MoeLayerPass):
             layer = MoeLayer(x=x, y=y, nodes=nodes, router_w=router, router_b=None,
                              gate="softmax", k=c.k, renormalize=True, activation=activation,
                              experts=[expert] * c.experts, dispatch="per-expert",
-                             dtype=np.dtype(kir.numpy_dtype(x)))
+                             dtype=kir.constant_tensor(node.inputs[1]).numpy().dtype)
             found.append(Candidate(node, f"{label}: FFN {dim}->{expert.w1.shape[1]}->"
                                          f"{expert.w2.shape[1]} -> {c.experts} experts, top-{c.k}",
                                    nodes=nodes, data=layer))
