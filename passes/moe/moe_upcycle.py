@@ -15,7 +15,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from kiln.compiler.core import graph as kir
-from kiln.compiler.core.pass_api import PassConfig
+from kiln.compiler.core.pass_api import Candidate, PassConfig
 from kiln.passes.moe.emit import MIN_OPSET, MOE_KEY, model_opset
 from kiln.passes.moe.form import (
     ACTIVATION_OPS,
@@ -95,9 +95,7 @@ class MoeUpcycle(MoeLayerPass):
     config_class = MoeUpcycleConfig
     exact = True
 
-    def candidates(self, model: ir.Model):
-        from kiln.compiler.core.pass_api import Candidate
-
+    def candidates(self, model: ir.Model) -> list[Candidate]:
         inside = {id(n) for _, layer in recognize(model) if isinstance(layer, MoeLayer)
                   for n in layer.nodes}
         found = []
