@@ -2,8 +2,9 @@
 
 - ``SparseMoE``: a Mixtral-style block (router, softmax, top-k, renormalize, a loop over
   experts that gathers the tokens routed to each (``torch.where``) and adds them back with
-  ``index_add_``);
+  ``index_add_``); ``gate="sigmoid"`` for a DeepSeek-style sigmoid gate;
 - ``DenseMoE``: a softmax-gated mixture, every expert runs, weighted sum;
+- ``StackedMoE``: the same over stacked ``[E, D, H]`` expert weights (batched MatMul);
 - ``FeedForward``: a dense FFN block (what ``moe_upcycle`` turns into experts).
 
 ``export(module, path, tokens, dim)`` writes ONNX (``dynamo`` selects the exporter).
@@ -32,14 +33,15 @@ class SparseMoE(nn.Module):
     """Mixtral-style sparse block on ``[T, D]`` tokens."""
 
     def __init__(self, dim: int = 16, hidden: int = 32, experts: int = 4, k: int = 2,
-                 activation: str = "relu") -> None:
+                 activation: str = "relu", gate: str = "softmax") -> None:
         super().__init__()
         self.k = k
+        self.gate_fn = torch.sigmoid if gate == "sigmoid" else (lambda t: torch.softmax(t, -1))
         self.gate = nn.Linear(dim, experts, bias=False)
         self.experts = nn.ModuleList(Expert(dim, hidden, activation) for _ in range(experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(self.gate(x), dim=-1)
+        probs = self.gate_fn(self.gate(x))
         weights, chosen = torch.topk(probs, self.k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         out = torch.zeros_like(x)
@@ -65,6 +67,23 @@ class DenseMoE(nn.Module):
         for e, expert in enumerate(self.experts):
             out = out + probs[:, e:e + 1] * expert(x)
         return out
+
+
+class StackedMoE(nn.Module):
+    """A dense mixture over stacked expert weights: one batched matmul per layer."""
+
+    def __init__(self, dim: int = 16, hidden: int = 32, experts: int = 4) -> None:
+        super().__init__()
+        self.gate = nn.Linear(dim, experts)
+        self.w1 = nn.Parameter(torch.randn(experts, dim, hidden) / dim ** 0.5)
+        self.b1 = nn.Parameter(torch.randn(experts, 1, hidden) * 0.1)
+        self.w2 = nn.Parameter(torch.randn(experts, hidden, dim) / hidden ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.gate(x), dim=-1)                  # [T, E]
+        h = torch.relu(torch.matmul(x.unsqueeze(0), self.w1) + self.b1)  # [E, T, H]
+        y = torch.matmul(h, self.w2)                                 # [E, T, D]
+        return (y * probs.t().unsqueeze(-1)).sum(dim=0)
 
 
 class FeedForward(nn.Module):

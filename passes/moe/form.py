@@ -234,7 +234,15 @@ def _renormalized(values: ir.Value) -> bool:
     return False
 
 
+def _is_silu(sigmoid: ir.Node) -> bool:
+    """x * sigmoid(x): an activation, not a gate."""
+    x = sigmoid.inputs[0]
+    return any(u.op_type == "Mul" and x in u.inputs for u in _users(sigmoid.outputs[0]))
+
+
 def _find_gate(gate: ir.Node) -> _Gate | str:
+    if gate.op_type == "Sigmoid" and _is_silu(gate):
+        return "a SiLU activation"
     if gate.op_type == "Softmax" and gate.attributes.get_int("axis", -1) not in (-1, 1):
         return "softmax is not over the last axis"
     source = _back(gate.inputs[0])

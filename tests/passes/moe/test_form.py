@@ -89,3 +89,31 @@ def test_kiln_plan_lists_each_layer_with_experts_and_k(moe_files, capsys):
     main(["plan", str(moe_files["sparse8"]), "--spec", "moe-top2", "--input", "x=4x16"])
     out = " ".join(capsys.readouterr().out.split())
     assert "8 experts (FFN 16->24->16, silu), softmax gate, top-2 renormalized" in out
+
+
+def test_stacked_expert_weights_and_sigmoid_gate(tmp_path):
+    import torch
+
+    from kiln.compiler.testing.moe_models import SparseMoE, StackedMoE, export
+
+    torch.manual_seed(0)
+    stacked = load(export(StackedMoE(DIM, 32, 4), tmp_path / "stacked.onnx", dim=DIM))
+    sigmoid = load(export(SparseMoE(DIM, 32, 4, 2, gate="sigmoid"), tmp_path / "sig.onnx",
+                          dim=DIM))
+    for model, gate, k, dispatch in ((stacked, "softmax", None, "stacked"),
+                                     (sigmoid, "sigmoid", 2, "per-expert")):
+        [(_, layer)] = recognize(model)
+        assert isinstance(layer, MoeLayer), layer
+        assert (layer.gate, layer.k, layer.dispatch, layer.num_experts) == (gate, k, dispatch, 4)
+        reference = run(model)
+        emit(model, layer, name="moe")
+        np.testing.assert_allclose(run(model), reference, atol=FLOAT_TOL, rtol=FLOAT_TOL)
+
+
+def test_silu_ffn_is_not_a_gate(tmp_path):
+    import torch
+
+    from kiln.compiler.testing.moe_models import Expert, export
+
+    torch.manual_seed(0)
+    assert recognize(load(export(Expert(DIM, 32, "silu"), tmp_path / "f.onnx", dim=DIM))) == []
