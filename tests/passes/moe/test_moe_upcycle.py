@@ -75,3 +75,31 @@ def test_two_ffns_in_a_row_then_rerouted(tmp_path):
     MoeRouter(MoeRouterConfig(k=1))(model)
     assert [layer.k for _, layer in recognize(model)] == [1, 1]
     np.testing.assert_allclose(run(model), reference, atol=FLOAT_TOL, rtol=FLOAT_TOL)
+
+
+@pytest.mark.slow
+def test_transformer_encoder_ffns(tmp_path):
+    """Every GELU FFN of a 4-layer encoder (3-D activations, dynamo export) upcycled
+    exactly and recognized as a MoE layer."""
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    import torch
+
+    from kiln.compiler.core import graph as kir
+    from kiln.compiler.testing.torch_models import encoder
+
+    module, (example,) = encoder()
+    torch.onnx.export(module, (example,), tmp_path / "enc.onnx", dynamo=True,
+                      input_names=["x"], external_data=False)
+    model = ir.from_proto(onnx.load(str(tmp_path / "enc.onnx")))
+
+    def infer(m):
+        session = ort.InferenceSession(kir.model_bytes(m), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": example.numpy()})[0]
+    reference = infer(model)
+    assert recognize(model) == []
+    MoeUpcycle()(model)
+    layers = [layer for _, layer in recognize(model)]
+    assert len(layers) == 4 and all(layer.activation == "gelu" for layer in layers)
+    np.testing.assert_allclose(infer(model), reference, atol=1e-4, rtol=1e-4)
