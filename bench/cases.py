@@ -110,6 +110,8 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "resnet50-fp32": _resnet50,
     "gemv-fp32": _matmul_case("gemv-fp32", 1, 4096, 4096),
     "matmul-fp32": _matmul_case("matmul-fp32", 128, 1024, 256),
+    # one step of an LSTM with 512 hidden units: the weights fit in cache
+    "gemv-cached-fp32": _matmul_case("gemv-cached-fp32", 1, 512, 2048),
     # held out: never used to tune kiln's rules
     "yolox-det-fp32": _held_out("yolox-det"),
     "lcnet-orientation-fp32": _held_out("lcnet-orientation"),

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--tuning", choices=("shipped", "user", "off"), default="shipped",
                         help="tuning records applied, as for python -m bench")
+    parser.add_argument("--shapes", action="store_true",
+                        help="print each kernel's argument shapes under it")
     parser.add_argument("--private", action="store_true",
                         help="profile the bench-private build instead of kiln's")
     args = parser.parse_args(argv)
@@ -46,9 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     vm["main"](*inputs)
     rows: dict[str, list[float]] = {}
     started: dict[str, float] = {}
+    shapes: dict[str, str] = {}
 
     def instrument(func, symbol, before_run, ret_value, *call_args):
         if before_run:
+            if symbol not in shapes:
+                shapes[symbol] = " ".join("x".join(map(str, a.shape)) for a in call_args
+                                          if hasattr(a, "shape"))
             started[symbol] = time.perf_counter()
         else:
             rows.setdefault(symbol, []).append((time.perf_counter() - started[symbol]) * 1e6)
@@ -65,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(unscheduled)} unscheduled")
     for name, values in sorted(rows.items(), key=lambda kv: -sum(kv[1]))[: args.top]:
         mark = " UNSCHEDULED" if name in unscheduled else ""
-        print(f"{sum(values) / 1e3:9.3f} ms {100 * sum(values) / total:5.1f}% x{len(values):<3} {name}{mark}")
+        print(f"{sum(values) / 1e3:9.3f} ms {100 * sum(values) / total:5.1f}% x{len(values):<3} "
+              f"{name}{mark}")
+        if args.shapes:
+            print(f"{'':22}{shapes.get(name, '')}")
     return 0
 
 
