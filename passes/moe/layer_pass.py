@@ -49,13 +49,16 @@ class MoeLayerPass(KilnPass):
 
     def rewrite(self, model: ir.Model, accepted: Sequence[Candidate]) -> int:
         renamed: dict[int, ir.Value] = {}
+        read: set[str] = set()
         for candidate in accepted:
             layer: MoeLayer = candidate.data
             if id(layer.x) in renamed:
                 layer = layer.with_(x=renamed[id(layer.x)])
+            read |= {v.name for n in layer.nodes for v in n.inputs
+                     if v is not None and v.name and v.is_initializer()}
             old = layer.y
             renamed[id(old)] = emit(model, layer, name=self.name)
-        remove_unused_initializers(model.graph, list(model.graph.initializers))
+        remove_unused_initializers(model.graph, sorted(read))
         return len(accepted)
 
     # -- routing statistics ----------------------------------------------------------------
