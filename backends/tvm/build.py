@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -37,7 +38,7 @@ from kiln.compiler.core.graph import count_weight_bytes, graph_inputs
 from kiln.compiler.core.version import kiln_version
 
 from .binary_check import check_binary
-from .importer import check_static_inputs, lower_to_relax
+from .importer import check_static_inputs, lower_to_relax, symbolic_ranges
 from .manifest import LIBRARY_NAME, Manifest, TensorSpec, write_manifest
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels
@@ -75,8 +76,13 @@ class BuildResult:
     tuning: dict[str, Any] | None = None
 
 
+def _dim(d) -> int | str:
+    """A static dim as int, a symbolic one as its name (``W``)."""
+    return int(d) if isinstance(d, int) else str(d)
+
+
 def _model_inputs(model: ir.Model) -> list[TensorSpec]:
-    return [TensorSpec(v.name, tuple(int(d) for d in v.shape), str(v.dtype.numpy()))
+    return [TensorSpec(v.name, tuple(_dim(d) for d in v.shape), str(v.dtype.numpy()))
             for v in graph_inputs(model)]
 
 
@@ -92,6 +98,14 @@ def _check_declared_inputs(found: list[TensorSpec], declared: Sequence[InputDecl
                             target=target)
 
 
+def _relax_dim(d) -> int | str:
+    """A Relax shape dim: an int, or a symbolic one's text (``W``, ``W // 4 + 1``)."""
+    try:
+        return int(d)
+    except (TypeError, ValueError):
+        return re.sub(r"T\.int64\((-?\d+)\)", r"\1", str(d))
+
+
 def _relax_outputs(mod, outputs: Sequence[ir.Value]) -> list[TensorSpec]:
     """Output specs from the Relax main's return type; an output whose shape Relax leaves
     open (data-dependent: NonZero, Unique, Tile by an input ...) takes the shape the ONNX
@@ -103,8 +117,8 @@ def _relax_outputs(mod, outputs: Sequence[ir.Value]) -> list[TensorSpec]:
     specs = []
     for value, ty in zip(outputs, fields, strict=True):
         dims = getattr(getattr(ty, "shape", None), "values", None)
-        try:  # a symbolic dimension (tir.Var) has no int()
-            shape = tuple(int(d) for d in dims) if dims is not None else None
+        try:  # a symbolic dimension (tir.Var or an expression of one): its text
+            shape = tuple(_relax_dim(d) for d in dims) if dims is not None else None
         except Exception:
             shape = None
         if shape is not None:
@@ -276,7 +290,8 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     manifest = Manifest(
         target_name=resolved.name, target=resolved.target, target_family=resolved.family,
         target_arch=resolved.arch, inputs=tuple(model_inputs), outputs=tuple(outputs),
-        model_hash=model_hash, kiln_version=kiln_version(), tvm_version=str(tvm.__version__)
+        model_hash=model_hash, kiln_version=kiln_version(), tvm_version=str(tvm.__version__),
+        dims={k: list(v) for k, v in symbolic_ranges(model).items()},
     ).with_files(outdir, [LIBRARY_NAME])
     manifest_path = write_manifest(outdir, manifest)
     last = next(reversed(times))

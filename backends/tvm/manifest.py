@@ -31,10 +31,12 @@ FORMAT_VERSION = 2
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """One input or output: name, static shape, numpy dtype name."""
+    """One input or output: name, shape, numpy dtype name. A symbolic dim is its name
+    (``W``; an output's may be an expression of them, ``W // 4``); the manifest's
+    ``dims`` gives each symbol's range."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int | str, ...]
     dtype: str
 
     def describe(self) -> str:
@@ -60,6 +62,8 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: file name (in the artifact's folder) -> hex SHA-256 of its bytes
     files: dict[str, str] = field(default_factory=dict)
+    #: symbolic dim -> [lo, hi]: the sizes one build serves (empty: every shape static)
+    dims: dict[str, list[int]] = field(default_factory=dict)
 
     def with_files(self, folder: Path, names: list[str], *, model_hash: str | None = None
                    ) -> Manifest:

@@ -90,6 +90,31 @@ def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> int:
                       if cpu < len(busy) and busy[cpu] < 100 * BUSY_FRACTION))
 
 
+def _shape_fits(want: tuple, got: tuple, sizes: dict[str, int]) -> bool:
+    """``got`` matches ``want`` (ints equal; a symbol takes one size across all inputs,
+    recorded in ``sizes``)."""
+    if len(want) != len(got):
+        return False
+    for w, g in zip(want, got, strict=True):
+        if isinstance(w, str):
+            if sizes.setdefault(w, int(g)) != g:
+                return False
+        elif w != g:
+            return False
+    return True
+
+
+def _check_ranges(spec: TensorSpec, sizes: dict[str, int], dims: dict[str, list[int]]) -> None:
+    """One line when a symbolic dim of ``spec`` is outside the range the build serves."""
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, str) and dim in dims:
+            lo, hi = dims[dim]
+            if not lo <= sizes[dim] <= hi:
+                raise KilnError(f"input {spec.name!r} dim {axis} ({dim}) is {sizes[dim]}, "
+                                f"outside the range this build serves ({dim}={lo}..{hi}); "
+                                "rebuild with a wider --dim")
+
+
 class ThreadGovernor:
     """Thread count for the next call from the times of the calls so far.
 
@@ -203,14 +228,16 @@ class CompiledModel:
                 raise KilnError(f"input {name!r} given twice (positionally and by name)")
             given[name] = value
         ordered = []
+        sizes: dict[str, int] = {}
         for spec in specs:
             if spec.name not in given:
                 raise KilnError(f"missing input {spec.name!r} ({spec.describe()})")
             array = np.asarray(given[spec.name])
             got = TensorSpec(spec.name, tuple(array.shape), str(array.dtype))
-            if got.shape != spec.shape or got.dtype != spec.dtype:
+            if not _shape_fits(spec.shape, got.shape, sizes) or got.dtype != spec.dtype:
                 raise KilnError(f"input {spec.name!r}: expected shape {spec.describe()}, "
                                 f"got {got.describe()}")
+            _check_ranges(spec, sizes, self.manifest.dims)
             # ascontiguousarray makes a 0-d array 1-d; TVM checks the rank, so keep it
             ordered.append(np.ascontiguousarray(array).reshape(array.shape))
         return ordered

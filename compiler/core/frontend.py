@@ -211,7 +211,8 @@ def bind_inputs(model: ir.Model, shapes: InputShapes, *, source: str = "model") 
             names = ", ".join(by_name) or "none"
             raise FrontendError(f"{source}: no input named {key!r} (inputs: {names})",
                                 input_key=key)
-        dims = [int(d) for d in dims]
+        # a str dim is a symbol (kiln.compiler.driver.symbolic): it stays symbolic
+        dims = [d if isinstance(d, str) else int(d) for d in dims]
         if value.shape is not None and len(value.shape) != len(dims):
             raise FrontendError(f"{source}: input {value.name!r} has rank {len(value.shape)}, "
                                 f"got shape {dims}")

@@ -31,17 +31,30 @@ def _print_json(data) -> None:
     sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
 
 
-def _input_shapes(bindings: list[str] | None) -> dict[str, list[int]]:
-    from kiln.compiler.core.frontend import parse_input_binding
+def _input_shapes(bindings: list[str] | None, dims: list[str] | None = None
+                  ) -> dict[str, list[int | str]]:
+    """``--input`` shapes; a symbolic dim stays a string (kiln.compiler.driver.symbolic),
+    with its ``--dim NAME=LO..HI`` range attached as ``NAME=LO..HI``."""
     from kiln.compiler.core.spec.schema import check_input_size
+    from kiln.compiler.driver import symbolic
 
-    shapes = {}
+    ranges = dict(symbolic.parse_dim_option(text) for text in dims or ())
+    shapes: dict[str, list[int | str]] = {}
     for text in bindings or ():
-        name, dims = parse_input_binding(text)
-        try:
-            shapes[name] = check_input_size(dims)
-        except ValueError as error:
-            raise KilnError(f"--input {text!r}: {error}") from None
+        name, tokens = symbolic.parse_binding(text)
+        if all(t.strip().isdigit() for t in tokens):
+            try:
+                shapes[name] = check_input_size([int(t) for t in tokens])
+            except ValueError as error:
+                raise KilnError(f"--input {text!r}: {error}") from None
+            continue
+        shapes[name] = [int(t) if t.strip().isdigit() else
+                        (f"{t}={ranges[t][0]}..{ranges[t][1]}" if t in ranges else t)
+                        for t in tokens]
+    named = {t for dims_ in shapes.values() for t in dims_ if isinstance(t, str)}
+    for symbol, (lo, hi) in ranges.items():  # a range for a model's own dim_param
+        if not any(t == symbol or t.startswith(f"{symbol}=") for t in named):
+            shapes.setdefault(f"*{symbol}", [f"{symbol}={lo}..{hi}"])
     return shapes
 
 
@@ -140,7 +153,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if out is not None:
         _check_outdir(out, Path(args.model), spec.output.onnx)
     started = time.perf_counter()
-    shapes = _input_shapes(args.input)
+    shapes = _input_shapes(args.input, args.dim)
     # -q and --json print nothing but the result: TVM's C++ logging goes to a scratch file
     silent = (args.quiet or args.json) and not args.debug
     with progress("off" if args.quiet or args.json else "auto",
@@ -182,7 +195,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json and args.emit_spec == "-":
         raise KilnError("--json and --emit-spec - both write to stdout; give --emit-spec a file")
     with progress("off" if args.quiet or args.json or not args.sensitivity else "auto") as say:
-        plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input),
+        plan = plan_model(args.model, spec, input_shapes=_input_shapes(args.input, args.dim),
                           sensitivity_of_layers=args.sensitivity, progress=say)
     if args.json:
         _print_json([{"pass": entry.name, "select": str(entry.selector),
@@ -443,7 +456,11 @@ def _model_and_inputs(p: argparse.ArgumentParser, *, spec_required: bool) -> Non
                                                     "; default: no passes"))
     p.add_argument("--input", "-i", action="append", metavar="NAME=DIMS",
                    help="bind a dynamic input's shape, e.g. x=1x3x640x640 (repeat for each "
-                        "input; overrides the spec's inputs:)")
+                        "input; overrides the spec's inputs:); a dim may be a symbol (W), "
+                        "a range (16..1024) or both (W=16..1024): one build serves every size")
+    p.add_argument("--dim", action="append", metavar="NAME=LO..HI",
+                   help="the range of a symbolic dim named in --input or by the model "
+                        "(ONNX dim_param), e.g. W=16..1024")
 
 
 def build_parser() -> argparse.ArgumentParser:

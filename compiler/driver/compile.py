@@ -42,7 +42,7 @@ from kiln.compiler.core.pass_api import CalibrationContext, Candidate, KilnPass,
 from kiln.compiler.core.selectors import describe, select_nodes
 from kiln.compiler.core.spec import Budget, PassEntry, Spec, default_spec
 from kiln.compiler.core.version import kiln_version
-from kiln.compiler.driver import registry, sensitivity
+from kiln.compiler.driver import registry, sensitivity, symbolic
 from kiln.compiler.driver.outdir import OutputFolder
 from kiln.compiler.driver.pass_checks import after_pass
 from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
@@ -258,7 +258,25 @@ def _build_and_check(result: CompileResult, target, out: Path, progress, tune_tr
                                     f"ONNX Runtime: {metrics.describe()}",
                                     output=metrics.worst_output, sqnr_db=metrics.sqnr_db,
                                     max_abs_err=metrics.max_abs_err)
+        _check_symbolic(result, compiled, preset.name, quantized)
     return report
+
+
+def _check_symbolic(result: CompileResult, compiled, target: str, quantized: bool) -> None:
+    """A symbolic build matches ONNX Runtime at the low end, middle and high end of its
+    ranges (symbolic_check); VerificationError naming the first size that does not."""
+    from kiln.compiler.driver.symbolic_check import check_sizes, describe_sizes
+
+    verify = result.spec.verify
+    for sizes, metrics in check_sizes(result.model, compiled, seed=verify.seed,
+                                      rtol=verify.rtol * COMPILED_TOLERANCE_FACTOR,
+                                      atol=verify.atol * COMPILED_TOLERANCE_FACTOR):
+        if not (metrics.within_tolerance or
+                (quantized and metrics.sqnr_db >= COMPILED_QUANTIZED_MIN_SQNR_DB)):
+            raise VerificationError(f"the compiled module for {target} does not match ONNX "
+                                    f"Runtime at {describe_sizes(sizes)}: {metrics.describe()}",
+                                    output=metrics.worst_output, sqnr_db=metrics.sqnr_db,
+                                    max_abs_err=metrics.max_abs_err)
 
 
 def _budget_failure(metrics: ErrorMetrics, budget: Budget | None) -> str | None:
@@ -285,7 +303,11 @@ def _pass_failure(vs_prev: ErrorMetrics, vs_source: ErrorMetrics, budget: Budget
 def _load(source, spec: Spec, input_shapes) -> ir.Model:
     """Load the model; a spec `inputs:` key naming no input points at its spec line."""
     try:
-        return load_model(source, input_shapes=_merged_shapes(spec, input_shapes))
+        shapes, ranges = symbolic.split_shapes(_merged_shapes(spec, input_shapes))
+        named = {d for dims in shapes.values() for d in dims if isinstance(d, str)}
+        model = load_model(source, input_shapes=shapes)
+        symbolic.attach(model, ranges, named)
+        return model
     except FrontendError as error:
         key = getattr(error, "input_key", None)
         if key is not None and spec.inputs and key in spec.inputs and \

@@ -28,6 +28,7 @@ from kiln.compiler.core.errors import FrontendError, KilnError, SpecError, Verif
 from kiln.compiler.core.metrics import equal_nonfinite, sqnr_db_from_sums
 from kiln.compiler.core.spec import Spec
 from kiln.compiler.core.spec.schema import CallableSource, FolderSource, NpzSource
+from kiln.compiler.driver import symbolic
 
 from .callable_source import callable_samples
 from .input_ranges import Draw, input_draws
@@ -80,11 +81,15 @@ def _random_array(rng: np.random.Generator, shape: Sequence[int], dtype: np.dtyp
 def static_input_shapes(model: ir.Model) -> dict[str, tuple[list[int], np.dtype]]:
     """Shape and dtype of every graph input; a zero-length dimension is static."""
     shapes = {}
+    sizes = {name: lo for name, (lo, _hi) in symbolic.model_ranges(model).items()}
     for value in kir.graph_inputs(model):
         dims = kir.shape_list(value)
+        if value.shape is not None and sizes:  # a symbolic build verifies at the low end
+            dims = [sizes.get(str(d), d) if not isinstance(d, int) else d for d in dims]
         if value.shape is None or any(not isinstance(d, int) or d < 0 for d in dims):
             raise FrontendError(f"input {value.name!r} has dynamic shape {dims}: bind it with "
-                                f"--input {value.name}=DxDx... or the spec's `inputs:`",
+                                f"--input {value.name}=DxDx... (a symbol: --dim NAME=LO..HI) "
+                                "or the spec's `inputs:`",
                                 input_key=value.name)
         try:
             dtype = kir.numpy_dtype(value)

@@ -21,6 +21,7 @@ expr_types             shapes and dtypes of Relax expressions, ONNX attribute va
 
 from __future__ import annotations
 
-from .lower import check_static_inputs, lower_to_relax, supported_op_types, unsupported_ops
+from .lower import check_static_inputs, lower_to_relax, supported_op_types, symbolic_ranges, unsupported_ops
 
-__all__ = ["check_static_inputs", "lower_to_relax", "supported_op_types", "unsupported_ops"]
+__all__ = ["check_static_inputs", "lower_to_relax", "supported_op_types", "symbolic_ranges",
+           "unsupported_ops"]

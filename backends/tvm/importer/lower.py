@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import threading
 import warnings
@@ -97,11 +98,44 @@ def _format_ops(ops: dict[str, str]) -> str:
     return ", ".join(f"{op} (node {node!r})" for op, node in ops.items())
 
 
+#: The model metadata key with the symbolic dims' ranges (JSON ``{"W": [16, 1024]}``),
+#: written by kiln.compiler.driver.symbolic (DIMS_KEY there; backends cannot import it).
+SYMBOLIC_DIMS_KEY = "kiln.dims"
+
+
+def symbolic_ranges(model: ir.Model) -> dict[str, tuple[int, int]]:
+    """The symbolic input dims the model declares, with their ranges (empty: static)."""
+    text = model.metadata_props.get(SYMBOLIC_DIMS_KEY)
+    if not text:
+        return {}
+    return {k: (int(v[0]), int(v[1])) for k, v in json.loads(text).items()}
+
+
+def input_shape_dict(model: ir.Model) -> dict[str, list]:
+    """Input name -> shape for TVM's importer: ints, and one ``tir.Var`` per symbol
+    (shared by every input that names it)."""
+    from tvm import tirx
+
+    variables: dict[str, object] = {}
+    shapes = {}
+    for value in graph_inputs(model):
+        dims = []
+        for dim in value.shape:
+            if isinstance(dim, int):
+                dims.append(dim)
+            else:
+                dims.append(variables.setdefault(str(dim), tirx.Var(str(dim), "int64")))
+        shapes[value.name] = dims
+    return shapes
+
+
 def check_static_inputs(model: ir.Model, target_name: str | None = None) -> None:
     """Raise LoweringError naming every input whose shape is not fully static."""
     dynamic = []
+    symbols = symbolic_ranges(model)
     for value in graph_inputs(model):
-        if value.shape is None or not all(isinstance(d, int) for d in value.shape):
+        if value.shape is None or not all(isinstance(d, int) or str(d) in symbols
+                                          for d in value.shape):
             dims = "?" if value.shape is None else list(value.shape)
             dynamic.append(f"{value.name!r} {dims}")
     if dynamic:
@@ -132,6 +166,11 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
     """
     check_static_inputs(model, target_name)
     proto = prepare_onnx(model, target_name)
+    if symbolic_ranges(model):
+        from .symbolic_shapes import drop_shape_round_trips
+
+        if drop_shape_round_trips(proto.graph):
+            logger.info("symbolic shapes: int32 round trips of Shape outputs removed")
 
     problems = unsupported_ops(proto)
     problems.update(four_bit_misuse(proto))
@@ -141,7 +180,7 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
 
     from tvm.relax.frontend.onnx import from_onnx
 
-    shapes = {v.name: list(v.shape) for v in graph_inputs(model)}
+    shapes = input_shape_dict(model)
     dtypes = {v.name: str(v.dtype.numpy()) for v in graph_inputs(model)}
     captured = io.StringIO()
     context = ImportContext(grouped_gemv=_grouped_gemv_for(target_name))

@@ -114,6 +114,11 @@ def tile_rows(m: int, cap: int) -> int:
     return 1
 
 
+#: The row tile (MR) of a contraction whose row count is symbolic (cap; the accumulator
+#: budget may lower it): no divisor exists, so the last tile is guarded.
+SYMBOLIC_ROW_TILE = 4
+
+
 class Contraction(KilnRule):
     """The single contraction block of a kernel (matmul, dense, conv) plus its epilogue,
     register-tiled with packed weights (scheduled in place; its tile, loop order, K
@@ -160,9 +165,12 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
 
     stmt = sch.get(block)
     iters = list(stmt.iter_vars)
-    if not all(isinstance(iv.dom.extent, tirx.IntImm) for iv in iters):
+    # a symbolic extent (a symbolic-shape build) is allowed on the rows and batch only:
+    # its tile is fixed (no divisor search) and the row split gets a tail guard
+    symbolic = {n for n, iv in enumerate(iters) if not isinstance(iv.dom.extent, tirx.IntImm)}
+    if not symbolic <= {*match.rows, *match.batch}:
         return False
-    extents = [int(iv.dom.extent) for iv in iters]
+    extents = [0 if n in symbolic else int(iv.dom.extent) for n, iv in enumerate(iters)]
     c_col_last = stmt.body.indices[-1].same_as(iters[match.col].var)
     loops = sch.get_loops(block)
     if len(loops) != len(iters):
@@ -173,13 +181,17 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     nr, lanes = tiles
     row_inner = match.rows[-1] if match.rows else None
     acc = ctx.accumulators
-    mr = tile_rows(extents[row_inner], max(1, acc // max(1, nr // lanes))) \
-        if row_inner is not None else 1
-    if row_inner is not None and mr < 3 < extents[row_inner]:
+    rows_symbolic = row_inner is not None and row_inner in symbolic
+    if rows_symbolic:
+        mr = max(1, min(SYMBOLIC_ROW_TILE, acc // max(1, nr // lanes)))
+    else:
+        mr = tile_rows(extents[row_inner], max(1, acc // max(1, nr // lanes))) \
+            if row_inner is not None else 1
+    if row_inner is not None and not rows_symbolic and mr < 3 < extents[row_inner]:
         nr, mr = narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes, acc)
     # choice points (analysis.choose): NR is a layout (Bp's panels), MR and KU split factors
     default_nr, nr = nr, choose(sch, ctx, _column_widths(extents[match.col], lanes), nr)
-    if row_inner is not None:
+    if row_inner is not None and not rows_symbolic:
         rows = _row_tiles(extents[row_inner], nr, lanes, acc)
         mr = choose_factor(sch, ctx, rows, mr if nr == default_nr else rows[0])
 
