@@ -48,6 +48,16 @@ def _rapidocr(which: str) -> Callable[[Path], PreparedCase]:
     return prepare
 
 
+def _ocr_rec_dynamic_width(workdir: Path) -> PreparedCase:
+    """PP-OCRv4 rec built once for every line width W=16..1024 (a symbolic dim), run at
+    W=320: compare with ocr-rec-fp32 (built for W=320 alone); the goal is within 1.2x."""
+    from kiln.compiler.testing.real_models import rapidocr_model
+
+    return PreparedCase(name="ocr-rec-dynamic-width", onnx_path=rapidocr_model("rec"),
+                        input_shapes={"x": [1, 3, 48, "W=16..1024"]},
+                        inputs=random_inputs({"x": [1, 3, 48, 320]}))
+
+
 def _held_out(name: str) -> Callable[[Path], PreparedCase]:
     """A real model from a PyPI wheel that kiln's rules were never tuned on."""
     def prepare(workdir: Path) -> PreparedCase:
@@ -107,6 +117,7 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "ocr-det-fp32": _rapidocr("det"),
     "ocr-rec-fp32": _rapidocr("rec"),
     "ocr-cls-fp32": _rapidocr("cls"),
+    "ocr-rec-dynamic-width": _ocr_rec_dynamic_width,  # one build for W=16..1024, run at 320
     "resnet50-fp32": _resnet50,
     "gemv-fp32": _matmul_case("gemv-fp32", 1, 4096, 4096),
     "matmul-fp32": _matmul_case("matmul-fp32", 128, 1024, 256),

@@ -303,11 +303,8 @@ def _pass_failure(vs_prev: ErrorMetrics, vs_source: ErrorMetrics, budget: Budget
 def _load(source, spec: Spec, input_shapes) -> ir.Model:
     """Load the model; a spec `inputs:` key naming no input points at its spec line."""
     try:
-        shapes, ranges = symbolic.split_shapes(_merged_shapes(spec, input_shapes))
-        named = {d for dims in shapes.values() for d in dims if isinstance(d, str)}
-        model = load_model(source, input_shapes=shapes)
-        symbolic.attach(model, ranges, named)
-        return model
+        return symbolic.load_with_symbols(source, _merged_shapes(spec, input_shapes),
+                                          loader=load_model)
     except FrontendError as error:
         key = getattr(error, "input_key", None)
         if key is not None and spec.inputs and key in spec.inputs and \

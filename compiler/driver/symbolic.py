@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 import onnx_ir as ir
 
 from kiln.compiler.core.errors import FrontendError
+from kiln.compiler.core.frontend import load_model
 
 DIMS_KEY = "kiln.dims"
 DEFAULT_RANGE = (1, 1024)
@@ -159,3 +160,15 @@ def concrete_shape(dims: Sequence, sizes: Mapping[str, int]) -> list[int]:
         name = getattr(dim, "value", dim)
         out.append(int(sizes[name]) if isinstance(name, str) else int(name))
     return out
+
+
+def load_with_symbols(source, shapes: Mapping[str | int, Sequence[Dim]] | None, *,
+                      loader=load_model) -> ir.Model:
+    """:func:`kiln.compiler.core.frontend.load_model` (or ``loader``) with symbolic dims:
+    symbols bound by name and their ranges recorded (:func:`attach`); a static binding
+    loads as before."""
+    bound, ranges = split_shapes(shapes or {})
+    named = {d for dims in bound.values() for d in dims if isinstance(d, str)}
+    model = loader(source, input_shapes=bound)
+    attach(model, ranges, named)
+    return model
