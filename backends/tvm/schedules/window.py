@@ -107,7 +107,9 @@ def schedule_window_reduction(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Sc
     if not isinstance(stmt.body, tirx.BufferStore) or stmt.init is None:
         return None
     iters = list(stmt.iter_vars)
-    if not all(isinstance(iv.dom.extent, tirx.IntImm) for iv in iters):
+    # a symbolic extent (symbolic-shape build) is allowed on the output's spatial dims
+    symbolic = {n for n, iv in enumerate(iters) if not isinstance(iv.dom.extent, tirx.IntImm)}
+    if any(iters[n].iter_type != tirx.IterVar.DataPar for n in symbolic):
         return None
     last = stmt.body.indices[-1]
     if not isinstance(last, tirx.Var):
@@ -119,26 +121,29 @@ def schedule_window_reduction(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Sc
     reads = [r for r in stmt.reads if not r.source.same_as(stmt.body.buffer)]
     if not any(iters[v_pos].var in collect_vars_used_in_prim_expr(r.region[-1].min) for r in reads):
         return None
-    extent = int(iters[v_pos].dom.extent)
-    lanes = ctx.vector_lanes_f32
-    while lanes > 4 and extent % lanes:
-        lanes //= 2
     window = 1
     for iv in iters:
         if iv.iter_type != tirx.IterVar.DataPar:
             window *= int(iv.dom.extent)
-    if extent % lanes and window <= SMALL_WINDOW and extent <= 4 * ctx.vector_lanes_f32:
-        lanes = extent  # a short row (7x7 maps): one odd-width vector
-    elif extent % lanes:
-        return None
-    unroll = 1
-    for u in range(VECTORS_PER_TILE, 0, -1):
-        if extent % (u * lanes) == 0:
-            unroll = u
-            break
-    vectors = unroll  # the heuristic's int (``unroll`` is a sampled factor when tuning)
-    unroll = choose_factor(sch, ctx, [u for u in range(1, MAX_VECTORS_PER_TILE + 1)
-                                      if extent % (u * lanes) == 0], unroll)
+    lanes = ctx.vector_lanes_f32
+    if v_pos in symbolic:  # a symbolic row: full vectors, the last one guarded
+        unroll = vectors = 1
+    else:
+        extent = int(iters[v_pos].dom.extent)
+        while lanes > 4 and extent % lanes:
+            lanes //= 2
+        if extent % lanes and window <= SMALL_WINDOW and extent <= 4 * ctx.vector_lanes_f32:
+            lanes = extent  # a short row (7x7 maps): one odd-width vector
+        elif extent % lanes:
+            return None
+        unroll = 1
+        for u in range(VECTORS_PER_TILE, 0, -1):
+            if extent % (u * lanes) == 0:
+                unroll = u
+                break
+        vectors = unroll  # the heuristic's int (``unroll`` is a sampled factor when tuning)
+        unroll = choose_factor(sch, ctx, [u for u in range(1, MAX_VECTORS_PER_TILE + 1)
+                                          if extent % (u * lanes) == 0], unroll)
 
     if window <= SMALL_WINDOW:
         # a sum over a few stacked inputs (ONNX Sum -> broadcast_to + stack + sum): read
@@ -170,7 +175,8 @@ def schedule_window_reduction(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Sc
                 if iv.iter_type == tirx.IterVar.DataPar and n != v_pos][-1]
         cap = PIXEL_TILE_ACCUMULATORS if lanes >= 16 else PIXEL_TILE_ACCUMULATORS // 2
         options = [p for p in (4, 3, 2, 1)
-                   if int(last.dom.extent) % p == 0 and p * vectors <= cap] or [1]
+                   if isinstance(last.dom.extent, tirx.IntImm) and
+                   int(last.dom.extent) % p == 0 and p * vectors <= cap] or [1]
         block_pixels = choose(sch, ctx, options, options[0])
         if block_pixels > 1:
             spatial[-1], pixel = sch.split(spatial[-1], [None, block_pixels])
