@@ -1,7 +1,8 @@
 """Small ONNX models with a symbolic input dim (kiln.compiler.driver.symbolic's tests).
 
-- :func:`conv_line_model`: Conv(3->8, 3x3, pad 1) + ReLU on ``x [1, 3, 16, W]``, an OCR
-  line in miniature; ``W`` is an ONNX dim_param (or fixed when ``width`` is given).
+- :func:`conv_line_model`: Conv(3->8, 3x3, pad 1; or depthwise) + ReLU on
+  ``x [1, 3, 16, W]``, an OCR line in miniature; ``W`` is an ONNX dim_param (or fixed
+  when ``width`` is given).
 - :func:`sequence_model`: ``x [1, T, 16]`` through MatMul(16x32) + Add + Tanh, the shape
   of an audio or token sequence.
 """
@@ -21,15 +22,21 @@ def _save(graph: onnx.GraphProto, path: Path) -> Path:
     return path
 
 
-def conv_line_model(path: Path, width: int | str = "W", seed: int = 0) -> Path:
+def conv_line_model(path: Path, width: int | str = "W", seed: int = 0, *,
+                    depthwise: bool = False) -> Path:
+    """``depthwise``: a 16-channel depthwise Conv (x [1, 16, 16, W]) instead of 3 -> 8."""
     rng = np.random.default_rng(seed)
-    weight = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w")
-    bias = numpy_helper.from_array(rng.standard_normal(8).astype(np.float32), "b")
-    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+    channels = 16 if depthwise else 3
+    out, per_group = (16, 1) if depthwise else (8, 3)
+    weight = numpy_helper.from_array(
+        rng.standard_normal((out, per_group, 3, 3)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.standard_normal(out).astype(np.float32), "b")
+    nodes = [helper.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1],
+                              group=16 if depthwise else 1),
              helper.make_node("Relu", ["c"], ["y"])]
     graph = helper.make_graph(
         nodes, "conv_line",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, width])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, 16, width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weight, bias])
     return _save(graph, path)
 
