@@ -93,14 +93,17 @@ def split_shapes(shapes: Mapping[str | int, Sequence[Dim]]
     bound: dict[str | int, list[Dim]] = {}
     ranges: Ranges = {}
     for key, dims in shapes.items():
-        where = f"--input {key}"
+        where = f"input {key!r}"
         if isinstance(key, str) and key.startswith("*"):  # "*W": [W=LO..HI], a range alone
             ranges[key[1:]] = _range(str(dims[0]).partition("=")[2], f"--dim {key[1:]}")
             continue
         out: list[Dim] = []
         for axis, token in enumerate(dims):
-            dim, span = parse_dim(token if isinstance(token, int | str) else int(token), where,
-                                  f"{key}_{axis}")
+            try:
+                dim, span = parse_dim(token if isinstance(token, int | str) else int(token),
+                                      where, f"{key}_{axis}")
+            except FrontendError as error:  # input_key: the driver names the spec's line
+                raise FrontendError(str(error), input_key=key) from None
             if span is not None:
                 if dim in ranges and ranges[str(dim)] != span:
                     raise FrontendError(f"{where}: symbol {dim!r} is given two ranges "

@@ -269,11 +269,20 @@ def _bytes_text(count: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_input_size(dims: list[int]) -> list[int]:
+def _largest(dim: int | str) -> int:
+    """A dim's largest size: a symbolic dim (``W``, ``W=16..1024``, ``16..1024``; see
+    kiln.compiler.driver.symbolic) counts as its range's upper end, else as 1."""
+    if isinstance(dim, int):
+        return dim
+    tail = str(dim).rpartition("..")[2]
+    return int(tail) if ".." in str(dim) and tail.isdigit() else 1
+
+
+def check_input_size(dims: list[int | str]) -> list[int | str]:
     """Refuse input dims whose float32 tensor the machine could not hold (verification and
     calibration make such tensors): ``[1099511627776, 3, 16, 16]`` is 3 PiB. A ValueError
     says by how much; the spec loader and ``--input`` name the file, key and input."""
-    elements = math.prod(dims)
+    elements = math.prod(_largest(d) for d in dims)
     memory = _machine_memory()
     if elements * 4 > memory:
         shape = "x".join(str(d) for d in dims)
@@ -289,7 +298,7 @@ def sample_memory_problem(spec: Spec) -> tuple[KeyPath, str] | None:
     each keep their samples in memory."""
     if not spec.inputs:
         return None
-    per_sample = 4 * sum(math.prod(dims) for dims in spec.inputs.values())
+    per_sample = 4 * sum(math.prod(_largest(d) for d in dims) for dims in spec.inputs.values())
     memory = _machine_memory()
     counts = [(("calibration", "samples"), spec.calibration.samples)]
     if spec.verify.enabled:
@@ -302,8 +311,9 @@ def sample_memory_problem(spec: Spec) -> tuple[KeyPath, str] | None:
     return None
 
 
-#: One input's dims in ``inputs:``: positive, and small enough to be held in memory.
-InputDims = Annotated[list[Annotated[int, Field(gt=0)]], AfterValidator(check_input_size)]
+#: One input's dims in ``inputs:``: positive, and small enough to be held in memory; a
+#: string is a symbolic dim (``W``, ``W=16..1024``), checked when the model is loaded.
+InputDims = Annotated[list[Annotated[int, Field(gt=0)] | str], AfterValidator(check_input_size)]
 
 
 class Spec(_Strict):

@@ -141,3 +141,18 @@ def test_static_build_has_no_dims(tmp_path):
                  "-o", str(tmp_path / "out"), "--quiet"]) == 0
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["dims"] == {} and manifest["inputs"][0]["shape"] == [1, 3, 16, 20]
+
+
+def test_spec_inputs_take_symbols(tmp_path, capsys):
+    """The spec's `inputs:` takes the same dims; a bad one names the spec's line."""
+    model = conv_line_model(tmp_path / "conv.onnx")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("kiln: 1\ninputs:\n  x: [1, 3, 16, W=9..40]\n")
+    assert main(["compile", str(model), "--spec", str(spec), "--target", "host",
+                 "-o", str(tmp_path / "out"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["dims"] == \
+        {"W": [9, 40]}
+    spec.write_text("kiln: 1\ninputs:\n  x: [1, 3, 16, w]\n")
+    code = main(["compile", str(model), "--spec", str(spec), "--no-build", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{spec}:3 inputs.x" in err and "'w'" in err, err
