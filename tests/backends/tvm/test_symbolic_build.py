@@ -64,3 +64,27 @@ def test_shape_round_trip_removed():
     graph.node.append(helper.make_node("Cast", ["s"], ["t32"], to=TensorProto.INT32))
     graph.node.append(helper.make_node("Add", ["t32", "t32"], ["u"]))
     assert drop_shape_round_trips(graph) == 0
+
+
+@pytest.mark.slow
+def test_ppocr_rec_one_build_for_every_width(tmp_path):
+    """PP-OCRv4 rec (paddle2onnx: Shape -> Cast(int32) -> Slice -> Cast -> Reshape) built
+    once for W=32..1024; the driver checks it against ONNX Runtime at W=32, 528, 1024,
+    and odd widths match too. Only the attention matmul with symbolic rows and columns
+    is left to the generic schedule."""
+    from kiln.backends.tvm import load
+    from kiln.compiler.driver.compile import compile_to_folder
+    from kiln.compiler.testing.real_models import rapidocr_model
+
+    path = rapidocr_model("rec")
+    result = compile_to_folder(path, "reparam", tmp_path / "out",
+                               input_shapes={"x": [1, 3, 48, "W=32..1024"]}, target="host")
+    assert result.report.compiled.verified
+    assert len(result.report.compiled.unscheduled) <= 1, result.report.compiled.unscheduled
+    compiled = load(tmp_path / "out")
+    assert compiled.manifest.dims == {"W": [32, 1024]}
+    session = ort.InferenceSession(str(path))
+    for width in (33, 321):
+        x = np.random.default_rng(width).random((1, 3, 48, width), dtype=np.float32)
+        np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
+                                   rtol=1e-3, atol=1e-4)
