@@ -74,15 +74,23 @@ def coupled_cnn(seed: int = 0, zero_channels: dict[str, list[int]] | None = None
 
 
 def mlp(d_in: int = 32, hidden: int = 64, d_out: int = 10, batch: int = 4, seed: int = 0,
-        zero_neurons: dict[str, list[int]] | None = None) -> ir.Model:
+        zero_neurons: dict[str, list[int]] | None = None, spread: float = 0.0) -> ir.Model:
     """x[batch, d_in] -> MatMul(fc1) + b1 -> Relu -> Gemm(fc2, transB) -> Relu -> MatMul(fc3)
-    -> y. ``zero_neurons`` zeroes output neurons (weight columns/rows and bias) of fc1/fc2."""
+    -> y. ``zero_neurons`` zeroes output neurons (weight columns/rows and bias) of fc1/fc2;
+    ``spread`` > 0 scales fc1's and fc2's neurons by log-normal factors (exp(spread * z)), so
+    that some neurons matter much more than others."""
     rng = np.random.default_rng(seed)
     w1 = rng.standard_normal((d_in, hidden)) / np.sqrt(d_in)
     b1 = rng.standard_normal(hidden) * 0.1
+    if spread:
+        scale = np.exp(spread * rng.standard_normal(hidden))
+        w1, b1 = w1 * scale, b1 * scale
     w2 = rng.standard_normal((hidden, hidden)) / np.sqrt(hidden)
     b2 = rng.standard_normal(hidden) * 0.1
     w3 = rng.standard_normal((hidden, d_out)) / np.sqrt(hidden)
+    if spread:
+        scale = np.exp(spread * rng.standard_normal(hidden))
+        w2, b2 = w2 * scale[:, None], b2 * scale
     zero = zero_neurons or {}
     w1[:, zero.get("fc1", [])] = 0.0
     b1[zero.get("fc1", [])] = 0.0

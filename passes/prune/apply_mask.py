@@ -29,7 +29,7 @@ from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import KilnError
 from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig
 
-from .channel_graph import ChannelGraph, const_array, producer_of
+from .channel_graph import ChannelGraph, const_array, infer_missing_shapes, producer_of
 from .channel_slice import replace_const, replace_initializer
 from .prune_channels import producer_norms, prune_groups, zero_units
 
@@ -137,6 +137,7 @@ class ApplyMask(KilnPass):
         return len(accepted)
 
     def _drop(self, model: ir.Model) -> str:
+        infer_missing_shapes(model)
         plans, removed, stuck = [], 0, 0
         for group in ChannelGraph(model).groups:
             if group.reason is not None:

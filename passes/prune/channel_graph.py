@@ -104,11 +104,27 @@ class _Refused(Exception):
     """A dim whose mapping is unknown: the whole group is refused with this reason."""
 
 
+def shape_dims(value: ir.Value | None) -> list | None:
+    """A value's dims (ints, or symbolic dims) when its rank is known, else None."""
+    if value is None or value.shape is None:
+        return None
+    return list(value.shape.dims)
+
+
 def static_shape(value: ir.Value | None) -> list[int] | None:
     if value is None or value.shape is None:
         return None
     dims = list(value.shape.dims)
     return dims if all(isinstance(d, int) for d in dims) else None
+
+
+def infer_missing_shapes(model: ir.Model) -> None:
+    """Fill in value shapes with ONNX shape inference when some node output has none (a
+    loaded file without value_info); best effort, never a semantic change."""
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    if any(v.shape is None for n in model.graph for v in n.outputs if v.name):
+        ShapeInferencePass(strict_mode=False)(model)
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
@@ -121,7 +137,7 @@ def producer_of(node: ir.Node) -> Producer | None:
     if node.domain not in ("", "ai.onnx") or node.op_type not in PRODUCER_OPS:
         return None
     out = node.outputs[0]
-    shape = static_shape(out)
+    shape = out.shape
     weight = node.inputs[1] if len(node.inputs) > 1 else None
     w = const_array(weight)
     if shape is None or w is None or not out.name or weight is None:
@@ -172,6 +188,7 @@ def reshape_mapping(in_shape: list[int], out_shape: list[int], axis: int
     for ins, outs in blocks:
         if axis not in ins:
             continue
+        outs = [k for k in outs if out_shape[k] > 1] or outs[:1]  # size-1 axes carry nothing
         if len(outs) != 1:
             return f"it splits the channel axis ({in_shape[axis]}) into {len(outs)} axes"
         dims = [in_shape[k] for k in ins]
@@ -205,10 +222,12 @@ class ChannelGraph:
 
     # -- exploring ------------------------------------------------------------------
     def _size(self, dim: Dim) -> int:
-        shape = static_shape(self.values[dim[0]])
-        if shape is None:
-            raise _Refused(f"{dim[0]!r} has no static shape (bind input shapes first)")
-        return shape[dim[1]]
+        shape = self.values[dim[0]].shape
+        size = shape[dim[1]] if shape is not None and dim[1] < len(shape) else None
+        if not isinstance(size, int):
+            raise _Refused(f"{dim[0]!r} has no static size on axis {dim[1]} "
+                           "(bind input shapes first)")
+        return size
 
     def _couple(self, a: Dim, b: Dim, src: np.ndarray, dst: np.ndarray, kind: str) -> None:
         """Channel ``src[k]`` of ``a`` is channel ``dst[k]`` of ``b``."""
@@ -248,7 +267,7 @@ class ChannelGraph:
         if group == 1:
             return []
         x = node.inputs[0]
-        in_shape = static_shape(x)
+        in_shape = shape_dims(x)
         if in_shape is None or not x.name:
             raise _Refused(f"grouped Conv {kir.node_label(node)} input has no static shape")
         c_in = in_shape[1]
@@ -278,9 +297,9 @@ class ChannelGraph:
             for operand in node.inputs:
                 if operand is None or const_array(operand) is not None:
                     continue
-                shape = static_shape(operand)
+                shape = shape_dims(operand)
                 if shape is None:
-                    raise _Refused(f"{label} operand {operand.name!r} has no static shape")
+                    raise _Refused(f"{label} operand {operand.name!r} has no known shape")
                 a = _aligned_axis(axis, rank, len(shape))
                 if a is not None and shape[a] == size:
                     found += self._edge_to(operand, a, dim, *_identity(size), "identity")
@@ -289,9 +308,9 @@ class ChannelGraph:
             concat_axis = node.attributes.get_int("axis", 0) % rank
             found, offset = [], 0
             for operand in node.inputs:
-                shape = static_shape(operand)
-                if shape is None:
-                    raise _Refused(f"{label} operand has no static shape")
+                shape = shape_dims(operand)
+                if shape is None or not isinstance(shape[concat_axis], int):
+                    raise _Refused(f"{label} operand has no static size on axis {concat_axis}")
                 if axis == concat_axis:
                     r = np.arange(shape[axis])
                     found += self._edge_to(operand, axis, dim, r + offset, r, "concat")
@@ -372,9 +391,9 @@ class ChannelGraph:
         else:
             raise _Refused(f"{label} reads it; its channel mapping is unknown")
         out = node.outputs[0]
-        out_shape = static_shape(out)
+        out_shape = shape_dims(out)
         if out_shape is None:
-            raise _Refused(f"{label} output has no static shape")
+            raise _Refused(f"{label} output has no known shape")
         if op == "Concat":
             out_axis = axis
         else:

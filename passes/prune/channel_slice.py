@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from kiln.compiler.core.pass_api import add_initializer, remove_unused_initializers
 
-from .channel_graph import BINARY_OPS, Dim, const_array, static_shape
+from .channel_graph import BINARY_OPS, Dim, const_array, shape_dims
 
 Kept = dict[Dim, np.ndarray]
 
@@ -92,7 +92,7 @@ def _conv(graph: ir.Graph, view: _NodeView) -> bool:
     if group == 1:
         w = _take(w, keep_in, 1)
     elif keep_in is not None:
-        in_shape = static_shape(node.inputs[0])
+        in_shape = shape_dims(node.inputs[0])
         assert in_shape is not None
         per_in = in_shape[1] // group
         node.attributes["group"] = ir.AttrInt64("group", len(keep_in) // per_in)
@@ -147,7 +147,7 @@ def _per_channel_params(graph: ir.Graph, view: _NodeView, params: range) -> bool
 
 def _elementwise(graph: ir.Graph, view: _NodeView) -> bool:
     node = view.node
-    out_shape = static_shape(node.outputs[0])
+    out_shape = shape_dims(node.outputs[0])
     if out_shape is None:
         return False
     rank, changed = len(out_shape), False
@@ -168,7 +168,7 @@ def _elementwise(graph: ir.Graph, view: _NodeView) -> bool:
 
 def _reshape(graph: ir.Graph, view: _NodeView) -> bool:
     node = view.node
-    out_shape = static_shape(node.outputs[0])
+    out_shape = shape_dims(node.outputs[0])
     target = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
     if out_shape is None or target is None:
         return False

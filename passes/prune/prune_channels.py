@@ -37,7 +37,7 @@ from pydantic import Field
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig
 
-from .channel_graph import ChannelGraph, ChannelGroup, Producer, const_array
+from .channel_graph import ChannelGraph, ChannelGroup, Producer, const_array, infer_missing_shapes
 from .channel_slice import Kept, shrink
 
 PRUNED_KEY = "kiln.pruned_channels"
@@ -117,6 +117,10 @@ class PruneChannels(KilnPass):
     config_class = PruneChannelsConfig
     exact = False
     needs_calibration = True  # read only by criterion: activation
+
+    def prepare(self, model: ir.Model) -> int:
+        infer_missing_shapes(model)  # shapes only: nothing to verify
+        return 0
 
     def candidates(self, model: ir.Model) -> list[Candidate]:
         found = []
