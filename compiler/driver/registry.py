@@ -35,6 +35,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "salient_split": "kiln.passes.quant.salient_split:SalientSplit",
     "prune_channels": "kiln.passes.prune.prune_channels:PruneChannels",
     "apply_mask": "kiln.passes.prune.apply_mask:ApplyMask",
+    "prune": "kiln.passes.prune.prune:Prune",
     "moe_router": "kiln.passes.moe.moe_router:MoeRouter",
     "moe_dense_to_sparse": "kiln.passes.moe.moe_dense_to_sparse:MoeDenseToSparse",
     "moe_prune_experts": "kiln.passes.moe.moe_prune_experts:MoePruneExperts",
