@@ -1,4 +1,4 @@
-"""prune's fidelity claims (PASSES.md) on an MLP 64-64-1024-64-10 trained in about two
+"""prune's fidelity claims (docs/passes.md) on an MLP 64-64-1024-64-10 trained in about two
 seconds on scikit-learn's digits, accuracy measured in ONNX Runtime on 397 held-out digits:
 
 - global magnitude pruning beats layer-wise uniform pruning at 80% and 90% sparsity
