@@ -32,6 +32,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "dedupe_weights": "kiln.passes.share.dedupe_weights:DedupeWeights",
     "quantize": "kiln.passes.quant.quantize:Quantize",
     "migrate_scales": "kiln.passes.quant.migrate_scales:MigrateScales",
+    "equalize": "kiln.passes.quant.equalize:Equalize",
     "salient_split": "kiln.passes.quant.salient_split:SalientSplit",
     "prune_channels": "kiln.passes.prune.prune_channels:PruneChannels",
     "apply_mask": "kiln.passes.prune.apply_mask:ApplyMask",
