@@ -13,3 +13,7 @@ GROUPED_PARTIAL = "kiln_gemv_group_sum"
 GROUPED_OUTPUT = "kiln_gemv"
 #: and the per-group sums of ``x`` (only with a zero point or int4's offset).
 GROUPED_XSUM = "kiln_gemv_x_sum"
+#: kiln's sparse kernel (``importer.sparse_kernel``, scheduled by ``schedules.sparse_dense``):
+#: ``y[m, n] = sum_j values * x[m, column]``, and its bias epilogue.
+SPARSE_DENSE = "kiln_sparse_dense"
+SPARSE_BIAS = "kiln_sparse_bias"

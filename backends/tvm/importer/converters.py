@@ -17,6 +17,7 @@ from .grouped_gemv import GroupedGemvMatMul
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
 from .rotary import RotaryEmbedding
+from .sparse_kernel import SparseDense
 from .standard_converters import (
     ClipAsMinMax,
     ConstantThresholdNMS,
@@ -84,6 +85,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table[internal_ops.PACKED_DEQUANTIZE] = PackedDequantizeLinear(context)
     table[internal_ops.PACKED_TABLE] = TableDecode(packed=True)
     table[internal_ops.CODEBOOK] = CodebookDecode
+    table[internal_ops.SPARSE_DENSE] = SparseDense
     table[UNPACK_BITS] = UnpackBits
     table[DEQUANTIZE_TABLE] = TableDecode(packed=False)
     return table

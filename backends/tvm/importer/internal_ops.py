@@ -17,5 +17,8 @@ PACKED_DEQUANTIZE = "KilnDequantizeLinearPacked"
 PACKED_TABLE = "KilnDequantizeTablePacked"
 #: A codebook weight ``Reshape(Gather(codebook, Cast(index)), shape)`` (attribute shape).
 CODEBOOK = "KilnCodebookDecode"
+#: MatMul/Gemm on a sparse weight packed in row groups (inputs x, values, columns[, bias];
+#: attributes layout, n, k): :mod:`.sparse_weights`, :mod:`.sparse_kernel`.
+SPARSE_DENSE = "KilnSparseDense"
 #: Every internal op.
-OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK})
+OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK, SPARSE_DENSE})

@@ -39,10 +39,14 @@ from .context import ImportContext
 from .converters import IMPORTER_BUILTINS, kiln_converters, traced_converters
 from .packed_weights import four_bit_misuse
 from .prepare import prepare_onnx, walk_nodes
+from .sparse_weights import pack_sparse_weights
 
 logger = logging.getLogger(__name__)
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
+#: The lowered module's attribute with the sparse-kernel choices (JSON list of
+#: ``sparse_weights.SparseChoice`` dicts; read by the build for its report).
+SPARSE_KERNELS_ATTR = "kiln.sparse_kernels"
 #: Held while TVM's (process-wide) converter table is swapped for kiln's.
 _convert_map_lock = threading.Lock()
 
@@ -166,6 +170,7 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
     """
     check_static_inputs(model, target_name)
     proto = prepare_onnx(model, target_name)
+    sparse = pack_sparse_weights(proto) if _grouped_gemv_for(target_name) else []
     if symbolic_ranges(model):
         from .symbolic_shapes import drop_shape_round_trips
 
@@ -198,6 +203,8 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
     from tvm import relax
 
     mod = relax.transform.DeadCodeElimination(["main"])(mod)
+    if sparse:
+        mod = mod.with_attr(SPARSE_KERNELS_ATTR, json.dumps([c.to_dict() for c in sparse]))
     for warning in caught:
         logger.debug("importer: %s", warning.message)
     if captured.getvalue():

@@ -25,6 +25,7 @@ from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
 from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
+from kiln.backends.tvm.schedules.sparse_dense import SparseDense
 from kiln.backends.tvm.schedules.split_preproc import split_layout_rewrite_preproc
 from kiln.backends.tvm.schedules.window import Window
 
@@ -35,6 +36,7 @@ RULE_ATTR = "kiln.schedule_rule"
 
 #: The CPU rules, most specific first.
 RULES: tuple[KilnRule, ...] = (
+    SparseDense(),
     DecodeConv(),
     DecodeContraction(),
     Contraction(),
