@@ -2,17 +2,23 @@
 
 :func:`prepare_onnx` serializes the ``onnx_ir`` model and, on that copy:
 
-1. evaluates small constant ``kiln.UnpackBits`` nodes that feed index computations
+1. rewrites other tools' quantized ops (QOperator, MatMulInteger/ConvInteger, MatMulNBits)
+   into QDQ form (:mod:`.foreign_quant`), so they reach the same kernels as kiln's own;
+2. fixes shape/axes/k operands fed by model inputs to the value the declared output
+   shape implies (:mod:`.static_operands`);
+3. evaluates small constant ``kiln.UnpackBits`` nodes that feed index computations
    (:func:`fold_index_unpacks`: a salient-rows mask -> NonZero), so the indices fold;
-2. folds constants again when shape computations are left (``Shape``/``Size``): TVM's
+4. folds constants again when shape computations are left (``Shape``/``Size``): TVM's
    importer fails on Reshape/Resize fed by computed shapes (:func:`refold`);
-3. drops the bodies of kiln's model-local functions (their ops have converters, so
+5. drops the bodies of kiln's model-local functions (their ops have converters, so
    packed weights stay packed) and inlines any other function;
-4. keeps 4-bit and codebook weights compressed (:mod:`.packed_weights`);
-5. rewrites ops whose TVM converters are wrong at their edges (:mod:`.edge_cases`:
+6. rewrites ops whose TVM converters are wrong at their edges (:mod:`.edge_cases`:
    IsInf's detect flags, float Mod with fmod=0, out-of-range BitShift amounts);
-6. fixes shape/axes/k operands fed by model inputs to the value the declared output
-   shape implies (:mod:`.static_operands`).
+7. keeps 4-bit and codebook weights compressed (:mod:`.packed_weights`).
+
+Before all of these, ops without a converter that ONNX defines by a function (the
+losses, Celu, Swish, CenterCropPad, the windows) become that function's body
+(:mod:`.schema_functions`).
 """
 
 from __future__ import annotations
@@ -32,7 +38,9 @@ from kiln.compiler.core.packing import unpack_bits
 
 from .control_flow import should_fold
 from .edge_cases import rewrite_edge_cases
+from .foreign_quant import lower_foreign_quant
 from .packed_weights import attributes, codebook_weights, initializers, pack_four_bit_weights
+from .schema_functions import expand_schema_functions
 from .static_operands import fix_shape_operands
 from .unroll import fold_control_flow
 
@@ -142,6 +150,10 @@ def drop_kiln_functions(proto: onnx.ModelProto, target_name: str | None) -> onnx
 def prepare_onnx(model: ir.Model, target_name: str | None = None) -> onnx.ModelProto:
     """The backend's own ONNX copy of ``model``, folded if needed, weights kept packed."""
     proto = ir.serde.serialize_model(model)
+    from .lower import supported_op_types  # (lower imports this module)
+
+    proto = expand_schema_functions(proto, supported_op_types())
+    lower_foreign_quant(proto)
     fix_shape_operands(proto)
     if fold_index_unpacks(proto) or \
             any(n.op_type in _SHAPE_OPS for n in walk_nodes(proto.graph)):

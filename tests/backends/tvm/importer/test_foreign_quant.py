@@ -1,0 +1,229 @@
+"""Models quantized by ONNX Runtime's own tools compile onto kiln's kernels
+(importer.foreign_quant, docs/op-coverage.md).
+
+Each float model (a small CNN with every op ORT's QOperator format has a QLinear form for,
+a transformer-ish MLP block, one conv) is quantized by ``onnxruntime.quantization`` itself:
+quantize_static in QDQ and QOperator form (per tensor and per channel), quantize_dynamic
+(MatMulInteger / ConvInteger + DynamicQuantizeLinear) and the MatMulNBits 4-bit quantizer
+(block 32, with and without zero points). kiln builds each for the host and its outputs are
+compared with ONNX Runtime on the same quantized model.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper, numpy_helper
+
+from kiln.backends.tvm import build_artifact, load
+from kiln.backends.tvm.importer.foreign_quant import REWRITES, lower_foreign_quant
+from kiln.compiler.core.errors import LoweringError
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing.reference import DECODE_REL_TOL, ort_outputs
+from tests.backends.tvm.importer import foreign_quant_models as fq
+
+#: Static quantization: kiln's QuantizeLinear rounds the float sum where ORT requantizes the
+#: int32 accumulator (``acc * sx*sw/sy``); both round half to even, but a value that lands
+#: on a rounding boundary may come out one step of the output's scale apart (measured: 0
+#: steps on these models).
+OUTPUT_STEPS = 1
+#: quantize_dynamic: the integer products are summed exactly in float32 (K * 255 * 128 <
+#: 2**24) and the scales applied after; what can differ is an activation code that lands on
+#: a rounding boundary of DynamicQuantizeLinear (x / scale computed in another order),
+#: one step of the activation scale on one input, relative to max |y| far below 1e-2
+#: (measured: ~1e-7).
+DYNAMIC_REL_TOL = 1e-2
+#: MatMulNBits: the 4-bit weight is decoded exactly, so only the summation order differs.
+NBITS_REL_TOL = DECODE_REL_TOL
+
+
+def _foreign_nodes(proto: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in proto.graph.node
+            if ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type) in REWRITES]
+
+
+def _output_step(proto: onnx.ModelProto) -> float:
+    """The scale of the DequantizeLinear that writes the first graph output."""
+    inits = {t.name: t for t in proto.graph.initializer}
+    (node,) = [n for n in proto.graph.node if proto.graph.output[0].name in n.output]
+    assert node.op_type == "DequantizeLinear", node.op_type
+    return float(numpy_helper.to_array(inits[node.input[1]]).max())
+
+
+def _build_and_run(path, tmp_path):
+    """kiln's build of the quantized model at ``path`` for the host, its outputs and ORT's
+    on the same seeded inputs (ORT unoptimized: the model as the quantizer wrote it)."""
+    proto = onnx.load(path)
+    feeds = fq.input_feeds(proto)
+    want = ort_outputs(proto, feeds, optimize=False)[0]
+    result = build_artifact(ir.load(path), "host", tmp_path / "build", model_hash="h")
+    (got,) = load(tmp_path / "build")(**feeds)
+    assert got.shape == want.shape
+    return result, got, want
+
+
+STATIC_CASES = {
+    "cnn-qdq": (fq.small_cnn, "QDQ", False),
+    "cnn-qoperator": (fq.small_cnn, "QOperator", False),
+    "cnn-qoperator-per-channel": (fq.small_cnn, "QOperator", True),
+    "mlp-qdq-per-channel": (fq.matmul_block, "QDQ", True),
+    "mlp-qoperator": (fq.matmul_block, "QOperator", False),
+    "mlp-qoperator-per-channel": (fq.matmul_block, "QOperator", True),
+}
+
+
+@pytest.mark.parametrize("case", list(STATIC_CASES))
+def test_static_quantized_model_builds_and_matches_onnxruntime(case, tmp_path):
+    """quantize_static's QDQ and QOperator models build for the host and match ORT within
+    one step of the output scale. The 3x3 conv's int8 weight is decoded inside the conv
+    kernel (decode_conv) and the MLP's inside each MatMul (decode_contraction), as for
+    kiln's own int8 pass. (The CNN's two smaller convs and its Gemm have weights small
+    enough to be folded to float32: plain contractions.)"""
+    make, quant_format, per_channel = STATIC_CASES[case]
+    path = fq.quantize_static(make(), tmp_path / f"{case}.onnx", quant_format, per_channel)
+    proto = onnx.load(path)
+    if quant_format == "QOperator":
+        assert {"QLinearMatMul", "QLinearAdd"} <= set(_foreign_nodes(proto)) or \
+            {"QLinearConv", "QGemm", "QLinearConcat"} <= set(_foreign_nodes(proto))
+    else:
+        assert not _foreign_nodes(proto)
+    result, got, want = _build_and_run(path, tmp_path)
+    step = _output_step(proto)
+    assert np.abs(got - want).max() <= OUTPUT_STEPS * step * (1 + 1e-6), (step, got - want)
+    rules = set(result.rules.values())
+    assert ("decode_conv" if make is fq.small_cnn else "decode_contraction") in rules, rules
+
+
+def test_qoperator_rewrite_is_qdq_that_onnxruntime_runs_the_same(tmp_path):
+    """The rewrite itself, checked by ONNX Runtime alone: every QLinear / com.microsoft node
+    becomes standard DequantizeLinear -> op -> QuantizeLinear (a valid ONNX model, no
+    com.microsoft op left), and ORT gives the same outputs on both within one output step.
+    A second rewrite finds nothing."""
+    path = fq.quantize_static(fq.small_cnn(), tmp_path / "cnn.onnx", "QOperator", True)
+    proto = onnx.load(path)
+    foreign = _foreign_nodes(proto)
+    assert sorted(set(foreign)) == ["QGemm", "QLinearAdd", "QLinearConcat", "QLinearConv",
+                                    "QLinearGlobalAveragePool", "QLinearLeakyRelu",
+                                    "QLinearMul", "QLinearSigmoid"]
+    rewritten = onnx.load(path)
+    assert lower_foreign_quant(rewritten) == len(foreign)
+    assert not _foreign_nodes(rewritten)
+    assert {n.domain for n in rewritten.graph.node} <= {"", "ai.onnx"}
+    onnx.checker.check_model(rewritten, full_check=True)
+    feeds = fq.input_feeds(proto)
+    (want,) = ort_outputs(proto, feeds, optimize=False)
+    (got,) = ort_outputs(rewritten, feeds, optimize=False)
+    assert np.abs(got - want).max() <= OUTPUT_STEPS * _output_step(proto) * (1 + 1e-6)
+    assert lower_foreign_quant(rewritten) == 0
+
+
+DYNAMIC_CASES = {"mlp-matmulinteger": fq.matmul_block, "conv-convinteger": fq.single_conv}
+
+
+@pytest.mark.parametrize("case", list(DYNAMIC_CASES))
+def test_dynamic_quantized_model_builds_and_matches_onnxruntime(case, tmp_path):
+    """quantize_dynamic's MatMulInteger / ConvInteger with DynamicQuantizeLinear: the
+    activation is quantized at run time by kiln's DynamicQuantizeLinear lowering and the
+    weight's codes are decoded inside the contraction's kernel."""
+    path = fq.quantize_dynamic(DYNAMIC_CASES[case](), tmp_path / f"{case}.onnx")
+    ops = [n.op_type for n in onnx.load(path).graph.node]
+    integer_op = "MatMulInteger" if case.startswith("mlp") else "ConvInteger"
+    assert integer_op in ops and "DynamicQuantizeLinear" in ops, ops
+    result, got, want = _build_and_run(path, tmp_path)
+    assert relative_error(got, want) < DYNAMIC_REL_TOL
+    rules = set(result.rules.values())
+    assert ("decode_contraction" if integer_op == "MatMulInteger" else "decode_conv") in rules
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["int4", "uint4-zero-point"])
+def test_matmul_nbits_runs_on_the_fused_int4_gemv(symmetric, tmp_path):
+    """ORT's MatMulNBits quantizer (4 bits, block 32) on a 4-token MLP: both MatMuls are
+    kiln's grouped int4 GEMV kernel (kiln_gemv_int4, decode_contraction) on the packed
+    weight: the library holds 2 x 64 KiB of nibbles, not the 1 MiB of float32 weights."""
+    model = fq.matmul_block(d=256, hidden=512)
+    path = fq.quantize_matmul_nbits(model, tmp_path / "nbits.onnx", 32, symmetric)
+    nbits = [n for n in onnx.load(path).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2
+    assert all(len(n.input) == (3 if symmetric else 4) for n in nbits)
+    result, got, want = _build_and_run(path, tmp_path)
+    assert relative_error(got, want) < NBITS_REL_TOL
+    assert len(result.rules) == 2, result.rules
+    assert all("kiln_gemv_int4" in name and rule == "decode_contraction"
+               for name, rule in result.rules.items()), result.rules
+    assert result.library.stat().st_size < 512 * 1024
+
+
+def _nbits_proto(tmp_path) -> onnx.ModelProto:
+    return onnx.load(fq.quantize_matmul_nbits(fq.matmul_block(), tmp_path / "nbits.onnx"))
+
+
+def _first_nbits(proto: onnx.ModelProto) -> onnx.NodeProto:
+    return next(n for n in proto.graph.node if n.op_type == "MatMulNBits")
+
+
+def _set_bits(proto: onnx.ModelProto, bits: int) -> str:
+    node = _first_nbits(proto)
+    for attr in node.attribute:
+        if attr.name == "bits":
+            attr.i = bits
+            break
+    else:
+        node.attribute.append(helper.make_attribute("bits", bits))
+    return node.name
+
+
+def test_refuses_matmul_nbits_of_other_widths_in_one_line(tmp_path):
+    """The build refuses with one line naming the node and the reason."""
+    proto = _nbits_proto(tmp_path)
+    name = _set_bits(proto, 8)
+    with pytest.raises(LoweringError) as info:
+        build_artifact(ir.serde.deserialize_model(proto), "host", tmp_path / "b",
+                       model_hash="h")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"MatMulNBits node '{name}'" in message and "bits=8" in message
+    assert info.value.ops == {"MatMulNBits": name}
+
+
+def test_refuses_matmul_nbits_with_g_idx(tmp_path):
+    proto = _nbits_proto(tmp_path)
+    node = _first_nbits(proto)
+    k = next(a.i for a in node.attribute if a.name == "K")
+    g_idx = numpy_helper.from_array(np.arange(k, dtype=np.int32) // 32, "g_idx")
+    proto.graph.initializer.append(g_idx)
+    while len(node.input) < 4:
+        node.input.append("")
+    node.input.append("g_idx")
+    with pytest.raises(LoweringError, match=rf"MatMulNBits node '{node.name}': g_idx"):
+        lower_foreign_quant(proto)
+
+
+def test_refuses_a_weight_that_is_not_a_constant(tmp_path):
+    """A packed weight (or an int32 bias, a scale) must be an initializer to be decoded."""
+    proto = _nbits_proto(tmp_path)
+    node = _first_nbits(proto)
+    weight = next(t for t in proto.graph.initializer if t.name == node.input[1])
+    proto.graph.initializer.remove(weight)
+    proto.graph.input.append(helper.make_tensor_value_info(
+        weight.name, weight.data_type, list(weight.dims)))
+    with pytest.raises(LoweringError, match=rf"'{node.name}': input '{weight.name}' must be "
+                                            "a constant"):
+        lower_foreign_quant(proto)
+
+
+def test_kiln_compile_of_a_qoperator_model_verifies_for_host(tmp_path):
+    """``kiln compile MODEL --spec fp32 --target host`` on ORT's QOperator CNN: the driver
+    verifies the build against ORT and writes the model as ORT quantized it (the QDQ
+    rewrite is the backend's own copy)."""
+    from kiln.compiler.driver.compile import compile_model
+
+    path = fq.quantize_static(fq.small_cnn(), tmp_path / "cnn.onnx", "QOperator")
+    out = compile_model(str(path), "fp32").save(tmp_path / "out", target="host")
+    report = json.loads((out / "report.json").read_text())
+    assert report["compiled"]["verified"] and report["compiled"]["target"] == "host"
+    saved = onnx.load(out / "model.onnx")
+    assert "QLinearConv" in _foreign_nodes(saved)
