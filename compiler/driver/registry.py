@@ -30,6 +30,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "fold_parametrization": "kiln.passes.reparam.fold_parametrization:FoldParametrization",
     "low_rank": "kiln.passes.reparam.low_rank:LowRank",
     "dedupe_weights": "kiln.passes.share.dedupe_weights:DedupeWeights",
+    "share_blocks": "kiln.passes.share.share_blocks:ShareBlocks",
     "quantize": "kiln.passes.quant.quantize:Quantize",
     "migrate_scales": "kiln.passes.quant.migrate_scales:MigrateScales",
     "equalize": "kiln.passes.quant.equalize:Equalize",

@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig
-from kiln.passes.share.blocks import ResidualBlock, find_blocks
+from kiln.passes.share.blocks import ResidualBlock, find_blocks, remove_unused_constants
 
 #: model metadata key recording the blocks a run dropped (idempotence)
 DROPPED_KEY = "kiln.drop_blocks"
@@ -138,7 +138,7 @@ class DropBlocks(KilnPass):
                          if v is not None and kir.constant_tensor(v) is not None]
             for node in (block.add, *reversed(block.nodes)):
                 graph.remove(node, safe=True)
-            _remove_unused_constants(graph, constants)
+            remove_unused_constants(graph, constants)
         dropped = ", ".join(f"{c.label} ({self.scores[c.label]:.6f})" for c in accepted)
         kept = [s for label, s in self.scores.items()
                 if label not in {c.label for c in accepted}]
@@ -149,15 +149,3 @@ class DropBlocks(KilnPass):
             self.note += f"; best kept {max(kept):.6f}"
         return len(accepted)
 
-
-def _remove_unused_constants(graph: ir.Graph, values: Sequence[ir.Value]) -> None:
-    """Remove the initializers and Constant nodes among ``values`` that nothing uses now."""
-    for value in dict.fromkeys(values):
-        if value.uses() or value.is_graph_output() or value.is_graph_input():
-            continue
-        producer = value.producer()
-        if producer is not None:
-            if producer.op_type == "Constant" and all(not o.uses() for o in producer.outputs):
-                graph.remove(producer, safe=True)
-        elif value.name in graph.initializers and graph.initializers[value.name] is value:
-            del graph.initializers[value.name]

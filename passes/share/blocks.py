@@ -181,20 +181,15 @@ def identical_groups(blocks: Iterable[ResidualBlock]) -> list[list[ResidualBlock
     return list(groups.values())
 
 
-def used_outside(value: ir.Value, nodes: Iterable[ir.Node]) -> list[str]:
-    """Labels of the users of ``value`` outside ``nodes`` (the graph interface included)."""
-    inside = {id(n) for n in nodes}
-    outside = sorted({kir.node_label(n) for n, _ in value.uses() if id(n) not in inside})
-    if value.is_graph_output() or value.is_graph_input():
-        outside.append("the graph interface")
-    return outside
-
-
-def remove_dead_nodes(graph: ir.Graph) -> int:
-    """Remove nodes none of whose outputs is used or a graph output; returns how many."""
-    removed = 0
-    for node in reversed(list(graph)):
-        if all(not out.uses() and not out.is_graph_output() for out in node.outputs):
-            graph.remove(node, safe=True)
-            removed += 1
-    return removed
+def remove_unused_constants(graph: ir.Graph, values: Iterable[ir.Value]) -> None:
+    """Remove the initializers and Constant nodes among ``values`` that nothing uses now
+    (a rewrite that redirected or removed their users calls it with the old inputs)."""
+    for value in dict.fromkeys(values):
+        if value.uses() or value.is_graph_output() or value.is_graph_input():
+            continue
+        producer = value.producer()
+        if producer is not None:
+            if producer.op_type == "Constant" and all(not o.uses() for o in producer.outputs):
+                graph.remove(producer, safe=True)
+        elif graph.initializers.get(value.name or "") is value:
+            del graph.initializers[value.name]  # type: ignore[arg-type]
