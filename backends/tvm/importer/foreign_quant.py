@@ -77,41 +77,93 @@ class _Rewriter:
         self.nodes.append(helper.make_node(op, inputs, [output], name=self.name(op), **attrs))
         return output
 
+    def elem_type(self, name: str) -> int | None:
+        if name in self.inits:
+            return self.inits[name].data_type
+        for value in [*self.graph.input, *self.graph.value_info]:
+            if value.name == name:
+                return value.type.tensor_type.elem_type
+        return None
+
+    def float32(self, scale: str) -> str:
+        """``scale`` as float32: ORT's QLinear kernels requantize in float32 whatever the
+        scale's type, so a float16 scale must not make the op in between float16."""
+        if self.elem_type(scale) in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+            return self.add("Cast", [scale], to=TensorProto.FLOAT)
+        return scale
+
     def dequantize(self, x: str, scale: str, zero_point: str = "", axis: int = 1) -> str:
+        scale = self.float32(scale)
         return self.add("DequantizeLinear", [x, scale, zero_point] if zero_point else [x, scale],
                         axis=axis)
 
     def quantize(self, y: str, scale: str, zero_point: str, output: str) -> str:
+        scale = self.float32(scale)
         return self.add("QuantizeLinear", [y, scale, zero_point] if zero_point else [y, scale],
                         output)
 
+    def size(self, name: str) -> int | None:
+        """How many elements ``name`` holds: from its initializer, or the static shape a
+        graph input or value_info declares; None when unknown."""
+        if name in self.inits:
+            return int(np.prod(self.inits[name].dims, dtype=np.int64))
+        for value in [*self.graph.input, *self.graph.value_info]:
+            if value.name == name and value.type.tensor_type.HasField("shape"):
+                dims = value.type.tensor_type.shape.dim
+                if all(d.HasField("dim_value") for d in dims):
+                    return int(np.prod([d.dim_value for d in dims], dtype=np.int64))
+        return None
+
     def weight_axis(self, scale: str, axis: int) -> int:
         """The per-channel axis of a weight's scale (any axis for a scalar scale)."""
-        return axis if self.array(scale).size > 1 else 1
+        size = self.size(scale)
+        if size is None:
+            raise LoweringError(f"{self.node.op_type} node '{self.node.name}': the size of "
+                                f"scale '{scale}' is unknown (per tensor or per channel?)",
+                                ops={self.node.op_type: self.node.name})
+        return axis if size > 1 else 1
 
-    def float_bias(self, bias: str, *scales: float | np.ndarray) -> str:
-        value = self.array(bias).astype(np.float64)
-        for scale in scales:
-            value = value * np.asarray(scale, np.float64)
-        return self.constant("bias", value.astype(np.float32))
+    def float_bias(self, bias: str, scales: list[str], factor: float = 1.0) -> str:
+        """An int32 bias in float: ``bias * factor * prod(scales)``, folded when all are
+        constants, else a DequantizeLinear by the scales' product (computed in the graph)."""
+        if bias in self.inits and all(s in self.inits for s in scales):
+            value = self.array(bias).astype(np.float64) * factor
+            for scale in scales:
+                value = value * self.array(scale).astype(np.float64)
+            return self.constant("bias", value.astype(np.float32))
+        scale = self.float32(scales[0])
+        for other in map(self.float32, scales[1:]):
+            scale = self.add("Mul", [scale, other])
+        if factor != 1.0:
+            scale = self.add("Mul", [scale, self.constant("alpha", np.float32(factor))])
+        return self.dequantize(bias, scale, axis=0)
 
 
 def _optional(inputs, i: int) -> str:
     return inputs[i] if len(inputs) > i else ""
 
 
+def _rank(r: _Rewriter, name: str, default: int) -> int:
+    if name in r.inits:
+        return len(r.inits[name].dims)
+    for value in [*r.graph.input, *r.graph.value_info]:
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            return len(value.type.tensor_type.shape.dim)
+    return default
+
+
 def _qlinear_conv(r: _Rewriter) -> None:
     x, sx, zx, w, sw, zw, sy, zy, *rest = list(r.node.input) + [""] * 1
     conv_in = [r.dequantize(x, sx, zx), r.dequantize(w, sw, zw, axis=r.weight_axis(sw, 0))]
     if rest and rest[0]:
-        conv_in.append(r.float_bias(rest[0], r.array(sx), r.array(sw)))
+        conv_in.append(r.float_bias(rest[0], [sx, sw]))
     y = r.add("Conv", conv_in, **attributes(r.node))
     r.quantize(y, sy, zy, r.node.output[0])
 
 
 def _qlinear_matmul(r: _Rewriter) -> None:
     a, sa, za, b, sb, zb, sy, zy = r.node.input
-    rank = len(r.inits[b].dims) if b in r.inits else 2
+    rank = _rank(r, b, 2)
     y = r.add("MatMul", [r.dequantize(a, sa, za),
                          r.dequantize(b, sb, zb, axis=r.weight_axis(sb, rank - 1))])
     r.quantize(y, sy, zy, r.node.output[0])
@@ -127,7 +179,7 @@ def _qgemm(r: _Rewriter) -> None:
     gemm_in = [r.dequantize(a, sa, za),
                r.dequantize(b, sb, zb, axis=r.weight_axis(sb, 0 if trans_b else 1))]
     if c:
-        gemm_in.append(r.float_bias(c, alpha, r.array(sa), r.array(sb)))
+        gemm_in.append(r.float_bias(c, [sa, sb], alpha))
     gemm_attrs = {"alpha": alpha, "transA": int(attrs.get("transA", 0)), "transB": trans_b}
     if sy:
         y = r.add("Gemm", gemm_in, **gemm_attrs)
@@ -206,11 +258,11 @@ def _integer_contraction(r: _Rewriter) -> None:
     def shifted(x: str, zero_point: str, axis: int) -> str:
         if not zero_point:
             return r.add("Cast", [x], to=TensorProto.FLOAT)
-        size = r.array(zero_point).size if zero_point in r.inits else 1
+        size = r.size(zero_point) or 1
         one = r.constant("one", np.ones(size, np.float32) if size > 1 else np.float32(1))
         return r.dequantize(x, one, zero_point, axis=axis if size > 1 else 1)
 
-    b_rank = len(r.inits[b].dims) if b in r.inits else (4 if is_conv else 2)
+    b_rank = _rank(r, b, 4 if is_conv else 2)
     af = shifted(a, za, 0 if not is_conv else 1)
     bf = shifted(b, zb, 0 if is_conv else b_rank - 1)
     y = r.add("Conv" if is_conv else "MatMul", [af, bf],
