@@ -172,7 +172,9 @@ class ActivationQuant(PassConfig):
     """Per-tensor activation quantization: static (calibrated) or dynamic (at run time)."""
 
     dtype: Literal["int8", "uint8"] = "uint8"
-    calibration: Literal["minmax", "percentile", "mse"] = "minmax"
+    calibration: Literal["minmax", "percentile", "mse", "search"] = Field(
+        default="minmax", description="search: the clip with the least error in the output "
+        "of the layers that read x (see calibrate)")
     percentile: float = Field(default=99.99, gt=50, le=100)
     dynamic: bool = Field(default=False, description="DynamicQuantizeLinear (always uint8)")
 
@@ -187,6 +189,9 @@ class QuantizeConfig(PassConfig):
     weights: WeightQuant = IntWeights(dtype="int8")
     activations: Annotated[ActivationQuant | None, BeforeValidator(
         _no_activations_from_yaml, json_schema_input_type=Literal["none"] | ActivationQuant)] = None
+
+    bias_correction: bool = Field(default=False, description="add (W - W^) E[x] to each "
+                                  "layer's bias (DFQ), E[x] from the calibration samples")
 
     @field_serializer("activations")
     def _activations_yaml_form(self, value: ActivationQuant | None) -> Any:

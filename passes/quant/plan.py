@@ -42,6 +42,7 @@ class WeightPlan:
     attributes: dict[str, Any] = field(default_factory=dict)
     weight_sqnr_db: float = math.inf
     activation: tuple[float, int] | None = None   # static (scale, zero point)
+    input_mean: np.ndarray | None = None           # E[x] per input channel (bias correction)
 
     @property
     def opset(self) -> int:

@@ -29,8 +29,12 @@ input-channel axis, s/z per group or per output channel, see ``formats``):
 
 Activations (``activations:``), on the first input of each rewritten node:
 static: QuantizeLinear(x, s, z) -> DequantizeLinear with per-tensor s, z from
-calibration (min/max, percentile or the MSE-best clip of the range);
+calibration (min/max, percentile, the MSE-best clip of the range, or ``search``: the clip
+with the least error in the outputs of the layers that read x, see ``calibrate``);
 dynamic: DynamicQuantizeLinear(x) -> DequantizeLinear (uint8, computed at run time).
+
+``bias_correction: true`` adds (W - W^) E[x] to each layer's bias (``bias_correction``),
+E[x] per input channel from the calibration samples.
 
 Bits per weight (codes, scales, zero points, tables) are in every candidate's label
 and in ``note``.
@@ -51,7 +55,14 @@ from kiln.compiler.core.errors import PassError
 from kiln.compiler.core.opset import PER_AXIS_OPSET, ensure_opset
 from kiln.compiler.core.pass_api import Candidate, KilnPass
 from kiln.passes.quant import kiln_ops
-from kiln.passes.quant.calibrate import calibrate_range
+from kiln.passes.quant.bias_correction import (
+    apply_correction,
+    correction_problem,
+    dequantized,
+    mean_per_channel,
+    output_shift,
+)
+from kiln.passes.quant.calibrate import calibrate_range, consumer_of
 from kiln.passes.quant.config import ActivationQuant, QuantizeConfig
 from kiln.passes.quant.emit import drop_constant, emit_activation_qdq, emit_weight
 from kiln.passes.quant.fold_weights import fold_weight_paths
@@ -99,8 +110,10 @@ class Quantize(KilnPass):
             found.append(Candidate(node, f"{label} [{plan.description}, "
                                    f"{plan.bits_per_weight:.2f} bits/weight, weight SQNR "
                                    f"{plan.weight_sqnr_db:.1f} dB]", nodes=(node,), data=plan))
-        if activations is not None and not activations.dynamic:
-            self._calibrate(model, [c for c in found if c.accepted], activations)
+        static = activations is not None and not activations.dynamic
+        if static or cfg.bias_correction:
+            self._calibrate(model, [c for c in found if c.accepted],
+                            activations if static else None)
         accepted = [c for c in found if c.accepted]
         if accepted:
             total = sum(c.anchor.inputs[1].const_value.size for c in accepted)
@@ -114,7 +127,7 @@ class Quantize(KilnPass):
         return found
 
     def _calibrate(self, model: ir.Model, accepted: list[Candidate],
-                   cfg: ActivationQuant) -> None:
+                   cfg: ActivationQuant | None) -> None:
         if not accepted:
             return
         if self.calibration is None:
@@ -128,9 +141,18 @@ class Quantize(KilnPass):
         for name in names:
             if name in inputs:
                 values[name] = [s[name] for s in self.calibration.samples]
-        ranges = {name: calibrate_range(values[name], cfg) for name in names}
+        readers: dict[str, list] = {}
+        sites = {id(c.anchor): find_weight(c.anchor) for c in accepted}
         for c in accepted:
-            c.data.activation = ranges[c.anchor.inputs[0].name]
+            readers.setdefault(c.anchor.inputs[0].name, []).append(consumer_of(sites[id(c.anchor)]))
+        ranges = {name: calibrate_range(values[name], cfg, readers[name]) for name in names} \
+            if cfg is not None else {}
+        for c in accepted:
+            if cfg is not None:
+                c.data.activation = ranges[c.anchor.inputs[0].name]
+            if self.config.bias_correction:
+                c.data.input_mean = mean_per_channel(values[c.anchor.inputs[0].name], c.anchor,
+                                                     sites[id(c.anchor)].array.shape[2:])
 
     def rewrite(self, model: ir.Model, accepted: Sequence[Candidate]) -> int:
         needed = max(c.data.opset for c in accepted)
@@ -139,16 +161,37 @@ class Quantize(KilnPass):
         ensure_opset(model, needed, pass_name=self.name)
         graph = model.graph
         activation_cache: dict[str, ir.Value] = {}
+        uncorrected = 0
         for candidate in accepted:
             node: ir.Node = candidate.anchor
             plan: WeightPlan = candidate.data
             old = node.inputs[1]
+            delta = None
+            if self.config.bias_correction:
+                delta = self._shift(node, plan)
+                uncorrected += delta is None
             new_nodes, weight = emit_weight(model, old, plan)
             graph.insert_before(node, new_nodes)
             node.replace_input_with(1, weight)
             drop_constant(graph, old)
+            if delta is not None:
+                apply_correction(graph, node, delta, weight.dtype.numpy())
             if self.config.activations is not None:
                 emit_activation_qdq(graph, node, self.config.activations, plan,
                                     activation_cache)
         kiln_ops.sync_function_opsets(model)
+        if self.config.bias_correction:
+            self.note = "; ".join(filter(None, [self.note, f"bias corrected on "
+                                                f"{len(accepted) - uncorrected} of "
+                                                f"{len(accepted)} layers"]))
         return len(accepted)
+
+    @staticmethod
+    def _shift(node: ir.Node, plan: WeightPlan):
+        """(W - W^) E[x] for a DequantizeLinear plan whose node can take it, else None."""
+        site = find_weight(node)
+        if plan.form != "dq" or plan.input_mean is None or isinstance(site, str) \
+                or correction_problem(node) is not None:
+            return None
+        w_hat = dequantized(plan.arrays, plan.attributes, site.array.shape)
+        return output_shift(site, w_hat, plan.input_mean)
