@@ -39,6 +39,7 @@ from kiln.compiler.core.version import kiln_version
 
 from .binary_check import check_binary
 from .importer import check_static_inputs, lower_to_relax, symbolic_ranges
+from .importer.lower import SPARSE_KERNELS_ATTR
 from .manifest import LIBRARY_NAME, Manifest, TensorSpec, write_manifest
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels
@@ -74,6 +75,8 @@ class BuildResult:
     #: the tuning databases read (most trusted first) and, when tuning ran, its summary
     tuning_dbs: list[str] = field(default_factory=list)
     tuning: dict[str, Any] | None = None
+    #: per sparse MatMul/Gemm weight: the kernel chosen and why (importer.sparse_weights)
+    sparse_kernels: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _dim(d) -> int | str:
@@ -240,6 +243,8 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     step("lower")
     mod = lower_to_relax(model, target_name=resolved.name)
     outputs = _relax_outputs(mod, list(model.graph.outputs))
+    sparse = json.loads(str(mod.attrs[SPARSE_KERNELS_ATTR])) \
+        if mod.attrs is not None and SPARSE_KERNELS_ATTR in mod.attrs else []
 
     step("tune")
     tuning_summary = None
@@ -292,6 +297,8 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
         target_arch=resolved.arch, inputs=tuple(model_inputs), outputs=tuple(outputs),
         model_hash=model_hash, kiln_version=kiln_version(), tvm_version=str(tvm.__version__),
         dims={k: list(v) for k, v in symbolic_ranges(model).items()},
+        extra={"sparse_kernels": [c["node"] for c in sparse if c["kernel"] == "sparse"]}
+        if sparse else {},
     ).with_files(outdir, [LIBRARY_NAME])
     manifest_path = write_manifest(outdir, manifest)
     last = next(reversed(times))
@@ -302,4 +309,5 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     return BuildResult(library=library, manifest=manifest_path, seconds=seconds,
                        runs_on_host=resolved.runs_on_this_host(), target=resolved.name,
                        binary=binary, step_seconds=times, unscheduled=unscheduled,
-                       rules=rules, tuning_dbs=[str(d) for d in db_dirs], tuning=tuning_summary)
+                       rules=rules, tuning_dbs=[str(d) for d in db_dirs], tuning=tuning_summary,
+                       sparse_kernels=sparse)

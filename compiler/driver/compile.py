@@ -238,7 +238,8 @@ def _build_and_check(result: CompileResult, target, out: Path, progress, tune_tr
         if progress else None)
     report = CompiledReport(target=preset.name, library=built.library.name,
                             build_seconds=built.seconds, verified=False, binary=built.binary,
-                            unscheduled=list(getattr(built, "unscheduled", []) or []))
+                            unscheduled=list(getattr(built, "unscheduled", []) or []),
+                            sparse_kernels=list(getattr(built, "sparse_kernels", []) or []))
     if built.runs_on_host and result.samples:
         compiled = tvm_backend.load(out)
         outputs = [compiled(**feeds) for feeds in result.samples]
@@ -400,9 +401,11 @@ def compile_to_folder(source: str | os.PathLike, spec: Spec | str | None, outdir
                       target: str | dict | None = None,
                       progress: Callable[[str], Any] | None = None,
                       tune_trials: int | None = None,
-                      tuning_db: str | os.PathLike | None = None) -> CompileResult:
+                      tuning_db: str | os.PathLike | None = None,
+                      after_write: Callable[[Path], Any] | None = None) -> CompileResult:
     """``compile_model`` + ``save`` holding OUTDIR's lock from start to end (a second run
-    into the same folder refuses at once). A compile that fails with a KilnError (not a
+    into the same folder refuses at once); ``after_write(staging)`` may add files before
+    the commit (the CLI's ``inputs.json``). A compile that fails with a KilnError (not a
     write fault, not an interrupt) writes a ``status: failed`` report
     (:meth:`OutputFolder.write_failed_report`); the error's ``failed_report`` names it."""
     if isinstance(spec, str):
@@ -416,6 +419,8 @@ def compile_to_folder(source: str | os.PathLike, spec: Spec | str | None, outdir
                               progress=progress)
             result.write_into(folder, target=target, progress=progress,
                               tune_trials=tune_trials, tuning_db=tuning_db)
+            if after_write is not None:
+                after_write(folder.staging)
             interrupt.checkpoint("commit")
             folder.commit()
         except MemoryError as error:  # a fault: no failed report, OUTDIR as it was

@@ -64,6 +64,9 @@ class CompiledReport:
     binary: str = ""
     # Kernels no kiln rule (nor tuning record) scheduled, by name.
     unscheduled: list[str] = field(default_factory=list)
+    #: each sparse MatMul/Gemm weight the backend looked at: node, kernel ("sparse" or
+    #: "dense"), layout, stored density, the cost model's expected speedup, reason
+    sparse_kernels: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -206,6 +209,11 @@ class CompileReport:
         if c.unscheduled:
             shown = ", ".join(c.unscheduled[:8]) + (" ..." if len(c.unscheduled) > 8 else "")
             lines.append(f"{len(c.unscheduled)} kernel(s) left at TVM's default schedule: {shown}")
+        if c.sparse_kernels:
+            sparse = [k["node"] for k in c.sparse_kernels if k["kernel"] == "sparse"]
+            lines.append(f"sparse kernel for {len(sparse)} of {len(c.sparse_kernels)} sparse "
+                         "layer(s)" + (": " + ", ".join(sparse) if sparse else
+                                       " (the dense kernel is expected to be faster)"))
         return lines
 
 

@@ -2,9 +2,13 @@
 
 Both kernels cost about a fixed time per weight they read: the dense one per weight of
 R [N, K], the sparse one per stored entry (``stored_density`` * N * K, padding included),
-so ``dense / sparse = CROSSOVER / stored_density``: CROSSOVER is the stored density at
-which both take the same time, measured on the build machine for each layout and row
-count (docs/passes.md, "Sparse kernels", has the measurements and how they were taken).
+so ``dense / sparse = CROSSOVER / stored_density``, CROSSOVER being the stored density at
+which both take the same time. It was measured (docs/passes.md, "Sparse kernels": one
+Gemm layer, TVM's time_evaluator, minimum of 15 repeats, 1 thread, on the 2-core Xeon)
+and depends on the layout, on whether x has more than :data:`GEMV_ROWS` rows, and on
+whether the dense weight fits in one core's L2 (then the dense GEMV is not memory bound
+and the sparse kernel has less to win). The values below sit at or under the measured
+break-even points; those marked "guess" had no measurement and were set low.
 """
 
 from __future__ import annotations
@@ -13,15 +17,27 @@ from typing import Literal
 
 Layout = Literal["shared", "gather"]
 
-#: Stored density at which the sparse kernel takes as long as the dense one, by layout,
-#: for a GEMV (x with at most GEMV_ROWS rows) and for more rows.
-CROSSOVER: dict[tuple[Layout, str], float] = {
-    ("shared", "gemv"): 0.5,
-    ("shared", "gemm"): 0.3,
-    ("gather", "gemv"): 0.2,
-    ("gather", "gemm"): 0.1,
-}
+#: Up to this many rows of x a layer is a GEMV.
 GEMV_ROWS = 4
+#: A dense fp32 weight up to this size stays in one core's L2 (2 MiB here) next to x.
+CACHED_BYTES = 3 << 19
+#: (layout, "gemv"/"gemm", "cached"/"streamed") -> stored density at break-even.
+CROSSOVER: dict[tuple[Layout, str, str], float] = {
+    # 1024x1024 at stored 0.23/0.34/0.54/0.74: 6.8x/3.7x/1.7x/0.99x; 512x1024 at 0.23: 3.6x
+    ("shared", "gemv", "streamed"): 0.7,
+    # 1024x256 at stored 0.22: 1.7x
+    ("shared", "gemv", "cached"): 0.35,
+    # 16 rows, 1024x1024 at stored 0.23/0.54: 3.4x/1.2x
+    ("shared", "gemm", "streamed"): 0.6,
+    ("shared", "gemm", "cached"): 0.3,          # guess
+    # 2:4 (stored 0.5) 1024x1024/512x1024: 0.72x/0.79x; unstructured 0.24/0.13: 2.9x/5.1x
+    ("gather", "gemv", "streamed"): 0.35,
+    # 2:4 1024x256: 0.41x
+    ("gather", "gemv", "cached"): 0.15,
+    # 16 rows, 1024x1024: 2:4 0.59x, unstructured at stored 0.24: 0.16x
+    ("gather", "gemm", "streamed"): 0.03,
+    ("gather", "gemm", "cached"): 0.03,         # guess
+}
 
 
 def row_class(rows: int) -> str:
@@ -29,7 +45,6 @@ def row_class(rows: int) -> str:
 
 
 def estimate(layout: Layout, stored_density: float, *, rows: int, k: int, n: int) -> float:
-    """Expected dense time / sparse time for ``rows`` x [K, N] (``k``, ``n``: the weight's
-    size, kept for a finer model)."""
-    del k, n
-    return CROSSOVER[(layout, row_class(rows))] / max(stored_density, 1e-6)
+    """Expected dense time / sparse time for x [rows, K] times a [K, N] fp32 weight."""
+    cached = "cached" if 4 * k * n <= CACHED_BYTES else "streamed"
+    return CROSSOVER[(layout, row_class(rows), cached)] / max(stored_density, 1e-6)

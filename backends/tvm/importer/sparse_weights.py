@@ -44,6 +44,8 @@ POLICY_ENV = "KILN_SPARSE_KERNELS"
 POLICIES = ("auto", "always", "never")
 #: Weights with fewer zeros than this fraction are not even considered.
 MIN_ZERO_FRACTION = 0.25
+#: A layout that stores more than this fraction of R is not considered.
+MAX_STORED_DENSITY = 0.9
 _STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -154,21 +156,16 @@ def policy() -> str:
     return value
 
 
-def choose_layout(r: np.ndarray, rows: int, mode: str) -> tuple[Layout | None, float, float]:
-    """(the best sparse layout or None, its stored density, expected dense/sparse speedup)
-    for R [N, K] with ``rows`` rows of x; ``mode`` ``always`` takes the best layout even
-    when the cost model expects it to lose."""
+def choose_layout(r: np.ndarray, rows: int) -> tuple[Layout, float, float]:
+    """(the sparse layout the cost model expects to be fastest, its stored density, the
+    expected dense/sparse speedup) for R [N, K] and ``rows`` rows of x."""
     n, k = r.shape
-    best: tuple[Layout | None, float, float] = (None, 1.0, 0.0)
-    for layout, width in (("shared", _shared_width(r)), ("gather", _gather_width(r))):
-        density = max(width, 1) * n / (n * k)
-        speedup = estimate(layout, density, rows=rows, k=k, n=n)
-        if speedup > best[2]:
-            best = (layout, density, speedup)
-    layout, density, speedup = best
-    if mode != "always" and speedup <= 1.0:
-        return None, density, speedup
-    return layout, density, speedup
+    costed = [(layout, max(width, 1) / k) for layout, width in
+              (("shared", _shared_width(r)), ("gather", _gather_width(r)))]
+    # a layout storing (nearly) every column saves nothing, whatever the estimate
+    costed = [c for c in costed if c[1] <= MAX_STORED_DENSITY] or costed
+    return max(((layout, density, estimate(layout, density, rows=rows, k=k, n=n))
+                for layout, density in costed), key=lambda c: c[2])
 
 
 def _readers(graph: onnx.GraphProto) -> dict[str, int]:
@@ -265,9 +262,9 @@ def _consider(node: onnx.NodeProto, w: np.ndarray, inits: dict, readers: dict[st
     elif bias and (bias not in inits or list(inits[bias].dims) not in ([n], [1, n])):
         why = "Gemm bias is not a constant [N] vector"
     else:
-        layout, density, speedup = choose_layout(r, int(x_shape[0]), mode)
-        if layout is None:
-            return SparseChoice(name, node.op_type, shape, zeros, "dense",
+        layout, density, speedup = choose_layout(r, int(x_shape[0]))
+        if speedup <= 1.0 and mode != "always":
+            return SparseChoice(name, node.op_type, shape, zeros, "dense", layout=layout,
                                 stored_density=density, expected_speedup=speedup,
                                 reason=f"cost model expects the dense kernel to win "
                                        f"({speedup:.2f}x)"), None
