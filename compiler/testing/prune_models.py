@@ -1,6 +1,7 @@
 """Small seeded models for structured pruning (tests and the channel-pruned bench cases):
 a CNN whose channels are coupled every way the channel graph knows (residual add,
-depthwise conv, concat, grouped conv, BatchNorm, flatten into a Gemm) and an MLP."""
+depthwise conv, concat, grouped conv, BatchNorm, flatten into a Gemm), an MLP, and a
+torch-exported transformer block with separate Q/K/V projections (attention heads)."""
 
 from __future__ import annotations
 
@@ -118,3 +119,63 @@ def _set_shapes(model: ir.Model, shapes: dict[str, list[int]]) -> None:
             if value.name in shapes:
                 value.shape = ir.Shape(shapes[value.name])
                 value.type = ir.TensorType(ir.DataType.FLOAT)
+
+
+def attention_block(d_model: int = 32, heads: int = 4, ffn: int = 64, batch: int = 2,
+                    seq: int = 8, seed: int = 0, zero_heads: list[int] | None = None,
+                    dynamo: bool = True) -> ir.Model:
+    """A pre-norm transformer block exported from torch: LayerNorm -> separate Q, K, V
+    Linears -> view [B, S, H, d] -> softmax(Q K^T / sqrt(d)) V -> merge heads -> output
+    Linear (+ x) -> Linear/Relu/Linear FFN (+ residual). ``zero_heads`` zeroes those
+    heads' Q, K and V output columns (weights and biases), so their output is exactly 0.
+    ``dynamo``: the torch.export exporter (False: the TorchScript one, Constant nodes)."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import torch
+
+    torch.manual_seed(seed)
+    module = _attention_module(d_model, heads, ffn).eval()
+    hd = d_model // heads
+    with torch.no_grad():
+        for h in zero_heads or []:
+            for lin in (module.q, module.k, module.v):
+                lin.weight[h * hd:(h + 1) * hd] = 0.0
+                lin.bias[h * hd:(h + 1) * hd] = 0.0
+    x = torch.randn(batch, seq, d_model, generator=torch.Generator().manual_seed(seed + 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "attention.onnx"
+        if dynamo:
+            torch.onnx.export(module, (x,), path, dynamo=True, input_names=["x"],
+                              output_names=["y"], external_data=False, verbose=False)
+        else:
+            torch.onnx.export(module, (x,), path, dynamo=False, input_names=["x"],
+                              output_names=["y"])
+        return ir.from_proto(onnx.load(str(path)))
+
+
+def _attention_module(d_model: int, heads: int, ffn: int):
+    """The torch module of :func:`attention_block` (torch is imported only when needed)."""
+    import torch
+    from torch import nn
+
+    class AttentionBlock(nn.Module):
+        def __init__(self, d_model: int, heads: int, ffn: int) -> None:
+            super().__init__()
+            self.heads = heads
+            self.norm = nn.LayerNorm(d_model)
+            self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
+            self.fc1, self.fc2 = nn.Linear(d_model, ffn), nn.Linear(ffn, d_model)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, s, d = x.shape
+            hd = d // self.heads
+            y = self.norm(x)
+            q, k, v = (lin(y).view(b, s, self.heads, hd).transpose(1, 2)
+                       for lin in (self.q, self.k, self.v))
+            attn = torch.softmax(q @ k.transpose(-2, -1) / hd ** 0.5, dim=-1)
+            x = x + self.o((attn @ v).transpose(1, 2).reshape(b, s, d))
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    return AttentionBlock(d_model, heads, ffn)

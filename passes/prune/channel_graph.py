@@ -17,8 +17,14 @@ channel j of the other. Edges come from the ops between them:
 - Concat along the axis: input k's channel j is output channel ``offset_k + j``.
 - Transpose moves the axis; Reshape / Flatten / Squeeze / Unsqueeze are mapped when
   the channel axis is kept or merged with neighbouring axes into one output axis
-  (``[N, C, H, W] -> [N, C*H*W]``: channel c owns H*W consecutive features). A Reshape
-  that splits the channel axis (attention heads) refuses the group.
+  (``[N, C, H, W] -> [N, C*H*W]``: channel c owns H*W consecutive features), or split
+  into several (``[B, S, H*d] -> [B, S, H, d]``: attention heads): channel c is head
+  ``c // d`` of the outer axis, so a head's d channels form one unit.
+- a MatMul of two activations (``Q K^T``, ``P V``) couples the batch axes of both
+  operands (broadcast aligned) with the output's, A's rows and B's columns with the
+  output's last two axes; its contraction axis is refused. Together with the split
+  Reshape this puts the Q, K and V projections of one attention and the output
+  projection's input rows in one group whose units are the heads.
 
 Connected components are **prune groups**. Inside a group, the channel positions of
 all its dimensions fall into classes (the transitive closure of the edges' pairs):
@@ -167,9 +173,13 @@ def _aligned_axis(axis: int, out_rank: int, in_rank: int) -> int | None:
 
 
 def reshape_mapping(in_shape: list[int], out_shape: list[int], axis: int
-                    ) -> tuple[int, np.ndarray] | str:
-    """Where channel ``axis`` of a reshape's input lands: (output axis, the input channel of
-    each output position), or the reason it cannot be followed."""
+                    ) -> tuple[int, np.ndarray, np.ndarray] | str:
+    """Where channel ``axis`` of a reshape's input lands: ``(output axis, in_pos, out_pos)``
+    (input channel ``in_pos[k]`` is output position ``out_pos[k]``), or the reason it cannot
+    be followed. A merge (``[N, C, H, W] -> [N, C*H*W]``) gives each output position its
+    input channel; a split (``[B, S, H*d] -> [B, S, H, d]``, attention heads) maps channel c
+    to position ``c // d`` of the outer axis, so only whole blocks of d channels (heads) can
+    go, and the inner axis keeps its size."""
     blocks, i, j = [], 0, 0
     while i < len(in_shape) or j < len(out_shape):
         i0, j0, pi, pj = i, j, 1, 1
@@ -189,12 +199,17 @@ def reshape_mapping(in_shape: list[int], out_shape: list[int], axis: int
         if axis not in ins:
             continue
         outs = [k for k in outs if out_shape[k] > 1] or outs[:1]  # size-1 axes carry nothing
-        if len(outs) != 1:
-            return f"it splits the channel axis ({in_shape[axis]}) into {len(outs)} axes"
-        dims = [in_shape[k] for k in ins]
-        position = np.arange(int(np.prod(dims)))
-        channel = np.unravel_index(position, dims)[ins.index(axis)]
-        return outs[0], np.asarray(channel)
+        if len(outs) == 1:
+            dims = [in_shape[k] for k in ins]
+            position = np.arange(int(np.prod(dims)))
+            channel = np.unravel_index(position, dims)[ins.index(axis)]
+            return outs[0], np.asarray(channel), position
+        if [k for k in ins if in_shape[k] > 1] != [axis]:
+            return (f"it splits the channel axis ({in_shape[axis]}) and merges it with "
+                    "others")
+        inner = int(np.prod([out_shape[k] for k in outs[1:]]))
+        channel = np.arange(in_shape[axis])
+        return outs[0], channel, channel // inner
     return "the channel axis is lost"
 
 
@@ -242,13 +257,13 @@ class ChannelGraph:
         found: list[Dim] = []
         if value.is_graph_input():
             raise _Refused(f"it reaches graph input {name!r}")
-        if value.is_graph_output():
-            raise _Refused(f"it reaches graph output {name!r}")
         node = value.producer()
         if node is not None and dim not in self.producers:
             found += self._backward(node, value, axis, size)
         elif node is not None:
             found += self._grouped_conv(node, dim, size)
+        if value.is_graph_output():  # after the edges back, so the refusal reaches the group
+            raise _Refused(f"it reaches graph output {name!r}")
         for user, index in value.uses():
             found += self._forward(user, index, value, axis, size)
         return found
@@ -329,12 +344,33 @@ class ChannelGraph:
             for in_axis in range(len(in_shape)):
                 mapped = reshape_mapping(in_shape, out_shape, in_axis)
                 if isinstance(mapped, tuple) and mapped[0] == axis and in_shape[in_axis] > 1:
-                    return self._edge_to(source, in_axis, dim, np.arange(size), mapped[1],
-                                         "reshape")
+                    return self._edge_to(source, in_axis, dim, mapped[2], mapped[1], "reshape")
             raise _Refused(f"{label}: output axis {axis} is not made of one input axis")
+        if op == "MatMul" and const_array(node.inputs[1]) is None:
+            return self._activation_matmul(node, dim, axis, rank, size)
         if op in PRODUCER_OPS:
             raise _Refused(f"{label} has no constant weight: its output channels cannot go")
         raise _Refused(f"{label} has no known channel mapping")
+
+    def _activation_matmul(self, node: ir.Node, dim: Dim, axis: int, rank: int,
+                           size: int) -> list[Dim]:
+        """A MatMul of two activations (attention's Q K^T, P V): output axis ``axis`` is a
+        batch axis of both operands (broadcast aligned), A's rows or B's columns."""
+        found = []
+        for index, operand in enumerate(node.inputs[:2]):
+            shape = shape_dims(operand)
+            if shape is None or len(shape) < 2 or rank < 2:
+                raise _Refused(f"MatMul {kir.node_label(node)} operand has no known rank >= 2")
+            if axis < rank - 2:
+                a = _aligned_axis(axis, rank, len(shape))
+                if a is None or a >= len(shape) - 2 or shape[a] != size:
+                    continue  # broadcast over this axis: that operand has no channels here
+            elif axis == rank - 2 + index:
+                a = len(shape) - 2 + index
+            else:
+                continue
+            found += self._edge_to(operand, a, dim, *_identity(size), "matmul")
+        return found
 
     def _forward(self, node: ir.Node, index: int, value: ir.Value, axis: int,
                  size: int) -> list[Dim]:
@@ -345,6 +381,19 @@ class ChannelGraph:
         rank = len(value.shape) if value.shape is not None else 0
         if node.domain not in ("", "ai.onnx"):
             raise _Refused(f"{label} ({node.domain}) reads it; its channel mapping is unknown")
+        if op == "MatMul" and const_array(node.inputs[1]) is None and \
+                const_array(node.inputs[0]) is None:
+            out = node.outputs[0]
+            out_rank = len(out.shape) if out.shape is not None else 0
+            if rank < 2 or out_rank < 2:
+                raise _Refused(f"{label} reads it with rank < 2")
+            if axis < rank - 2:
+                out_axis = axis + out_rank - rank
+            elif axis == rank - 2 + index:
+                out_axis = out_rank - 2 + index
+            else:
+                raise _Refused(f"{label} contracts over it")
+            return [(out.name, out_axis)] if out.name else []
         if op in PRODUCER_OPS:
             if index != 0:
                 raise _Refused(f"{label} reads it as a weight")
@@ -385,9 +434,8 @@ class ChannelGraph:
             mapped = reshape_mapping(static_shape(value) or [], out_shape, axis)
             if isinstance(mapped, str):
                 raise _Refused(f"{label}: {mapped}")
-            out_axis, channel = mapped
-            return self._edge_to(node.outputs[0], out_axis, dim, channel,
-                                 np.arange(len(channel)), "reshape")
+            out_axis, in_pos, out_pos = mapped
+            return self._edge_to(node.outputs[0], out_axis, dim, in_pos, out_pos, "reshape")
         else:
             raise _Refused(f"{label} reads it; its channel mapping is unknown")
         out = node.outputs[0]

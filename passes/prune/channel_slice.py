@@ -9,7 +9,8 @@ place; a constant nobody uses any more is removed, and the new one takes its nam
 - Gemm: B's N axis (by ``transB``) and K axis, C's last axis; MatMul: ``W[keep_in][:, keep_out]``;
 - BatchNormalization / InstanceNormalization: the per-channel parameters;
 - elementwise ops: a constant operand's broadcast axis when it spans the channels;
-- Reshape: an explicit target size on the axis becomes the new size.
+- Reshape: an explicit target size on the axis becomes the new size (the number of heads
+  left, or the kept channels when heads are merged back).
 
 Then the value shapes of those dims are updated, so ONNX Runtime and TVM build the
 smaller model as it is.
@@ -126,10 +127,9 @@ def _matmul(graph: ir.Graph, view: _NodeView) -> bool:
     node = view.node
     rank = len(node.outputs[0].shape or ())
     keep_out, keep_in = view.output_keep(rank - 1), view.input_keep(0, rank - 1)
-    if keep_out is None and keep_in is None:
-        return False
     weight = const_array(node.inputs[1])
-    assert weight is not None
+    if weight is None or (keep_out is None and keep_in is None):
+        return False  # a MatMul of two activations has nothing to cut
     replace_const(graph, node, 1, _take(_take(weight, keep_in, 0), keep_out, 1))
     return True
 

@@ -16,11 +16,17 @@ a multiple of ``round_to`` and never below ``min_keep``). Then every weight slic
 makes a removed channel, and every weight slice that reads one downstream, is cut
 out (:mod:`.channel_slice`): initializers and value shapes really shrink.
 
+Attention heads: a Reshape that splits the channel axis into ``[heads, d]`` and the
+MatMuls of two activations (``Q K^T``, ``P V``) couple the Q, K and V projections'
+output columns of one head and the output projection's input rows, so a unit is a
+head; the Reshapes' head counts shrink with it.
+
 The rewrite is exact when it removes only units whose producers' weights and biases
-are all zero and nothing between producer and consumer maps zero to non-zero (a
-BatchNormalization's shift, an added constant): ``zero_only: true`` removes only
-those. Otherwise it is lossy, checked by SQNR. Attention heads (a Reshape that splits
-the channel axis into [heads, dim]) are not pruned yet: such groups are refused.
+are all zero and nothing between producer and consumer maps zero to non-zero (an
+added constant, a BatchNormalization's shift, a Sigmoid): ``zero_only: true`` removes
+only those (it checks those three kinds of op). A zero head is exact too: its scores
+are zero, its Softmax uniform, and its zero V makes its output zero. Otherwise the
+rewrite is lossy, checked by SQNR.
 A group already pruned by this pass is refused (a second run changes nothing).
 """
 
@@ -37,7 +43,14 @@ from pydantic import Field
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.pass_api import Candidate, KilnPass, PassConfig
 
-from .channel_graph import ChannelGraph, ChannelGroup, Producer, const_array, infer_missing_shapes
+from .channel_graph import (
+    ChannelGraph,
+    ChannelGroup,
+    Dim,
+    Producer,
+    const_array,
+    infer_missing_shapes,
+)
 from .channel_slice import Kept, shrink
 
 PRUNED_KEY = "kiln.pruned_channels"
@@ -76,9 +89,58 @@ def weight_scores(group: ChannelGroup, power: int) -> np.ndarray:
     return np.sqrt(scores) if power == 2 else scores
 
 
-def zero_units(group: ChannelGroup) -> np.ndarray:
-    """The units whose producers' weights and biases are all exactly zero."""
-    return np.nonzero(weight_scores(group, 1) == 0)[0]
+# activations that map an all-zero channel to a non-zero one
+NONZERO_AT_ZERO = frozenset({"Sigmoid", "HardSigmoid", "Exp", "Cos", "Softplus", "Log",
+                             "Reciprocal"})
+
+
+def _channel_abs(array: np.ndarray, axis: int, rank: int, size: int) -> np.ndarray:
+    """Per channel of output ``axis``: sum |array| over the other axes (broadcast aware)."""
+    a = axis - (rank - array.ndim)
+    mags = np.abs(array.astype(np.float64))
+    if a >= 0 and array.shape[a] == size:
+        return np.moveaxis(mags, a, 0).reshape(size, -1).sum(axis=1)
+    return np.full(size, mags.sum())  # broadcast: the same shift on every channel
+
+
+def shift_scores(group: ChannelGroup, values: dict[str, ir.Value]) -> dict[Dim, np.ndarray]:
+    """Per dim of the group, how far the op that makes it moves a zero channel away from
+    zero: a constant added or subtracted (a MatMul's bias), a BatchNormalization's
+    ``B - scale * mean / sqrt(var + eps)``, an InstanceNormalization's B; infinite for an
+    activation with f(0) != 0."""
+    shifts = {}
+    for dim in group.dims:
+        value = values.get(dim[0])
+        node = value.producer() if value is not None else None
+        if node is None:
+            continue
+        size, rank = group.sizes[dim], len(value.shape or ())
+        if node.op_type in ("Add", "Sub"):
+            arrays = [const_array(v) for v in node.inputs]
+            terms = [_channel_abs(a, dim[1], rank, size) for a in arrays if a is not None]
+            if terms:
+                shifts[dim] = sum(terms)
+        elif node.op_type == "BatchNormalization":
+            scale, bias, mean, var = (const_array(v) for v in node.inputs[1:5])
+            if all(a is not None for a in (scale, bias, mean, var)):
+                eps = node.attributes.get_float("epsilon", 1e-5)
+                shifts[dim] = np.abs(bias - scale * mean / np.sqrt(var + eps))
+        elif node.op_type == "InstanceNormalization":
+            bias = const_array(node.inputs[2])
+            if bias is not None:
+                shifts[dim] = np.abs(bias.astype(np.float64))
+        elif node.op_type in NONZERO_AT_ZERO:
+            shifts[dim] = np.full(size, np.inf)
+    return shifts
+
+
+def zero_units(group: ChannelGroup, values: dict[str, ir.Value] | None = None) -> np.ndarray:
+    """The units whose producers' weights and biases are all exactly zero and that no op
+    of the group shifts away from zero (see :func:`shift_scores`)."""
+    scores = weight_scores(group, 1)
+    if values is not None:
+        scores = scores + group.unit_scores(shift_scores(group, values))
+    return np.nonzero(scores == 0)[0]
 
 
 def keep_count(units: int, amount: float, round_to: int, min_keep: int) -> int:
@@ -143,7 +205,7 @@ class PruneChannels(KilnPass):
             elif already_pruned(group):
                 found.append(refuse("already pruned"))
             else:
-                units = self._choose(group, activation)
+                units = self._choose(group, activation, graph.values)
                 if len(units) == group.units:
                     found.append(refuse("no all-zero channels" if self.config.zero_only
                                         else f"nothing to remove of {group.units} channels"))
@@ -168,10 +230,11 @@ class PruneChannels(KilnPass):
             scores[(name, axis)] = sums / len(arrays)
         return scores
 
-    def _choose(self, group: ChannelGroup, activation) -> np.ndarray:
+    def _choose(self, group: ChannelGroup, activation,
+                values: dict[str, ir.Value]) -> np.ndarray:
         cfg = self.config
         if cfg.zero_only:
-            zero = set(zero_units(group).tolist())
+            zero = set(zero_units(group, values).tolist())
             keep = np.array([u for u in range(group.units) if u not in zero], dtype=np.int64)
             return keep if len(keep) >= cfg.min_keep else np.arange(min(cfg.min_keep,
                                                                          group.units))

@@ -1,7 +1,7 @@
 """The channel dependency graph: coupled dims form one group (residual, depthwise, concat
-with offsets, grouped conv by whole groups, flatten), and groups it cannot follow are
-refused with a reason (graph output, a Reshape splitting heads, a shared weight,
-Softmax over the channels, dynamic shapes)."""
+with offsets, grouped conv by whole groups, flatten, attention heads), and groups it cannot follow are
+refused with a reason (graph output, a MatMul of activations contracting over the channels,
+a shared weight, Softmax over the channels, dynamic shapes); attention heads are units."""
 
 from __future__ import annotations
 
@@ -40,12 +40,38 @@ def test_coupled_cnn_groups():
 
 
 def test_reshape_mapping():
-    axis, channel = reshape_mapping([1, 8, 2, 2], [1, 32], 1)
+    axis, in_pos, out_pos = reshape_mapping([1, 8, 2, 2], [1, 32], 1)
     assert axis == 1
-    np.testing.assert_array_equal(channel, np.repeat(np.arange(8), 4))
+    np.testing.assert_array_equal(in_pos, np.repeat(np.arange(8), 4))
+    np.testing.assert_array_equal(out_pos, np.arange(32))
     assert reshape_mapping([2, 16, 64], [2, 16, 64], 2)[0] == 2
     assert reshape_mapping([2, 16, 64], [2, 16, 1, 64], 2)[0] == 3
-    assert "splits the channel axis" in reshape_mapping([2, 16, 64], [2, 16, 4, 16], 2)
+    # a split into heads: channel c is head c // 16 of the outer axis
+    axis, in_pos, out_pos = reshape_mapping([2, 16, 64], [2, 16, 4, 16], 2)
+    assert axis == 2
+    np.testing.assert_array_equal(in_pos, np.arange(64))
+    np.testing.assert_array_equal(out_pos, np.arange(64) // 16)
+    assert "merges it with others" in reshape_mapping([2, 6, 4], [3, 16], 1)
+
+
+def test_attention_heads_are_units():
+    """Q, K, V of one head and the output projection's rows of that head are one unit;
+    the residual stream (output projection, FFN out) reaches x and y: refused."""
+    model = prune_models.attention_block(d_model=32, heads=4, dynamo=False)
+    infer_missing_shapes(model)  # the TorchScript exporter writes no value shapes
+    groups = _groups(model)
+    assert set(groups) == {("/k/MatMul", "/q/MatMul", "/v/MatMul"), ("/fc1/MatMul",),
+                           ("/fc2/MatMul", "/o/MatMul")}
+    heads = groups[("/k/MatMul", "/q/MatMul", "/v/MatMul")]
+    assert heads.reason is None and heads.units == 4
+    for name in ("/q/MatMul_output_0", "/k/Add_output_0", "/v/Add_output_0",
+                 "/Reshape_3_output_0"):  # the last: heads merged back, read by o
+        np.testing.assert_array_equal(heads.unit_of[(name, 2)], np.repeat(np.arange(4), 8))
+    # Q K^T and P V keep the head axis (1) of both operands
+    for name in ("/MatMul_output_0", "/Softmax_output_0", "/MatMul_1_output_0"):
+        np.testing.assert_array_equal(heads.unit_of[(name, 1)], np.arange(4))
+    assert groups[("/fc2/MatMul", "/o/MatMul")].reason == "it reaches graph input 'x'"
+    assert ("y", 2) in groups[("/fc2/MatMul", "/o/MatMul")].dims
 
 
 def _linear_then(op_nodes, out_shape, extra_inits=(), hidden=16):
@@ -63,7 +89,11 @@ def test_refusals_name_the_reason():
                          [2, 3, 4, 4], [helper.make_tensor("shape", TensorProto.INT64, [4],
                                                            [2, 3, 4, 4])])
     (group,) = ChannelGraph(heads).groups
-    assert group.reason == "Reshape split: it splits the channel axis (16) into 2 axes"
+    assert group.reason == "it reaches graph output 'y'"  # also through the Reshape
+
+    gram = _linear_then([helper.make_node("Transpose", ["h"], ["t"], perm=[0, 2, 1]),
+                         helper.make_node("MatMul", ["h", "t"], ["y"], name="gram")], [2, 3, 3])
+    assert ChannelGraph(gram).groups[0].reason == "MatMul gram contracts over it"
 
     softmax = _linear_then([helper.make_node("Softmax", ["h"], ["s"], name="sm", axis=-1),
                             helper.make_node("Relu", ["s"], ["y"])], [2, 3, 16])
