@@ -15,6 +15,7 @@ import numpy as np
 from bench.case import SEED, PreparedCase, random_inputs
 from bench.cases_moe import MOE_CASES
 from bench.cases_quant import QUANT_CASES
+from bench.cases_sparse import SPARSE_CASES
 
 
 def _encoder(workdir: Path) -> PreparedCase:
@@ -129,4 +130,5 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "picodet-layout-fp32": _held_out("picodet-layout"),
     **QUANT_CASES,
     **MOE_CASES,
+    **SPARSE_CASES,
 }
