@@ -10,6 +10,10 @@ import os
 
 import pytest
 
+# The build cache (kiln.compiler.driver.buildcache) is on by default for users; the suite
+# compiles the same model again on purpose, so it is off unless a test turns it on.
+os.environ.setdefault("KILN_CACHE", "off")
+
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("KILN_SLOW") == "1":

@@ -4,9 +4,12 @@ and its own tests pass against this checkout's kiln."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PLUGIN = REPO / "examples" / "kiln-fold-scale"
@@ -25,3 +28,30 @@ def test_fold_scale_plugin_installs_and_its_tests_pass(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("make") is None,
+                    reason="cmake and make are not installed")
+def test_cmake_example_rebuilds_only_when_the_spec_changes(tmp_path):
+    source = tmp_path / "src"
+    shutil.copytree(REPO / "examples" / "cmake", source)
+    kiln = Path(sys.executable).with_name("kiln")
+    model = REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx"
+    build = tmp_path / "build"
+    subprocess.run(["cmake", "-S", str(source), "-B", str(build), f"-DKILN={kiln}",
+                    f"-DKILN_MODEL={model}", "-G", "Unix Makefiles"],
+                   check=True, capture_output=True, text=True, timeout=120)
+
+    def make() -> str:
+        proc = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    assert "kiln: compiling" in make()
+    assert {"model.onnx", "model.so", "manifest.json"} <= \
+        {p.name for p in (build / "tiny_cnn").iterdir()}
+    assert "kiln: compiling" not in make()                    # nothing changed: no rerun
+    spec = source / "spec.yaml"
+    spec.write_text(spec.read_text() + "verify: {samples: 1}\n")
+    assert "kiln: compiling" in make()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,77 @@ def _check_outdir(out: Path, model: Path, writes_onnx: bool) -> None:
                           "it (choose another -o OUTDIR)")
 
 
+def _buildcache():
+    from kiln.compiler.driver import buildcache
+
+    return buildcache
+
+
+def _key(args, spec, target, shapes):
+    return _buildcache().build_key(args.model, spec, target=target, input_shapes=shapes,
+                                   options={"no_build": args.no_build, "tune": args.tune,
+                                            "tuning_db": args.tuning_db})
+
+
+def _check(args, spec, target, shapes, out: Path | None) -> int:
+    """--check: print whether OUTDIR holds this compile's outputs; 0 current, 1 stale."""
+    if out is None:
+        raise KilnError("--check needs -o OUTDIR (the folder to check)")
+    key, why = _key(args, spec, target, shapes)
+    current, why = _buildcache().check_outdir(out, key) if key is not None else \
+        (False, f"cannot tell: {why}")
+    print(f"{out}: {'up to date' if current else 'stale: ' + why}")
+    return 0 if current else 1
+
+
+def _build_key(args, spec, target, shapes, out: Path | None):
+    """(key, cache folder) of this compile (kiln.compiler.driver.buildcache)."""
+    cache = None if args.no_cache else (Path(args.cache) if args.cache else
+                                        _buildcache().default_cache_dir())
+    if out is None or cache is None:
+        return None, cache
+    return _key(args, spec, target, shapes)[0], cache
+
+
+def _inputs_writer(key):
+    if key is None:
+        return None
+    return lambda staging: _buildcache().write_inputs(staging, key)
+
+
+def _reuse(args, key, cache: Path, out: Path, started: float) -> bool:
+    """OUTDIR already current, or filled from the cache: True (nothing to compile)."""
+    bc = _buildcache()
+    current, _ = bc.check_outdir(out, key)
+    entry = None if current else bc.lookup(cache, key)
+    if not current and entry is None:
+        return False
+    written: list[Path] = []
+    if current:  # newer than the model and spec, for make-style tools (content unchanged)
+        for name in json.loads((out / "inputs.json").read_text())["files"]:
+            os.utime(out / name)
+        os.utime(out / "inputs.json")
+    if entry is not None:
+        from kiln.compiler.driver.outdir import OutputFolder
+
+        model = Path(args.model)
+        with OutputFolder(out, protect=(model,) if model.exists() else ()) as folder:
+            bc.copy_entry(entry, folder.staging)
+            written = folder.commit()
+    how = "up to date" if current else f"from the build cache ({entry})"
+    if args.json:
+        _print_json({"model": str(args.model), "output": str(out), "cached": not current,
+                     "up_to_date": current, "files": [p.name for p in written],
+                     "seconds": round(time.perf_counter() - started, 3),
+                     "report": json.loads((out / "report.json").read_text())
+                     if (out / "report.json").is_file() else None})
+    elif not args.quiet:
+        _console().print(f"{out}/: {how}, nothing compiled "
+                         f"({time.perf_counter() - started:.1f} s)", markup=False,
+                         soft_wrap=True)
+    return True
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from kiln.compiler.driver.compile import compile_model, compile_to_folder
 
@@ -136,6 +208,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from kiln.compiler.core.spec.schema import with_sections
 
         spec = with_sections(spec, strict=True)
+    if args.measure:  # time the host build vs uncompressed and ORT (driver.measure)
+        from kiln.compiler.core.spec.schema import with_sections
+
+        spec = with_sections(spec, output=spec.output.model_copy(update={"measure": args.measure}))
+        if args.no_build or not args.output or not (args.target or spec.target):
+            raise KilnError("--measure needs -o OUTDIR and a build (--target, not --no-build)")
     target = _target_arg(args.target)
     _check_target_name(spec.target, spec, from_spec=True)
     _check_target_name(target, spec, from_spec=False)
@@ -152,6 +230,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         _check_outdir(out, Path(args.model), spec.output.onnx)
     started = time.perf_counter()
     shapes = _input_shapes(args.input, args.dim)
+    if args.check:
+        return _check(args, spec, target, shapes, out)
+    key, cache = _build_key(args, spec, target, shapes, out)
+    if key is not None and cache is not None and _reuse(args, key, cache, out, started):
+        return 0
     # -q and --json print nothing but the result: TVM's C++ logging goes to a scratch file
     silent = (args.quiet or args.json) and not args.debug
     with progress("off" if args.quiet or args.json else "auto",
@@ -164,7 +247,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
             result = compile_to_folder(args.model, spec, out,
                                        input_shapes=shapes, target=target,
                                        progress=say, tune_trials=args.tune,
-                                       tuning_db=args.tuning_db)
+                                       tuning_db=args.tuning_db,
+                                       after_write=_inputs_writer(key))
+            if key is not None and cache is not None:
+                _buildcache().store(cache, key, out)
     console = _console()
     seconds = time.perf_counter() - started
     if args.json:
@@ -368,10 +454,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-symbols", action="store_true",
                    help="keep the symbol table in a cross-compiled library (default: strip "
                         "arm64 libraries, about a third smaller)")
+    p.add_argument("--measure", type=int, nargs="?", const=20, default=0, metavar="RUNS",
+                   help="after a host build, time it against the uncompressed model and ONNX "
+                        "Runtime (RUNS calls each, default 20) into report.json; warns when "
+                        "the compressed module is slower, with the reasons")
     p.add_argument("--strict", action="store_true",
                    help="a lossy pass that changes nothing is an error (spec: strict: true)")
     p.add_argument("--json", action="store_true",
                    help="print the summary (report, files written) as JSON on stdout")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing; exit 0 when OUTDIR holds the outputs of exactly this "
+                        "compile (same model, spec, target, kiln), 1 when they are stale")
+    p.add_argument("--cache", metavar="DIR", default=None,
+                   help="build cache folder (default: $KILN_CACHE_DIR, else "
+                        "~/.cache/kiln/builds; KILN_CACHE=off disables it): a compile "
+                        "already done is copied from there instead of run again")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor fill the build cache, and rebuild even when "
+                        "OUTDIR is up to date")
     p.set_defaults(func=cmd_compile)
 
     p = _sub(sub, "plan", common, "show what each pass would touch, changing nothing")

@@ -43,6 +43,7 @@ from kiln.compiler.core.selectors import describe, select_nodes
 from kiln.compiler.core.spec import Budget, PassEntry, Spec, default_spec
 from kiln.compiler.core.version import kiln_version
 from kiln.compiler.driver import registry, sensitivity, symbolic
+from kiln.compiler.driver.measure import measure_build
 from kiln.compiler.driver.outdir import OutputFolder
 from kiln.compiler.driver.pass_checks import after_pass
 from kiln.compiler.driver.report import CompiledReport, CompileReport, PassReport
@@ -199,6 +200,8 @@ class CompileResult:
             db = tuning_db if tuning_db is not None else self.spec.tune.db
             self.report.compiled = _build_and_check(self, target, out, progress, trials,
                                                     Path(db) if db else None)
+            if self.spec.output.measure:  # kiln compile --measure (driver.measure)
+                self.report.measure = measure_build(self, target, out, progress, self.spec.output.measure)
         digests = {name: file_sha256(out / name) for name in os.listdir(out)
                    if not name.startswith(".")}
         self.report.model_hash = model_hash(digests)

@@ -39,7 +39,8 @@ from kiln.compiler.core.atomic import DEFAULT_MODE, current_umask, write_atomic,
 from kiln.compiler.core.errors import OutputError
 
 #: The files kiln writes into OUTDIR, in the order they are moved out at a commit.
-KILN_FILES = ("manifest.json", "model.so", "model.onnx", "report.html", "report.json")
+KILN_FILES = ("manifest.json", "model.so", "model.onnx", "report.html", "report.json",
+              "inputs.json")
 #: Written last at a commit: the file that makes a folder a loadable build.
 COMMIT_LAST = "manifest.json"
 FAILED_REPORT_SUFFIX = ".failed-report.json"
