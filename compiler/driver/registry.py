@@ -31,6 +31,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "low_rank": "kiln.passes.reparam.low_rank:LowRank",
     "dedupe_weights": "kiln.passes.share.dedupe_weights:DedupeWeights",
     "share_blocks": "kiln.passes.share.share_blocks:ShareBlocks",
+    "template_share": "kiln.passes.share.template_share:TemplateShare",
     "quantize": "kiln.passes.quant.quantize:Quantize",
     "migrate_scales": "kiln.passes.quant.migrate_scales:MigrateScales",
     "equalize": "kiln.passes.quant.equalize:Equalize",
