@@ -93,6 +93,9 @@ class CompileReport:
     error: dict[str, Any] | None = None
     #: where calibration and verification samples came from (driver.samples.SampleSets)
     calibration: Any = None
+    #: ``kiln compile --measure``: latencies of the compiled, uncompressed and ORT runs
+    #: (driver.measure); None when not measured
+    measure: dict[str, Any] | None = None
 
     def fail(self, error: Exception) -> None:
         """Mark the report failed with ``error`` (the passes listed are those that ran)."""
@@ -131,6 +134,8 @@ class CompileReport:
             "onnx_bytes": self.onnx_bytes,
             "compiled": self.compiled.to_dict() if self.compiled else None,
         }
+        if self.measure is not None:
+            data["measure"] = self.measure
         if self.error is not None:
             data["error"] = self.error
         return data
@@ -214,6 +219,10 @@ class CompileReport:
             lines.append(f"sparse kernel for {len(sparse)} of {len(c.sparse_kernels)} sparse "
                          "layer(s)" + (": " + ", ".join(sparse) if sparse else
                                        " (the dense kernel is expected to be faster)"))
+        if self.measure is not None:
+            from kiln.compiler.driver.measure import measure_lines
+
+            lines += measure_lines(self.measure)
         return lines
 
 

@@ -234,6 +234,9 @@ class Output(_Strict):
     tvm: bool = True
     report: list[Literal["json", "html"]] = ["json"]
     keep_symbols: bool = False
+    #: ``kiln compile --measure [RUNS]``: after a host build, time it against the
+    #: uncompressed model and ONNX Runtime (``RUNS`` calls each; 0: off) into report.json
+    measure: int = Field(default=0, ge=0, le=10000)
 
 
 class PassEntry(_Strict):
