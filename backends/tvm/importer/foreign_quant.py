@@ -15,9 +15,10 @@ so the weight's ``DequantizeLinear`` is decoded inside the contraction's kernel
   ``QuantizeLinear`` rounds and saturates the same way, on the float sum, so a value
   that lands on a rounding boundary may differ by one step of ``sy``.
 - ``quantize_dynamic``: ``MatMulInteger(a, b, za, zb)`` / ``ConvInteger`` become
-  ``Cast<int32>(MatMul(DQ(a, 1, za), DQ(b, 1, zb)))``: the float sum of integer products
-  is exact while ``|acc| < 2**24`` (K * 255 * 128 < 2**24 for K < 513; beyond, the
-  relative error is float32's, far below the step of the Mul by scales that follows).
+  ``Cast<int32>(MatMul(DQ(a, 1, za), DQ(b, 1, zb)))`` (the Cast dropped where only a
+  Cast back to float reads it): the float sum of integer products is exact while
+  ``|acc| < 2**24`` (K * 255 * 128 < 2**24 for K < 513; beyond, the relative error is
+  float32's, far below the step of the Mul by scales that follows).
 - com.microsoft ``MatMulNBits`` (4 bits, ``block_size``, optional packed uint4 zero
   points, default 8; ``g_idx`` refused): ``B[n, blk, byte]`` holds codes low nibble
   first along K; they become an int4 ``[K, N]`` weight (``code - 8``, no zero point) or
@@ -341,6 +342,33 @@ def _key(node: onnx.NodeProto) -> tuple[str, str]:
     return ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
 
 
+def _drop_int32_round_trips(nodes: list[onnx.NodeProto],
+                            outputs: set[str]) -> list[onnx.NodeProto]:
+    """``Cast<float>(Cast<int32>(y))`` -> ``y`` for an integer contraction's float sum read
+    only by Casts back to float (ORT's quantize_dynamic writes one after each): ``y`` is
+    already an integer, exact while ``|y| < 2**24``, so the round trip only costs a rounding
+    epilogue in the contraction's kernel."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in nodes:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    replace: dict[int, onnx.NodeProto] = {}
+    for node in nodes:
+        if not (node.op_type == "Cast" and "__kiln_" in node.name
+                and attributes(node).get("to") == TensorProto.INT32):
+            continue
+        users = readers.get(node.output[0], [])
+        if node.output[0] in outputs or not users or not all(
+                u.op_type == "Cast" and attributes(u).get("to") == TensorProto.FLOAT
+                for u in users):
+            continue
+        for user in users:
+            replace[id(user)] = helper.make_node("Identity", [node.input[0]], list(user.output),
+                                                 name=user.name)
+        replace[id(node)] = None
+    return [replace.get(id(n), n) for n in nodes if replace.get(id(n), n) is not None]
+
+
 def lower_foreign_quant(model: onnx.ModelProto) -> int:
     """Rewrite every QOperator / integer / MatMulNBits node of ``model``'s main graph into
     QDQ form (in place, the backend's own copy). Returns how many nodes were rewritten."""
@@ -360,7 +388,7 @@ def lower_foreign_quant(model: onnx.ModelProto) -> int:
         keep.extend(rewriter.nodes)
         rewritten += 1
     del graph.node[:]
-    graph.node.extend(keep)
+    graph.node.extend(_drop_int32_round_trips(keep, {v.name for v in graph.output}))
     still_read = {name for node in graph.node for name in node.input}
     # an initializer that is also a graph input (IR < 4) stays: its input would dangle
     still_read |= {value.name for value in [*graph.output, *graph.input]}
