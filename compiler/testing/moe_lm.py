@@ -85,9 +85,9 @@ class Trained:
 
 
 def train(seconds: float = 60.0, *, batch: int = 256, seed: int = 0, max_bytes: int = 2_000_000,
-          test_bytes: int = 20_000, **sizes) -> Trained:
-    """Train for ``seconds`` of wall clock (at least 10 steps) on the corpus minus its last
-    ``test_bytes``."""
+          test_bytes: int = 20_000, steps: int | None = None, **sizes) -> Trained:
+    """Train for ``seconds`` of wall clock (at least 10 steps), or exactly ``steps`` steps
+    (repeatable on any machine, however busy), on the corpus minus its last ``test_bytes``."""
     torch.manual_seed(seed)
     data = stdlib_corpus(max_bytes, seed)
     train_text, test_text = data[:-test_bytes], data[-test_bytes:]
@@ -97,8 +97,9 @@ def train(seconds: float = 60.0, *, batch: int = 256, seed: int = 0, max_bytes: 
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
-    steps = 0
-    while steps < 10 or time.perf_counter() - start < seconds:
+    budget, steps = steps, 0
+    while (steps < budget) if budget is not None else \
+            (steps < 10 or time.perf_counter() - start < seconds):
         pick = torch.from_numpy(rng.integers(0, len(xs), batch))
         loss = nn.functional.cross_entropy(model(xs[pick]), ys[pick]) \
             + BALANCE_WEIGHT * model.balance_loss(xs[pick])

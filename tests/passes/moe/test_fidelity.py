@@ -22,7 +22,7 @@ def _run(tmp_path, **train):
 
 
 def test_tiny_model_table(tmp_path):
-    rows = _run(tmp_path, seconds=1.0, max_bytes=100_000, test_bytes=3000, context=8,
+    rows = _run(tmp_path, steps=120, max_bytes=100_000, test_bytes=3000, context=8,
                 dim=32, hidden=32, experts=4)
     assert list(rows) == ["top-2 (as trained)", "dense mixture", "top-1", "pruned to 3",
                           "merged to 3", "pruned to 2", "merged to 2"]
