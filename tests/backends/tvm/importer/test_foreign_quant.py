@@ -156,22 +156,45 @@ def test_dynamic_rewrite_drops_the_int32_round_trip(tmp_path):
     assert relative_error(got, want) < DYNAMIC_REL_TOL
 
 
-@pytest.mark.parametrize("symmetric", [True, False], ids=["int4", "uint4-zero-point"])
-def test_matmul_nbits_runs_on_the_fused_int4_gemv(symmetric, tmp_path):
+def test_matmul_nbits_runs_on_the_fused_int4_gemv(tmp_path):
     """ORT's MatMulNBits quantizer (4 bits, block 32) on a 4-token MLP: both MatMuls are
     kiln's grouped int4 GEMV kernel (kiln_gemv_int4, decode_contraction) on the packed
     weight: the library holds 2 x 64 KiB of nibbles, not the 1 MiB of float32 weights."""
     model = fq.matmul_block(d=256, hidden=512)
-    path = fq.quantize_matmul_nbits(model, tmp_path / "nbits.onnx", 32, symmetric)
+    path = fq.quantize_matmul_nbits(model, tmp_path / "nbits.onnx", 32, symmetric=True)
     nbits = [n for n in onnx.load(path).graph.node if n.op_type == "MatMulNBits"]
-    assert len(nbits) == 2
-    assert all(len(n.input) == (3 if symmetric else 4) for n in nbits)
+    assert len(nbits) == 2 and all(len(n.input) == 3 for n in nbits)
     result, got, want = _build_and_run(path, tmp_path)
     assert relative_error(got, want) < NBITS_REL_TOL
     assert len(result.rules) == 2, result.rules
     assert all("kiln_gemv_int4" in name and rule == "decode_contraction"
                for name, rule in result.rules.items()), result.rules
     assert result.library.stat().st_size < 512 * 1024
+
+
+#: (tokens, d, hidden, block, symmetric) and the kernel each MatMul must be: the grouped
+#: GEMV needs K a multiple of the block and at most 4 rows; otherwise the packed weight is
+#: decoded inside a GEMV / GEMM (kiln_decode4 fused into the matmul).
+NBITS_CASES = {
+    "uint4-zero-point-g32": ((4, 64, 128, 32, False), "kiln_gemv_int4"),
+    "int4-g16": ((1, 64, 128, 16, True), "kiln_gemv_int4"),
+    "int4-ragged-k80": ((1, 80, 96, 32, True), "kiln_decode4"),
+    "uint4-16-tokens": ((16, 64, 128, 32, False), "kiln_decode4"),
+}
+
+
+@pytest.mark.parametrize("case", list(NBITS_CASES))
+def test_matmul_nbits_forms_decode_inside_one_kernel(case, tmp_path):
+    (tokens, d, hidden, block, symmetric), kernel = NBITS_CASES[case]
+    model = fq.matmul_block(tokens=tokens, d=d, hidden=hidden)
+    path = fq.quantize_matmul_nbits(model, tmp_path / "nbits.onnx", block, symmetric)
+    nbits = [n for n in onnx.load(path).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 and all(len(n.input) == (3 if symmetric else 4) for n in nbits)
+    result, got, want = _build_and_run(path, tmp_path)
+    assert relative_error(got, want) < NBITS_REL_TOL
+    assert len(result.rules) == 2, result.rules
+    assert all(kernel in name and rule == "decode_contraction"
+               for name, rule in result.rules.items()), result.rules
 
 
 def _nbits_proto(tmp_path) -> onnx.ModelProto:
