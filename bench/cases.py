@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.case import SEED, PreparedCase, random_inputs
+from bench.cases_blocks import BLOCK_CASES
 from bench.cases_moe import MOE_CASES
 from bench.cases_quant import QUANT_CASES
 from bench.cases_sparse import SPARSE_CASES
@@ -131,4 +132,5 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     **QUANT_CASES,
     **MOE_CASES,
     **SPARSE_CASES,
+    **BLOCK_CASES,
 }
