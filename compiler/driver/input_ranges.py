@@ -19,7 +19,7 @@ operand accepts, using the static shapes of the op's other operands:
   dynamic strided_slice); integer Div / Mod divisors: non-zero; BitShift
   amounts: within the element width; integer Pow exponents: 0..3; Resize scales:
   output / input (positive); NonMaxSuppression thresholds in [0, 1); AffineGrid size
-  from the output shape.
+  from the output shape; a window's size and CenterCropPad's shape from the output shape.
 
 An input no rule speaks for gets the default draw (normal floats, ints in [0, 4),
 fair booleans).
@@ -38,6 +38,7 @@ from kiln.compiler.core import graph as kir
 Draw = Callable[[np.random.Generator, list[int], np.dtype], np.ndarray]
 
 _PASS_THROUGH = ("Identity", "Cast", "CastLike")
+_WINDOW_OPS = ("HannWindow", "HammingWindow", "BlackmanWindow")
 _REDUCE_AXES_OPS = ("ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                     "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
                     "ReduceSumSquare")
@@ -202,6 +203,11 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
         if all(o is not None for o in outs):
             return _filled([o[axis] for o in outs])  # type: ignore[index]
         return _even_split(data[axis])
+    if op in _WINDOW_OPS and index == 0 and out_shape is not None and len(out_shape) == 1:
+        return _filled(out_shape)
+    if op == "CenterCropPad" and index == 1 and out_shape is not None:
+        axes = _attr(node, "axes", None) or range(len(out_shape))
+        return _filled([out_shape[a] for a in axes])
     if op == "Resize" and index == 3 and out_shape is not None:
         return _filled(out_shape)
     if op == "Slice" and index == 1:  # starts 0, ends >= 1: never an empty or negative

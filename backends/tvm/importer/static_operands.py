@@ -1,7 +1,8 @@
 """Shape operands fed by model inputs, fixed to the value the declared output shape implies.
 
 kiln builds static shapes: a model whose ``Expand`` shape, ``Reshape`` shape, ``Tile``
-repeats, ``TopK`` k or ``Reduce*``/``Squeeze``/``Unsqueeze`` axes come from a graph input
+repeats, ``TopK`` k, ``Reduce*``/``Squeeze``/``Unsqueeze`` axes, a ``*Window``'s size
+or ``CenterCropPad``'s shape come from a graph input
 can only be built for one output shape, the one its graph output declares. Given that
 shape, the operand's effect is fixed (``Expand`` to ``[2, 3, 6]``, ``ReduceSum`` over
 axis 1, ...), so the operand becomes that constant before import; the input stays an
@@ -27,9 +28,10 @@ logger = logging.getLogger(__name__)
 _REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                      "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
                      "ReduceSumSquare"})
-#: op -> the operand index that carries a shape, repeats, k or axes
+_WINDOWS = frozenset({"HannWindow", "HammingWindow", "BlackmanWindow"})
+#: op -> the operand index that carries a shape, repeats, k, axes or a window's size
 _OPERAND = {"Expand": 1, "Reshape": 1, "Tile": 1, "TopK": 1, "Squeeze": 1, "Unsqueeze": 1,
-            **dict.fromkeys(_REDUCE, 1)}
+            **dict.fromkeys(_REDUCE, 1), **dict.fromkeys(_WINDOWS, 0), "CenterCropPad": 1}
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -69,6 +71,11 @@ def _value(node: onnx.NodeProto, data: list[int], out: list[int], size: int) -> 
     if op == "Tile" and len(data) == len(out) == size and all(
             d and o % d == 0 for d, o in zip(data, out)):
         return [o // d for d, o in zip(data, out)]
+    if op in _WINDOWS and size == 1 and len(out) == 1:
+        return [out[0]]
+    if op == "CenterCropPad" and len(data) == len(out):
+        axes = [a % len(out) for a in _attr(node, "axes", list(range(len(out))))]
+        return [out[a] for a in axes] if len(axes) == size else None
     if op == "TopK" and size == 1 and len(data) == len(out):
         return [out[_attr(node, "axis", -1) % len(data)]]
     if op == "Squeeze":
