@@ -12,7 +12,7 @@ import pytest
 
 # The build cache (kiln.compiler.driver.buildcache) is on by default for users; the suite
 # compiles the same model again on purpose, so it is off unless a test turns it on.
-os.environ.setdefault("KILN_CACHE", "off")
+os.environ.setdefault("KILN_BUILD_CACHE", "off")
 
 
 def pytest_collection_modifyitems(config, items):

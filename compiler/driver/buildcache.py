@@ -23,8 +23,8 @@ recomputes the key and compares: exit 0 when OUTDIR is current, 1 when stale (na
 that changed, or the file that was edited or removed), nothing written.
 
 The **cache** (``--cache DIR``, default ``$XDG_CACHE_HOME/kiln/builds``, ``--no-cache`` or
-``KILN_CACHE=off`` to skip it) holds one folder per key: a compile whose key is there copies
-the files into OUTDIR (all or nothing, like a build) instead of compiling. Entries are checked
+``KILN_BUILD_CACHE=off`` to skip it) holds one folder per key: a compile whose key is there
+copies the files into OUTDIR (all or nothing, like a build) instead of compiling. Entries are checked
 against their ``inputs.json`` digests before use (a damaged one is dropped) and written by
 rename, so a cache shared by parallel builds never serves half an entry. A cache that cannot
 be written only costs the next build its time (a warning, never an error).
@@ -240,11 +240,12 @@ def check_outdir(outdir: Path, key: BuildKey) -> tuple[bool, str]:
 
 
 def default_cache_dir() -> Path | None:
-    """``$KILN_CACHE_DIR`` or ``$XDG_CACHE_HOME/kiln/builds``; None when ``KILN_CACHE=off``."""
-    if os.environ.get("KILN_CACHE", "").lower() in ("off", "0", "no", "false"):
+    """``$KILN_BUILD_CACHE_DIR`` or ``$XDG_CACHE_HOME/kiln/builds``; None when
+    ``KILN_BUILD_CACHE=off``."""
+    if os.environ.get("KILN_BUILD_CACHE", "").lower() in ("off", "0", "no", "false"):
         return None
-    if os.environ.get("KILN_CACHE_DIR"):
-        return Path(os.environ["KILN_CACHE_DIR"])
+    if os.environ.get("KILN_BUILD_CACHE_DIR"):
+        return Path(os.environ["KILN_BUILD_CACHE_DIR"])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "kiln" / "builds"
 

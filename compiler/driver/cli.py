@@ -466,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write nothing; exit 0 when OUTDIR holds the outputs of exactly this "
                         "compile (same model, spec, target, kiln), 1 when they are stale")
     p.add_argument("--cache", metavar="DIR", default=None,
-                   help="build cache folder (default: $KILN_CACHE_DIR, else "
-                        "~/.cache/kiln/builds; KILN_CACHE=off disables it): a compile "
+                   help="build cache folder (default: $KILN_BUILD_CACHE_DIR, else "
+                        "~/.cache/kiln/builds; KILN_BUILD_CACHE=off disables it): a compile "
                         "already done is copied from there instead of run again")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor fill the build cache, and rebuild even when "

@@ -127,12 +127,12 @@ def test_no_key_for_python_callables(tmp_path):
 
 
 def test_cache_env_switches(monkeypatch, tmp_path):
-    monkeypatch.setenv("KILN_CACHE", "off")
+    monkeypatch.setenv("KILN_BUILD_CACHE", "off")
     assert buildcache.default_cache_dir() is None
-    monkeypatch.setenv("KILN_CACHE", "on")
-    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("KILN_BUILD_CACHE", "on")
+    monkeypatch.setenv("KILN_BUILD_CACHE_DIR", str(tmp_path))
     assert buildcache.default_cache_dir() == tmp_path
-    monkeypatch.delenv("KILN_CACHE_DIR")
+    monkeypatch.delenv("KILN_BUILD_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert buildcache.default_cache_dir() == tmp_path / "xdg" / "kiln" / "builds"
 
