@@ -1,16 +1,17 @@
 """Sparse benchmark cases: kiln's sparse kernel vs its dense kernel vs ONNX Runtime.
 
 The bench MLP is ``x[1, 512] -> 1024 -> 1024 -> 256`` (ReLU, Gemm layers, seeded weights,
-9.4 MB fp32), pruned by kiln's own ``prune`` pass:
+7.3 MB fp32), pruned by kiln's own ``prune`` pass:
 
 sparse-2of4      ``pattern: "2:4"`` (the sparse-2of4 spec's pruning: 50% zeros).
 block-sparse-80  ``block: [16, 1], sparsity: 0.8`` (80% of the 16x1 blocks zero).
 
 ``SPARSE_CASES`` registers both with ``python -m bench`` (kiln as built by default, i.e.
 the sparse kernel only where the cost model expects it to win, vs ONNX Runtime on the
-same pruned ONNX file). ``python -m bench.cases_sparse`` builds each case twice, with
-``KILN_SPARSE_KERNELS=auto`` and ``never`` (the dense kernel everywhere), times both and
-ONNX Runtime interleaved, prints which layers got the sparse kernel and writes
+same pruned ONNX file). ``python -m bench.cases_sparse`` builds each case three times, with
+``KILN_SPARSE_KERNELS=auto``, ``never`` (the dense kernel everywhere) and ``always`` (the
+sparse kernel on every pruned layer, whatever the cost model says), times them and ONNX
+Runtime interleaved, prints which layers got the sparse kernel and writes
 ``bench/results_sparse.json``.
 """
 
@@ -88,12 +89,13 @@ def run_sparse_case(name: str, workdir: Path, threads: int, runs: int, rounds: i
     case = SPARSE_CASES[name](workdir)
     auto, layers = _build(case, workdir / f"{name}-auto", "auto", threads)
     dense, _ = _build(case, workdir / f"{name}-dense", "never", threads)
+    forced, _ = _build(case, workdir / f"{name}-always", "always", threads)
     ort_run = _ort_runner(case, threads)
     want = ort_run()[0]
     errors = {k: float(np.abs(b.run(case.inputs)[0] - want).max() / np.abs(want).max())
-              for k, b in (("auto", auto), ("dense", dense))}
+              for k, b in (("auto", auto), ("dense", dense), ("always", forced))}
     fns = {"kiln": lambda: auto.run(case.inputs), "kiln_dense": lambda: dense.run(case.inputs),
-           "ort": ort_run}
+           "kiln_always_sparse": lambda: forced.run(case.inputs), "ort": ort_run}
     best: dict[str, float] = {}
     for _ in range(rounds):  # a shared machine: the least disturbed round's median
         for engine, ms in time_interleaved(fns, runs, warmup=20).items():
@@ -102,9 +104,12 @@ def run_sparse_case(name: str, workdir: Path, threads: int, runs: int, rounds: i
         "case": name, "pruning": {k: list(v) if isinstance(v, tuple) else v
                                   for k, v in PRUNING[name].items()},
         "sparse_layers": layers, "kiln_ms": round(best["kiln"], 4),
-        "kiln_dense_ms": round(best["kiln_dense"], 4), "ort_ms": round(best["ort"], 4),
+        "kiln_dense_ms": round(best["kiln_dense"], 4),
+        "kiln_always_sparse_ms": round(best["kiln_always_sparse"], 4),
+        "ort_ms": round(best["ort"], 4),
         "sparse_vs_dense": round(best["kiln_dense"] / best["kiln"], 3),
-        "bytes": auto.bytes, "dense_bytes": dense.bytes, "threads": threads,
+        "bytes": auto.bytes, "dense_bytes": dense.bytes, "always_sparse_bytes": forced.bytes,
+        "threads": threads,
         "max_rel_err_vs_ort": {k: float(f"{v:.3g}") for k, v in errors.items()},
     }
 
@@ -122,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-sparse-") as tmp:
         results = [run_sparse_case(name, Path(tmp), args.threads, args.runs, args.rounds)
                    for name in args.cases]
-    print("| case | sparse layers | kiln (auto) ms | kiln dense ms | ORT ms | dense/auto |")
-    print("|---|---|---|---|---|---|")
+    print("| case | sparse layers | kiln (auto) ms | kiln dense ms | kiln all sparse ms | "
+          "ORT ms | dense/auto |")
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['case']} | {', '.join(r['sparse_layers']) or 'none'} | {r['kiln_ms']} | "
-              f"{r['kiln_dense_ms']} | {r['ort_ms']} | {r['sparse_vs_dense']} |")
+              f"{r['kiln_dense_ms']} | {r['kiln_always_sparse_ms']} | {r['ort_ms']} | "
+              f"{r['sparse_vs_dense']} |")
     payload = {"commit": git_commit(), "results": results}
     from kiln.compiler.core.atomic import write_atomic
 

@@ -156,15 +156,18 @@ def policy() -> str:
     return value
 
 
-def choose_layout(r: np.ndarray, rows: int) -> tuple[Layout, float, float]:
+def choose_layout(r: np.ndarray, rows: int, model_weight_bytes: int
+                  ) -> tuple[Layout, float, float]:
     """(the sparse layout the cost model expects to be fastest, its stored density, the
-    expected dense/sparse speedup) for R [N, K] and ``rows`` rows of x."""
+    expected dense/sparse speedup) for R [N, K] and ``rows`` rows of x, in a model whose
+    MatMul/Gemm weights take ``model_weight_bytes``."""
     n, k = r.shape
     costed = [(layout, max(width, 1) / k) for layout, width in
               (("shared", _shared_width(r)), ("gather", _gather_width(r)))]
     # a layout storing (nearly) every column saves nothing, whatever the estimate
     costed = [c for c in costed if c[1] <= MAX_STORED_DENSITY] or costed
-    return max(((layout, density, estimate(layout, density, rows=rows, k=k, n=n))
+    return max(((layout, density, estimate(layout, density, rows=rows,
+                                               model_weight_bytes=model_weight_bytes))
                 for layout, density in costed), key=lambda c: c[2])
 
 
@@ -217,6 +220,9 @@ def pack_sparse_weights(model: onnx.ModelProto, mode: str | None = None) -> list
     choices: list[SparseChoice] = []
     if mode == "never":
         return choices
+    weights = [inits[n.input[1]] for n in graph.node if n.op_type in ("MatMul", "Gemm")
+               and len(n.input) > 1 and n.input[1] in inits]
+    total = sum(4 * int(np.prod(t.dims)) for t in weights if t.data_type == onnx.TensorProto.FLOAT)
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in _STANDARD_DOMAINS \
                 or len(node.input) < 2 or node.input[1] not in inits:
@@ -224,7 +230,8 @@ def pack_sparse_weights(model: onnx.ModelProto, mode: str | None = None) -> list
         w = numpy_helper.to_array(inits[node.input[1]])
         if w.dtype != np.float32 or w.size == 0 or float((w == 0).mean()) < MIN_ZERO_FRACTION:
             continue
-        choice, packed = _consider(node, w, inits, readers, shapes.get(node.input[0]), mode)
+        choice, packed = _consider(node, w, inits, readers, shapes.get(node.input[0]), mode,
+                                   total)
         if packed is not None:
             _rewrite(graph, node, packed, inits)
         choices.append(choice)
@@ -241,7 +248,7 @@ def pack_sparse_weights(model: onnx.ModelProto, mode: str | None = None) -> list
 
 
 def _consider(node: onnx.NodeProto, w: np.ndarray, inits: dict, readers: dict[str, int],
-              x_shape: list[int | None] | None, mode: str
+              x_shape: list[int | None] | None, mode: str, model_weight_bytes: int
               ) -> tuple[SparseChoice, PackedRows | None]:
     """The choice for one MatMul/Gemm on the float weight ``w``, and its packed weight
     when the sparse kernel is taken."""
@@ -262,7 +269,7 @@ def _consider(node: onnx.NodeProto, w: np.ndarray, inits: dict, readers: dict[st
     elif bias and (bias not in inits or list(inits[bias].dims) not in ([n], [1, n])):
         why = "Gemm bias is not a constant [N] vector"
     else:
-        layout, density, speedup = choose_layout(r, int(x_shape[0]))
+        layout, density, speedup = choose_layout(r, int(x_shape[0]), model_weight_bytes)
         if speedup <= 1.0 and mode != "always":
             return SparseChoice(name, node.op_type, shape, zeros, "dense", layout=layout,
                                 stored_density=density, expected_speedup=speedup,
