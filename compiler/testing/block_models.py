@@ -13,6 +13,9 @@ transformers are; random ones are not), which keeps dropping or sharing measurab
 The blocks listed in ``quiet`` (indices in execution order: 2i is layer i's attention,
 2i+1 its MLP) get their last projection scaled by ``QUIET_SCALE`` on top: near-identity
 blocks, the ones ``drop_blocks`` should find.
+
+``residual_mlp`` is a plain ONNX stack of residual MLP blocks (no torch export, few
+kernel kinds: a quick TVM build).
 """
 
 from __future__ import annotations
@@ -20,7 +23,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
+import onnx
+import onnx_ir as ir
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 #: extra scale of the last projection of a ``quiet`` block
@@ -106,3 +113,33 @@ def export_transformer(path: str | Path, *, layers: int = 4, dim: int = 32, head
     torch.onnx.export(module, (x,), path, dynamo=False, input_names=["x"], output_names=["y"],
                       opset_version=17, do_constant_folding=True)
     return path
+
+
+def residual_mlp(blocks: int = 4, dim: int = 128, hidden: int = 512, *, seed: int = 0,
+                 batch: int = 4) -> ir.Model:
+    """``blocks`` residual MLP blocks x + relu(x W1 + b1) W2 on ``x[batch, dim]`` (ONNX built
+    directly, distinct seeded weights): few kernel kinds, so a TVM build of it is quick."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x = [], [], "x"
+    for i in range(blocks):
+        for name, shape, scale in ((f"w1_{i}", (dim, hidden), dim ** -0.5),
+                                   (f"b1_{i}", (hidden,), 0.1),
+                                   (f"w2_{i}", (hidden, dim), 0.3 * hidden ** -0.5)):
+            array = (rng.standard_normal(shape) * scale).astype(np.float32)
+            inits.append(numpy_helper.from_array(array, name))
+        nodes += [helper.make_node("MatMul", [x, f"w1_{i}"], [f"m{i}"], name=f"fc1_{i}"),
+                  helper.make_node("Add", [f"m{i}", f"b1_{i}"], [f"a{i}"], name=f"bias_{i}"),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"], name=f"relu_{i}"),
+                  helper.make_node("MatMul", [f"r{i}", f"w2_{i}"], [f"f{i}"], name=f"fc2_{i}"),
+                  helper.make_node("Add", [x, f"f{i}"], [f"h{i}"], name=f"residual_{i}")]
+        x = f"h{i}"
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="out"))
+    graph = helper.make_graph(
+        nodes, "residual_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                              [batch, dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, dim])],
+        initializer=inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.checker.check_model(proto)
+    return ir.serde.deserialize_model(proto)

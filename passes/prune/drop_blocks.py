@@ -9,10 +9,11 @@ similar ``rate`` fraction (``round(rate * n)``) or ``count`` blocks are dropped:
 becomes x, and f's nodes and weights leave the model. The scores come from one run of the
 model as it was (one shot, not re-ranked after each drop).
 
-The note lists the dropped blocks with their scores and the best score kept. Refused: a
-block whose output is a graph output (nothing would be left to name it), and, after a run,
-every block (the model records what was dropped, so a second run changes nothing: the
-rate counts the blocks the model had).
+``select`` picks blocks by their Add node (its name or module path). The note lists the
+dropped blocks with their scores and the best score kept. Refused: a block whose output
+is a graph output (nothing would be left to name it), and, after a run, every block (the
+model records what was dropped, so a second run changes nothing: the rate counts the
+blocks the model had).
 """
 
 from __future__ import annotations

@@ -12,14 +12,15 @@ same node of each block) gets one tensor:
 - ``medoid``: the block m minimizing sum_l sum_s ||W_l,s - W_m,s||^2; its weights are kept.
 
 The blocks' nodes then read the shared initializers, so model.onnx (and the compiled
-library, which embeds one constant per initializer) holds them once; the other copies are
-removed when nothing else reads them (a weight also read outside the block keeps its other
-users). Blocks whose weights are already identical give the model back exactly. The note
-gives the weights removed and the largest relative change ||W_l - W_shared|| / ||W_l||.
+library, which embeds one constant per distinct tensor) holds them once; the other copies
+are removed when nothing else reads them (a weight also read outside the block keeps its
+other users). Blocks whose weights are already identical give the model back exactly. The
+note gives the weight bytes before and after and the largest relative change
+||W_l - W_shared|| / ||W_l||.
 
-Refused: a group member whose weight is a graph input (a caller may feed it), a block
-with no identical block in its group, and a group that already reads one set of weights
-(so a second run changes nothing).
+``select`` picks blocks by their Add node. Refused: a group member whose weight is a graph
+input (a caller may feed it), a block with no identical block in its group, and a group
+that already reads one set of weights (so a second run changes nothing).
 """
 
 from __future__ import annotations

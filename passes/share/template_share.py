@@ -142,10 +142,9 @@ class TemplateShare(KilnPass):
                 c = add_initializer(graph, f"{base}.coefficients_{layer}",
                                     coefficients[layer:layer + 1].astype(dtype))
                 c.metadata_props[TEMPLATE_KEY] = "coefficients"
-                flat = ir.Node("", "MatMul", [c, t], name=f"{node.name}/template_mix",
-                               num_outputs=1)
+                flat = ir.Node("", "MatMul", [c, t], name=f"{c.name}/mix", num_outputs=1)
                 weight = ir.Node("", "Reshape", [flat.outputs[0], target],
-                                 name=f"{node.name}/template_weight", num_outputs=1)
+                                 name=f"{c.name}/reshape", num_outputs=1)
                 flat.outputs[0].name = f"{c.name}.mixed"
                 weight.outputs[0].name = f"{c.name}.weight"
                 weight.outputs[0].shape = ir.Shape(shape)
