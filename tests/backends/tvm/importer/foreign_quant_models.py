@@ -108,25 +108,29 @@ def input_feeds(proto: onnx.ModelProto, seed: int = 1) -> dict[str, np.ndarray]:
 
 
 class _Reader:
-    """quantize_static's CalibrationDataReader over seeded batches."""
+    """quantize_static's CalibrationDataReader over the given feeds."""
 
-    def __init__(self, proto: onnx.ModelProto, batches: int) -> None:
-        self._batches = iter([input_feeds(proto, seed=100 + i) for i in range(batches)])
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self._batches = iter(batches)
 
     def get_next(self):
         return next(self._batches, None)
 
 
 def quantize_static(proto: onnx.ModelProto, path: Path, quant_format: str,
-                    per_channel: bool = False) -> Path:
+                    per_channel: bool = False,
+                    calibration: list[dict[str, np.ndarray]] | None = None) -> Path:
     """``proto`` quantized by ``onnxruntime.quantization.quantize_static`` (uint8
-    activations, int8 weights; ``quant_format`` ``"QDQ"`` or ``"QOperator"``) at ``path``."""
+    activations, int8 weights; ``quant_format`` ``"QDQ"`` or ``"QOperator"``) at ``path``,
+    calibrated on ``calibration`` (default: seeded normal inputs, static shapes only)."""
+    if calibration is None:
+        calibration = [input_feeds(proto, seed=100 + i) for i in range(CALIBRATION_BATCHES)]
     from onnxruntime.quantization import QuantFormat, QuantType
     from onnxruntime.quantization import quantize_static as ort_quantize_static
 
     float_path = Path(path).with_suffix(".float.onnx")
     onnx.save(proto, float_path)
-    ort_quantize_static(str(float_path), str(path), _Reader(proto, CALIBRATION_BATCHES),
+    ort_quantize_static(str(float_path), str(path), _Reader(calibration),
                         quant_format=getattr(QuantFormat, quant_format),
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         per_channel=per_channel)
