@@ -17,3 +17,7 @@ GROUPED_XSUM = "kiln_gemv_x_sum"
 #: ``y[m, n] = sum_j values * x[m, column]``, and its bias epilogue.
 SPARSE_DENSE = "kiln_sparse_dense"
 SPARSE_BIAS = "kiln_sparse_bias"
+#: Integer dense (``importer.int8_dense``, scheduled by ``schedules.int8_dense``): the
+#: int32 dot products ``acc[m, n]`` and the requantizing epilogue that reads them.
+INT8_ACC = "kiln_int8_acc"
+INT8_OUTPUT = "kiln_int8_out"

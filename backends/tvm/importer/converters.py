@@ -14,6 +14,7 @@ from . import internal_ops
 from .attention import StandardAttention
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
+from .int8_dense import Int8Dense
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
 from .rotary import RotaryEmbedding
@@ -86,6 +87,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table[internal_ops.PACKED_TABLE] = TableDecode(packed=True)
     table[internal_ops.CODEBOOK] = CodebookDecode
     table[internal_ops.SPARSE_DENSE] = SparseDense
+    table[internal_ops.INT8_DENSE] = Int8Dense
     table[UNPACK_BITS] = UnpackBits
     table[DEQUANTIZE_TABLE] = TableDecode(packed=False)
     return table

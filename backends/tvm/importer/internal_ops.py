@@ -20,5 +20,8 @@ CODEBOOK = "KilnCodebookDecode"
 #: MatMul/Gemm on a sparse weight packed in row groups (inputs x, values, columns[, bias];
 #: attributes layout, n, k): :mod:`.sparse_weights`, :mod:`.sparse_kernel`.
 SPARSE_DENSE = "KilnSparseDense"
+#: A QDQ MatMul/Gemm chain as one integer kernel (inputs x_q, packed weight, comp, mult,
+#: bias; attributes isa, k, n, x_signed, relu, out_dtype, out_zero): :mod:`.int8_chains`.
+INT8_DENSE = "KilnInt8Dense"
 #: Every internal op.
-OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK, SPARSE_DENSE})
+OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK, SPARSE_DENSE, INT8_DENSE})

@@ -37,6 +37,7 @@ from kiln.compiler.core.kiln_domain import is_kiln_op
 from . import internal_ops
 from .context import ImportContext
 from .converters import IMPORTER_BUILTINS, kiln_converters, traced_converters
+from .int8_chains import rewrite_int8_chains
 from .packed_weights import four_bit_misuse
 from .prepare import prepare_onnx, walk_nodes
 from .sparse_weights import pack_sparse_weights
@@ -170,6 +171,7 @@ def lower_to_relax(model: ir.Model, *, target_name: str | None = None):
     """
     check_static_inputs(model, target_name)
     proto = prepare_onnx(model, target_name)
+    rewrite_int8_chains(proto, target_name)
     sparse = pack_sparse_weights(proto) if _grouped_gemv_for(target_name) else []
     if symbolic_ranges(model):
         from .symbolic_shapes import drop_shape_round_trips

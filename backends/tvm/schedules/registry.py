@@ -21,6 +21,7 @@ from tvm import relax, s_tir, tirx
 
 from kiln.backends.tvm.schedules.dense import Contraction
 from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduction
+from kiln.backends.tvm.schedules.int8_dense import Int8Dense
 from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
@@ -36,6 +37,7 @@ RULE_ATTR = "kiln.schedule_rule"
 
 #: The CPU rules, most specific first.
 RULES: tuple[KilnRule, ...] = (
+    Int8Dense(),
     SparseDense(),
     DecodeConv(),
     DecodeContraction(),

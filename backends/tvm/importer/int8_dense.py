@@ -1,0 +1,83 @@
+"""The converter of :data:`.internal_ops.INT8_DENSE`: one TE kernel of integer dot products
+and a requantizing epilogue (:mod:`.int8_chains` gives the math and the packed layout)::
+
+    acc[m, n] = sum_{i, g} int32(a[m, i*G + g]) * int32(w[n / L, i, n % L, g])
+    y[m, n]   = sat(rne(relu?((acc - comp[n]) * mult[n] + bias[n])) + zy)   (or float32)
+
+``a`` is ``x_q`` (uint8; int8 activations arrive shifted by +128 in a small kernel of
+their own). The blocks are named :data:`kiln.backends.tvm.kernel_names.INT8_ACC` and
+``INT8_OUTPUT``, which the ``int8_dense`` schedule rule finds and tensorizes. The kernel
+is opaque to FuseOps (its epilogue already holds the elementwise work of the chain).
+"""
+
+from __future__ import annotations
+
+import math
+
+from kiln.backends.tvm.kernel_names import INT8_ACC, INT8_OUTPUT
+
+from .expr_types import attr_str, static_shape
+
+#: FuseOps pattern kOpaque: nothing is fused into or onto the integer kernel.
+OPAQUE = {"op_pattern": 8}
+_RANGES = {"uint8": (0.0, 255.0), "int8": (-128.0, 127.0)}
+
+
+def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: bool,
+                    relu: bool, out_dtype: str, out_zero: int):
+    """``y`` [..., N] of the integer dense (see the module docstring) for ``x`` [..., K]."""
+    from tvm import relax, te, tirx
+
+    x_shape = static_shape(x)
+    rows = math.prod(x_shape[:-1])
+    _, _, lanes, group = static_shape(w)
+    a = bb.normalize(relax.op.reshape(x, [rows, k])) if len(x_shape) != 2 else x
+    if x_signed:  # a = x + 128 as uint8 (the zero point was shifted with it)
+        a = bb.normalize(relax.op.astype(
+            relax.op.add(relax.op.astype(a, "int16"), relax.const(128, "int16")), "uint8"))
+
+    def compute(at, wt, ct, mt, bt):
+        i = te.reduce_axis((0, k // group), "i")
+        g = te.reduce_axis((0, group), "g")
+        acc = te.compute(
+            (rows, n),
+            lambda m, j: te.sum(at[m, i * group + g].astype("int32")
+                                * wt[j // lanes, i, j % lanes, g].astype("int32"), axis=[i, g]),
+            name=INT8_ACC)
+
+        def epilogue(m, j):
+            v = (acc[m, j] - ct[j]).astype("float32") * mt[j] + bt[j]
+            if out_dtype == "float32":
+                return tirx.max(v, tirx.const(0.0, "float32")) if relu else v
+            v = tirx.round(v)
+            if relu:
+                v = tirx.max(v, tirx.const(0.0, "float32"))
+            low, high = _RANGES[out_dtype]
+            v = v + tirx.const(float(out_zero), "float32")
+            v = tirx.min(tirx.max(v, tirx.const(low, "float32")), tirx.const(high, "float32"))
+            return v.astype(out_dtype)
+
+        return te.compute((rows, n), epilogue, name=INT8_OUTPUT)
+
+    y = bb.emit_te(compute, a, w, comp, mult, bias, primfunc_name_hint="kiln_int8_dense",
+                   primfunc_attrs=OPAQUE)
+    if len(x_shape) != 2:
+        y = bb.normalize(relax.op.reshape(y, [*x_shape[:-1], n]))
+    return y
+
+
+class Int8Dense:
+    """Converter of the internal integer dense op (inputs x_q, w, comp, mult, bias)."""
+
+    @staticmethod
+    def get_converter(opset: int):
+        del opset
+
+        def convert(bb, inputs, attr, params):
+            del params
+            return emit_int8_dense(
+                bb, *inputs[:5], k=int(attr["k"]), n=int(attr["n"]),
+                x_signed=bool(attr["x_signed"]), relu=bool(attr["relu"]),
+                out_dtype=attr_str(attr["out_dtype"]), out_zero=int(attr["out_zero"]))
+
+        return convert

@@ -1,0 +1,175 @@
+"""QDQ MatMul/Gemm chains become kiln's integer dense kernel and match ONNX Runtime.
+
+Each case is a small QDQ model built by hand (or by kiln's quantize pass), compiled
+for ``host`` (AVX-512 VNNI here), ``x86-64-v3`` (the AVX2 path, forced on this CPU) and
+``x86-64-v4``; the ``int8_dense`` rule must schedule every chain's kernel, and the
+uint8/int8 outputs may differ from ONNX Runtime by one quantization step (both round
+half to even, on float sums taken in a different order: a value on a rounding
+boundary may land on either side).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from tvm.target.codegen import target_has_features
+
+from kiln.backends.tvm import build_artifact, load
+from kiln.backends.tvm.importer.int8_chains import (
+    AVX2_S16,
+    AVX2_U8S8,
+    VNNI512,
+    pack_weight,
+    rewrite_int8_chains,
+    target_isa,
+    weight_layout,
+)
+from kiln.backends.tvm.schedules.int8_dense import register_tile
+from kiln.backends.tvm.targets import host_arch, resolve_target
+from kiln.compiler.core.metrics import relative_error
+from kiln.compiler.testing import quant_models as models
+from kiln.compiler.testing.reference import exact_reference
+from kiln.passes.quant.quantize import Quantize, QuantizeConfig
+
+#: Quantized outputs: one step of the output scale (rounding boundaries, see the docstring).
+ONE_STEP = 1
+#: Float outputs after a quantized hidden layer: one hidden step moves the result by
+#: about sy * |w| / |y| (as the QDQ lowering tests allow).
+QDQ_REL_TOL = 2e-2
+PATHS = {"host": (), "x86-64-v3": ("avx2",), "x86-64-v4": ("avx512f", "avx512bw")}
+INT8_KERNEL = "int8_dense"
+
+
+def _target(name: str) -> str:
+    if host_arch() != "x86_64":
+        pytest.skip(f"the integer kernels are x86 kernels; this host is {host_arch()}")
+    host = resolve_target("host").tvm_target()
+    missing = [f for f in PATHS[name] if not target_has_features(f, host)]
+    if missing:
+        pytest.skip(f"this CPU lacks {', '.join(missing)} (needed to run {name} code)")
+    return name
+
+
+def _chain_model(*, m=12, k=64, n=48, out_q=True, relu=True, signed_x=False, weight_bound=127,
+                 gemm=False, per_channel=True, rows3d=False, seed=0) -> onnx.ModelProto:
+    """x -> Q -> DQ -> MatMul(DQ(w)) [-> Add b] [-> Relu] [-> Q]: output uint8 or float."""
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-weight_bound, weight_bound + 1, size=(k, n)).astype(np.int8)
+    sw = (rng.random(n if per_channel else 1) * 0.01 + 0.005).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    zx = np.array(-3 if signed_x else 121, np.int8 if signed_x else np.uint8)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "sx"),
+             numpy_helper.from_array(zx, "zx"),
+             numpy_helper.from_array(w.T.copy() if gemm else w, "wq"),
+             numpy_helper.from_array(sw if per_channel else sw.reshape(()), "sw"),
+             numpy_helper.from_array(b, "b"),
+             numpy_helper.from_array(np.array(0.2, np.float32), "sy"),
+             numpy_helper.from_array(np.array(7, np.uint8), "zy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw"], ["wf"],
+                              axis=(0 if gemm else 1))]
+    if gemm:
+        nodes.append(helper.make_node("Gemm", ["xf", "wf", "b"], ["h"], transB=1))
+    else:
+        nodes += [helper.make_node("MatMul", ["xf", "wf"], ["mm"]),
+                  helper.make_node("Add", ["mm", "b"], ["h"])]
+    last = "h"
+    if relu:
+        nodes.append(helper.make_node("Relu", ["h"], ["r"]))
+        last = "r"
+    if out_q:
+        nodes.append(helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [last], ["y"]))
+    shape = [2, m // 2, k] if rows3d else [m, k]
+    out_shape = [*shape[:-1], n]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8 if out_q else TensorProto.FLOAT,
+                                       out_shape)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+def _run_both(proto: onnx.ModelProto, target: str, tmp_path, seed=1):
+    x_shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    x = (np.random.default_rng(seed).standard_normal(x_shape) * 4).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    want = ort.InferenceSession(proto.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    result = build_artifact(ir.serde.deserialize_model(proto), target, tmp_path, model_hash="h")
+    (got,) = load(tmp_path)(x=x)
+    return np.asarray(got), want, result.rules
+
+
+CASES = {
+    "matmul-relu-u8-out": {},
+    "gemm-int8-acts-float-out": {"gemm": True, "signed_x": True, "out_q": False, "relu": False},
+    "per-tensor-weight-3d-rows": {"per_channel": False, "rows3d": True},
+    "seven-bit-weights": {"weight_bound": 63},
+    "gemv-one-row": {"m": 1, "k": 256, "n": 64},
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_chain_runs_on_the_integer_kernel_and_matches_onnxruntime(case, path, tmp_path):
+    got, want, rules = _run_both(_chain_model(**CASES[case]), _target(path), tmp_path)
+    assert [name for name, rule in rules.items() if rule == INT8_KERNEL] == ["kiln_int8_dense"], \
+        rules
+    assert got.dtype == want.dtype and got.shape == want.shape
+    if want.dtype == np.uint8:
+        assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
+        assert np.mean(got != want) < 0.01  # boundary cases only
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+def test_kiln_w8a8_mlp_keeps_int8_between_layers(tmp_path):
+    """kiln's int8 QDQ on an MLP: both layers are integer kernels; the hidden layer's
+    output Q is fused (no float kernel between them: only the input's Q is elementwise)."""
+    model = models.mlp(d_in=128, hidden=256, d_out=64)
+    Quantize(QuantizeConfig(weights={"dtype": "int8"}, activations={"calibration": "minmax"}),
+             calibration=models.calibration(model))(model)
+    feeds = models.feeds(model)
+    want = exact_reference(model, feeds)
+    result = build_artifact(model, _target("host"), tmp_path, model_hash="h")
+    (got,) = load(tmp_path)(**feeds)
+    assert sorted(result.rules.values()) == ["elementwise", INT8_KERNEL, INT8_KERNEL], result.rules
+    assert relative_error(got, want) < QDQ_REL_TOL
+
+
+def test_columns_the_kernel_cannot_tile_stay_in_qdq_form(tmp_path):
+    got, want, rules = _run_both(_chain_model(n=20), _target("host"), tmp_path)
+    assert INT8_KERNEL not in rules.values(), rules
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
+
+
+def test_no_integer_kernels_off_x86_cpus():
+    proto = _chain_model()
+    assert target_isa("cuda-sm90") is None and target_isa("arm64") is None
+    assert rewrite_int8_chains(proto, "arm64") == 0
+    assert [n.op_type for n in proto.graph.node][-1] == "QuantizeLinear"
+
+
+def test_weight_layouts():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-127, 128, size=(8, 32)).astype(np.int8)
+    packed = pack_weight(w, VNNI512)
+    assert packed.shape == (2, 2, 16, 4)
+    assert packed[1, 1, 3, 2] == w[1 * 4 + 2, 16 + 3]
+    assert weight_layout("vnni512", w) == VNNI512
+    assert weight_layout("avx2", w) == AVX2_S16  # full-range pairs could saturate int16
+    assert weight_layout("avx2", (w // 2).astype(np.int8)) == AVX2_U8S8
+    assert pack_weight(w, AVX2_S16).dtype == np.int16
+
+
+def test_register_tile_fits_the_registers():
+    for rows, vectors, regs in [(64, 8, 32), (49, 6, 32), (12, 6, 16), (1, 4, 16), (7, 1, 16)]:
+        mr, nv = register_tile(rows, vectors, regs)
+        assert rows % mr == 0 and vectors % nv == 0 and mr * nv + nv + 3 <= regs
