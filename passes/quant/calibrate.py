@@ -6,7 +6,7 @@ or the clip with the least error in the output of the layers that read it (``sea
 puts into the consumers' outputs, e = Q_c(x) - x over a subsample of calibration rows:
 
 - a MatMul, Gemm or 1x1 group-1 Conv reads x through a matrix M [C, K]: the error is the
-  exact ``mean ||e M||^2``;
+  exact ``mean ||e M||^2`` (while rows x C x K stays under ``EXACT_BUDGET``, else as below);
 - any other Conv (k x k, grouped, depthwise): ``sum_j E_j mean(e_j^2)`` with E_j the sum
   of the squared weights that read channel j, i.e. the output MSE when the errors of
   different channels and positions are uncorrelated.
@@ -32,9 +32,12 @@ ACTIVATION_CLIP_GRID = np.linspace(1.0, 0.3, 36)
 #: At most this many values enter the MSE search (a deterministic stride subsample).
 ACTIVATION_MSE_VALUES = 1 << 20
 #: Clip ratios tried by ``calibration: search`` (finer and lower than ``mse``'s grid).
-SEARCH_CLIP_GRID = np.linspace(1.0, 0.15, 69)
+SEARCH_CLIP_GRID = np.linspace(1.0, 0.2, 41)
 #: At most this many rows (positions x samples, all channels) enter the output-error search.
-SEARCH_ROWS = 1 << 13
+SEARCH_ROWS = 1 << 12
+#: The exact ``e M`` costs rows x C x K per clip tried: above this many multiply-adds the
+#: channel energies (the diagonal of M M^T) stand in for M.
+EXACT_BUDGET = 1 << 22
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,7 @@ class Consumer:
     channel [C] (sum of the squared weights that read it)."""
 
     axis: int
-    matrix: np.ndarray | None
+    matrix: np.ndarray | None       # float32 (the search's rows are float32 too)
     energy: np.ndarray
 
 
@@ -53,11 +56,11 @@ def consumer_of(site: WeightSite) -> Consumer:
     w = site.array.astype(np.float64)
     if site.node.op_type != "Conv":
         matrix = np.moveaxis(w, site.in_axis, 0)
-        return Consumer(-1, matrix, (matrix ** 2).sum(axis=1))
+        return Consumer(-1, matrix.astype(np.float32), (matrix ** 2).sum(axis=1))
     groups = site.node.attributes.get_int("group", 1)
     if groups == 1 and all(d == 1 for d in w.shape[2:]):
         matrix = w.reshape(w.shape[0], w.shape[1]).T
-        return Consumer(1, matrix, (matrix ** 2).sum(axis=1))
+        return Consumer(1, matrix.astype(np.float32), (matrix ** 2).sum(axis=1))
     out, per_group = w.shape[0], w.shape[1]
     rows = out // groups
     squares = (w ** 2).reshape(groups, rows, per_group, -1).sum(axis=(1, 3))   # [g, C/g]
@@ -79,15 +82,15 @@ def _fake_quant(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.
 
 def _rows(values: Sequence[np.ndarray], axis: int, channels: int) -> np.ndarray:
     """Calibration values as rows [N, C] (channel last), stride-subsampled to SEARCH_ROWS."""
-    rows = np.concatenate([np.moveaxis(np.asarray(v, np.float64), axis, -1).reshape(-1, channels)
+    rows = np.concatenate([np.moveaxis(np.asarray(v, np.float32), axis, -1).reshape(-1, channels)
                            for v in values])
-    return rows[::max(1, rows.shape[0] // SEARCH_ROWS)]
+    return np.ascontiguousarray(rows[::max(1, rows.shape[0] // SEARCH_ROWS)])
 
 
 def _output_error(e: np.ndarray, consumers: Sequence[Consumer]) -> float:
     total = 0.0
     for c in consumers:
-        if c.matrix is not None:
+        if c.matrix is not None and e.shape[0] * c.matrix.size <= EXACT_BUDGET:
             total += float(np.mean(np.sum((e @ c.matrix) ** 2, axis=1)))
         else:
             total += float(np.mean(e ** 2, axis=0) @ c.energy)
