@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	@# optional: the arm64 cross toolchain via apt-get (it says what it installs; it skips,
 	@# with a message, without root or with KILN_NO_APT=1)
 	bash tools/edge/install_cross.sh
+	@# optional: Debian's chromium, for the headless report.html test (same rules)
+	bash tools/install_chromium.sh
 	touch $(STAMP)
 
 demo: setup

@@ -42,7 +42,7 @@ from kiln.compiler.core.pass_api import CalibrationContext, Candidate, KilnPass,
 from kiln.compiler.core.selectors import describe, select_nodes
 from kiln.compiler.core.spec import Budget, PassEntry, Spec, default_spec
 from kiln.compiler.core.version import kiln_version
-from kiln.compiler.driver import registry, sensitivity, symbolic
+from kiln.compiler.driver import layer_errors, registry, sensitivity, symbolic
 from kiln.compiler.driver.build_check import build_and_check as _build_and_check
 from kiln.compiler.driver.measure import measure_build
 from kiln.compiler.driver.outdir import OutputFolder
@@ -423,6 +423,7 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
         instance = step.pass_class(step.config, selected=selected,
                                    calibration=calibration if step.pass_class.needs_calibration
                                    else None)
+        probe = layer_errors.probe(model, samples) if samples and not step.pass_class.exact else None
         result = _run_pass(instance, model, step.name, ran)
         model = result.model
         p.matched = sum(1 for c in instance.last_candidates if c.accepted)
@@ -482,6 +483,8 @@ def _compile(source: str | os.PathLike, spec: Spec, report: CompileReport, *,
                         f"pass {step.name!r}: {failure} (output {vs_prev.worst_output!r})",
                         pass_name=step.name, output=vs_prev.worst_output,
                         sqnr_db=vs_prev.sqnr_db, max_abs_err=vs_prev.max_abs_err)
+            p.outputs_sqnr_db = dict(vs_prev.per_output)
+            p.layers = probe.after(model) if probe is not None and not p.skipped else []
             previous = outputs
             kept_vs_source = (p.sqnr_db_vs_source, p.max_abs_err_vs_source)
         elif p.modified:

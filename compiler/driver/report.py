@@ -42,9 +42,14 @@ class PassReport:
     seconds: float = 0.0
     #: layers ``on_budget_exceeded: fallback`` kept in float: node, rank, sqnr_db alone, why
     kept_float: list[dict[str, Any]] = field(default_factory=list)
+    #: SQNR of each output vs the model before the pass (None: identical)
+    outputs_sqnr_db: dict[str, float | None] = field(default_factory=dict)
+    #: lossy passes: each contraction's output SQNR vs before the pass (driver.layer_errors)
+    layers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["outputs_sqnr_db"] = {k: _finite(v) for k, v in self.outputs_sqnr_db.items()}
         for key in ("sqnr_db", "sqnr_db_vs_source", "max_abs_err", "max_abs_err_vs_source"):
             data[key] = _finite(data[key])
         data["seconds"] = round(self.seconds, 4)
@@ -144,28 +149,10 @@ class CompileReport:
         return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
 
     def to_html(self) -> str:
-        """A self-contained HTML page with the same rows as the table."""
-        from html import escape
+        """A self-contained HTML page with charts (:mod:`kiln.compiler.driver.report_html`)."""
+        from kiln.compiler.driver.report_html import render
 
-        head = ("pass", "matched", "refused", "changed", "params before", "params after",
-                "bytes before", "bytes after", "SQNR dB", "max abs err", "SQNR vs source",
-                "seconds", "note")
-        rows = []
-        for p in self.passes:
-            d = p.to_dict()
-            cells = (p.name, p.matched, p.refused, "yes" if p.modified else "no",
-                     p.params_before, p.params_after, p.bytes_before, p.bytes_after,
-                     "exact" if d["sqnr_db"] is None and p.modified else d["sqnr_db"],
-                     d["max_abs_err"], d["sqnr_db_vs_source"], d["seconds"], p.note)
-            rows.append("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in cells) + "</tr>")
-        compiled = "".join(f"<p>{escape(line)}</p>" for line in self.compiled_lines())
-        return ("<!doctype html><html><head><meta charset='utf-8'><title>kiln report</title>"
-                "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}"
-                "td:first-child{text-align:left}</style></head><body>"
-                f"<h1>kiln: {escape(self.model)}</h1><p>spec {escape(self.spec)}, "
-                f"kiln {escape(self.kiln_version)}, {self.verify_samples} verification samples</p>"
-                "<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
-                + "".join(rows) + "</table>" + compiled + "</body></html>\n")
+        return render(self)
 
     def table(self):
         """A rich Table of the passes and the total."""

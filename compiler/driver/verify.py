@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ class ErrorMetrics:
     worst_output: str        # the output with the lowest SQNR
     ref_max_abs: float       # max |reference| of the worst output (for tolerances)
     within_tolerance: bool   # every output within atol + rtol * max|ref|
+    per_output: dict[str, float] = field(default_factory=dict)  # output name -> SQNR dB
 
     def describe(self) -> str:
         if self.sqnr_db == math.inf:
@@ -248,6 +249,7 @@ def compare(reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence
     worst_ref = 0.0
     max_err = 0.0
     ok = True
+    per_output: dict[str, float] = {}
     for k, name in enumerate(output_names):
         signal = 0.0
         noise = 0.0
@@ -277,9 +279,10 @@ def compare(reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence
             ref_max = max(ref_max, float(np.max(np.abs(ref64))) if ref64.size else 0.0)
             out_err = max(out_err, float(np.max(np.abs(diff))) if diff.size else 0.0)
         sqnr = sqnr_db_from_sums(signal, noise)
+        per_output[name] = sqnr
         if out_err > atol + rtol * ref_max:
             ok = False
         if sqnr < worst_sqnr or (worst_sqnr == math.inf and k == 0):
             worst_sqnr, worst_name, worst_ref = sqnr, name, ref_max
         max_err = max(max_err, out_err)
-    return ErrorMetrics(worst_sqnr, max_err, worst_name, worst_ref, ok)
+    return ErrorMetrics(worst_sqnr, max_err, worst_name, worst_ref, ok, per_output)
