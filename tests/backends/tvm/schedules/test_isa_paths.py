@@ -163,3 +163,78 @@ def test_register_tile_fits_the_targets_registers(preset, registers, accumulator
     target = resolve_target(preset).tvm_target()
     assert vector_registers(target) == registers
     assert register_accumulators(target) == accumulators
+
+
+def _guarded_dense():
+    """13 rows: no 3..6-row tile divides them (AVX-512: 7 x 2 vectors, AVX2: 5 x 2)."""
+    x = _rng().standard_normal((13, 64)).astype("float32")
+    w = (_rng().standard_normal((64, 64)) / 8).astype("float32")
+    return (lambda bb, xv: bb.emit(relax.op.matmul(xv, relax.const(w)))), [x], x @ w
+
+
+def _guarded_conv():
+    """A 1x1 conv on a 14x14 map (NHWC: rows of 14; AVX2: 5 x 2 vectors, the last tile 4)."""
+    x = _rng().standard_normal((1, 32, 14, 14)).astype("float32")
+    w = (_rng().standard_normal((32, 32, 1, 1)) / 6).astype("float32")
+    want = np.einsum("nchw,oc->nohw", x, w[:, :, 0, 0])
+
+    def fn(bb, xv):
+        return bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(xv, relax.const(w))))
+
+    return fn, [x], np.maximum(want, 0)
+
+
+GUARDED_CASES = {"dense_13_rows": _guarded_dense, "conv_14x14": _guarded_conv}
+
+
+def _guarded_row_split(mod) -> bool:
+    """Whether a contraction kernel of ``mod`` has a guarded (predicated) row tile."""
+    for func in mod.functions.values():
+        if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and \
+                func.attrs.get("kiln.schedule_rule") == "contraction" and \
+                "T.where" in func.script():
+            return True
+    return False
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("case", list(GUARDED_CASES))
+def test_guarded_row_tile_on_each_vector_path(case, path):
+    """Rows no 3..6-row tile divides get a tile whose last row block is guarded where the
+    cost model prefers it (``dense.guarded_tile``); every path matches numpy."""
+    from kiln.backends.tvm.schedules.dense import guarded_tile, narrower_tile, tile_columns, tile_rows
+    from kiln.backends.tvm.schedules.rule import register_accumulators, vector_lanes_f32
+
+    target = _target(path)
+    fn, inputs, want = GUARDED_CASES[case]()
+    scheduled: list[tvm.IRModule] = []
+    executable = tvm.compile(relax_module(fn, *inputs), target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](
+        *[tvm.runtime.tensor(a) for a in inputs]).numpy()
+    scale = max(float(np.abs(want).max()), 1e-6)
+    assert float(np.abs(got - want).max()) / scale < RTOL
+    # the schedule is guarded exactly when the rule's own tile choice says so
+    tvm_target = target.tvm_target()
+    lanes, acc = vector_lanes_f32(tvm_target), register_accumulators(tvm_target)
+    m, n = (13, 64) if case == "dense_13_rows" else (14, 32)
+    nr, _ = tile_columns(n, lanes)
+    mr = tile_rows(m, acc // (nr // lanes))
+    if mr < 3:
+        nr, mr = narrower_tile(n, m, nr, mr, lanes, acc)
+    assert _guarded_row_split(scheduled[-1]) == (guarded_tile(n, m, nr, mr, lanes, acc) is not None)
+    if path == "x86-64-v3":  # AVX2: the 7 x 1-vector tile is latency-bound, both get guarded
+        assert guarded_tile(n, m, nr, mr, lanes, acc) is not None
+
+
+def test_guarded_tile_choices():
+    """The cost model's picks (lanes, accumulators: AVX-512 16/25, AVX2 8/12)."""
+    from kiln.backends.tvm.schedules.dense import guarded_tile
+
+    assert guarded_tile(512, 14, 8, 7, 8, 12) == (16, 5)     # AVX2, 14 rows: 5+5+4
+    assert guarded_tile(512, 7, 8, 7, 8, 12) == (16, 4)      # AVX2, 7 rows: 4+3
+    assert guarded_tile(512, 28, 16, 4, 8, 12) is None       # AVX2, 4 divides 28
+    assert guarded_tile(512, 7, 32, 7, 16, 25) is None       # AVX-512: 7 x 2 stays
+    assert guarded_tile(512, 56, 64, 4, 16, 25) is None
+    assert guarded_tile(64, 13, 16, 13, 16, 25) == (32, 7)   # AVX-512, 13 rows: 7+6
+    assert guarded_tile(64, 3, 64, 3, 16, 25) is None        # too few rows to split
