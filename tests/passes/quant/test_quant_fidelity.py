@@ -1,6 +1,6 @@
 """bench/quant_fidelity.py: a tiny run in the default suite (PP-OCRv4 det on one 64x64 page,
 kiln's fullest method and ORT MinMax), the table's section written into a copy of
-RESULTS_QUANT.md; rec at the --quick sizes with every method under KILN_SLOW=1."""
+bench/RESULTS_QUANT.md; rec at the --quick sizes with every method under KILN_SLOW=1."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_tiny_det_table_and_section(tmp_path):
     assert all(math.isfinite(s) and s > TINY_SQNR_DB for _, s, _ in rows[1:]), rows
     text = qf.table("det", rows, sizes)
     assert "| kiln search+equalize+bias |" in text and "| ORT MinMax | " in text
-    results = tmp_path / "RESULTS_QUANT.md"
+    results = tmp_path / "results.md"
     results.write_text("# int8 kernels\n\nother engineer's table\n")
     qf.write_section("first\n", results)
     qf.write_section(text, results)           # replaces its own section only
