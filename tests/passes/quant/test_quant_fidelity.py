@@ -22,7 +22,7 @@ def test_tiny_det_table_and_section(tmp_path):
     assert all(math.isfinite(s) and s > TINY_SQNR_DB for _, s, _ in rows[1:]), rows
     text = qf.table("det", rows, sizes)
     assert "| kiln search+equalize+bias |" in text and "| ORT MinMax | " in text
-    results = tmp_path / "results.md"
+    results = tmp_path / "results.txt"
     results.write_text("# int8 kernels\n\nother engineer's table\n")
     qf.write_section("first\n", results)
     qf.write_section(text, results)           # replaces its own section only
