@@ -19,7 +19,7 @@ operand accepts, using the static shapes of the op's other operands:
   dynamic strided_slice); integer Div / Mod divisors: non-zero; BitShift
   amounts: within the element width; integer Pow exponents: 0..3; Resize scales:
   output / input (positive); NonMaxSuppression thresholds in [0, 1); AffineGrid size
-  from the output shape; a window's size and CenterCropPad's shape from the output shape.
+  and Resize sizes from the output shape; a window's size and CenterCropPad's shape from the output shape.
 
 An input no rule speaks for gets the default draw (normal floats, ints in [0, 4),
 fair booleans).
@@ -208,8 +208,8 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
     if op == "CenterCropPad" and index == 1 and out_shape is not None:
         axes = _attr(node, "axes", None) or range(len(out_shape))
         return _filled([out_shape[a] for a in axes])
-    if op == "Resize" and index == 3 and out_shape is not None:
-        return _filled(out_shape)
+    if op == "Resize" and index == 3 and out_shape is not None and data is not None:
+        return _resize_sizes(node, data, out_shape)
     if op == "Slice" and index == 1:  # starts 0, ends >= 1: never an empty or negative
         return lambda rng, shape, dtype: np.zeros(shape, dtype)  # extent (TVM's dynamic
     if op == "Slice" and index == 2:  # strided_slice does not clamp one to 0 as ONNX does)
@@ -230,6 +230,25 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
     if op == "Pow" and index == 1:
         return _integer_only(lambda rng, shape, dtype: _ints(rng, 0, 4, shape, dtype))
     return None
+
+
+def _resize_sizes(node: ir.Node, data: list[int], out: list[int]) -> Draw:
+    """Resize sizes (over ``axes``) that give ``out``; with keep_aspect_ratio_policy the
+    axis whose ``out / data`` reproduces every output dim sets the scale, the others
+    get a size that does not (1 for not_smaller, a large one for not_larger)."""
+    rank = len(out)
+    axes = [a % rank for a in _attr(node, "axes", None) or range(rank)]
+    policy = _attr(node, "keep_aspect_ratio_policy", "stretch")
+    sizes = [out[a] for a in axes]
+    if policy in ("not_larger", "not_smaller"):
+        f32 = np.float32
+        for j in axes:
+            scale = f32(out[j]) / f32(data[j])
+            if all(int(np.floor(scale * f32(data[i]) + f32(0.5))) == out[i] for i in axes):
+                other = 1 if policy == "not_smaller" else max(out) * max(data)
+                sizes = [out[a] if a == j else other for a in axes]
+                break
+    return _filled(sizes)
 
 
 def _integer_only(draw: Draw) -> Draw | None:

@@ -17,7 +17,9 @@ resized axis, a table of source indices and weights exactly as the ONNX referenc
 downsampling). ``exclude_outside`` zeroes taps outside the input and renormalizes;
 ``tf_crop_and_resize`` writes ``extrapolation_value`` where ``x_orig`` falls outside.
 Each axis is one injective TensorIR kernel (it fuses with its neighbours); the tables
-are constants. Resizes with computed scales/sizes go to TVM's converter.
+are constants. Computed scales are refused (sizes fed by a model input are fixed
+from the declared output shape before import); a computed roi or an input without a
+static shape goes to TVM's converter.
 """
 
 from __future__ import annotations
@@ -296,15 +298,25 @@ class SeparableResize:
             inputs = list(inputs) + [None] * 4
             x = inputs[0]
             try:
-                if opset < 11:
-                    roi, scales, sizes = None, _constant(inputs[1], np.float32), None
-                else:
-                    roi = _constant(inputs[1], np.float32)
-                    scales = _constant(inputs[2], np.float32)
-                    sizes = _constant(inputs[3], np.int64)
                 shape = static_shape(x)
             except (TypeError, ValueError, AttributeError):
                 return fallback(bb, inputs, attr, params)
+            operands = {"scales": (inputs[1], np.float32)} if opset < 11 else {
+                "roi": (inputs[1], np.float32), "scales": (inputs[2], np.float32),
+                "sizes": (inputs[3], np.int64)}
+            values = {}
+            for name, (expr, dtype) in operands.items():
+                try:
+                    values[name] = _constant(expr, dtype)
+                except TypeError:
+                    if name != "scales":  # TVM's converter takes a runtime roi
+                        return fallback(bb, inputs, attr, params)
+                    # runtime scales change the numbers, not just the shape (sizes fed
+                    # by a model input were fixed by static_operands): TVM has no form
+                    raise ResizeAttributeError(
+                        "scales computed at run time (kiln builds a static resize: give "
+                        "constant scales, or sizes)") from None
+            roi, scales, sizes = (values.get(k) for k in ("roi", "scales", "sizes"))
             how = resize_mode(attr, opset)
             if how.mode != "nearest" and not dtype_of(x).startswith(("float", "bfloat")):
                 return fallback(bb, inputs, attr, params)

@@ -31,7 +31,8 @@ _REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "Reduc
 _WINDOWS = frozenset({"HannWindow", "HammingWindow", "BlackmanWindow"})
 #: op -> the operand index that carries a shape, repeats, k, axes or a window's size
 _OPERAND = {"Expand": 1, "Reshape": 1, "Tile": 1, "TopK": 1, "Squeeze": 1, "Unsqueeze": 1,
-            **dict.fromkeys(_REDUCE, 1), **dict.fromkeys(_WINDOWS, 0), "CenterCropPad": 1}
+            **dict.fromkeys(_REDUCE, 1), **dict.fromkeys(_WINDOWS, 0), "CenterCropPad": 1,
+            "Resize": 3}
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
@@ -63,6 +64,36 @@ def _subsequence_gaps(short: list[int], long: list[int]) -> list[int]:
     return gaps if j == len(short) else []
 
 
+def resize_sizes(data: list[int], out: list[int], axes: list[int],
+                 policy: str) -> list[int] | None:
+    """Resize ``sizes`` (over ``axes``) that make ``out`` from ``data`` (None: ambiguous).
+
+    With ``stretch`` they are the output dims. ``not_larger``/``not_smaller`` scale every
+    axis by one ``s = min/max(sizes / data)`` and round (``out = floor(s * n + 0.5)``):
+    the axis that sets ``s`` has ``out = sizes``, so each axis whose ``out / data`` gives
+    back all of ``out`` is a candidate; a unique ``s`` is kept, with the other axes'
+    sizes set so they do not set it (1 or a large size).
+    """
+    if policy == "stretch":
+        return [out[a] for a in axes]
+    if policy not in ("not_larger", "not_smaller"):
+        return None
+    f32 = np.float32
+    found: dict[float, int] = {}
+    for j in axes:
+        scale = f32(out[j]) / f32(data[j])
+        if all(int(np.floor(scale * f32(data[i]) + f32(0.5))) == out[i] for i in axes):
+            found.setdefault(float(scale), j)
+    if len(found) != 1:
+        return None
+    ((scale, j),) = found.items()
+    other = 1 if policy == "not_smaller" else max(out) * max(data)
+    sizes = [out[a] if a == j else other for a in axes]
+    ratios = [f32(z) / f32(data[a]) for z, a in zip(sizes, axes)]
+    picked = min(ratios) if policy == "not_larger" else max(ratios)
+    return sizes if float(picked) == scale else None
+
+
 def _value(node: onnx.NodeProto, data: list[int], out: list[int], size: int) -> list[int] | None:
     """The operand's value that gives ``out`` from ``data`` (None: none or ambiguous)."""
     op = node.op_type
@@ -71,6 +102,11 @@ def _value(node: onnx.NodeProto, data: list[int], out: list[int], size: int) -> 
     if op == "Tile" and len(data) == len(out) == size and all(
             d and o % d == 0 for d, o in zip(data, out)):
         return [o // d for d, o in zip(data, out)]
+    if op == "Resize" and len(data) == len(out):
+        axes = [a % len(out) for a in _attr(node, "axes", list(range(len(out))))]
+        policy = _attr(node, "keep_aspect_ratio_policy", b"stretch")
+        policy = policy.decode() if isinstance(policy, bytes) else policy
+        return resize_sizes(data, out, axes, policy) if len(axes) == size else None
     if op in _WINDOWS and size == 1 and len(out) == 1:
         return [out[0]]
     if op == "CenterCropPad" and len(data) == len(out):

@@ -203,3 +203,27 @@ def test_bad_attributes_are_clean_errors():
     model = resize_model(SHAPE, scales=[1, 1, 2, 2], mode="area")
     with pytest.raises(LoweringError, match=r"Resize \(node 'resize'\).*mode='area'"):
         lower_to_relax(to_ir(model))
+
+
+def test_sizes_from_an_input_are_fixed_by_the_output_shape():
+    from kiln.backends.tvm.importer.static_operands import resize_sizes
+
+    assert resize_sizes([1, 1, 2, 2], [1, 1, 7, 8], [3, 2], "stretch") == [8, 7]
+    # not_larger: the axis whose out/in reproduces every output dim sets the scale
+    # (onnx's test: 1x1x2x2 -> sizes 7x8 -> 7x7); the other axis gets a size that cannot
+    assert resize_sizes([1, 1, 2, 2], [1, 1, 7, 7], [2, 3], "not_larger") == [7, 14]
+    assert resize_sizes([1, 1, 2, 2], [1, 1, 8, 8], [2, 3], "not_smaller") == [8, 1]
+    assert resize_sizes([1, 1, 4, 4], [1, 1, 3, 5], [2, 3], "not_larger") is None  # no scale
+
+
+def test_runtime_resize_sizes_pass_and_runtime_scales_are_refused_by_name():
+    from kiln.compiler.testing.conformance import run_cases, select
+
+    names = ["test_resize_downsample_sizes_nearest_not_larger",
+             "test_resize_upsample_scales_nearest"]
+    by_name = {o.name: o for o in run_cases(select(names=names), jobs=2)}
+    sizes, scales = (by_name[n] for n in names)
+    assert sizes.outcome == "pass", sizes.reason
+    # scales computed at run time: out/in need not be the scale (0.6 gives 2 -> 1 too)
+    assert scales.outcome == "refused"
+    assert "Resize" in scales.reason and "scales computed at run time" in scales.reason
