@@ -342,20 +342,20 @@ def _key(node: onnx.NodeProto) -> tuple[str, str]:
     return ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type)
 
 
-def _drop_int32_round_trips(nodes: list[onnx.NodeProto],
+def _drop_int32_round_trips(nodes: list[onnx.NodeProto], ours: set[int],
                             outputs: set[str]) -> list[onnx.NodeProto]:
     """``Cast<float>(Cast<int32>(y))`` -> ``y`` for an integer contraction's float sum read
     only by Casts back to float (ORT's quantize_dynamic writes one after each): ``y`` is
     already an integer, exact while ``|y| < 2**24``, so the round trip only costs a rounding
-    epilogue in the contraction's kernel."""
+    epilogue in the contraction's kernel. ``ours``: ids of the nodes the rewrites made."""
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in nodes:
         for name in node.input:
             readers.setdefault(name, []).append(node)
-    replace: dict[int, onnx.NodeProto] = {}
+    replace: dict[int, onnx.NodeProto | None] = {}
     for node in nodes:
-        if not (node.op_type == "Cast" and "__kiln_" in node.name
-                and attributes(node).get("to") == TensorProto.INT32):
+        if id(node) not in ours or node.op_type != "Cast" or \
+                attributes(node).get("to") != TensorProto.INT32:
             continue
         users = readers.get(node.output[0], [])
         if node.output[0] in outputs or not users or not all(
@@ -366,17 +366,32 @@ def _drop_int32_round_trips(nodes: list[onnx.NodeProto],
             replace[id(user)] = helper.make_node("Identity", [node.input[0]], list(user.output),
                                                  name=user.name)
         replace[id(node)] = None
-    return [replace.get(id(n), n) for n in nodes if replace.get(id(n), n) is not None]
+    kept = (replace.get(id(n), n) for n in nodes)
+    return [n for n in kept if n is not None]
+
+
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every name a node of ``graph`` or of its subgraphs (If/Loop bodies) reads."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                names |= _names_read(sub)
+    return names
 
 
 def lower_foreign_quant(model: onnx.ModelProto) -> int:
     """Rewrite every QOperator / integer / MatMulNBits node of ``model``'s main graph into
-    QDQ form (in place, the backend's own copy). Returns how many nodes were rewritten."""
+    QDQ form (in place, the backend's own copy). Returns how many nodes were rewritten.
+    Initializers that only the rewritten nodes read (int32 biases, packed nibbles) go."""
     graph = model.graph
     if not any(_key(node) in REWRITES for node in graph.node):
         return 0
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     keep: list[onnx.NodeProto] = []
+    ours: set[int] = set()
+    replaced_inputs: set[str] = set()
     rewritten = 0
     for index, node in enumerate(graph.node):
         rewrite = REWRITES.get(_key(node))
@@ -386,13 +401,17 @@ def lower_foreign_quant(model: onnx.ModelProto) -> int:
         rewriter = _Rewriter(graph, node, index, opset)
         rewrite(rewriter)
         keep.extend(rewriter.nodes)
+        ours.update(id(n) for n in rewriter.nodes)
+        replaced_inputs.update(node.input)
         rewritten += 1
+    outputs = {value.name for value in graph.output}
+    nodes = _drop_int32_round_trips(keep, ours, outputs)
     del graph.node[:]
-    graph.node.extend(_drop_int32_round_trips(keep, {v.name for v in graph.output}))
-    still_read = {name for node in graph.node for name in node.input}
+    graph.node.extend(nodes)
     # an initializer that is also a graph input (IR < 4) stays: its input would dangle
-    still_read |= {value.name for value in [*graph.output, *graph.input]}
-    unused = [t for t in graph.initializer if t.name not in still_read]
+    still_read = _names_read(graph) | outputs | {value.name for value in graph.input}
+    unused = [t for t in graph.initializer
+              if t.name in replaced_inputs and t.name not in still_read]
     for tensor in unused:
         graph.initializer.remove(tensor)
     logger.info("rewrote %d foreign quantized node(s) into QDQ form", rewritten)
