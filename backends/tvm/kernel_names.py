@@ -21,3 +21,15 @@ SPARSE_BIAS = "kiln_sparse_bias"
 #: int32 dot products ``acc[m, n]`` and the requantizing epilogue that reads them.
 INT8_ACC = "kiln_int8_acc"
 INT8_OUTPUT = "kiln_int8_out"
+#: MoE top-k dispatch (``importer.moe_kernels``, scheduled by ``schedules.grouped_gemm``):
+#: each (token, slot) pair's row in expert order (counting sort), the sorted rows'
+#: token/slot/expert, the grouped GEMMs (first layer, its GLU up-projection, the
+#: activation; second layer times the gate) and the combine back to token order.
+MOE_RANK = "kiln_moe_rank"
+MOE_ROWS = "kiln_moe_rows"
+MOE_UP = "kiln_moe_up"
+MOE_GLU = "kiln_moe_glu"
+MOE_ACT = "kiln_moe_act"
+MOE_DOWN = "kiln_moe_down"
+MOE_GATED = "kiln_moe_gated"
+MOE_COMBINE = "kiln_moe_combine"

@@ -15,6 +15,7 @@ from .attention import StandardAttention
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
 from .int8_dense import Int8Dense
+from .moe_kernels import MoeDispatch
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
 from .rotary import RotaryEmbedding
@@ -88,6 +89,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table[internal_ops.CODEBOOK] = CodebookDecode
     table[internal_ops.SPARSE_DENSE] = SparseDense
     table[internal_ops.INT8_DENSE] = Int8Dense
+    table[internal_ops.MOE_DISPATCH] = MoeDispatch
     table[UNPACK_BITS] = UnpackBits
     table[DEQUANTIZE_TABLE] = TableDecode(packed=False)
     return table

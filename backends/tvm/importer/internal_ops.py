@@ -23,5 +23,9 @@ SPARSE_DENSE = "KilnSparseDense"
 #: A QDQ MatMul/Gemm chain as one integer kernel (inputs x_q, packed weight, comp, mult,
 #: bias; attributes isa, k, n, x_signed, relu, out_dtype, out_zero): :mod:`.int8_chains`.
 INT8_DENSE = "KilnInt8Dense"
+#: kiln's top-k MoE dispatch after the TopK (inputs x, values, indices, W1, b1, W2, b2,
+#: W3, b3; attribute activation): :mod:`.moe_dispatch`, :mod:`.moe_kernels`.
+MOE_DISPATCH = "KilnMoeDispatch"
 #: Every internal op.
-OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK, SPARSE_DENSE, INT8_DENSE})
+OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK, SPARSE_DENSE, INT8_DENSE,
+                 MOE_DISPATCH})

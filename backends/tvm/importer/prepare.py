@@ -18,7 +18,8 @@
 
 Before all of these, ops without a converter that ONNX defines by a function (the
 losses, Celu, Swish, CenterCropPad, the windows) become that function's body
-(:mod:`.schema_functions`).
+(:mod:`.schema_functions`), and kiln's emitted top-k MoE dispatch becomes one internal
+op (:mod:`.moe_dispatch`; its kernels: :mod:`.moe_kernels`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from kiln.compiler.core.packing import unpack_bits
 from .control_flow import should_fold
 from .edge_cases import rewrite_edge_cases
 from .foreign_quant import lower_foreign_quant
+from .moe_dispatch import fuse_moe_dispatch
 from .packed_weights import attributes, codebook_weights, initializers, pack_four_bit_weights
 from .schema_functions import expand_schema_functions
 from .static_operands import fix_shape_operands
@@ -153,6 +155,7 @@ def prepare_onnx(model: ir.Model, target_name: str | None = None) -> onnx.ModelP
     from .lower import supported_op_types  # (lower imports this module)
 
     proto = expand_schema_functions(proto, supported_op_types())
+    fuse_moe_dispatch(proto)
     lower_foreign_quant(proto)
     fix_shape_operands(proto)
     if fold_index_unpacks(proto) or \
