@@ -232,16 +232,41 @@ def test_refuses_matmul_nbits_of_other_widths_in_one_line(tmp_path):
     assert info.value.ops == {"MatMulNBits": name}
 
 
-def test_refuses_matmul_nbits_with_g_idx(tmp_path):
+def test_kiln_compile_refuses_matmul_nbits_with_g_idx_in_one_line(tmp_path, capsys):
+    """An act-order MatMulNBits (ORT runs it, so verification passes): ``kiln compile``
+    exits 2 with one error line naming the node."""
+    from kiln.compiler.driver.cli import main
+
     proto = _nbits_proto(tmp_path)
     node = _first_nbits(proto)
     k = next(a.i for a in node.attribute if a.name == "K")
-    g_idx = numpy_helper.from_array(np.arange(k, dtype=np.int32) // 32, "g_idx")
-    proto.graph.initializer.append(g_idx)
+    proto.graph.initializer.append(
+        numpy_helper.from_array(np.arange(k, dtype=np.int32) // 32, "g_idx"))
     while len(node.input) < 4:
         node.input.append("")
     node.input.append("g_idx")
-    with pytest.raises(LoweringError, match=rf"MatMulNBits node '{node.name}': g_idx"):
+    path = tmp_path / "act_order.onnx"
+    onnx.save(proto, path)
+    code = main(["compile", str(path), "--spec", "fp32", "--target", "host",
+                 "-o", str(tmp_path / "out"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("kiln: error: ")]
+    assert errors == [f"kiln: error: MatMulNBits node '{node.name}': g_idx (act-order) is "
+                      "not supported"], err
+    assert "Traceback" not in err
+
+
+def test_refuses_float_zero_points(tmp_path):
+    proto = onnx.load(fq.quantize_matmul_nbits(fq.matmul_block(), tmp_path / "zp.onnx",
+                                               symmetric=False))
+    node = _first_nbits(proto)
+    zero_point = next(t for t in proto.graph.initializer if t.name == node.input[3])
+    as_float = numpy_helper.from_array(
+        numpy_helper.to_array(zero_point).astype(np.float32), zero_point.name)
+    zero_point.CopyFrom(as_float)
+    with pytest.raises(LoweringError, match=rf"MatMulNBits node '{node.name}': float zero "
+                                            "points are not supported"):
         lower_foreign_quant(proto)
 
 
