@@ -309,6 +309,25 @@ def _even_split(dim: int) -> Draw:
     return draw
 
 
+#: elementwise ops that keep their first input's shape
+_SHAPE_KEEPING = frozenset({"Identity", "Cast", "CastLike", "Abs", "Neg", "Sqrt", "Log",
+                            "Exp", "Relu", "Sigmoid", "Tanh", "Reciprocal"})
+
+
+def _reached_shape(value: ir.Value) -> list[int] | None:
+    """``value``'s static shape, or that of the value it reaches through shape-keeping
+    elementwise ops (an expanded ReduceL2's Reduce -> Sqrt -> output)."""
+    for _ in range(8):
+        shape = _static(value)
+        if shape is not None:
+            return shape
+        uses = list(value.uses())
+        if len(uses) != 1 or uses[0][1] != 0 or uses[0][0].op_type not in _SHAPE_KEEPING:
+            return None
+        value = uses[0][0].outputs[0]
+    return None
+
+
 def _readers(value: ir.Value, depth: int = 0):
     """(node, operand index) pairs that read ``value``, looking through Identity/Cast."""
     for node, index in value.uses():
@@ -323,7 +342,7 @@ def input_draws(model: ir.Model) -> dict[str, Draw]:
     draws: dict[str, Draw] = {}
     for value in kir.graph_inputs(model):
         for node, index in _readers(value):
-            out_shape = _static(node.outputs[0]) if node.outputs else None
+            out_shape = _reached_shape(node.outputs[0]) if node.outputs else None
             try:
                 draw = _rule(node, index, out_shape)
             except (IndexError, ZeroDivisionError, TypeError, ValueError):

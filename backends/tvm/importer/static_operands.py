@@ -10,8 +10,9 @@ input (the compiled module takes it and ignores it). Without this TVM's importer
 non-constant axes/k/shapes, and its Expand takes a runtime shape of ``[2, 1, 6]``
 literally (``[2, 1, 6]`` out where broadcasting gives ``[2, 3, 6]``: wrong numbers).
 
-Only nodes whose output is a graph output with a declared static shape, and whose data
-input has a static shape, are touched. Each is logged.
+Only nodes whose output is a graph output with a declared static shape (directly or
+through shape-keeping elementwise ops such as an expanded ReduceL2's ``Sqrt``), and whose
+data input has a static shape (declared or inferred), are touched. Each is logged.
 """
 
 from __future__ import annotations
@@ -32,18 +33,42 @@ _WINDOWS = frozenset({"HannWindow", "HammingWindow", "BlackmanWindow"})
 #: op -> the operand index that carries a shape, repeats, k, axes or a window's size
 _OPERAND = {"Expand": 1, "Reshape": 1, "Tile": 1, "TopK": 1, "Squeeze": 1, "Unsqueeze": 1,
             **dict.fromkeys(_REDUCE, 1), **dict.fromkeys(_WINDOWS, 0), "CenterCropPad": 1,
-            "Resize": 3}
+            "Resize": 3, "Split": 1}
+
+
+#: elementwise ops that keep their first input's shape (an output's shape reaches back)
+_SHAPE_KEEPING = frozenset({"Identity", "Cast", "CastLike", "Abs", "Neg", "Sqrt", "Log",
+                            "Exp", "Relu", "Sigmoid", "Tanh", "Reciprocal"})
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     graph = model.graph
     shapes = {}
-    for value in itertools.chain(graph.input, graph.output):
+    for value in itertools.chain(graph.input, graph.output, graph.value_info):
         dims = value.type.tensor_type.shape.dim
         if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape") \
                 and all(d.HasField("dim_value") for d in dims):
             shapes[value.name] = [d.dim_value for d in dims]
     return shapes
+
+
+def _declared_out(graph: onnx.GraphProto, name: str, shapes: dict[str, list[int]]):
+    """The static shape of ``name``, or of the value it reaches through shape-keeping
+    elementwise ops (a ReduceL2's ``Sqrt``, a ReduceLogSumExp's ``Log``/``CastLike``)."""
+    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in graph.node:
+        for i, value in enumerate(node.input):
+            readers.setdefault(value, []).append((node, i))
+    outputs = {v.name for v in graph.output}
+    for _ in range(8):
+        if name in shapes:
+            return shapes[name]
+        users = readers.get(name, [])
+        if name in outputs or len(users) != 1 or users[0][1] != 0 \
+                or users[0][0].op_type not in _SHAPE_KEEPING:
+            return None
+        name = users[0][0].output[0]
+    return None
 
 
 def _attr(node: onnx.NodeProto, name: str, default):
@@ -150,16 +175,24 @@ def fix_shape_operands(model: onnx.ModelProto) -> int:
     if not candidates:
         return 0
     shapes = _static_shapes(model)
+    if any(n.input[0] not in shapes for n in candidates):  # an intermediate data input
+        shapes = {**_static_shapes(onnx.shape_inference.infer_shapes(model)), **shapes}
     fixed = 0
     for node in candidates:
         index = _OPERAND[node.op_type]
         operand = node.input[index]
         data = shapes.get(node.input[0])
-        out = shapes.get(node.output[0])
+        out = _declared_out(graph, node.output[0], shapes)
         size_dims = shapes.get(operand)
         if data is None or out is None or size_dims is None:
             continue
-        value = _value(node, data, out, int(np.prod(size_dims)) if size_dims else 1)
+        if node.op_type == "Split":  # the parts' sizes: every output's extent on the axis
+            parts = [_declared_out(graph, name, shapes) for name in node.output]
+            axis = _attr(node, "axis", 0) % len(data)
+            value = [p[axis] for p in parts] if all(p and len(p) == len(data) for p in parts) \
+                and len(parts) == int(np.prod(size_dims)) else None
+        else:
+            value = _value(node, data, out, int(np.prod(size_dims)) if size_dims else 1)
         if value is None:
             continue
         dtype = helper.tensor_dtype_to_np_dtype(inputs[operand].type.tensor_type.elem_type)
