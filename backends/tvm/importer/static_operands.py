@@ -12,7 +12,9 @@ literally (``[2, 1, 6]`` out where broadcasting gives ``[2, 3, 6]``: wrong numbe
 
 Only nodes whose output is a graph output with a declared static shape (directly or
 through shape-keeping elementwise ops such as an expanded ReduceL2's ``Sqrt``), and whose
-data input has a static shape (declared or inferred), are touched. Each is logged.
+data input has a static shape (declared or inferred), are touched. A ``keepdims=0``
+reduce over one runtime axis whose output shape fits several axes (``[3, 2, 2] -> [3, 2]``)
+is built for each and the runtime axis picks the result (``Where``). Each is logged.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ def fix_shape_operands(model: onnx.ModelProto) -> int:
     if any(n.input[0] not in shapes for n in candidates):  # an intermediate data input
         shapes = {**_static_shapes(onnx.shape_inference.infer_shapes(model)), **shapes}
     fixed = 0
+    replaced: dict[int, list[onnx.NodeProto]] = {}
     for node in candidates:
         index = _OPERAND[node.op_type]
         operand = node.input[index]
@@ -193,9 +196,16 @@ def fix_shape_operands(model: onnx.ModelProto) -> int:
                 and len(parts) == int(np.prod(size_dims)) else None
         else:
             value = _value(node, data, out, int(np.prod(size_dims)) if size_dims else 1)
+        dtype = helper.tensor_dtype_to_np_dtype(inputs[operand].type.tensor_type.elem_type)
+        if value is None and node.op_type in _REDUCE and size_dims in ([1], []):
+            chosen = _reduce_by_runtime_axis(node, data, out, np.dtype(dtype))
+            if chosen:
+                graph.initializer.extend(chosen[0])
+                replaced[id(node)] = chosen[1]
+                fixed += 1
+            continue
         if value is None:
             continue
-        dtype = helper.tensor_dtype_to_np_dtype(inputs[operand].type.tensor_type.elem_type)
         name = f"{operand}_fixed_for_{node.name or node.op_type}"
         array = np.asarray(value, dtype=dtype).reshape(size_dims)
         graph.initializer.append(numpy_helper.from_array(array, name))
@@ -203,4 +213,54 @@ def fix_shape_operands(model: onnx.ModelProto) -> int:
         fixed += 1
         logger.info("input %r of %s %r fixed to %s (the value its declared output shape %s "
                     "implies)", operand, node.op_type, node.name, value, out)
+    if replaced:
+        nodes = [n for node in graph.node for n in replaced.get(id(node), [node])]
+        del graph.node[:]
+        graph.node.extend(nodes)
     return fixed
+
+
+#: a keepdims=0 Reduce whose output shape fits at most this many single axes is built
+#: for each of them, the runtime axis choosing among the results
+MAX_AXIS_CANDIDATES = 4
+
+
+def _reduce_by_runtime_axis(node: onnx.NodeProto, data: list[int], out: list[int],
+                            dtype: np.dtype):
+    """(initializers, nodes) computing a keepdims=0 ``Reduce*`` over a one-element runtime
+    ``axes`` whose output shape fits several axes ([3, 2, 2] -> [3, 2]: axis 1 or 2): one
+    reduce per candidate, ``Where(axis == c, ...)`` picking the one the input names
+    (a negative axis counts from the end). None when no such choice applies."""
+    rank = len(data)
+    candidates = [a for a in range(rank) if data[:a] + data[a + 1:] == out]
+    if not out or not 2 <= len(candidates) <= MAX_AXIS_CANDIDATES or \
+            _attr(node, "keepdims", 1):
+        return None
+    prefix = f"{node.name or node.op_type}_axis"
+    inits = [numpy_helper.from_array(np.zeros([1], dtype), f"{prefix}_zero"),
+             numpy_helper.from_array(np.full([1], rank, dtype), f"{prefix}_rank")]
+    axis = node.input[1]
+    nodes = [helper.make_node("Less", [axis, f"{prefix}_zero"], [f"{prefix}_negative"]),
+             helper.make_node("Add", [axis, f"{prefix}_rank"], [f"{prefix}_wrapped"]),
+             helper.make_node("Where", [f"{prefix}_negative", f"{prefix}_wrapped", axis],
+                              [f"{prefix}_normal"])]
+    results = []
+    for c in candidates:
+        inits.append(numpy_helper.from_array(np.full([1], c, dtype), f"{prefix}_{c}"))
+        reduce = onnx.NodeProto()
+        reduce.CopyFrom(node)
+        reduce.name = f"{prefix}_{c}_{node.op_type}"
+        reduce.input[1] = f"{prefix}_{c}"
+        reduce.output[0] = f"{prefix}_{c}_out"
+        nodes.append(reduce)
+        nodes.append(helper.make_node("Equal", [f"{prefix}_normal", f"{prefix}_{c}"],
+                                      [f"{prefix}_{c}_is"]))
+        results.append((f"{prefix}_{c}_is", reduce.output[0]))
+    chosen = results[-1][1]
+    for k, (flag, value) in reversed(list(enumerate(results[:-1]))):
+        name = node.output[0] if k == 0 else f"{prefix}_pick{k}"
+        nodes.append(helper.make_node("Where", [flag, value, chosen], [name]))
+        chosen = name
+    logger.info("%s %r: axes input %r fits axes %s of %s -> %s; each is reduced and the "
+                "runtime value picks one", node.op_type, node.name, axis, candidates, data, out)
+    return inits, nodes

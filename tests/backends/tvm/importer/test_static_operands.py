@@ -1,9 +1,11 @@
 """Shape operands fed by model inputs fixed from the declared output shapes before import
 (kiln.backends.tvm.importer.static_operands): Split parts, Reduce axes behind an
-elementwise op (expanded ReduceL2), refusal of an ambiguous case, idempotence."""
+elementwise op (expanded ReduceL2), a keepdims=0 reduce whose axis the shapes cannot
+tell built for each candidate and picked at run time, idempotence."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -49,14 +51,25 @@ def test_reduce_axes_reach_the_output_through_elementwise_ops():
     assert _fixed(model, 1, 1) == [1]
 
 
-def test_ambiguous_axes_are_left_alone():
+def test_ambiguous_axes_are_reduced_each_way_and_picked_at_run_time():
+    from onnx.reference import ReferenceEvaluator
+
     model = _l2(0, [3, 2])              # axis 1 or axis 2: the shapes cannot tell
-    assert fix_shape_operands(model) == 0
-    assert model.graph.node[1].input[1] == "axes"
+    original = ReferenceEvaluator(model.SerializeToString())
+    assert fix_shape_operands(model) == 1
+    assert [n.op_type for n in model.graph.node].count("ReduceSum") == 2
+    assert fix_shape_operands(model) == 0                       # idempotent
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(0).standard_normal([3, 2, 2]).astype(np.float32)
+    for axis in (1, 2, -1, -2):
+        feeds = {"x": x, "axes": np.array([axis], np.int64)}
+        (got,) = ReferenceEvaluator(model).run(None, feeds)
+        np.testing.assert_array_equal(got, original.run(None, feeds)[0])
 
 
 def test_runtime_operand_cases_compile_and_match():
-    names = ["test_split_variable_parts_2d_opset18", "test_reduce_l2_keep_dims_random_expanded"]
+    names = ["test_split_variable_parts_2d_opset18", "test_reduce_l2_keep_dims_random_expanded",
+             "test_reduce_sum_do_not_keepdims_random"]
     outcomes = run_cases(select(names=names), jobs=2)
     failed = [f"{o.name}: {o.outcome}: {o.reason}" for o in outcomes if o.outcome != "pass"]
-    assert len(outcomes) == 2 and not failed, "\n".join(failed)
+    assert len(outcomes) == 3 and not failed, "\n".join(failed)
