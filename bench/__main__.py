@@ -28,6 +28,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="tuning records applied: kiln's shipped database (default), "
                              "also the user's cache, or none (kiln's rules only)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--rpc", default=None, metavar="HOST:PORT:KEY",
+                        help="time kiln's build on a remote device through TVM's RPC tracker "
+                             "(bench/remote.py; outputs checked against ORT on this machine)")
+    parser.add_argument("--target", default="host",
+                        help="kiln's build target with --rpc (e.g. arm64 for an aarch64 board)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 

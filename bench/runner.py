@@ -155,6 +155,10 @@ def run_bench(args: argparse.Namespace) -> int:
     if unknown:
         print(f"unknown case(s): {', '.join(unknown)}; known: {', '.join(CASES)}")
         return 2
+    if getattr(args, "rpc", None):
+        from bench.remote import run_remote
+
+        return run_remote(args, names)
     results = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)

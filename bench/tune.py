@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recheck", action="store_true",
                         help="no tuning: re-measure the records these cases use against "
                              "kiln's current rules and delete those no longer faster")
+    parser.add_argument("--rpc", default=None, metavar="HOST:PORT:KEY",
+                        help="measure candidates on a remote device through TVM's RPC "
+                             "tracker (use with --target of that device, e.g. arm64)")
     parser.add_argument("--out", default=None,
                         help="database root (default: the shipped backends/tvm/tuning_db)")
     args = parser.parse_args(argv)
@@ -47,6 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("kiln.backends.tvm.schedules", "kiln.backends.tvm.importer", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    from kiln.backends.tvm.remote import RpcAddress, measuring_on
+
+    with measuring_on(RpcAddress.parse(args.rpc) if args.rpc else None):
+        return _tune(args)
+
+
+def _tune(args: argparse.Namespace) -> int:
     from bench.cases import CASES
     from kiln.backends.tvm.importer import lower_to_relax
     from kiln.backends.tvm.targets import resolve_target

@@ -9,6 +9,8 @@ import os
 import tvm
 from tvm import tirx
 
+from kiln.backends.tvm import remote
+
 log = logging.getLogger(__name__)
 
 
@@ -48,7 +50,7 @@ def measure(funcs: dict[str, tirx.PrimFunc], target: tvm.target.Target) -> dict[
     if not names:
         return {}
     builder = candidate_builder()
-    runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(
+    runner = remote.runner(ms.runner.EvaluatorConfig(  # on a board with --rpc
         number=3, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False))
     mods = [tvm.IRModule({"main": funcs[n].with_attr("global_symbol", "main")}) for n in names]
     built = builder.build([ms.builder.BuilderInput(m, target) for m in mods])

@@ -16,6 +16,7 @@ from pathlib import Path
 import tvm
 from tvm import tirx
 
+from kiln.backends.tvm import remote
 from kiln.backends.tvm.pipeline import legalize_passes
 from kiln.backends.tvm.schedules.registry import SCHEDULED_ATTR, ScheduleCPUKernels
 from kiln.backends.tvm.targets import ResolvedTarget
@@ -240,7 +241,8 @@ def tune_relax_module(mod: tvm.IRModule, target: ResolvedTarget, *, trials: int,
             ms.tune.tune_tasks(
                 tasks=contexts, task_weights=weights, work_dir=work_dir,
                 max_trials_global=trials, num_trials_per_iter=min(64, max(4, trials // 4)),
-                database=scratch, measure_callbacks=callbacks, builder=candidate_builder())
+                database=scratch, measure_callbacks=callbacks, builder=candidate_builder(),
+                runner=remote.runner())  # on a board within remote.measuring_on(--rpc)
         best = {}
         for task in pending:
             record = scratch.query_tuning_record(task.dispatched[0], ms_target, task.task_name)
