@@ -84,6 +84,7 @@ class ChannelGroup:
     unit_of: dict[Dim, np.ndarray] = field(default_factory=dict)
     units: int = 0
     reason: str | None = None
+    consumed: list[Dim] = field(default_factory=list)  # read as input channels downstream
 
     @property
     def label(self) -> str:
@@ -232,7 +233,7 @@ class ChannelGraph:
             producer = producer_of(node)
             if producer is not None:
                 self.producers[producer.out_dim] = producer
-        self._refusals: dict[Dim, str] = {}
+        self._consumed: set[Dim] = set()
         self.groups = self._build()
 
     # -- exploring ------------------------------------------------------------------
@@ -404,6 +405,7 @@ class ChannelGraph:
             if axis != wanted:
                 raise _Refused(f"{label} reads axis {axis}, not its input channels")
             self._check_weight(producer)
+            self._consumed.add(dim)
             if op == "Conv" and node.attributes.get_int("group", 1) != 1:
                 return [producer.out_dim]  # coupled in _grouped_conv from the output side
             return []
@@ -482,7 +484,8 @@ class ChannelGraph:
             producers = [self.producers[d] for d in dims if d in self.producers]
             if not producers:
                 continue
-            group = ChannelGroup(len(groups), dims, {}, producers)
+            group = ChannelGroup(len(groups), dims, {}, producers,
+                                 consumed=[d for d in dims if d in self._consumed])
             refused = [reasons[d] for d in dims if d in reasons]
             try:
                 group.sizes = {d: self._size(d) for d in dims}

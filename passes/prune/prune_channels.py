@@ -8,7 +8,9 @@ producers (the Conv/Gemm/MatMul whose weight slices make the unit):
 
     l1:          s_u = sum_p ( sum |W_p[u]| + |b_p[u]| )
     l2:          s_u = sqrt( sum_p ( sum W_p[u]^2 + b_p[u]^2 ) )
-    activation:  s_u = sum_p mean |y_p[..., u, ...]|   (producer outputs y_p, calibration)
+    activation:  s_u = sum_c mean |x_c[..., u, ...]|   (calibration; x_c the inputs the
+                 group's consumers read: after bias, normalization and activation, what
+                 a channel passes on; the producers' outputs if nothing consumes them)
     random:      a seeded draw (an ablation baseline)
 
 and the ``floor(amount * U)`` lowest-scored units go (the kept count is rounded up to
@@ -143,6 +145,13 @@ def zero_units(group: ChannelGroup, values: dict[str, ir.Value] | None = None) -
     return np.nonzero(scores == 0)[0]
 
 
+def activation_dims(group: ChannelGroup) -> list[Dim]:
+    """What criterion ``activation`` measures: the inputs the group's consumers read (after
+    bias, normalization and activation: what a channel passes on), else the producers'
+    outputs."""
+    return group.consumed or [p.out_dim for p in group.producers]
+
+
 def keep_count(units: int, amount: float, round_to: int, min_keep: int) -> int:
     keep = units - math.floor(amount * units)
     keep = math.ceil(keep / round_to) * round_to
@@ -216,9 +225,10 @@ class PruneChannels(KilnPass):
 
     def _activation_scores(self, model: ir.Model, groups: list[ChannelGroup]
                            ) -> dict[tuple[str, int], np.ndarray]:
+        """Mean |x| per channel of every dim the activation criterion reads (calibration)."""
         if self.calibration is None:
             raise ValueError("criterion 'activation' needs calibration samples")
-        dims = [p.out_dim for g in groups if g.reason is None for p in g.producers]
+        dims = [d for g in groups if g.reason is None for d in activation_dims(g)]
         if not dims:
             return {}
         acts = self.calibration.activations(model, sorted({name for name, _ in dims}))
@@ -239,8 +249,7 @@ class PruneChannels(KilnPass):
             return keep if len(keep) >= cfg.min_keep else np.arange(min(cfg.min_keep,
                                                                          group.units))
         if cfg.criterion == "activation":
-            scores = group.unit_scores({p.out_dim: activation[p.out_dim]
-                                        for p in group.producers})
+            scores = group.unit_scores({d: activation[d] for d in activation_dims(group)})
         elif cfg.criterion == "random":
             rng = np.random.default_rng([cfg.seed, group.index])
             scores = rng.random(group.units)

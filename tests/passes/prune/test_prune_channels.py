@@ -127,3 +127,49 @@ def test_zero_only_keeps_a_channel_a_bias_shifts():
     PruneChannels(PruneChannelsConfig(zero_only=True))(model)
     assert _shape(model, "fc1.weight") == [32, 63]  # only neuron 0 went
     np.testing.assert_allclose(qm.run(model, feeds)[0], before[0], rtol=RTOL, atol=ATOL)
+
+
+def _dead_neuron_mlp():
+    """The MLP with fc1's neurons 0-15 dead (bias -100: ReLU never fires on the seeded
+    inputs) and their weights tripled (so l1 ranks them highest)."""
+    model = prune_models.mlp()
+    for name, change in (("fc1.weight", lambda w: np.concatenate([w[:, :16] * 3, w[:, 16:]], 1)),
+                         ("fc1.bias", lambda b: np.concatenate([b[:16] * 0 - 100, b[16:]]))):
+        old = model.graph.initializers[name]
+        replace_initializer(model.graph, old, change(old.const_value.numpy()).astype(np.float32))
+    return model
+
+
+def _kept_fc1_columns(pruned, original) -> list[int]:
+    w, w0 = (m.graph.initializers["fc1.weight"].const_value.numpy() for m in (pruned, original))
+    return [int(np.nonzero((w0 == w[:, [j]]).all(axis=0))[0][0]) for j in range(w.shape[1])]
+
+
+def test_activation_criterion_ranks_by_mean_abs_activation():
+    """criterion: activation scores a neuron by the mean |x| its consumer reads (fc1's:
+    relu1's output, calibration): the 16 dead neurons go first, exactly (they pass on 0),
+    though l1 ranks them first to keep; the kept ones are the top by mean |relu1|."""
+    model, original = _dead_neuron_mlp(), _dead_neuron_mlp()
+    calibration = qm.calibration(model, count=4)
+    acts = calibration.activations(original, ["h"])["h"]
+    mean_abs = np.mean([np.abs(a).mean(axis=0) for a in acts], axis=0)
+    assert (mean_abs[:16] == 0).all() and (mean_abs[16:] > 0).all()
+    feeds = qm.feeds(model)
+    before = qm.run(model, feeds)[0]
+    fc1 = lambda node: node.name == "fc1"  # noqa: E731
+    prune = PruneChannels(PruneChannelsConfig(amount=0.5, criterion="activation"),
+                          selected=fc1, calibration=calibration)
+    assert prune(model).modified
+    kept = _kept_fc1_columns(model, original)
+    assert kept == sorted(np.argsort(-mean_abs, kind="stable")[:32].tolist())
+    assert not set(kept) & set(range(16))
+
+    exact = _dead_neuron_mlp()
+    PruneChannels(PruneChannelsConfig(amount=0.25, criterion="activation"), selected=fc1,
+                  calibration=qm.calibration(exact, count=4))(exact)
+    assert _kept_fc1_columns(exact, original) == list(range(16, 64))
+    np.testing.assert_allclose(qm.run(exact, feeds)[0], before, rtol=RTOL, atol=ATOL)
+
+    by_l1 = _dead_neuron_mlp()
+    PruneChannels(PruneChannelsConfig(amount=0.25, criterion="l1"), selected=fc1)(by_l1)
+    assert set(range(16)) <= set(_kept_fc1_columns(by_l1, original))
