@@ -173,3 +173,60 @@ def test_activation_criterion_ranks_by_mean_abs_activation():
     by_l1 = _dead_neuron_mlp()
     PruneChannels(PruneChannelsConfig(amount=0.25, criterion="l1"), selected=fc1)(by_l1)
     assert set(range(16)) <= set(_kept_fc1_columns(by_l1, original))
+
+
+CHANNELS_SPEC = """kiln: 1
+name: channels-50
+passes:
+  - prune_channels:
+      amount: 0.5
+      criterion: l1
+verify:
+  samples: 2
+"""
+#: the TVM module vs ONNX Runtime on the same pruned model.onnx (float32 reassociation)
+BUILD_RTOL = 1e-4
+BUILD_ATOL = 1e-5
+
+
+def test_compile_with_a_prune_channels_spec_end_to_end(tmp_path):
+    """kiln compile --spec (prune_channels, 50%) --target host on the coupled CNN: the
+    written model.onnx has half the channels (depthwise conv's group halved, the grouped
+    conv keeps one of its two groups) and is smaller; the TVM module that kiln run
+    executes matches ONNX Runtime on that model.onnx."""
+    import json
+
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from kiln.compiler.core import graph as kir
+    from kiln.compiler.driver.cli import main
+
+    spec, source, out = tmp_path / "channels.yaml", tmp_path / "cnn.onnx", tmp_path / "out"
+    spec.write_text(CHANNELS_SPEC)
+    onnx.save(kir.to_proto(prune_models.coupled_cnn(width=16, size=16)), source)
+    assert main(["compile", str(source), "--spec", str(spec), "--target", "host",
+                 "-o", str(out), "--no-cache"]) in (0, None)
+    report = json.loads((out / "report.json").read_text())
+    [entry] = report["passes"]
+    assert entry["name"] == "prune_channels" and entry["matched"] == 2
+    assert entry["note"] == "kept 9 of 18 channel units in 2 groups"
+    assert report["compiled"]["verified"] and (out / "model.so").is_file()
+    written = ir.load(out / "model.onnx")
+    shapes = {k: list(v.const_value.shape) for k, v in written.graph.initializers.items()}
+    assert shapes["conv1.weight"] == [8, 4, 3, 3] and shapes["dw.weight"] == [8, 1, 3, 3]
+    assert shapes["conv3.weight"] == [12, 16, 1, 1] and shapes["gconv.weight"] == [8, 12, 3, 3]
+    assert shapes["fc.weight"] == [10, 8]
+    groups = {n.name: n.attributes.get_int("group", 1) for n in written.graph}
+    assert groups["dw"] == 8 and groups["gconv"] == 1
+    assert (out / "model.onnx").stat().st_size < 0.6 * source.stat().st_size
+
+    x = np.random.default_rng(7).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    assert main(["run", str(out), "--inputs", str(tmp_path / "in.npz"),
+                 "--output", str(tmp_path / "y.npz")]) in (0, None)
+    compiled = np.load(tmp_path / "y.npz")["y"]
+    expected = ort.InferenceSession(str(out / "model.onnx"),
+                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(compiled, expected, rtol=BUILD_RTOL, atol=BUILD_ATOL)
