@@ -14,8 +14,9 @@ inputs of every Conv / MatMul / Gemm with a constant weight:
 - kiln ``minmax | percentile | mse | search``: ``quantize`` with that activation
   calibration; ``+equalize``: ``equalize`` first; ``+bias``: ``bias_correction: true``;
 - ORT ``MinMax | Entropy | Percentile``: ``onnxruntime.quantization.quantize_static``
-  (QDQ, ``per_channel=True``, QUInt8 activations, QInt8 weights, ``op_types_to_quantize``
-  Conv/MatMul/Gemm so both quantize the same layers) on the same calibration samples.
+  (QDQ, ``per_channel=True``, QUInt8 activations, QInt8 weights, ``nodes_to_quantize`` the
+  Conv/MatMul/Gemm nodes with a constant weight, so both quantize the same layers) on the
+  same calibration samples.
   Through ``quantize_static`` Entropy gets ORT's defaults, 128 histogram bins for 128
   quantized bins, so its threshold search has one candidate and it equals MinMax (all 190
   activation scales identical on rec); ``quantize_static`` passes no option to change that.
@@ -52,7 +53,7 @@ START, END = "<!-- quant_fidelity:start -->", "<!-- quant_fidelity:end -->"
 DET_THRESHOLD = 0.3
 DET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 DET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-KILN_METHODS = ("minmax", "percentile", "mse", "search", "search+equalize",
+KILN_METHODS = ("minmax", "percentile", "mse", "search", "search+bias", "search+equalize",
                 "search+equalize+bias")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 
@@ -147,10 +148,13 @@ def ort_quantized(model: ir.Model, calibration: list[np.ndarray], method: str,
 
     source, target = folder / "float.onnx", folder / f"ort-{method}.onnx"
     onnx.save(kir.to_proto(model), source)
+    # the layers kiln quantizes: a constant weight (not the attention's activation products)
+    layers = [n.name for n in model.graph if n.op_type in ("Conv", "MatMul", "Gemm")
+              and len(n.inputs) > 1 and kir.constant_tensor(n.inputs[1]) is not None]
     quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, op_types_to_quantize=["Conv", "MatMul", "Gemm"],
-                    calibrate_method=getattr(CalibrationMethod, method))
+                    nodes_to_quantize=layers, calibrate_method=getattr(CalibrationMethod, method))
     return onnx.load(target)
 
 
