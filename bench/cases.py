@@ -15,6 +15,7 @@ import numpy as np
 from bench.case import SEED, PreparedCase, random_inputs
 from bench.cases_blocks import BLOCK_CASES
 from bench.cases_moe import MOE_CASES
+from bench.cases_prune import PRUNE_CASES
 from bench.cases_quant import QUANT_CASES
 from bench.cases_sparse import SPARSE_CASES
 
@@ -133,4 +134,5 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     **MOE_CASES,
     **SPARSE_CASES,
     **BLOCK_CASES,
+    **PRUNE_CASES,
 }
