@@ -151,11 +151,15 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
     if op in ("ScatterElements", "Scatter") and index == 1 and data:
         axis = _attr(node, "axis", 0) % rank
         return _scatter_elements(data[axis], axis)
+    onehot_depth = out_shape[_attr(node, "axis", -1) % len(out_shape)] \
+        if op == "OneHot" and out_shape else None
     if op == "OneHot" and index == 0:
         depth = kir.constant_tensor(inputs[1]) if len(inputs) > 1 else None
         return _below(int(np.asarray(depth.numpy()).reshape(-1)[0])) if depth is not None \
-            else _below(2)
+            else _below(onehot_depth or 2)
     if op == "OneHot" and index == 1:
+        if onehot_depth:  # the depth the declared output shape has
+            return _filled([onehot_depth])
         return lambda rng, shape, dtype: _ints(rng, 2, 5, shape, dtype)
     if op in _REDUCE_AXES_OPS and index == 1 and data is not None and out_shape is not None:
         return _reduced_axes(data, out_shape, bool(_attr(node, "keepdims", 1)))

@@ -15,6 +15,7 @@ from .attention import StandardAttention
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
 from .int8_dense import Int8Dense
+from .missing_ops import BitCast, LpNormalization, MixedTypePow, OneHotAnyValues
 from .moe_kernels import MoeDispatch
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
@@ -81,6 +82,10 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["Attention"] = StandardAttention()
     table["RMSNormalization"] = RMSNormalizationAsRelax
     table["RotaryEmbedding"] = RotaryEmbedding
+    table["LpNormalization"] = LpNormalization
+    table["BitCast"] = BitCast
+    table["Pow"] = MixedTypePow(base["Pow"])
+    table["OneHot"] = OneHotAnyValues(base["OneHot"])
     table["LSTM"] = LSTM()
     table["GRU"] = GRU()
     table["RNN"] = RNN()

@@ -1,0 +1,139 @@
+"""Converters for standard ops TVM 0.27's importer lacks or gets wrong on mixed types.
+
+- ``LpNormalization`` (p = 1 or 2 along ``axis``): ``x / sum(|x|)`` or
+  ``x / sqrt(sum(x^2))``, the norm kept as a size-1 axis; a zero norm divides by 1
+  (0 out, as ONNX Runtime and onnx's expected outputs have it);
+- ``BitCast`` to an element type of the same width: the bits reinterpreted
+  (``topi.reinterpret``; bool <-> 8-bit is a cast); a different width is refused;
+- ``Pow`` with different base and exponent types, or on integers (TVM's converter
+  needs one type and a float): the exponent is cast to the base's float type; an
+  integer power is computed in float64 (exact for the results int64 holds below 2^53)
+  and cast back, as ONNX Runtime truncates it;
+- ``OneHot`` with runtime ``values`` (its depth fixed from the output shape by
+  :mod:`.static_operands` when an input feeds it).
+
+Found by onnx's conformance cases (all refused before).
+"""
+
+from __future__ import annotations
+
+from onnx import helper
+
+from .expr_types import dtype_of
+
+
+def _width(dtype: str) -> int:
+    if dtype == "bool":
+        return 8
+    return int("".join(ch for ch in dtype if ch.isdigit()) or 0)
+
+
+class LpNormalization:
+    """ONNX ``LpNormalization`` as a reduce and a divide."""
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            x = inputs[0]
+            p = int(attr.get("p", 2))
+            if p not in (1, 2):
+                raise ValueError(f"LpNormalization with p={p} (ONNX allows 1 or 2)")
+            axis = int(attr.get("axis", -1))
+            if p == 1:
+                norm = relax.op.sum(relax.op.abs(x), axis=[axis], keepdims=True)
+            else:
+                norm = relax.op.sqrt(relax.op.sum(relax.op.multiply(x, x), axis=[axis],
+                                                  keepdims=True))
+            zero = relax.op.equal(norm, relax.op.zeros_like(norm))
+            return relax.op.divide(x, relax.op.where(zero, relax.op.ones_like(norm), norm))
+
+        return convert
+
+
+class BitCast:
+    """ONNX ``BitCast`` between element types of one width: the same bits, retyped."""
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            from tvm import topi
+
+            x = inputs[0]
+            target = str(helper.tensor_dtype_to_np_dtype(int(attr["to"])))
+            source = dtype_of(x)
+            if _width(source) != _width(target):
+                raise ValueError(f"BitCast from {source} to {target} changes the element "
+                                 "width (and the shape): kiln supports same-width casts")
+            if "bool" in (source, target):  # one byte, 0 or 1: the value is the bits
+                from tvm import relax
+
+                return relax.op.astype(x, target)
+            return bb.emit_te(topi.reinterpret, x, target)
+
+        return convert
+
+
+class MixedTypePow:
+    """ONNX ``Pow`` on one float type, whatever the operands' types."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def get_converter(self, opset: int):
+        fallback = self.base.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            x, y = inputs[0], inputs[1]
+            tx, ty = dtype_of(x), dtype_of(y)
+            if tx.startswith(("float", "bfloat")):
+                if ty != tx:
+                    y = relax.op.astype(y, tx)
+                return relax.op.power(x, y)
+            if tx.startswith(("int", "uint")):
+                power = relax.op.power(relax.op.astype(x, "float64"),
+                                       relax.op.astype(y, "float64"))
+                return relax.op.astype(power, tx)
+            return fallback(bb, inputs, attr, params)
+
+        return convert
+
+
+
+class OneHotAnyValues:
+    """ONNX ``OneHot`` with a constant depth and any ``values`` (TVM's converter takes
+    constant values only): ``where(index == arange(depth), on, off)`` along ``axis``,
+    negative indices counted from ``depth`` (an index out of range gives all ``off``)."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def get_converter(self, opset: int):
+        fallback = self.base.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            import numpy as np
+            import tvm
+            from tvm import relax
+
+            indices, depth_expr, values = inputs[0], inputs[1], inputs[2]
+            if not isinstance(depth_expr, tvm.ir.GenericConst):
+                return fallback(bb, inputs, attr, params)
+            depth = int(np.asarray(depth_expr.value.numpy()).reshape(-1)[0])
+            rank = len(indices.ty.shape.values) + 1
+            axis = int(attr.get("axis", -1)) % rank
+            index = relax.op.astype(indices, "int64")
+            depth_const = relax.const(depth, "int64")
+            index = relax.op.where(relax.op.less(index, relax.const(0, "int64")),
+                                   relax.op.add(index, depth_const), index)
+            positions = np.arange(depth, dtype=np.int64).reshape(
+                [1] * axis + [depth] + [1] * (rank - axis - 1))
+            hit = relax.op.equal(relax.op.expand_dims(index, axis), relax.const(positions))
+            off = relax.op.take(values, relax.const(0, "int64"), axis=0)
+            on = relax.op.take(values, relax.const(1, "int64"), axis=0)
+            return relax.op.where(hit, on, off)
+
+        return convert

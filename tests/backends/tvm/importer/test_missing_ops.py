@@ -1,0 +1,45 @@
+"""Converters for standard ops TVM's importer lacks or refuses on mixed types
+(kiln.backends.tvm.importer.missing_ops), run as onnx's conformance cases: built for
+host, compared with the suite's expected outputs."""
+
+from __future__ import annotations
+
+import pytest
+
+from kiln.compiler.testing.conformance import run_cases, select
+
+
+def _all_pass(names: list[str]) -> None:
+    outcomes = run_cases(select(names=names), jobs=2)
+    assert len(outcomes) == len(names)
+    failed = [f"{o.name}: {o.outcome}: {o.reason}" for o in outcomes if o.outcome != "pass"]
+    assert not failed, "\n".join(failed)
+
+
+def test_lp_normalization_with_a_zero_norm_and_integer_pow():
+    # axis 0 of the case has an all-zero column: 0 out, not NaN; int64 ** int64
+    _all_pass(["test_l2normalization_axis_0", "test_pow_types_int64_int64"])
+
+
+@pytest.mark.slow
+def test_bitcast_onehot_affine_grid_and_mixed_pow():
+    _all_pass(["test_bitcast_float32_to_int32", "test_bitcast_uint16_to_int16",
+               "test_l1normalization_axis_last", "test_pow_types_float32_int64",
+               "test_onehot_with_negative_axis",        # runtime depth (fixed) and values
+               "test_affine_grid_2d"])                  # runtime size (fixed)
+
+
+def test_bitcast_that_changes_the_width_is_refused_by_name():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from kiln.backends.tvm import lower_to_relax
+    from kiln.compiler.core.errors import LoweringError
+
+    graph = helper.make_graph(
+        [helper.make_node("BitCast", ["x"], ["y"], to=TensorProto.INT16)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.INT16, [4, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26)])
+    with pytest.raises(LoweringError, match="BitCast.*element width"):
+        lower_to_relax(ir.serde.deserialize_model(model))
