@@ -56,6 +56,8 @@ DET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 KILN_METHODS = ("minmax", "percentile", "mse", "search", "search+bias", "search+equalize",
                 "search+equalize+bias")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
+INPUT = {"rec": "x", "det": "x", "yolox": "images"}
+YOLO_SIDE = 416
 
 
 @dataclass(frozen=True)
@@ -97,16 +99,28 @@ def text_page(seed: int, side: int) -> np.ndarray:
     return np.ascontiguousarray(((pixels - DET_MEAN) / DET_STD).transpose(2, 0, 1)[None])
 
 
+def yolo_page(seed: int, side: int) -> np.ndarray:
+    """A rendered text page as ddddocr's YOLOX detector reads it: raw 0..255 RGB, NCHW."""
+    page = text_page(seed, side) * DET_STD[:, None, None] + DET_MEAN[:, None, None]
+    return np.ascontiguousarray(np.round(page * 255.0).astype(np.float32))
+
+
 def float_graph(which: str, shape: list[int]) -> ir.Model:
     from kiln.compiler.core.frontend import load_model
     from kiln.compiler.core.opset import PER_AXIS_OPSET, ensure_opset
-    from kiln.compiler.testing.real_models import rapidocr_model
+    from kiln.compiler.testing.real_models import held_out_model, rapidocr_model
     from kiln.passes.reparam.fold_batchnorm import FoldBatchNorm
 
-    model = load_model(rapidocr_model(which), input_shapes={"x": shape})
+    path = held_out_model("yolox-det") if which == "yolox" else rapidocr_model(which)
+    model = load_model(path, input_shapes={INPUT[which]: shape})
     FoldBatchNorm()(model)
     ensure_opset(model, PER_AXIS_OPSET, pass_name="quant_fidelity")  # per-axis QDQ for ORT too
     return model
+
+
+def _name(model: ir.Model | onnx.ModelProto) -> str:
+    graph = model.graph
+    return graph.input[0].name if isinstance(model, onnx.ModelProto) else graph.inputs[0].name
 
 
 def kiln_quantized(model: ir.Model, calibration: list[np.ndarray], method: str) -> ir.Model:
@@ -117,7 +131,7 @@ def kiln_quantized(model: ir.Model, calibration: list[np.ndarray], method: str) 
     from kiln.passes.quant.quantize import Quantize
 
     model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    samples = [{"x": x} for x in calibration]
+    samples = [{_name(model): x} for x in calibration]
     context = CalibrationContext(samples, lambda m, names: collect_activations(m, names, samples))
     parts = method.split("+")
     if "equalize" in parts:
@@ -141,7 +155,7 @@ def ort_quantized(model: ir.Model, calibration: list[np.ndarray], method: str,
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._left = iter([{"x": x} for x in calibration])
+            self._left = iter([{_name(model): x} for x in calibration])
 
         def get_next(self):
             return next(self._left, None)
@@ -162,7 +176,7 @@ def run_all(model: ir.Model | onnx.ModelProto, inputs: list[np.ndarray]) -> list
     from kiln.backends.ort import ReferenceRunner
 
     runner = ReferenceRunner(model, optimize="all")
-    return [runner.run({"x": x})[0] for x in inputs]
+    return [runner.run({_name(model): x})[0] for x in inputs]
 
 
 def rec_metric(reference: list[np.ndarray], outputs: list[np.ndarray]) -> str:
@@ -183,6 +197,13 @@ def det_metric(reference: list[np.ndarray], outputs: list[np.ndarray]) -> str:
     return f"{100 * agree:.2f}% pixels, IoU {iou:.3f}"
 
 
+def yolo_metric(reference: list[np.ndarray], outputs: list[np.ndarray]) -> str:
+    """Anchors whose score (objectness x class) passes 0.3 in both, as det's masks."""
+    def scores(outs):
+        return [o[..., 4:5] * o[..., 5:] for o in outs]
+    return det_metric(scores(reference), scores(outputs)).replace("pixels", "anchors")
+
+
 def evaluate(which: str, sizes: Sizes, say: Callable[[str], None],
              kiln_methods: tuple[str, ...] = KILN_METHODS,
              ort_methods: tuple[str, ...] = ORT_METHODS) -> list[tuple[str, float, str]]:
@@ -192,11 +213,17 @@ def evaluate(which: str, sizes: Sizes, say: Callable[[str], None],
         calibration = rec_samples(sizes.rec_calibration, seed=11)
         held_out = rec_samples(sizes.rec_eval, seed=0)
         metric = rec_metric
-    else:
+    elif which == "det":
         shape = [1, 3, sizes.det_side, sizes.det_side]
         calibration = [text_page(i, sizes.det_side) for i in range(sizes.det_calibration)]
         held_out = [text_page(1000 + i, sizes.det_side) for i in range(sizes.det_eval)]
         metric = det_metric
+    else:
+        side = YOLO_SIDE          # the model's input is fixed at 416x416
+        shape = [1, 3, side, side]
+        calibration = [yolo_page(i, side) for i in range(sizes.det_calibration)]
+        held_out = [yolo_page(1000 + i, side) for i in range(sizes.det_eval)]
+        metric = yolo_metric
     model = float_graph(which, shape)
     reference = run_all(model, held_out)
     rows = [("float", math.inf, metric(reference, reference))]
@@ -224,10 +251,14 @@ def table(which: str, rows: list[tuple[str, float, str]], sizes: Sizes) -> str:
         head = (f"PP-OCRv4 rec, 1x3x48x320: {sizes.rec_calibration} calibration lines, "
                 f"{sizes.rec_eval} held-out lines")
         task = "greedy CTC identical to float"
-    else:
+    elif which == "det":
         head = (f"PP-OCRv4 det, 1x3x{sizes.det_side}x{sizes.det_side}: "
                 f"{sizes.det_calibration} calibration pages, {sizes.det_eval} held-out pages")
         task = "text mask agreement with float"
+    else:
+        head = (f"YOLOX (ddddocr common_det), 1x3x{YOLO_SIDE}x{YOLO_SIDE}: {sizes.det_calibration} "
+                f"calibration pages, {sizes.det_eval} held-out pages")
+        task = "detections (score > 0.3) agreeing with float"
     best_ort = max((s for n, s, _ in rows if n.startswith("ORT")), default=math.nan)
     lines = [f"**{head}**", "", f"| method | SQNR dB (worst output) | vs best ORT | {task} |",
              "|---|---|---|---|"]
@@ -256,7 +287,8 @@ def write_section(text: str, path: Path = RESULTS) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small run, printed only")
-    parser.add_argument("--models", nargs="+", default=["rec", "det"], choices=["rec", "det"])
+    parser.add_argument("--models", nargs="+", default=["rec", "det", "yolox"],
+                        choices=["rec", "det", "yolox"])
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     started = time.perf_counter()
