@@ -121,7 +121,16 @@ def _decode_conv():
     return model
 
 
-QUANT_CASES = {"decode_contraction": _decode_contraction, "decode_conv": _decode_conv}
+def _sparse_dense():
+    """90% of the 16x1 blocks zero: the build packs the weights for kiln's sparse kernel."""
+    from kiln.compiler.testing.sparse_models import sparse_mlp
+
+    return sparse_mlp((128, 128, 64), pattern="block", block=(16, 1), density=0.1)
+
+
+#: Whole-model cases (weights packed or decoded in the kernel), checked against ORT.
+QUANT_CASES = {"decode_contraction": _decode_contraction, "decode_conv": _decode_conv,
+               "sparse_dense": _sparse_dense}
 
 
 def test_every_rule_has_a_case_here():
