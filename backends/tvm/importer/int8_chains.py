@@ -2,7 +2,7 @@
 
 A W8A8 model in QDQ form computes each quantized layer in float::
 
-    y = Q(relu?(DQ(x_q) @ DQ(w_q) + b))        DQ(v) = (v - z) * s,  Q(v) = sat(rne(v / s) + z)
+    y = Q(act(DQ(x_q) @ DQ(w_q) + b))          DQ(v) = (v - z) * s,  Q(v) = sat(rne(v / s) + z)
 
 On the backend's own ONNX copy each such chain becomes one internal
 ``KilnInt8Dense`` node reading ``x_q`` directly (per-tensor ``sx``, ``zx``; weight int8
@@ -10,12 +10,12 @@ symmetric, per tensor or per output column). With ``a = x_q`` as uint8 (int8
 activations are shifted by +128 and their zero point with them)::
 
     acc[m, n] = sum_k a[m, k] * w[k, n]                         (u8 x s8 -> s32)
-    v[m, n]   = (acc - comp[n]) * mult[n] + bias[n]             comp[n] = zx * sum_k w[k, n]
-    y_q       = sat(rne(relu?(v)) + zy)       mult = sx * sw / sy,  bias = b / sy
+    v[m, n]   = act((acc - comp[n]) * mult[n] + bias[n])        comp[n] = zx * sum_k w[k, n]
+    y_q       = sat(rne(v / sy) + zy)                           mult = sx * sw
 
-``comp`` is an exact int32 constant (no float cancellation); without a following
-``QuantizeLinear`` (or when the float result has other readers) ``mult = sx * sw``,
-``bias = b`` and the kernel writes float32. A layer's output Q then feeds the next
+``act`` is none, Relu or Gelu (erf or tanh form). ``comp`` is an exact int32 constant
+(no float cancellation); without a following ``QuantizeLinear`` (or when the float
+result has other readers) the kernel writes ``v`` as float32. A layer's output Q then feeds the next
 layer's DQ, which the next chain reads through: int8 tensors flow between layers.
 
 The weight is packed here in the layout the target's dot-product instruction reads,
@@ -110,7 +110,7 @@ class _Chain:
     w: np.ndarray                 # [K, N] int8
     sw: np.ndarray                # [N] float
     bias: np.ndarray              # [N] float
-    relu: bool
+    activation: str               # "", "relu", "gelu", "gelu_tanh"
     last: onnx.NodeProto          # the node whose output the kernel replaces
     out_scale: float | None = None
     out_zero: int = 0
@@ -211,7 +211,7 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
     w, sw = weight
     n = w.shape[1]
     chain = _Chain(node=node, x_q=act[0], sx=act[1], zx=act[2], x_signed=act[3], w=w, sw=sw,
-                   bias=np.zeros(n, np.float32), relu=False, last=node)
+                   bias=np.zeros(n, np.float32), activation="", last=node)
     if bias is not None:
         chain.bias = np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32)
     out = node.output[0]
@@ -224,8 +224,9 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
             chain.absorbed.append(nxt)
             chain.last, out = nxt, nxt.output[0]
             nxt = g.only_reader(out)
-    if nxt is not None and nxt.op_type == "Relu":
-        chain.relu = True
+    activation = _activation_of(nxt)
+    if activation:
+        chain.activation = activation
         chain.absorbed.append(nxt)
         chain.last, out = nxt, nxt.output[0]
         nxt = g.only_reader(out)
@@ -239,6 +240,18 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
             chain.absorbed.append(nxt)
             chain.last = nxt
     return chain
+
+
+def _activation_of(node: onnx.NodeProto | None) -> str:
+    """The epilogue activation a node is ("relu", "gelu", "gelu_tanh"), else ""."""
+    if node is None or node.domain not in _STANDARD_DOMAINS:
+        return ""
+    if node.op_type == "Relu":
+        return "relu"
+    if node.op_type == "Gelu":
+        return "gelu_tanh" if attributes(node).get("approximate", b"none") in (b"tanh", "tanh") \
+            else "gelu"
+    return ""
 
 
 def _refusal(chain: _Chain, isa: str) -> str | None:
@@ -300,17 +313,15 @@ def _kernel_node(chain: _Chain, isa: str, prefix: str):
     layout = weight_layout(isa, w)
     zx = chain.zx + (128 if chain.x_signed else 0)
     comp = (zx * w.astype(np.int64).sum(axis=0)).astype(np.int32)
-    mult = (np.float64(chain.sx) * chain.sw.astype(np.float64))
-    bias = chain.bias.astype(np.float64)
-    if chain.out_scale is not None:
-        mult, bias = mult / chain.out_scale, bias / chain.out_scale
+    mult = np.float64(chain.sx) * chain.sw.astype(np.float64)
     tensors = [numpy_helper.from_array(pack_weight(w, layout), prefix + "_w"),
                numpy_helper.from_array(comp, prefix + "_comp"),
                numpy_helper.from_array(mult.astype(np.float32), prefix + "_mult"),
-               numpy_helper.from_array(bias.astype(np.float32), prefix + "_bias")]
+               numpy_helper.from_array(chain.bias.astype(np.float32), prefix + "_bias")]
     node = helper.make_node(
         internal_ops.INT8_DENSE, [chain.x_q, *(t.name for t in tensors)], [chain.last.output[0]],
         name=prefix, domain=internal_ops.DOMAIN, isa=layout.isa, k=int(w.shape[0]),
-        n=int(w.shape[1]), x_signed=int(chain.x_signed), relu=int(chain.relu),
-        out_dtype=chain.out_dtype, out_zero=chain.out_zero)
+        n=int(w.shape[1]), x_signed=int(chain.x_signed), activation=chain.activation,
+        out_dtype=chain.out_dtype, out_scale=float(chain.out_scale or 0.0),
+        out_zero=chain.out_zero)
     return node, tensors

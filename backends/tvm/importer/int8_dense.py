@@ -2,12 +2,14 @@
 and a requantizing epilogue (:mod:`.int8_chains` gives the math and the packed layout)::
 
     acc[m, n] = sum_{i, g} int32(a[m, i*G + g]) * int32(w[n / L, i, n % L, g])
-    y[m, n]   = sat(rne(relu?((acc - comp[n]) * mult[n] + bias[n])) + zy)   (or float32)
+    v[m, n]   = act((acc - comp[n]) * mult[n] + bias[n])
+    y[m, n]   = sat(rne(v / sy) + zy)        (or v itself, float32)
 
 ``a`` is ``x_q`` (uint8; int8 activations arrive shifted by +128 in a small kernel of
 their own). The blocks are named :data:`kiln.backends.tvm.kernel_names.INT8_ACC` and
-``INT8_OUTPUT``, which the ``int8_dense`` schedule rule finds and tensorizes. The kernel
-is opaque to FuseOps (its epilogue already holds the elementwise work of the chain).
+``INT8_OUTPUT``, which the ``int8_dense`` schedule rule finds and tensorizes (the blocks
+between them, Gelu's ``fast_erf``/``fast_tanh`` from TOPI, are inlined into the epilogue).
+The kernel is opaque to FuseOps (its epilogue already holds the chain's elementwise work).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from .expr_types import attr_str, static_shape
 #: FuseOps pattern kOpaque: nothing is fused into or onto the integer kernel.
 OPAQUE = {"op_pattern": 8}
 _RANGES = {"uint8": (0.0, 255.0), "int8": (-128.0, 127.0)}
+SQRT_HALF = math.sqrt(0.5)
+#: sqrt(2 / pi), Gelu's tanh form: 0.5 v (1 + tanh(sqrt(2/pi) (v + 0.044715 v^3))).
+TANH_SCALE = math.sqrt(2.0 / math.pi)
 
 
 def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: bool,
-                    relu: bool, out_dtype: str, out_zero: int):
+                    activation: str, out_dtype: str, out_scale: float, out_zero: int):
     """``y`` [..., N] of the integer dense (see the module docstring) for ``x`` [..., K]."""
     from tvm import relax, te, tirx
 
@@ -45,15 +50,18 @@ def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: boo
                                 * wt[j // lanes, i, j % lanes, g].astype("int32"), axis=[i, g]),
             name=INT8_ACC)
 
+        def real(m, j):
+            return (acc[m, j] - ct[j]).astype("float32") * mt[j] + bt[j]
+
+        act = _activation(activation, real, (rows, n))
+
         def epilogue(m, j):
-            v = (acc[m, j] - ct[j]).astype("float32") * mt[j] + bt[j]
+            v = act(m, j)
             if out_dtype == "float32":
-                return tirx.max(v, tirx.const(0.0, "float32")) if relu else v
-            v = tirx.round(v)
-            if relu:
-                v = tirx.max(v, tirx.const(0.0, "float32"))
+                return v
             low, high = _RANGES[out_dtype]
-            v = v + tirx.const(float(out_zero), "float32")
+            v = tirx.round(v * tirx.const(1.0 / out_scale, "float32")) \
+                + tirx.const(float(out_zero), "float32")
             v = tirx.min(tirx.max(v, tirx.const(low, "float32")), tirx.const(high, "float32"))
             return v.astype(out_dtype)
 
@@ -64,6 +72,28 @@ def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: boo
     if len(x_shape) != 2:
         y = bb.normalize(relax.op.reshape(y, [*x_shape[:-1], n]))
     return y
+
+
+def _activation(kind: str, real, shape):
+    """``(m, j) -> act(real(m, j))``; Gelu through TOPI's vectorizable fast_erf/fast_tanh
+    (their blocks are inlined into the epilogue by the schedule rule)."""
+    from tvm import te, tirx, topi
+
+    zero = tirx.const(0.0, "float32")
+    if kind == "relu":
+        return lambda m, j: tirx.max(real(m, j), zero)
+    if kind == "gelu":
+        erf = topi.fast_erf(te.compute(shape, lambda m, j: real(m, j) * SQRT_HALF,
+                                       name="kiln_int8_gelu_arg"))
+        return lambda m, j: real(m, j) * (0.5 + 0.5 * erf[m, j])
+    if kind == "gelu_tanh":
+        def inner(m, j):
+            v = real(m, j)
+            return TANH_SCALE * (v + 0.044715 * v * v * v)
+
+        tanh = topi.fast_tanh(te.compute(shape, inner, name="kiln_int8_gelu_arg"))
+        return lambda m, j: real(m, j) * (0.5 + 0.5 * tanh[m, j])
+    return real
 
 
 class Int8Dense:
@@ -77,7 +107,8 @@ class Int8Dense:
             del params
             return emit_int8_dense(
                 bb, *inputs[:5], k=int(attr["k"]), n=int(attr["n"]),
-                x_signed=bool(attr["x_signed"]), relu=bool(attr["relu"]),
-                out_dtype=attr_str(attr["out_dtype"]), out_zero=int(attr["out_zero"]))
+                x_signed=bool(attr["x_signed"]), activation=attr_str(attr["activation"]),
+                out_dtype=attr_str(attr["out_dtype"]), out_scale=float(attr["out_scale"]),
+                out_zero=int(attr["out_zero"]))
 
         return convert

@@ -21,7 +21,8 @@ CODEBOOK = "KilnCodebookDecode"
 #: attributes layout, n, k): :mod:`.sparse_weights`, :mod:`.sparse_kernel`.
 SPARSE_DENSE = "KilnSparseDense"
 #: A QDQ MatMul/Gemm chain as one integer kernel (inputs x_q, packed weight, comp, mult,
-#: bias; attributes isa, k, n, x_signed, relu, out_dtype, out_zero): :mod:`.int8_chains`.
+#: bias; attributes isa, k, n, x_signed, activation, out_dtype, out_scale, out_zero):
+#: :mod:`.int8_chains`.
 INT8_DENSE = "KilnInt8Dense"
 #: kiln's top-k MoE dispatch after the TopK (inputs x, values, indices, W1, b1, W2, b2,
 #: W3, b3; attribute activation): :mod:`.moe_dispatch`, :mod:`.moe_kernels`.

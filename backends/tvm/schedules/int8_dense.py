@@ -139,6 +139,9 @@ class Int8Dense(KilnRule):
             out = sch.get_sblock(INT8_OUTPUT)
         except Exception:  # noqa: BLE001 - not this rule's kernel
             return None
+        for block in sch.get_child_blocks(sch.get_sblock("root")):  # Gelu's erf/tanh
+            if sch.get(block).name_hint not in (INT8_ACC, INT8_OUTPUT):
+                sch.compute_inline(block)
         w = sch.get(acc).reads[1].source
         _, _, lanes, group = (int(d) for d in w.shape)
         intrin = INTRINSICS.get((lanes, group, str(w.dtype)))

@@ -55,8 +55,8 @@ def _target(name: str) -> str:
 
 
 def _chain_model(*, m=12, k=64, n=48, out_q=True, relu=True, signed_x=False, weight_bound=127,
-                 gemm=False, per_channel=True, rows3d=False, seed=0) -> onnx.ModelProto:
-    """x -> Q -> DQ -> MatMul(DQ(w)) [-> Add b] [-> Relu] [-> Q]: output uint8 or float."""
+                 gemm=False, per_channel=True, rows3d=False, gelu="", seed=0) -> onnx.ModelProto:
+    """x -> Q -> DQ -> MatMul(DQ(w)) [-> Add b] [-> Relu | Gelu] [-> Q]: uint8 or float."""
     rng = np.random.default_rng(seed)
     w = rng.integers(-weight_bound, weight_bound + 1, size=(k, n)).astype(np.int8)
     sw = (rng.random(n if per_channel else 1) * 0.01 + 0.005).astype(np.float32)
@@ -82,6 +82,9 @@ def _chain_model(*, m=12, k=64, n=48, out_q=True, relu=True, signed_x=False, wei
     if relu:
         nodes.append(helper.make_node("Relu", ["h"], ["r"]))
         last = "r"
+    if gelu:
+        nodes.append(helper.make_node("Gelu", ["h"], ["r"], approximate=gelu))
+        last = "r"
     if out_q:
         nodes.append(helper.make_node("QuantizeLinear", [last, "sy", "zy"], ["y"]))
     else:
@@ -92,7 +95,7 @@ def _chain_model(*, m=12, k=64, n=48, out_q=True, relu=True, signed_x=False, wei
         nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.UINT8 if out_q else TensorProto.FLOAT,
                                        out_shape)], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
 def _run_both(proto: onnx.ModelProto, target: str, tmp_path, seed=1):
@@ -113,6 +116,8 @@ CASES = {
     "per-tensor-weight-3d-rows": {"per_channel": False, "rows3d": True},
     "seven-bit-weights": {"weight_bound": 63},
     "gemv-one-row": {"m": 1, "k": 256, "n": 64},
+    "gelu-u8-out": {"relu": False, "gelu": "none"},
+    "gelu-tanh-float-out": {"relu": False, "gelu": "tanh", "out_q": False},
 }
 
 
