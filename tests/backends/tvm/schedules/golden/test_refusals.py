@@ -17,6 +17,8 @@ REFUSED = [
     ("contraction", elementwise_before),
     ("elementwise", reduction_before), ("elementwise", contraction_before),
     ("reduction", elementwise_before),
+    ("sparse_dense", contraction_before), ("sparse_dense", window_before),
+    ("sparse_dense", elementwise_before),
 ]
 
 
