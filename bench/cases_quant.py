@@ -233,11 +233,21 @@ def _encoder():
     return model, example, ["x"]
 
 
+def _mlp():
+    from bench.cases_int8 import MODELS
+
+    model, example = MODELS["mlp"]()
+    return model, example, ["x"]
+
+
 QUANT_CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "gemv-int4-g32": _gemv_case(32),
     "gemv-int4-g128": _gemv_case(128),
     "decoder-int4": _spec_case("decoder-int4", "int4-weights", _decoder),
     "encoder-int8": _spec_case("encoder-int8", "int8", _encoder),
+    # three Linear+ReLU layers 1024 wide on 256 rows: integer kernels end to end
+    # (python -m bench.cases_int8 compares it with kiln fp32 and ORT int8)
+    "mlp-int8": _spec_case("mlp-int8", "int8", _mlp),
 }
 
 
