@@ -67,6 +67,7 @@ class PassStep:
     entry: PassEntry
     pass_class: type[KilnPass]
     config: PassConfig
+    section: str = "passes"        # "rules" for the spec's rewrite rules
 
     @property
     def name(self) -> str:
@@ -78,7 +79,7 @@ def build_steps(spec: Spec) -> list[PassStep]:
 
     The options were typed when the spec was loaded (``kiln.compiler.driver.specs``); a spec
     built some other way must hold each pass's own config class."""
-    steps = []
+    steps = rule_steps(spec, registry.get_pass_class("rewrite_rule"))
     for i, entry in enumerate(spec.passes):
         try:
             cls = registry.get_pass_class(entry.name)
@@ -93,6 +94,27 @@ def build_steps(spec: Spec) -> list[PassStep]:
     return steps
 
 
+def rule_steps(spec: Spec, rule_class: type[KilnPass]) -> list[PassStep]:
+    """The ``rules:`` section as rewrite_rule steps (``rule:NAME``), in order."""
+    steps = []
+    for i, rule in enumerate(spec.rules):
+        try:
+            config = rule_class.config_class(name=rule.name, pattern=rule.pattern,
+                                             replacement=rule.replacement, where=rule.where)
+        except ValueError as error:  # pydantic's ValidationError is a ValueError
+            detail = "; ".join(
+                (f"{'.'.join(map(str, e['loc']))}: " if e.get("loc") else "")
+                + e["msg"].removeprefix("Value error, ")
+                for e in getattr(error, "errors", lambda: [])()) or str(error)
+            raise spec.error(("rules", i), f"rule {rule.name!r}: {detail}") from None
+        cls = rule_class if rule.exact else type("LossyRewriteRule", (rule_class,),
+                                                 {"exact": False})
+        entry = PassEntry(name=f"rule:{rule.name}", select=rule.select, optional=rule.optional,
+                          budget=rule.budget, options=config, index=i)
+        steps.append(PassStep(entry, cls, config, section="rules"))
+    return steps
+
+
 def _selection(model: ir.Model, step: PassStep, spec: Spec):
     """The node filter of a step; a selector that matches nothing is a SpecError."""
     selector = step.entry.select
@@ -101,7 +123,7 @@ def _selection(model: ir.Model, step: PassStep, spec: Spec):
     chosen = select_nodes(model, selector)
     if not chosen and not step.entry.optional:
         i = step.entry.index
-        raise spec.error(("passes", i, "select"),
+        raise spec.error((step.section, i, "select"),
                          f"selector of pass {step.name!r} matches no node ({describe(selector)}); "
                          "fix it or set `optional: true`")
     ids = {id(node) for node in chosen}

@@ -39,6 +39,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "prune_channels": "kiln.passes.prune.prune_channels:PruneChannels",
     "apply_mask": "kiln.passes.prune.apply_mask:ApplyMask",
     "prune": "kiln.passes.prune.prune:Prune",
+    "rewrite_rule": "kiln.passes.rules.rewrite_rule:RewriteRule",
     "drop_blocks": "kiln.passes.prune.drop_blocks:DropBlocks",
     "moe_router": "kiln.passes.moe.moe_router:MoeRouter",
     "moe_dense_to_sparse": "kiln.passes.moe.moe_dense_to_sparse:MoeDenseToSparse",

@@ -319,6 +319,21 @@ def sample_memory_problem(spec: Spec) -> tuple[KeyPath, str] | None:
 InputDims = Annotated[list[Annotated[int, Field(gt=0)] | str], AfterValidator(check_input_size)]
 
 
+class Rule(_Strict):
+    """One item of ``rules:``: a pattern and its replacement as ONNX graphs in textual
+    syntax, with conditions on the pattern's inputs (docs/spec.md, "Rewrite rules"). The
+    driver runs each as a ``rewrite_rule`` step named ``rule:NAME`` before ``passes:``."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    pattern: str
+    replacement: str
+    where: dict[str, dict[str, Any]] = {}
+    exact: bool = True
+    select: Selector | None = None
+    optional: bool = False
+    budget: Budget | None = None
+
+
 class Spec(_Strict):
     """A loaded spec: every section typed, each pass's options its config object."""
 
@@ -328,6 +343,7 @@ class Spec(_Strict):
     description: str | None = None
     inputs: dict[str, InputDims] | None = None
     calibration: Calibration = Calibration()
+    rules: list[Rule] = []
     passes: list[PassEntry] = []
     verify: Verify = Verify()
     target: str | dict[str, Any] | None = None

@@ -1,0 +1,1 @@
+"""Rewrite rules written in the spec as small ONNX graphs (``rules:``, ``rewrite_rule``)."""
