@@ -32,9 +32,11 @@ import logging
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
-from kiln.compiler.core.errors import LoweringError
+from kiln.compiler.core.errors import LoweringError, PassError
+from kiln.compiler.core.opset import BLOCKED_OPSET, PER_AXIS_OPSET, ensure_opset
 
 from .packed_weights import attributes, initializers
 
@@ -93,10 +95,12 @@ class _Rewriter:
             return self.add("Cast", [scale], to=TensorProto.FLOAT)
         return scale
 
-    def dequantize(self, x: str, scale: str, zero_point: str = "", axis: int = 1) -> str:
+    def dequantize(self, x: str, scale: str, zero_point: str = "",
+                   axis: int | None = None) -> str:
+        """``axis`` only for a per-channel scale: opsets 10-12 have no such attribute."""
         scale = self.float32(scale)
         return self.add("DequantizeLinear", [x, scale, zero_point] if zero_point else [x, scale],
-                        axis=axis)
+                        **({} if axis is None else {"axis": axis}))
 
     def quantize(self, y: str, scale: str, zero_point: str, output: str) -> str:
         scale = self.float32(scale)
@@ -104,25 +108,16 @@ class _Rewriter:
                         output)
 
     def size(self, name: str) -> int | None:
-        """How many elements ``name`` holds: from its initializer, or the static shape a
-        graph input or value_info declares; None when unknown."""
-        if name in self.inits:
-            return int(np.prod(self.inits[name].dims, dtype=np.int64))
-        for value in [*self.graph.input, *self.graph.value_info]:
-            if value.name == name and value.type.tensor_type.HasField("shape"):
-                dims = value.type.tensor_type.shape.dim
-                if all(d.HasField("dim_value") for d in dims):
-                    return int(np.prod([d.dim_value for d in dims], dtype=np.int64))
-        return None
+        return _size(self.graph, self.inits, name)
 
-    def weight_axis(self, scale: str, axis: int) -> int:
-        """The per-channel axis of a weight's scale (any axis for a scalar scale)."""
+    def weight_axis(self, scale: str, axis: int) -> int | None:
+        """The per-channel axis of a weight's scale (None for a scalar scale)."""
         size = self.size(scale)
         if size is None:
             raise LoweringError(f"{self.node.op_type} node '{self.node.name}': the size of "
                                 f"scale '{scale}' is unknown (per tensor or per channel?)",
                                 ops={self.node.op_type: self.node.name})
-        return axis if size > 1 else 1
+        return axis if size > 1 else None
 
     def float_bias(self, bias: str, scales: list[str], factor: float = 1.0) -> str:
         """An int32 bias in float: ``bias * factor * prod(scales)``, folded when all are
@@ -137,7 +132,21 @@ class _Rewriter:
             scale = self.add("Mul", [scale, other])
         if factor != 1.0:
             scale = self.add("Mul", [scale, self.constant("alpha", np.float32(factor))])
-        return self.dequantize(bias, scale, axis=0)
+        per_channel = any((self.size(s) or 1) > 1 for s in scales)
+        return self.dequantize(bias, scale, axis=0 if per_channel else None)
+
+
+def _size(graph: onnx.GraphProto, inits: dict, name: str) -> int | None:
+    """How many elements ``name`` holds: from its initializer, or the static shape a graph
+    input or value_info declares; None when unknown."""
+    if name in inits:
+        return int(np.prod(inits[name].dims, dtype=np.int64))
+    for value in [*graph.input, *graph.value_info]:
+        if value.name == name and value.type.tensor_type.HasField("shape"):
+            dims = value.type.tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                return int(np.prod([d.dim_value for d in dims], dtype=np.int64))
+    return None
 
 
 def _optional(inputs, i: int) -> str:
@@ -197,15 +206,22 @@ def _qlinear_unary(r: _Rewriter) -> None:
 
 def _qlinear_softmax(r: _Rewriter) -> None:
     """``opset`` says which Softmax the node means: before 13 the input is coerced to 2-D
-    at ``axis``, from 13 on one axis; the two agree for the last axis."""
+    at ``axis`` (written out as Flatten -> Softmax over the last axis -> Reshape back),
+    from 13 on one axis; the two agree for the last axis."""
     x, sx, zx, sy, zy = r.node.input
     attrs = attributes(r.node)
-    axis, meant = int(attrs.get("axis", -1)), int(attrs.get("opset", r.opset))
-    if (meant >= 13) != (r.opset >= 13) and axis != -1:
+    meant = int(attrs.get("opset", r.opset))
+    axis = int(attrs.get("axis", -1 if meant >= 13 else 1))
+    xf = r.dequantize(x, sx, zx)
+    if meant < 13 and axis != -1:
+        flat = r.add("Flatten", [xf], axis=axis)
+        y = r.add("Reshape", [r.add("Softmax", [flat], axis=1), r.add("Shape", [xf])])
+    elif meant >= 13 > r.opset and axis != -1:
         raise LoweringError(f"QLinearSoftmax node '{r.node.name}': opset={meant} with "
-                            f"axis={axis} differs from the model's Softmax (opset "
-                            f"{r.opset})", ops={r.node.op_type: r.node.name})
-    y = r.add("Softmax", [r.dequantize(x, sx, zx)], axis=axis)
+                            f"axis={axis} in a model of opset {r.opset}",
+                            ops={r.node.op_type: r.node.name})
+    else:
+        y = r.add("Softmax", [xf], axis=axis)
     r.quantize(y, sy, zy, r.node.output[0])
 
 
@@ -261,7 +277,7 @@ def _integer_contraction(r: _Rewriter) -> None:
             return r.add("Cast", [x], to=TensorProto.FLOAT)
         size = r.size(zero_point) or 1
         one = r.constant("one", np.ones(size, np.float32) if size > 1 else np.float32(1))
-        return r.dequantize(x, one, zero_point, axis=axis if size > 1 else 1)
+        return r.dequantize(x, one, zero_point, axis=axis if size > 1 else None)
 
     b_rank = _rank(r, b, 4 if is_conv else 2)
     af = shifted(a, za, 0 if not is_conv else 1)
@@ -381,6 +397,39 @@ def _names_read(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+#: Per-channel scale / zero-point inputs by op: a DequantizeLinear with ``axis`` needs 13.
+_PER_CHANNEL_INPUTS = {"QLinearConv": (4, 5), "QLinearMatMul": (4, 5), "QGemm": (4, 5),
+                       "MatMulInteger": (2, 3), "ConvInteger": (2, 3)}
+
+
+def _needed_opset(graph: onnx.GraphProto) -> int:
+    """The opset the rewrite's nodes need: 21 for MatMulNBits' blocked 4-bit
+    DequantizeLinear, 13 for a per-channel one, else 10 (any opset with QLinear ops)."""
+    inits = initializers(graph)
+    needed = 10
+    for node in graph.node:
+        if _key(node) == (MICROSOFT, "MatMulNBits"):
+            return BLOCKED_OPSET
+        if _key(node) in REWRITES and any(
+                (_size(graph, inits, node.input[i]) or 1) > 1
+                for i in _PER_CHANNEL_INPUTS.get(node.op_type, ()) if i < len(node.input)
+                and node.input[i]):
+            needed = PER_AXIS_OPSET
+    return needed
+
+
+def _raise_opset(model: onnx.ModelProto, needed: int) -> None:
+    """Raise ``model`` (in place) to opset ``needed`` with kiln's upgrader (every standard
+    node whose operator changed is converted); a node that cannot be converted refuses."""
+    upgraded = ir.serde.deserialize_model(model)
+    try:
+        ensure_opset(upgraded, needed, pass_name="lower_foreign_quant")
+    except PassError as error:
+        raise LoweringError(f"cannot raise the model to opset {needed} for its quantized "
+                            f"ops: {error}") from error
+    model.CopyFrom(ir.serde.serialize_model(upgraded))
+
+
 def lower_foreign_quant(model: onnx.ModelProto) -> int:
     """Rewrite every QOperator / integer / MatMulNBits node of ``model``'s main graph into
     QDQ form (in place, the backend's own copy). Returns how many nodes were rewritten.
@@ -389,6 +438,10 @@ def lower_foreign_quant(model: onnx.ModelProto) -> int:
     if not any(_key(node) in REWRITES for node in graph.node):
         return 0
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    needed = _needed_opset(graph)
+    if needed > opset:
+        _raise_opset(model, needed)
+        graph, opset = model.graph, needed
     keep: list[onnx.NodeProto] = []
     ours: set[int] = set()
     replaced_inputs: set[str] = set()

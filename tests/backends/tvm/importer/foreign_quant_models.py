@@ -32,7 +32,7 @@ def _model(nodes, inits, inputs, outputs, opset: int = 17) -> onnx.ModelProto:
     return proto
 
 
-def small_cnn(seed: int = 0) -> onnx.ModelProto:
+def small_cnn(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     """x[1, 3, 16, 16] -> Conv 3x3 (8) -> LeakyRelu -> Conv 3x3 (8) -> Add (residual) ->
     Mul (by a Sigmoid gate) -> Concat with a 1x1 Conv -> GlobalAveragePool -> Flatten ->
     Gemm (10) -> y[1, 10]: every op ORT's QOperator format has a QLinear form for."""
@@ -58,7 +58,7 @@ def small_cnn(seed: int = 0) -> onnx.ModelProto:
              n("Gemm", ["f", "wf", "bf"], ["y"], name="fc", transB=1)]
     return _model(nodes, inits,
                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
-                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])])
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], opset)
 
 
 def single_conv(seed: int = 0) -> onnx.ModelProto:

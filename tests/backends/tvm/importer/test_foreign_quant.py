@@ -124,6 +124,24 @@ def test_qoperator_rewrite_is_qdq_that_onnxruntime_runs_the_same(tmp_path):
     assert lower_foreign_quant(rewritten) == 0
 
 
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per-tensor", "per-channel"])
+def test_qoperator_model_of_opset_11(per_channel, tmp_path):
+    """PP-OCR's models are opset 11/12, where DequantizeLinear has no ``axis``: a
+    per-tensor rewrite stays at opset 11 (no ``axis`` written, valid for onnx's checker);
+    a per-channel one first raises the model to 13 with kiln's upgrader. Both build and
+    match ORT within one output step."""
+    path = fq.quantize_static(fq.small_cnn(opset=11), tmp_path / "cnn11.onnx", "QOperator",
+                              per_channel)
+    proto, rewritten = onnx.load(path), onnx.load(path)
+    lower_foreign_quant(rewritten)
+    opset = next(o.version for o in rewritten.opset_import if o.domain in ("", "ai.onnx"))
+    assert opset == (13 if per_channel else 11)
+    # the checker knows no com.microsoft schema: check the rewritten (standard) model only
+    onnx.checker.check_model(rewritten, full_check=True)
+    _, got, want = _build_and_run(path, tmp_path)
+    assert np.abs(got - want).max() <= OUTPUT_STEPS * _output_step(proto) * (1 + 1e-6)
+
+
 DYNAMIC_CASES = {"mlp-matmulinteger": fq.matmul_block, "conv-convinteger": fq.single_conv}
 
 
