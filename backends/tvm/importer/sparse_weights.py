@@ -211,25 +211,30 @@ def pack_sparse_weights(model: onnx.ModelProto, mode: str | None = None) -> list
     graph = model.graph
     inits = initializers(graph)
     readers = _readers(graph)
-    shapes = _value_ranks(graph)
-    if any(n.op_type in ("MatMul", "Gemm") and n.input[0] not in shapes for n in graph.node):
-        try:
-            shapes.update(_value_ranks(onnx.shape_inference.infer_shapes(model).graph))
-        except Exception:  # noqa: BLE001 - ops inference does not know: their x stays unknown
-            logger.debug("shape inference failed; sparse weights only where x has a shape")
     choices: list[SparseChoice] = []
     if mode == "never":
         return choices
     weights = [inits[n.input[1]] for n in graph.node if n.op_type in ("MatMul", "Gemm")
                and len(n.input) > 1 and n.input[1] in inits]
+    sparse_enough = {t.name for t in weights if t.data_type == onnx.TensorProto.FLOAT
+                     and float((numpy_helper.to_array(t) == 0).mean()) >= MIN_ZERO_FRACTION}
+    if not sparse_enough:
+        return choices
+    shapes = _value_ranks(graph)
+    if any(n.op_type in ("MatMul", "Gemm") and n.input[1] in sparse_enough
+           and n.input[0] not in shapes for n in graph.node):
+        try:  # the backend's copy: the weights are copied too, but only for sparse models
+            shapes.update(_value_ranks(onnx.shape_inference.infer_shapes(model).graph))
+        except Exception:  # noqa: BLE001 - ops inference does not know: their x stays unknown
+            logger.debug("shape inference failed; sparse weights only where x has a shape")
     total = sum(4 * int(np.prod(t.dims)) for t in weights if t.data_type == onnx.TensorProto.FLOAT)
     for node in graph.node:
         if node.op_type not in ("MatMul", "Gemm") or node.domain not in _STANDARD_DOMAINS \
                 or len(node.input) < 2 or node.input[1] not in inits:
             continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        if w.dtype != np.float32 or w.size == 0 or float((w == 0).mean()) < MIN_ZERO_FRACTION:
+        if node.input[1] not in sparse_enough:
             continue
+        w = numpy_helper.to_array(inits[node.input[1]])
         choice, packed = _consider(node, w, inits, readers, shapes.get(node.input[0]), mode,
                                    total)
         if packed is not None:
