@@ -116,3 +116,20 @@ def test_the_library_keeps_only_the_stored_weights(tmp_path, monkeypatch):
         sizes[mode] = built.library.stat().st_size
     weight_bytes = 4 * (512 * 512 + 512 * 256)
     assert sizes["never"] - sizes["auto"] > 0.6 * weight_bytes, sizes
+
+
+def test_the_report_names_the_sparse_layers():
+    from kiln.compiler.driver.report import CompiledReport, CompileReport
+
+    def row(node, kernel):
+        return {"node": node, "kernel": kernel}
+
+    report = CompiledReport(target="host", library="model.so", build_seconds=1.0,
+                            verified=False, sparse_kernels=[row("fc1", "sparse"),
+                                                            row("fc2", "dense")])
+    assert report.to_dict()["sparse_kernels"][0] == row("fc1", "sparse")
+    full = CompileReport(model="m.onnx", spec="s", kiln_version="0", compiled=report)
+    assert "sparse kernel for 1 of 2 sparse layer(s): fc1" in full.compiled_lines()
+    report.sparse_kernels = [row("fc1", "dense")]
+    assert ("sparse kernel for 0 of 1 sparse layer(s) (the dense kernel is expected to be "
+            "faster)") in full.compiled_lines()
