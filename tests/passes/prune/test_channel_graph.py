@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+import pytest
 from onnx import TensorProto, helper
 
 from kiln.compiler.testing import prune_models
@@ -128,3 +129,22 @@ def test_symbolic_batch_is_fine_a_symbolic_channel_is_refused():
     odd.graph.node(0).outputs[0].shape = ir.Shape(["n", "k"])
     assert ChannelGraph(odd).groups[0].reason == \
         "'h' has no static size on axis 1 (bind input shapes first)"
+
+
+@pytest.mark.slow
+def test_fused_in_projection_of_torch_multihead_attention_is_refused(tmp_path):
+    """nn.MultiheadAttention's fused in_proj (one [d, 3d] MatMul, then a Gather per Q/K/V):
+    refused with the reason; the FFN's hidden neurons stay prunable (torch.export)."""
+    import onnx
+    import torch
+
+    from kiln.compiler.testing.torch_models import small_encoder
+
+    module, (x,) = small_encoder()
+    torch.onnx.export(module, (x,), tmp_path / "encoder.onnx", dynamo=True,
+                      input_names=["x"], external_data=False)
+    model = ir.from_proto(onnx.load(str(tmp_path / "encoder.onnx")))
+    infer_missing_shapes(model)
+    reasons = [(g.units or g.sizes[g.dims[0]], g.reason) for g in ChannelGraph(model).groups]
+    assert reasons[0] == (192, "Gather node_select reads it; its channel mapping is unknown")
+    assert (1024, None) in reasons
