@@ -230,3 +230,30 @@ def test_compile_with_a_prune_channels_spec_end_to_end(tmp_path):
     expected = ort.InferenceSession(str(out / "model.onnx"),
                                     providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(compiled, expected, rtol=BUILD_RTOL, atol=BUILD_ATOL)
+
+
+@pytest.mark.slow
+def test_compile_prunes_attention_heads_end_to_end(tmp_path):
+    """The same spec on the attention block (8 heads of 8, FFN 128, TorchScript export):
+    4 heads and 64 FFN neurons go, TVM builds the pruned model and matches ONNX Runtime."""
+    import json
+
+    import onnx
+    import onnx_ir as ir
+
+    from kiln.compiler.core import graph as kir
+    from kiln.compiler.driver.cli import main
+
+    spec, source, out = tmp_path / "channels.yaml", tmp_path / "block.onnx", tmp_path / "out"
+    spec.write_text(CHANNELS_SPEC)
+    model = prune_models.attention_block(d_model=64, heads=8, ffn=128, batch=1, seq=16,
+                                         dynamo=False)
+    onnx.save(kir.to_proto(model), source)
+    assert main(["compile", str(source), "--spec", str(spec), "--target", "host",
+                 "-o", str(out), "--no-cache"]) in (0, None)
+    report = json.loads((out / "report.json").read_text())
+    assert report["passes"][0]["note"] == "kept 68 of 136 channel units in 2 groups"
+    assert report["compiled"]["verified"]
+    written = ir.load(out / "model.onnx")
+    assert _reshape_targets(written) == [[1, 16, 4, 8]] * 3 + [[1, 16, 32]]
+    assert (out / "model.onnx").stat().st_size < 0.7 * source.stat().st_size
