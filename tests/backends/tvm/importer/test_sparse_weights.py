@@ -133,3 +133,15 @@ def test_the_report_names_the_sparse_layers():
     report.sparse_kernels = [row("fc1", "dense")]
     assert ("sparse kernel for 0 of 1 sparse layer(s) (the dense kernel is expected to be "
             "faster)") in full.compiled_lines()
+
+
+def test_an_unknown_policy_is_one_line_error(monkeypatch):
+    from kiln.backends.tvm.importer.sparse_weights import policy
+    from kiln.compiler.core.errors import KilnError
+
+    monkeypatch.setenv(POLICY_ENV, "sometimes")
+    with pytest.raises(KilnError, match="KILN_SPARSE_KERNELS='sometimes': expected one of "
+                                        "auto, always, never"):
+        policy()
+    monkeypatch.setenv(POLICY_ENV, "Never")
+    assert policy() == "never"
