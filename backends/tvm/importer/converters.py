@@ -15,7 +15,14 @@ from .attention import StandardAttention
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
 from .int8_dense import Int8Dense
-from .missing_ops import BitCast, LpNormalization, MixedTypePow, OneHotAnyValues
+from .missing_ops import (
+    BitCast,
+    InfinityInitReduce,
+    LpNormalization,
+    MixedTypePow,
+    OneHotAnyValues,
+    StaticEyeLike,
+)
 from .moe_kernels import MoeDispatch
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
@@ -86,6 +93,9 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["BitCast"] = BitCast
     table["Pow"] = MixedTypePow(base["Pow"])
     table["OneHot"] = OneHotAnyValues(base["OneHot"])
+    table["EyeLike"] = StaticEyeLike(base["EyeLike"])
+    table["ReduceMax"] = InfinityInitReduce(base["ReduceMax"], largest=True)
+    table["ReduceMin"] = InfinityInitReduce(base["ReduceMin"], largest=False)
     table["LSTM"] = LSTM()
     table["GRU"] = GRU()
     table["RNN"] = RNN()

@@ -9,6 +9,9 @@
   needs one type and a float): the exponent is cast to the base's float type; an
   integer power is computed in float64 (exact for the results int64 holds below 2^53)
   and cast back, as ONNX Runtime truncates it;
+- ``ReduceMax``/``ReduceMin`` starting from -inf/+inf (TVM starts from the finite
+  extremes: an all -inf row gave -3.4e38), and on bool;
+- ``EyeLike`` of a static shape (a constant; TVM refuses another ``dtype``);
 - ``OneHot`` with runtime ``values`` (its depth fixed from the output shape by
   :mod:`.static_operands` when an input feeds it).
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 from onnx import helper
 
-from .expr_types import dtype_of
+from .expr_types import dtype_of, static_shape
 
 
 def _width(dtype: str) -> int:
@@ -135,5 +138,94 @@ class OneHotAnyValues:
             off = relax.op.take(values, relax.const(0, "int64"), axis=0)
             on = relax.op.take(values, relax.const(1, "int64"), axis=0)
             return relax.op.where(hit, on, off)
+
+        return convert
+
+
+def _extreme(x, axes, keepdims: bool, largest: bool, name: str):
+    """A max/min reduction of te tensor ``x`` over ``axes`` that starts from -inf/+inf
+    (TVM's starts from the type's finite lowest/highest)."""
+    from tvm import te, tirx
+
+    rank = len(x.shape)
+    axes = sorted({int(a) % rank for a in (range(rank) if axes is None else axes)})
+    reduce_axes = [te.reduce_axis((0, x.shape[a]), name=f"k{a}") for a in axes]
+    identity = float("-inf") if largest else float("inf")
+    pick = tirx.max if largest else tirx.min
+    reducer = te.comm_reducer(lambda a, b: pick(a, b), lambda t: tirx.const(identity, t),
+                              name=name)
+    out_shape = [1 if a in axes else x.shape[a] for a in range(rank)] if keepdims else \
+        [x.shape[a] for a in range(rank) if a not in axes]
+
+    def compute(*index):
+        index, reduced, full = list(index), iter(reduce_axes), []
+        for a in range(rank):
+            if a in axes:
+                full.append(next(reduced))
+                if keepdims:
+                    index.pop(0)
+            else:
+                full.append(index.pop(0))
+        return reducer(x[tuple(full)], axis=reduce_axes)
+
+    return te.compute(out_shape, compute, name=name)
+
+
+class InfinityInitReduce:
+    """ONNX ``ReduceMax``/``ReduceMin`` on floats starting from -inf/+inf, as ONNX defines
+    them: TVM's start from the finite lowest/highest, so a row of -inf (an attention row
+    masked off: the expanded Attention tests it) or an empty set gave -3.4e38, not -inf.
+    On bool they reduce 0/1 as uint8 (TVM has no bool max/min)."""
+
+    def __init__(self, base, largest: bool) -> None:
+        self.base = base
+        self.largest = largest
+
+    def get_converter(self, opset: int):
+        fallback = self.base.get_converter(opset)
+        largest = self.largest
+
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            x = inputs[0]
+            if dtype_of(x) == "bool":
+                as_bytes = [relax.op.astype(x, "uint8"), *inputs[1:]]
+                return relax.op.astype(fallback(bb, as_bytes, attr, params), "bool")
+            result = fallback(bb, inputs, attr, params)
+            name = "relax.max" if largest else "relax.min"
+            if not dtype_of(x).startswith(("float", "bfloat")) or \
+                    not isinstance(result, relax.Call) or getattr(result.op, "name", "") != name:
+                return result
+            axes = None if result.attrs.axis is None else [int(a) for a in result.attrs.axis]
+            return bb.emit_te(_extreme, result.args[0], axes, bool(result.attrs.keepdims),
+                              largest, "reduce_max" if largest else "reduce_min")
+
+        return convert
+
+
+class StaticEyeLike:
+    """ONNX ``EyeLike`` of a static shape as a constant (TVM's converter refuses a
+    ``dtype`` other than the input's)."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def get_converter(self, opset: int):
+        fallback = self.base.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            import numpy as np
+            from tvm import relax
+
+            x = inputs[0]
+            try:
+                rows, cols = static_shape(x)
+            except (TypeError, ValueError, AttributeError):
+                return fallback(bb, inputs, attr, params)
+            dtype = helper.tensor_dtype_to_np_dtype(int(attr["dtype"])) if "dtype" in attr \
+                else np.dtype(dtype_of(x))
+            eye = np.eye(rows, cols, k=int(attr.get("k", 0)), dtype=dtype)
+            return relax.const(eye, str(eye.dtype))
 
         return convert

@@ -9,9 +9,11 @@ Many newer ONNX ops are specified by a function body in their schema
 inferred input types), repeatedly, since a body may use another such op
 (``SoftmaxCrossEntropyLoss`` -> ``NegativeLogLikelihoodLoss``).
 
-An expansion is kept only if every op it leaves has a converter: otherwise the model
-is returned unchanged, so the refusal names the op the user wrote (``Bernoulli``),
-not a helper of its body (``RandomUniformLike``).
+A node whose op has a converter that refuses its form (``Attention`` with
+``nonpad_kv_seqlen``) is expanded the same way. An expansion is kept only if every op
+it leaves has a converter: otherwise the model is returned unchanged, so the refusal
+names the op the user wrote (``Bernoulli``), not a helper of its body
+(``RandomUniformLike``).
 
 Size operands of the window generators fed by a model input are fixed first to the
 value the declared output shape implies (:mod:`.static_operands`): their bodies run
@@ -35,6 +37,11 @@ _STANDARD = ("", "ai.onnx")
 _LOCAL_DOMAIN = "kiln.schema_function"
 #: ops a body may use though they have no converter: unrolled before import (:mod:`.unroll`)
 _UNROLLED = frozenset({"Scan", "Loop"})
+#: ops with a converter that refuses some forms, which their function bodies cover:
+#: op -> does this node need its body (Attention's nonpad_kv_seqlen: the 7th input)
+_CONVERTER_GAPS = {
+    "Attention": lambda node: len(node.input) > 6 and bool(node.input[6]),
+}
 #: rounds of expansion (a body using a function op is expanded in the next round)
 MAX_ROUNDS = 4
 
@@ -116,14 +123,16 @@ def _function(node: onnx.NodeProto, opset: int,
     return onnx.FunctionProto.FromString(text)
 
 
-def _inline(model: onnx.ModelProto, ops: set[str]) -> onnx.ModelProto:
-    """Every node of ``ops`` made a call of a model-local copy of its body, then inlined."""
+def _inline(model: onnx.ModelProto, ops: set[str], known: set[str]) -> onnx.ModelProto:
+    """Every node of ``ops`` (of those with a converter in ``known``: only the forms it
+    refuses) made a call of a model-local copy of its body, then inlined."""
     opset = _opset(model)
     graph = model.graph
     types = {v.name: v.type for v in [*graph.input, *graph.value_info, *graph.output]}
     ids = []
     for node in _nodes(graph):
-        if node.domain not in _STANDARD or node.op_type not in ops:
+        if node.domain not in _STANDARD or node.op_type not in ops or \
+                node.op_type in known and not _converter_gap(node):
             continue
         body = _function(node, opset, types)
         if body is None:
@@ -140,11 +149,20 @@ def _inline(model: onnx.ModelProto, ops: set[str]) -> onnx.ModelProto:
     return model
 
 
+def _converter_gap(node: onnx.NodeProto) -> bool:
+    """A node of an op that has a converter which refuses this form of it."""
+    gap = _CONVERTER_GAPS.get(node.op_type)
+    return node.domain in _STANDARD and gap is not None and gap(node)
+
+
 def expandable_ops(model: onnx.ModelProto, supported: Iterable[str]) -> set[str]:
-    """Standard op types in ``model`` without a converter whose schema has a function."""
+    """Standard op types in ``model`` without a converter (or with a node its converter
+    refuses, :data:`_CONVERTER_GAPS`) whose schema has a function."""
     opset = _opset(model)
     known = set(supported)
-    return {op for op in _op_types(model.graph) - known if _has_function(op, opset)}
+    ops = _op_types(model.graph) - known
+    ops |= {n.op_type for n in _nodes(model.graph) if _converter_gap(n)}
+    return {op for op in ops if _has_function(op, opset)}
 
 
 def expand_schema_functions(model: onnx.ModelProto,
@@ -167,7 +185,7 @@ def expand_schema_functions(model: onnx.ModelProto,
             # context-dependent bodies (the losses, CenterCropPad) need the input types
             _add_default_attributes(model, todo)
             typed = _typed(model)
-            model = _inline(typed, todo)
+            model = _inline(typed, todo, known)
         except Exception as error:  # noqa: BLE001 - onnx raises its C++ errors as anything
             logger.info("could not expand %s by their ONNX functions: %s",
                         ", ".join(sorted(todo)), str(error).strip().splitlines()[-1:])

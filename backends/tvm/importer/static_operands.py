@@ -35,7 +35,8 @@ _WINDOWS = frozenset({"HannWindow", "HammingWindow", "BlackmanWindow"})
 #: op -> the operand index that carries a shape, repeats, k, axes or a window's size
 _OPERAND = {"Expand": 1, "Reshape": 1, "Tile": 1, "TopK": 1, "Squeeze": 1, "Unsqueeze": 1,
             **dict.fromkeys(_REDUCE, 1), **dict.fromkeys(_WINDOWS, 0), "CenterCropPad": 1,
-            "Resize": 3, "Split": 1, "OneHot": 1, "AffineGrid": 1}
+            "Resize": 3, "Split": 1, "OneHot": 1, "AffineGrid": 1,
+            "ConstantOfShape": 0}
 
 
 #: elementwise ops that keep their first input's shape (an output's shape reaches back)
@@ -134,6 +135,8 @@ def _value(node: onnx.NodeProto, data: list[int], out: list[int], size: int) -> 
         policy = _attr(node, "keep_aspect_ratio_policy", b"stretch")
         policy = policy.decode() if isinstance(policy, bytes) else policy
         return resize_sizes(data, out, axes, policy) if len(axes) == size else None
+    if op == "ConstantOfShape" and size == len(out):
+        return list(out)
     if op == "OneHot" and size == 1 and len(out) == len(data) + 1:
         return [out[_attr(node, "axis", -1) % len(out)]]
     if op == "AffineGrid" and size == len(out) and data:  # any channel count gives out

@@ -43,3 +43,31 @@ def test_bitcast_that_changes_the_width_is_refused_by_name():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 26)])
     with pytest.raises(LoweringError, match="BitCast.*element width"):
         lower_to_relax(ir.serde.deserialize_model(model))
+
+
+def test_reduce_max_of_a_fully_masked_row_is_minus_infinity(tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from kiln.backends.tvm import build_artifact, load
+    from kiln.compiler.testing.onnx_models import to_ir
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["x"], ["y"], axes=[1], keepdims=0),
+         helper.make_node("ReduceMin", ["x"], ["z"], axes=[1], keepdims=1)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    x = np.array([[-np.inf] * 4, [1, -np.inf, 3, 2], [np.inf] * 4], np.float32)
+    y, z = load(tmp_path)(x=x)
+    np.testing.assert_array_equal(y, [-np.inf, 3, np.inf])      # TVM's own: -3.4e38 first
+    np.testing.assert_array_equal(z[:, 0], [-np.inf, -np.inf, np.inf])
+
+
+@pytest.mark.slow
+def test_masked_attention_rows_and_bool_reduce_cases():
+    _all_pass(["test_attention_causal_boolmask_nan_robustness_expanded",
+               "test_reduce_max_bool_inputs", "test_reduce_min_empty_set",
+               "test_eyelike_with_dtype", "test_constantofshape_int_zeros"])

@@ -83,3 +83,10 @@ def test_more_function_op_cases_compile_and_match():
     _all_pass(["test_hannwindow_symmetric", "test_blackmanwindow", "test_linear_attention_delta",
                "test_causal_conv_with_state_silu_with_past_state", "test_nllloss_NCd1d2d3_sum_weight_high_ii",
                "test_sce_NCd1d2d3d4d5_mean_weight_log_prob_expanded", "test_celu", "test_swish"])
+
+
+@pytest.mark.slow
+def test_attention_with_nonpad_kv_seqlen_is_expanded_though_it_has_a_converter():
+    # kiln's Attention converter refuses nonpad_kv_seqlen; the node's body covers it
+    _all_pass(["test_attention_4d_gqa_causal_nonpad_decode",
+               "test_attention_local_window_ext_cache_rank2_mask"])
