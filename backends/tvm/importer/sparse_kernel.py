@@ -18,10 +18,16 @@ from .expr_types import attr_str, static_shape
 
 
 def emit_sparse_dense(bb, x, values, columns, bias=None, *, layout: str, n: int):
-    """``x @ W`` (+ bias) with W packed as ``values``/``columns`` (see the module doc)."""
-    from tvm import te
+    """``x @ W`` (+ bias) with W packed as ``values``/``columns`` (see the module doc); an
+    ``x`` of rank > 2 is reshaped to its rows and the result back."""
+    import math
 
-    rows = static_shape(x)[0]
+    from tvm import relax, te
+
+    x_shape = static_shape(x)
+    rows = math.prod(x_shape[:-1])
+    if len(x_shape) != 2:
+        x = bb.normalize(relax.op.reshape(x, [rows, x_shape[-1]]))
     _, width, group = static_shape(values)
 
     def compute(xt, vt, ct, *rest):
@@ -42,7 +48,10 @@ def emit_sparse_dense(bb, x, values, columns, bias=None, *, layout: str, n: int)
         return te.compute((rows, n), lambda m, o: y[m, o] + bt[o], name=SPARSE_BIAS)
 
     args = [x, values, columns] + ([bias] if bias is not None else [])
-    return bb.emit_te(compute, *args, primfunc_name_hint="kiln_sparse_dense")
+    y = bb.emit_te(compute, *args, primfunc_name_hint="kiln_sparse_dense")
+    if len(x_shape) != 2:
+        y = bb.normalize(relax.op.reshape(y, [*x_shape[:-1], n]))
+    return y
 
 
 class SparseDense:

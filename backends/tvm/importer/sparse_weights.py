@@ -15,8 +15,9 @@ and, when the cost model (:mod:`.sparse_cost`) expects the sparse kernel
 
 J is the most columns a group stores; shorter rows are padded with value 0, column 0,
 so the stored fraction (``stored_density``) can exceed the non-zero fraction. A weight
-read by anything else, a batched ``x`` (rank > 2), Gemm with alpha/beta != 1 or transA,
-and N not a multiple of :data:`GROUP` stay dense; every layer looked at gets a
+read by anything else, an ``x`` without a static shape, Gemm with alpha/beta != 1 or transA,
+and N not a multiple of :data:`GROUP` stay dense (an x of rank > 2 is seen as its
+rows, ``prod(shape[:-1])``); every layer looked at gets a
 :class:`SparseChoice` (kernel chosen, densities, the reason), which the build reports.
 """
 
@@ -267,14 +268,16 @@ def _consider(node: onnx.NodeProto, w: np.ndarray, inits: dict, readers: dict[st
         pass
     elif readers.get(node.input[1], 0) != 1:
         why = "weight is read by another node too"
-    elif x_shape is None or len(x_shape) != 2 or x_shape[0] is None:
-        why = "input is not a static 2-D [rows, K] tensor"
+    elif x_shape is None or len(x_shape) < 2 or any(d is None or d <= 0 for d in x_shape) \
+            or x_shape[-1] != k:
+        why = "input is not a static [..., K] tensor"
     elif n % GROUP:
         why = f"N={n} is not a multiple of {GROUP}"
     elif bias and (bias not in inits or list(inits[bias].dims) not in ([n], [1, n])):
         why = "Gemm bias is not a constant [N] vector"
     else:
-        layout, density, speedup = choose_layout(r, int(x_shape[0]), model_weight_bytes)
+        rows = int(np.prod(x_shape[:-1]))
+        layout, density, speedup = choose_layout(r, rows, model_weight_bytes)
         if speedup <= 1.0 and mode != "always":
             return SparseChoice(name, node.op_type, shape, zeros, "dense", layout=layout,
                                 stored_density=density, expected_speedup=speedup,

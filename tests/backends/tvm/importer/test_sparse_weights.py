@@ -145,3 +145,26 @@ def test_an_unknown_policy_is_one_line_error(monkeypatch):
         policy()
     monkeypatch.setenv(POLICY_ENV, "Never")
     assert policy() == "never"
+
+
+def test_a_batched_input_is_seen_as_its_rows(tmp_path, monkeypatch):
+    """x [2, 3, 64] @ W [64, 32]: the kernel runs on 6 rows and reshapes back."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    monkeypatch.setenv(POLICY_ENV, "always")
+    w = block_sparse(np.random.default_rng(2).standard_normal((64, 32)).astype(np.float32),
+                     (16, 1), 0.1)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"),
+         helper.make_node("Relu", ["m"], ["y"], name="relu")], "batched",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, 32])],
+        initializer=[numpy_helper.from_array(w.astype(np.float32), "w")])
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    x = np.random.default_rng(3).standard_normal((2, 3, 64)).astype(np.float32)
+    built = build_artifact(model, "host", tmp_path, model_hash="test")
+    assert [(c["node"], c["kernel"]) for c in built.sparse_kernels] == [("fc", "sparse")]
+    [got] = load(tmp_path, threads=1)(x=x)
+    np.testing.assert_allclose(got, np.maximum(x @ w, 0), rtol=FLOAT_TOL, atol=FLOAT_TOL)
