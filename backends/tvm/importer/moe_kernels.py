@@ -4,7 +4,8 @@ With A = T*k (token, slot) pairs, pair a = t*k + s choosing expert ``e(a) = indi
 
     rank[a]    = #{b : e(b) < e(a)} + #{b < a : e(b) = e(a)}        counting sort by expert
     src[r]     = the a with rank[a] = r;   rows[r] = (token, slot, expert) of src[r]
-    h[r, :]    = act(x[token_r] W1[e_r] + b1[e_r]) [* (x[token_r] W3[e_r] + b3[e_r])]
+    xs[r, :]   = x[token_r]                                        gathered rows
+    h[r, :]    = act(xs[r] W1[e_r] + b1[e_r]) [* (xs[r] W3[e_r] + b3[e_r])]
     o[r, :]    = (h[r] W2[e_r] + b2[e_r]) * values[token_r, slot_r]
     y[t, :]    = sum_s o[rank[t*k + s], :]                         back to token order
 
@@ -90,19 +91,16 @@ def _rows(rank, ind):
     return te.compute((pairs, 3), field, name=MOE_ROWS)
 
 
-def _gathered_gemm(x, rows, w, name: str, *, gathered: bool):
-    """``acc[r, j] = sum_d x[token_r or r, d] * w[e_r, d, j]``."""
+def _grouped_gemm(x, rows, w, name: str):
+    """``acc[r, j] = sum_d x[r, d] * w[e_r, d, j]`` (x: the sorted rows)."""
     from tvm import te
 
     depth, width = w.shape[1], w.shape[2]
     d = te.reduce_axis((0, depth), "d")
     pairs = rows.shape[0]
 
-    def row(r):
-        return rows[r, TOKEN] if gathered else r
-
     return te.compute((pairs, width),
-                      lambda r, j: te.sum(x[row(r), d] * w[rows[r, EXPERT], d, j], axis=d),
+                      lambda r, j: te.sum(x[r, d] * w[rows[r, EXPERT], d, j], axis=d),
                       name=name)
 
 
@@ -113,10 +111,16 @@ def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, 
 
     rank = bb.emit_te(_rank, indices, primfunc_name_hint="kiln_moe_rank")
     rows = bb.emit_te(_rows, rank, indices, primfunc_name_hint="kiln_moe_rows")
+    # the sorted rows' tokens, copied once: the GEMMs then read their rows directly
+    # (an x row read through the index inside the reduction runs several times slower)
+    x = bb.emit_te(lambda xt, rt: te.compute((rt.shape[0], xt.shape[1]),
+                                             lambda r, d: xt[rt[r, TOKEN], d],
+                                             name="kiln_moe_gather"),
+                   x, rows, primfunc_name_hint="kiln_moe_gather")
     up = None
     if w3 is not None:
         def glu(xt, rt, wt, *rest):
-            acc = _gathered_gemm(xt, rt, wt, MOE_GLU, gathered=True)
+            acc = _grouped_gemm(xt, rt, wt, MOE_GLU)
             if not rest:
                 return acc
             (bt,) = rest
@@ -126,7 +130,7 @@ def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, 
                         primfunc_name_hint="kiln_moe_glu")
 
     def first(xt, rt, wt, *rest):
-        acc = _gathered_gemm(xt, rt, wt, MOE_UP, gathered=True)
+        acc = _grouped_gemm(xt, rt, wt, MOE_UP)
         bt = rest[0] if b1 is not None else None
         ut = rest[-1] if up is not None else None
 
@@ -141,7 +145,7 @@ def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, 
     h = bb.emit_te(first, x, rows, w1, *extra, primfunc_name_hint="kiln_moe_up")
 
     def second(ht, rt, vt, wt, *rest):
-        acc = _gathered_gemm(ht, rt, wt, MOE_DOWN, gathered=False)
+        acc = _grouped_gemm(ht, rt, wt, MOE_DOWN)
         bt = rest[0] if rest else None
 
         def out(r, c):

@@ -21,6 +21,7 @@ from tvm import relax, s_tir, tirx
 
 from kiln.backends.tvm.schedules.dense import Contraction
 from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduction
+from kiln.backends.tvm.schedules.grouped_gemm import GroupedGemm
 from kiln.backends.tvm.schedules.int8_dense import Int8Dense
 from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
@@ -39,6 +40,7 @@ RULE_ATTR = "kiln.schedule_rule"
 RULES: tuple[KilnRule, ...] = (
     Int8Dense(),
     SparseDense(),
+    GroupedGemm(),
     DecodeConv(),
     DecodeContraction(),
     Contraction(),
