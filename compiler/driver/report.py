@@ -205,7 +205,7 @@ class CompileReport:
             sparse = [k["node"] for k in c.sparse_kernels if k["kernel"] == "sparse"]
             lines.append(f"sparse kernel for {len(sparse)} of {len(c.sparse_kernels)} sparse "
                          "layer(s)" + (": " + ", ".join(sparse) if sparse else
-                                       " (the dense kernel is expected to be faster)"))
+                                       " (none is expected to beat the dense kernel)"))
         if self.measure is not None:
             from kiln.compiler.driver.measure import measure_lines
 

@@ -281,7 +281,7 @@ def _consider(node: onnx.NodeProto, w: np.ndarray, inits: dict, readers: dict[st
         if speedup <= 1.0 and mode != "always":
             return SparseChoice(name, node.op_type, shape, zeros, "dense", layout=layout,
                                 stored_density=density, expected_speedup=speedup,
-                                reason=f"cost model expects the dense kernel to win "
+                                reason="cost model expects no gain over the dense kernel "
                                        f"({speedup:.2f}x)"), None
         packed = pack_shared(r) if layout == "shared" else pack_gather(r)
         forced = mode == "always" and speedup <= 1.0
