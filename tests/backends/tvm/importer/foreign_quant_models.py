@@ -137,15 +137,26 @@ def quantize_static(proto: onnx.ModelProto, path: Path, quant_format: str,
     return Path(path)
 
 
-def quantize_dynamic(proto: onnx.ModelProto, path: Path, ops: list[str] | None = None) -> Path:
+def quantize_dynamic(proto: onnx.ModelProto, path: Path, ops: list[str] | None = None,
+                     preprocess: bool = False) -> Path:
     """``proto`` quantized by ``onnxruntime.quantization.quantize_dynamic`` (MatMulInteger /
-    ConvInteger with DynamicQuantizeLinear; uint8 weights for convs, as ORT requires)."""
+    ConvInteger with DynamicQuantizeLinear; uint8 weights when convs are quantized, as ORT
+    requires; ``ops``: the op types to quantize, default all). ``preprocess``: first ORT's
+    ``quant_pre_process`` (its optimizer turns Constant weights into initializers, which
+    the quantizer needs; onnx shape inference only)."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
 
     float_path = Path(path).with_suffix(".float.onnx")
     onnx.save(proto, float_path)
-    has_conv = any(node.op_type == "Conv" for node in proto.graph.node)
+    if preprocess:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        pre_path = Path(path).with_suffix(".pre.onnx")
+        quant_pre_process(str(float_path), str(pre_path), skip_symbolic_shape=True)
+        float_path = pre_path
+    has_conv = any(node.op_type == "Conv" for node in proto.graph.node) and \
+        (ops is None or "Conv" in ops)
     ort_quantize_dynamic(str(float_path), str(path), op_types_to_quantize=ops,
                          weight_type=QuantType.QUInt8 if has_conv else QuantType.QInt8)
     return Path(path)
