@@ -17,6 +17,7 @@ from .grouped_gemv import GroupedGemvMatMul
 from .int8_dense import Int8Dense
 from .missing_ops import (
     BitCast,
+    CumProd,
     InfinityInitReduce,
     LpNormalization,
     MixedTypePow,
@@ -94,6 +95,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["Pow"] = MixedTypePow(base["Pow"])
     table["OneHot"] = OneHotAnyValues(base["OneHot"])
     table["EyeLike"] = StaticEyeLike(base["EyeLike"])
+    table["CumProd"] = CumProd
     table["ReduceMax"] = InfinityInitReduce(base["ReduceMax"], largest=True)
     table["ReduceMin"] = InfinityInitReduce(base["ReduceMin"], largest=False)
     table["LSTM"] = LSTM()

@@ -11,6 +11,7 @@
   and cast back, as ONNX Runtime truncates it;
 - ``ReduceMax``/``ReduceMin`` starting from -inf/+inf (TVM starts from the finite
   extremes: an all -inf row gave -3.4e38), and on bool;
+- ``CumProd`` with a constant axis (Relax's ``cumprod``);
 - ``EyeLike`` of a static shape (a constant; TVM refuses another ``dtype``);
 - ``OneHot`` with runtime ``values`` (its depth fixed from the output shape by
   :mod:`.static_operands` when an input feeds it).
@@ -227,5 +228,32 @@ class StaticEyeLike:
                 else np.dtype(dtype_of(x))
             eye = np.eye(rows, cols, k=int(attr.get("k", 0)), dtype=dtype)
             return relax.const(eye, str(eye.dtype))
+
+        return convert
+
+
+class CumProd:
+    """ONNX ``CumProd`` with a constant axis (``exclusive``/``reverse`` as CumSum's):
+    Relax's ``cumprod``, flipped around for ``reverse``."""
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            import numpy as np
+            import tvm
+            from tvm import relax, topi
+
+            data, axis_expr = inputs[0], inputs[1]
+            if not isinstance(axis_expr, tvm.ir.GenericConst):
+                raise ValueError("CumProd axis computed at run time (kiln needs it constant)")
+            axis = int(np.asarray(axis_expr.value.numpy()).reshape(-1)[0])
+            reverse = bool(attr.get("reverse", 0))
+            if reverse:
+                data = bb.emit_te(topi.flip, data, axis=axis)
+            data = bb.normalize(relax.op.cumprod(data, axis,
+                                                 exclusive=bool(attr.get("exclusive", 0))))
+            if reverse:
+                data = bb.emit_te(topi.flip, data, axis=axis)
+            return data
 
         return convert

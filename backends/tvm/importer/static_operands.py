@@ -13,8 +13,9 @@ literally (``[2, 1, 6]`` out where broadcasting gives ``[2, 3, 6]``: wrong numbe
 Only nodes whose output is a graph output with a declared static shape (directly or
 through shape-keeping elementwise ops such as an expanded ReduceL2's ``Sqrt``), and whose
 data input has a static shape (declared or inferred), are touched. A ``keepdims=0``
-reduce over one runtime axis whose output shape fits several axes (``[3, 2, 2] -> [3, 2]``)
-is built for each and the runtime axis picks the result (``Where``). Each is logged.
+reduce over one runtime axis whose output shape fits several axes (``[3, 2, 2] -> [3, 2]``),
+and a ``CumSum``/``CumProd`` over a runtime axis, are built for each candidate axis and
+the runtime axis picks the result (``Where``). Each is logged.
 """
 
 from __future__ import annotations
@@ -31,12 +32,14 @@ logger = logging.getLogger(__name__)
 _REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
                      "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp",
                      "ReduceSumSquare"})
+#: ops along one runtime axis that keep the shape (built for each axis, picked at run time)
+_SCANS = frozenset({"CumSum", "CumProd"})
 _WINDOWS = frozenset({"HannWindow", "HammingWindow", "BlackmanWindow"})
 #: op -> the operand index that carries a shape, repeats, k, axes or a window's size
 _OPERAND = {"Expand": 1, "Reshape": 1, "Tile": 1, "TopK": 1, "Squeeze": 1, "Unsqueeze": 1,
             **dict.fromkeys(_REDUCE, 1), **dict.fromkeys(_WINDOWS, 0), "CenterCropPad": 1,
             "Resize": 3, "Split": 1, "OneHot": 1, "AffineGrid": 1,
-            "ConstantOfShape": 0}
+            "ConstantOfShape": 0, **dict.fromkeys(_SCANS, 1)}
 
 
 #: elementwise ops that keep their first input's shape (an output's shape reaches back)
@@ -135,6 +138,8 @@ def _value(node: onnx.NodeProto, data: list[int], out: list[int], size: int) -> 
         policy = _attr(node, "keep_aspect_ratio_policy", b"stretch")
         policy = policy.decode() if isinstance(policy, bytes) else policy
         return resize_sizes(data, out, axes, policy) if len(axes) == size else None
+    if op in _SCANS and size == 1 and len(data) == 1:  # one axis to scan along
+        return [0]
     if op == "ConstantOfShape" and size == len(out):
         return list(out)
     if op == "OneHot" and size == 1 and len(out) == len(data) + 1:
@@ -204,8 +209,8 @@ def fix_shape_operands(model: onnx.ModelProto) -> int:
         else:
             value = _value(node, data, out, int(np.prod(size_dims)) if size_dims else 1)
         dtype = helper.tensor_dtype_to_np_dtype(inputs[operand].type.tensor_type.elem_type)
-        if value is None and node.op_type in _REDUCE and size_dims in ([1], []):
-            chosen = _reduce_by_runtime_axis(node, data, out, np.dtype(dtype))
+        if value is None and node.op_type in _REDUCE | _SCANS and size_dims in ([1], []):
+            chosen = _reduce_by_runtime_axis(node, data, out, np.dtype(dtype), size_dims)
             if chosen:
                 graph.initializer.extend(chosen[0])
                 replaced[id(node)] = chosen[1]
@@ -233,19 +238,23 @@ MAX_AXIS_CANDIDATES = 4
 
 
 def _reduce_by_runtime_axis(node: onnx.NodeProto, data: list[int], out: list[int],
-                            dtype: np.dtype):
+                            dtype: np.dtype, operand_shape: list[int]):
     """(initializers, nodes) computing a keepdims=0 ``Reduce*`` over a one-element runtime
     ``axes`` whose output shape fits several axes ([3, 2, 2] -> [3, 2]: axis 1 or 2): one
     reduce per candidate, ``Where(axis == c, ...)`` picking the one the input names
     (a negative axis counts from the end). None when no such choice applies."""
     rank = len(data)
-    candidates = [a for a in range(rank) if data[:a] + data[a + 1:] == out]
-    if not out or not 2 <= len(candidates) <= MAX_AXIS_CANDIDATES or \
-            _attr(node, "keepdims", 1):
+    if node.op_type in _SCANS:  # the shape stays: every axis is a candidate
+        candidates = list(range(rank)) if out == data else []
+    else:
+        candidates = [a for a in range(rank) if data[:a] + data[a + 1:] == out]
+        if _attr(node, "keepdims", 1):
+            return None
+    if not out or not 2 <= len(candidates) <= MAX_AXIS_CANDIDATES:
         return None
     prefix = f"{node.name or node.op_type}_axis"
-    inits = [numpy_helper.from_array(np.zeros([1], dtype), f"{prefix}_zero"),
-             numpy_helper.from_array(np.full([1], rank, dtype), f"{prefix}_rank")]
+    inits = [numpy_helper.from_array(np.zeros(operand_shape, dtype), f"{prefix}_zero"),
+             numpy_helper.from_array(np.full(operand_shape, rank, dtype), f"{prefix}_rank")]
     axis = node.input[1]
     nodes = [helper.make_node("Less", [axis, f"{prefix}_zero"], [f"{prefix}_negative"]),
              helper.make_node("Add", [axis, f"{prefix}_rank"], [f"{prefix}_wrapped"]),
@@ -253,7 +262,8 @@ def _reduce_by_runtime_axis(node: onnx.NodeProto, data: list[int], out: list[int
                               [f"{prefix}_normal"])]
     results = []
     for c in candidates:
-        inits.append(numpy_helper.from_array(np.full([1], c, dtype), f"{prefix}_{c}"))
+        inits.append(numpy_helper.from_array(np.full(operand_shape, c, dtype),
+                                             f"{prefix}_{c}"))
         reduce = onnx.NodeProto()
         reduce.CopyFrom(node)
         reduce.name = f"{prefix}_{c}_{node.op_type}"
