@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import numpy as np
 import onnx
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
 _INT8 = (TensorProto.UINT8, TensorProto.INT8)
+#: ``KILN_INT8_KERNELS=never`` keeps every chain in QDQ form (A/B timings; default auto).
+KERNELS_ENV = "KILN_INT8_KERNELS"
 #: int16 saturation bound of vpmaddubsw's pair sums.
 _I16_MAX = 32767
 
@@ -267,12 +270,13 @@ def _refusal(chain: _Chain, isa: str) -> str | None:
 def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
     """Replace each QDQ MatMul/Gemm chain by one ``KilnInt8Dense`` node (in place).
 
-    Only for x86 CPU targets with VNNI or AVX2 (:func:`target_isa`); returns how many
+    Only for x86 CPU targets with VNNI or AVX2 (:func:`target_isa`) unless
+    ``KILN_INT8_KERNELS=never``; returns how many
     chains were rewritten. A chain whose shapes the kernel cannot take stays in QDQ form
     (logged at DEBUG with the reason).
     """
     isa = target_isa(target_name)
-    if isa is None:
+    if isa is None or os.environ.get(KERNELS_ENV, "auto") == "never":
         return 0
     graph = model.graph
     g = _Graph(graph)

@@ -22,6 +22,7 @@ from kiln.backends.tvm import build_artifact, load
 from kiln.backends.tvm.importer.int8_chains import (
     AVX2_S16,
     AVX2_U8S8,
+    KERNELS_ENV,
     VNNI512,
     pack_weight,
     rewrite_int8_chains,
@@ -160,6 +161,15 @@ def test_no_integer_kernels_off_x86_cpus():
     assert target_isa("cuda-sm90") is None and target_isa("arm64") is None
     assert rewrite_int8_chains(proto, "arm64") == 0
     assert [n.op_type for n in proto.graph.node][-1] == "QuantizeLinear"
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    proto = _chain_model()
+    monkeypatch.setenv(KERNELS_ENV, "never")
+    assert rewrite_int8_chains(proto, _target("host")) == 0
+    monkeypatch.setenv(KERNELS_ENV, "auto")
+    assert rewrite_int8_chains(proto, "host") == 1
+    assert [n.op_type for n in proto.graph.node][-1] == "KilnInt8Dense"
 
 
 def test_weight_layouts():
