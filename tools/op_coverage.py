@@ -4,6 +4,7 @@
     python tools/op_coverage.py --from run.jsonl     # write from a run already made
                                                      # (python -m kiln.compiler.testing.conformance
                                                      #  --all --json run.jsonl)
+    python tools/op_coverage.py --from new.jsonl --before old.jsonl --before-label "commit X"
 
 Per op: how many of its cases pass, are refused (with the most common reason), crash or
 give wrong numbers, over the cases ONNX Runtime passes; and the two headline figures.
@@ -41,7 +42,19 @@ def _figure_line(outcomes: list[Outcome], figure: str, label: str) -> str:
             f"{c['refused']} | {c['crash']} | {c['wrong']} |")
 
 
-def render(outcomes: list[Outcome], commit: str) -> str:
+def _before_line(before: list[Outcome], label: str) -> str:
+    """One sentence with an earlier run's figures, for the change to be seen."""
+    parts = []
+    for figure, name in (("headline", "headline"), ("all-opsets", "the issue's filter"),
+                         ("extended", "extended")):
+        c = summarize(before, figure)
+        parts.append(f"{name} {c['pass']} pass / {c['refused']} refused / {c['crash']} crash "
+                     f"/ {c['wrong']} wrong of {c['total']}")
+    return f"Before ({label}, same filters): " + "; ".join(parts) + "."
+
+
+def render(outcomes: list[Outcome], commit: str, before: list[Outcome] | None = None,
+           before_label: str = "an earlier run") -> str:
     import onnx
     import onnxruntime
 
@@ -65,6 +78,7 @@ def render(outcomes: list[Outcome], commit: str) -> str:
         _figure_line(outcomes, "all-opsets", "the issue's filter: the same dtypes, any opset"),
         _figure_line(outcomes, "extended", "extended: + float16/bfloat16, any opset"),
         "",
+        *([_before_line(before, before_label), ""] if before else []),
         f"Not counted: {ort_fails} cases ONNX Runtime itself fails (or cannot load), "
         f"{excluded} with sequence/optional/map values; cases of other domains "
         "(ai.onnx.ml, preview.training) or of other element types (string, float8, int4, "
@@ -99,25 +113,37 @@ def render(outcomes: list[Outcome], commit: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read(path: str) -> list[Outcome]:
+    outcomes = [Outcome(**json.loads(line)) for line in Path(path).read_text().splitlines()
+                if line.strip()]
+    figures = {c.name: c.figures for c in all_cases()}
+    for o in outcomes:  # the figures as defined now (a run may predate one)
+        o.figures = figures.get(o.name, o.figures)
+    return outcomes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="source", help="a run's JSON lines (else: run now)")
     parser.add_argument("--out", default=str(ROOT / "docs/op-coverage.md"))
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--commit", help="the commit the run was made at (default: HEAD)")
+    parser.add_argument("--before", help="an earlier run's JSON lines, whose figures are shown")
+    parser.add_argument("--before-label", default="an earlier run",
+                        help="what the earlier run was (e.g. 'commit 97a8a22')")
     args = parser.parse_args(argv)
+    before = _read(args.before) if args.before else None
     if args.source:
-        outcomes = [Outcome(**json.loads(line)) for line in Path(args.source).read_text().splitlines()
-                    if line.strip()]
-        figures = {c.name: c.figures for c in all_cases()}
-        for o in outcomes:  # the figures as defined now (a run may predate one)
-            o.figures = figures.get(o.name, o.figures)
+        outcomes = _read(args.source)
     else:
         cases = [c for c in all_cases() if c.kind != "light"]
         outcomes = run_cases(cases, jobs=args.jobs)
     commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "?"
-    Path(args.out).write_text(render(outcomes, commit))
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(render(outcomes, commit, before, args.before_label))
+    partial.replace(out)  # atomic: a reader never sees half a table
     print(f"wrote {args.out}")
     return 0
 
