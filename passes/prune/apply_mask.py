@@ -139,11 +139,13 @@ class ApplyMask(KilnPass):
     def _drop(self, model: ir.Model) -> str:
         infer_missing_shapes(model)
         plans, removed, stuck = [], 0, 0
-        for group in ChannelGraph(model).groups:
+        graph = ChannelGraph(model)
+        for group in graph.groups:
             if group.reason is not None:
                 stuck += sum(int((producer_norms(p, 1) == 0).sum()) for p in group.producers)
                 continue
-            zero = set(zero_units(group).tolist())
+            # values: a channel a later bias Add or activation shifts from zero is not zero
+            zero = set(zero_units(group, graph.values).tolist())
             if not zero:
                 continue
             keep = np.array([u for u in range(group.units) if u not in zero], dtype=np.int64)

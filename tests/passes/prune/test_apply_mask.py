@@ -82,3 +82,18 @@ def test_missing_or_corrupt_file_is_a_clear_error(tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(KilnError, match="is not a safetensors file"):
         ApplyMask(ApplyMaskConfig(file=str(bad)))(prune_models.mlp())
+
+
+def test_drop_keeps_zero_weight_channels_whose_bias_is_not_zero(tmp_path):
+    model = prune_models.mlp()
+    feeds = qm.feeds(model)
+    mask = np.ones((32, 64), dtype=np.float32)
+    mask[:, [3, 4]] = 0.0               # fc1's columns 3, 4: zero weights, fc1.bias stays
+    reference = prune_models.mlp()
+    ApplyMask(ApplyMaskConfig(file=_masks(tmp_path, {"fc1.weight": mask})))(reference)
+    expected = qm.run(reference, feeds)[0]
+    masking = ApplyMask(ApplyMaskConfig(file=_masks(tmp_path, {"fc1.weight": mask}),
+                                        drop=True))
+    masking(model)
+    assert list(_weight(model, "fc1.weight").shape) == [32, 64]   # nothing dropped
+    np.testing.assert_allclose(qm.run(model, feeds)[0], expected, rtol=1e-5, atol=1e-5)
