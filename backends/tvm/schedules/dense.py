@@ -88,9 +88,10 @@ def narrower_tile(n: int, m: int, nr: int, mr: int, lanes: int,
     return best[1], best[2]
 
 
-#: FMA latency in cycles (Intel cores since Skylake, AMD Zen 4): with two FMA ports a tile
-#: needs 2x this many accumulators to keep both busy.
-FMA_LATENCY = 4
+#: FMA latency in cycles as the tile model sees it (4 on Intel since Skylake and Zen 4,
+#: plus a cycle of slack: measured, a 4 x 2 AVX2 tile with 8 accumulators runs 10-15%
+#: behind a 6 x 2 one, which 4 cycles would call equal).
+FMA_LATENCY = 5
 
 
 def _tile_cycles(rows: int, vectors: int) -> float:
@@ -111,31 +112,34 @@ def guarded_tile(n: int, m: int, nr: int, mr: int, lanes: int,
     """(NR, MR) of a tile whose MR does not divide M (the last row tile guarded), when it
     beats the dividing tile ``nr`` x ``mr`` by ``_rows_cost``; else None.
 
-    Rows of 7 or 14 (resnet's late stages) on AVX2 otherwise get a 7 x 1-vector tile:
-    7 accumulators, under the 8 that hide the FMA latency. At equal cost a guarded tile
-    is taken only then (measured, 1 thread: a 5 x 2 AVX2 tile for 14 rows 45 -> 60 GMAC/s,
-    4 x 2 for 7 rows 42 -> 45; on AVX-512 7 x 2 stays ahead of a guarded 4 x 4).
+    At equal cost a guarded tile with more accumulators is taken when the dividing one
+    has too few to hide the FMA latency (under ``2 * FMA_LATENCY``). The tile's B vectors
+    and the broadcast must fit beside the accumulators (``accumulators + 4`` registers:
+    16 on AVX2, 29 of 32 on AVX-512). Measured (1 thread, paired): AVX2 rows of 14
+    5 x 2 vectors instead of 7 x 1, +18-24%; rows of 28, 56, 128 6 x 2 instead of 4 x 2,
+    +10-15%; on AVX-512 resnet's 7 x 2 and 4 x 4 tiles stay (a guarded 4 x 4 for 7 rows
+    was slower).
     """
     if m <= 3:
         return None
-    current = _rows_cost(m, mr, nr // lanes)
+    vectors_now = nr // lanes
+    current = _rows_cost(m, mr, vectors_now)
     best = None
     for vectors in (4, 3, 2, 1):
         if n % (vectors * lanes):
             continue
         for rows in range(3, min(accumulators // vectors, m - 1) + 1):
-            if m % rows == 0:
+            if m % rows == 0 or rows * vectors + vectors + 1 > accumulators + 4:
                 continue
             waste = -(-m // rows) * rows - m
-            key = (_rows_cost(m, rows, vectors), waste, -rows)
+            key = (_rows_cost(m, rows, vectors), -rows * vectors, waste, -rows)
             if best is None or key < best[0]:
                 best = (key, vectors * lanes, rows)
     if best is None:
         return None
-    cost = best[0][0]
-    latency_bound = mr * (nr // lanes) < 2 * FMA_LATENCY
-    if cost < current or (cost == current and latency_bound and
-                          best[2] * (best[1] // lanes) >= 2 * FMA_LATENCY):
+    cost, more = best[0][0], best[2] * (best[1] // lanes) > mr * vectors_now
+    if cost < current or (cost == current and more and
+                          mr * vectors_now < 2 * FMA_LATENCY):
         return best[1], best[2]
     return None
 

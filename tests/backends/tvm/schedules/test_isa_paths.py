@@ -175,7 +175,7 @@ def test_register_tile_fits_the_targets_registers(preset, registers, accumulator
 
 
 def _guarded_dense():
-    """13 rows: no 3..6-row tile divides them (AVX-512: 7 x 2 vectors, AVX2: 5 x 2)."""
+    """13 rows: no 3..6-row tile divides them (AVX-512: 5 x 4 vectors, AVX2: 5 x 2)."""
     x = _rng().standard_normal((13, 64)).astype("float32")
     w = (_rng().standard_normal((64, 64)) / 8).astype("float32")
     return (lambda bb, xv: bb.emit(relax.op.matmul(xv, relax.const(w)))), [x], x @ w
@@ -241,9 +241,12 @@ def test_guarded_tile_choices():
     from kiln.backends.tvm.schedules.dense import guarded_tile
 
     assert guarded_tile(512, 14, 8, 7, 8, 12) == (16, 5)     # AVX2, 14 rows: 5+5+4
-    assert guarded_tile(512, 7, 8, 7, 8, 12) == (16, 4)      # AVX2, 7 rows: 4+3
-    assert guarded_tile(512, 28, 16, 4, 8, 12) is None       # AVX2, 4 divides 28
+    assert guarded_tile(512, 7, 8, 7, 8, 12) == (16, 5)      # AVX2, 7 rows: 5+2 (not 7 x 1)
+    assert guarded_tile(512, 56, 16, 4, 8, 12) == (16, 6)    # AVX2: 6 x 2 beats 4 x 2
     assert guarded_tile(512, 7, 32, 7, 16, 25) is None       # AVX-512: 7 x 2 stays
-    assert guarded_tile(512, 56, 64, 4, 16, 25) is None
-    assert guarded_tile(64, 13, 16, 13, 16, 25) == (32, 7)   # AVX-512, 13 rows: 7+6
+    assert guarded_tile(512, 56, 64, 4, 16, 25) is None      # AVX-512: 4 x 4 stays
+    assert guarded_tile(128, 128, 64, 4, 16, 25) is None
+    assert guarded_tile(64, 13, 16, 13, 16, 25) == (64, 5)   # AVX-512, 13 rows: 5+5+3
     assert guarded_tile(64, 3, 64, 3, 16, 25) is None        # too few rows to split
+    # a 3 x 4-vector AVX2 tile would need 12 + 4 + 1 = 17 of the 16 registers
+    assert all(guarded_tile(512, m, 8, 7, 8, 12)[0] != 32 for m in (7, 14))
