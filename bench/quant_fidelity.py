@@ -12,7 +12,8 @@ Weights are int8 per output channel, activations uint8 per tensor, in QDQ form o
 inputs of every Conv / MatMul / Gemm with a constant weight:
 
 - kiln ``minmax | percentile | mse | search``: ``quantize`` with that activation
-  calibration; ``+equalize``: ``equalize`` first; ``+bias``: ``bias_correction: true``;
+  calibration; ``+equalize``: ``equalize`` first; ``+smooth``: ``migrate_scales``
+  (SmoothQuant, alpha 0.5) first; ``+bias``: ``bias_correction: true``;
 - ORT ``MinMax | Entropy | Percentile``: ``onnxruntime.quantization.quantize_static``
   (QDQ, ``per_channel=True``, QUInt8 activations, QInt8 weights, ``nodes_to_quantize`` the
   Conv/MatMul/Gemm nodes with a constant weight, so both quantize the same layers) on the
@@ -53,8 +54,8 @@ START, END = "<!-- quant_fidelity:start -->", "<!-- quant_fidelity:end -->"
 DET_THRESHOLD = 0.3
 DET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 DET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-KILN_METHODS = ("minmax", "percentile", "mse", "search", "search+bias", "search+equalize",
-                "search+equalize+bias")
+KILN_METHODS = ("minmax", "percentile", "mse", "search", "search+bias", "search+smooth",
+                "search+equalize", "search+equalize+bias")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 INPUT = {"rec": "x", "det": "x", "yolox": "images"}
 YOLO_SIDE = 416
@@ -128,6 +129,7 @@ def kiln_quantized(model: ir.Model, calibration: list[np.ndarray], method: str) 
     from kiln.compiler.core.pass_api import CalibrationContext
     from kiln.passes.quant.config import ActivationQuant, IntWeights, QuantizeConfig
     from kiln.passes.quant.equalize import Equalize
+    from kiln.passes.quant.migrate_scales import MigrateScales
     from kiln.passes.quant.quantize import Quantize
 
     model = ir.serde.deserialize_model(ir.serde.serialize_model(model))
@@ -136,6 +138,8 @@ def kiln_quantized(model: ir.Model, calibration: list[np.ndarray], method: str) 
     parts = method.split("+")
     if "equalize" in parts:
         Equalize()(model)
+    if "smooth" in parts:     # SmoothQuant: outlier channels of x move into the weights
+        MigrateScales(calibration=context)(model)
     config = QuantizeConfig(weights=IntWeights(dtype="int8"),
                             activations=ActivationQuant(dtype="uint8", calibration=parts[0]),
                             bias_correction="bias" in parts)
