@@ -16,6 +16,7 @@ def _all_pass(names: list[str]) -> None:
     assert not failed, "\n".join(failed)
 
 
+@pytest.mark.slow  # its cases also run in tests/conformance' fast subset
 def test_lp_normalization_with_a_zero_norm_and_integer_pow():
     # axis 0 of the case has an all-zero column: 0 out, not NaN; int64 ** int64
     _all_pass(["test_l2normalization_axis_0", "test_pow_types_int64_int64"])

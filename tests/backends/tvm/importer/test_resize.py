@@ -216,6 +216,7 @@ def test_sizes_from_an_input_are_fixed_by_the_output_shape():
     assert resize_sizes([1, 1, 4, 4], [1, 1, 3, 5], [2, 3], "not_larger") is None  # no scale
 
 
+@pytest.mark.slow  # its cases also run in tests/conformance' fast subset
 def test_runtime_resize_sizes_pass_and_runtime_scales_are_refused_by_name():
     from kiln.compiler.testing.conformance import run_cases, select
 

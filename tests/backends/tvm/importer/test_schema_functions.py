@@ -70,6 +70,7 @@ def _all_pass(names: list[str]) -> None:
     assert not failed, "\n".join(failed)
 
 
+@pytest.mark.slow  # its cases also run in tests/conformance' fast subset
 def test_function_op_cases_compile_and_match():
     # a context-dependent body (the loss, from the inferred input types) and a crop whose
     # shape input is fixed from the declared output shape

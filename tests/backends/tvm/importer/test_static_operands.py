@@ -68,6 +68,7 @@ def test_ambiguous_axes_are_reduced_each_way_and_picked_at_run_time():
         np.testing.assert_array_equal(got, original.run(None, feeds)[0])
 
 
+@pytest.mark.slow  # its cases also run in tests/conformance' fast subset
 def test_runtime_operand_cases_compile_and_match():
     names = ["test_split_variable_parts_2d_opset18", "test_reduce_l2_keep_dims_random_expanded",
              "test_reduce_sum_do_not_keepdims_random"]
