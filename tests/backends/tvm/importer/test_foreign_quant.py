@@ -322,6 +322,22 @@ def test_kiln_compile_of_a_qoperator_model_verifies_for_host(tmp_path):
 REAL_REL_TOL = 2e-2
 
 
+def _check_real_model(path, shapes, feeds, tol, tmp_path, record_property) -> None:
+    """kiln's host build of the quantized real model at ``path`` vs ORT on it: relative
+    error under ``tol`` and the same argmax (class / character) everywhere."""
+    from kiln.compiler.core.frontend import load_model
+
+    model = load_model(path, input_shapes=shapes)
+    (want,) = ort_outputs(model, feeds, optimize=False)
+    result = build_artifact(model, "host", tmp_path / "build", model_hash="h")
+    (got,) = load(tmp_path / "build")(**feeds)
+    error = relative_error(got, want)
+    record_property("max_rel_error_vs_ort", error)
+    record_property("build_seconds", round(result.seconds, 1))
+    assert error < tol
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("form", ["qoperator", "dynamic"])
 def test_ppocr_cls_quantized_by_onnxruntime_builds_and_matches(form, tmp_path,
@@ -330,7 +346,6 @@ def test_ppocr_cls_quantized_by_onnxruntime_builds_and_matches(form, tmp_path,
     quantized by quantize_static (QOperator, calibrated on 4 text lines) or
     quantize_dynamic (53 ConvInteger): kiln's host build matches ORT on the quantized
     model and picks the same class."""
-    from kiln.compiler.core.frontend import load_model
     from kiln.compiler.testing.real_models import rapidocr_input_shape, rapidocr_model
     from tests.backends.tvm.test_real_models import text_image
 
@@ -345,16 +360,8 @@ def test_ppocr_cls_quantized_by_onnxruntime_builds_and_matches(form, tmp_path,
     else:
         fq.quantize_dynamic(source, path)
     assert _foreign_nodes(onnx.load(path))
-    model = load_model(path, input_shapes=shapes)
-    feeds = {name: text_image(shape, seed=10)}
-    (want,) = ort_outputs(model, feeds, optimize=False)
-    result = build_artifact(model, "host", tmp_path / "build", model_hash="h")
-    (got,) = load(tmp_path / "build")(**feeds)
-    error = relative_error(got, want)
-    record_property("max_rel_error_vs_ort", error)
-    record_property("build_seconds", round(result.seconds, 1))
-    assert error < REAL_REL_TOL
-    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+    _check_real_model(path, shapes, {name: text_image(shape, seed=10)}, REAL_REL_TOL,
+                      tmp_path, record_property)
 
 
 @pytest.mark.slow
@@ -364,7 +371,6 @@ def test_ppocr_rec_with_dynamic_matmuls_builds_and_matches(tmp_path, record_prop
     characters. (With its convs quantized too, or by quantize_static, ORT's own rec is
     unstable: 1e-6 relative input noise moves its output by 0.2-0.6, see
     docs/architecture.md, so no comparison there means much.)"""
-    from kiln.compiler.core.frontend import load_model
     from kiln.compiler.testing.real_models import rapidocr_input_shape, rapidocr_model
     from tests.backends.tvm.test_real_models import text_image
 
@@ -373,13 +379,5 @@ def test_ppocr_rec_with_dynamic_matmuls_builds_and_matches(tmp_path, record_prop
     path = fq.quantize_dynamic(onnx.load(rapidocr_model("rec")), tmp_path / "rec.onnx",
                                ops=["MatMul"], preprocess=True)
     assert "MatMulInteger" in [n.op_type for n in onnx.load(path).graph.node]
-    model = load_model(path, input_shapes=shapes)
-    feeds = {name: text_image(shape)}
-    (want,) = ort_outputs(model, feeds, optimize=False)
-    result = build_artifact(model, "host", tmp_path / "build", model_hash="h")
-    (got,) = load(tmp_path / "build")(**feeds)
-    error = relative_error(got, want)
-    record_property("max_rel_error_vs_ort", error)
-    record_property("build_seconds", round(result.seconds, 1))
-    assert error < DYNAMIC_REL_TOL
-    assert np.array_equal(got.argmax(-1), want.argmax(-1))
+    _check_real_model(path, shapes, {name: text_image(shape)}, DYNAMIC_REL_TOL, tmp_path,
+                      record_property)
