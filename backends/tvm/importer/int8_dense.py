@@ -6,7 +6,8 @@ and a requantizing epilogue (:mod:`.int8_chains` gives the math and the packed l
     y[m, n]   = sat(rne(v / sy) + zy)        (or v itself, float32)
 
 ``a`` is ``x_q`` (uint8; int8 activations arrive shifted by +128 in a small kernel of
-their own). The blocks are named :data:`kiln.backends.tvm.kernel_names.INT8_ACC` and
+their own, as do activations widened to int16 for AVX2's int16 weights). The blocks are
+named :data:`kiln.backends.tvm.kernel_names.INT8_ACC` and
 ``INT8_OUTPUT``, which the ``int8_dense`` schedule rule finds and tensorizes (the blocks
 between them, Gelu's ``fast_erf``/``fast_tanh`` from TOPI, are inlined into the epilogue).
 The kernel is opaque to FuseOps (its epilogue already holds the chain's elementwise work).
@@ -18,7 +19,7 @@ import math
 
 from kiln.backends.tvm.kernel_names import INT8_ACC, INT8_OUTPUT
 
-from .expr_types import attr_str, static_shape
+from .expr_types import attr_str, dtype_of, static_shape
 
 #: FuseOps pattern kOpaque: nothing is fused into or onto the integer kernel.
 OPAQUE = {"op_pattern": 8}
@@ -37,9 +38,12 @@ def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: boo
     rows = math.prod(x_shape[:-1])
     _, _, lanes, group = static_shape(w)
     a = bb.normalize(relax.op.reshape(x, [rows, k])) if len(x_shape) != 2 else x
+    wide = dtype_of(w) == "int16"  # AVX2's exact vpmaddwd kernel reads int16 activations
     if x_signed:  # a = x + 128 as uint8 (the zero point was shifted with it)
-        a = bb.normalize(relax.op.astype(
-            relax.op.add(relax.op.astype(a, "int16"), relax.const(128, "int16")), "uint8"))
+        a = relax.op.add(relax.op.astype(a, "int16"), relax.const(128, "int16"))
+        a = bb.normalize(a if wide else relax.op.astype(a, "uint8"))
+    elif wide:
+        a = bb.normalize(relax.op.astype(a, "int16"))
 
     def compute(at, wt, ct, mt, bt):
         i = te.reduce_axis((0, k // group), "i")

@@ -15,7 +15,9 @@ group) with an ``L x G`` weight tile and adds into ``L`` int32 accumulators::
 ``dot_16x4_vnni`` passes i32 vectors where LLVM 22 wants i8):
 ``vnni512`` ``vpdpbusd zmm`` (u8 x s8, 64 products); ``avx2_u8s8`` ``vpmaddubsw`` +
 ``vpmaddwd(1)`` + ``vpaddd`` (32 products, int16 pair sums: used only on weights that
-cannot saturate them); ``avx2_s16`` ``vpmaddwd`` on int16 weights (16 products, exact).
+cannot saturate them); ``avx2_s16`` ``vpmaddwd`` on int16 weights and activations
+(16 products, exact; the activations are widened to int16 once, by the importer, so a
+row's pair is one broadcast load).
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ MAX_ROWS = 8
 VECTORS = (4, 3, 2, 1)
 
 
-def _desc(lanes: int, group: int, w_dtype: str):
+def _desc(lanes: int, group: int, w_dtype: str, a_dtype: str):
     @T.prim_func(s_tir=True)
-    def desc(a: T.Buffer((group,), "uint8", offset_factor=1),
+    def desc(a: T.Buffer((group,), a_dtype, offset_factor=1),
              b: T.Buffer((lanes, group), w_dtype, offset_factor=1),
              c: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
@@ -90,13 +92,13 @@ def _avx2_u8s8(a: T.Buffer((4,), "uint8", offset_factor=1),
 
 
 @T.prim_func(s_tir=True)
-def _avx2_s16(a: T.Buffer((2,), "uint8", offset_factor=1),
+def _avx2_s16(a: T.Buffer((2,), "int16", offset_factor=1),
               b: T.Buffer((8, 2), "int16", offset_factor=1),
               c: T.Buffer((8,), "int32", offset_factor=1)) -> None:
     with T.sblock("root"):
         T.reads(c[0:8], a[0:2], b[0:8, 0:2])
         T.writes(c[0:8])
-        pair = T.reinterpret(T.Cast("int16x2", a.vload([0], "uint8x2")), dtype="int32")
+        pair = T.reinterpret(a.vload([0], "int16x2"), dtype="int32")
         c[T.ramp(T.int32(0), 1, 8)] = c.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
             T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"), b.vload([0, 0], dtype="int16x16"),
@@ -107,7 +109,9 @@ def _register() -> None:
     impls = {"kiln_dot_16x4_vnni512": _vnni512, "kiln_dot_8x4_avx2_u8s8": _avx2_u8s8,
              "kiln_dot_8x2_avx2_s16": _avx2_s16}
     for (lanes, group, dtype), name in INTRINSICS.items():
-        TensorIntrin.register(name, _desc(lanes, group, dtype), impls[name], override=True)
+        a_dtype = "int16" if dtype == "int16" else "uint8"  # s16: activations widened once
+        TensorIntrin.register(name, _desc(lanes, group, dtype, a_dtype), impls[name],
+                              override=True)
 
 
 _register()
