@@ -3,10 +3,21 @@ dense-gated original (``moe-dense-tN``: every expert runs) and as kiln's top-2 s
 dispatch of the same layer (``moe-top2-tN``: ``moe_dense_to_sparse``, only the chosen
 experts run on a token; docs/moe.md), so the runner compares kiln and ONNX Runtime on
 both graphs.
+
+``python -m bench.cases_moe [--rounds 200] [--threads 2]`` times the six cases' kiln
+builds (``--tuning off``) and ONNX Runtime interleaved, one call each per round, and
+prints the minimum and median per engine (on a shared machine the minimum is the
+figure that load disturbs least); the load average is printed before and after.
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,3 +69,41 @@ def _case(kind: str, tokens: int) -> Callable[[Path], PreparedCase]:
 
 MOE_CASES: dict[str, Callable[[Path], PreparedCase]] = {
     f"moe-{kind}-t{t}": _case(kind, t) for kind in ("top2", "dense") for t in TOKENS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cases_moe")
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before tvm starts
+
+    from bench.build import build_case
+    from bench.runner import _ort_runner
+
+    print(f"load average before: {os.getloadavg()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        engines: dict[str, Callable[[], object]] = {}
+        for name, prepare in MOE_CASES.items():
+            case = prepare(Path(tmp))
+            built = build_case(case, Path(tmp) / name, tuning="off", threads=args.threads)
+            feeds = dict(case.inputs)
+            engines[f"{name} kiln"] = (lambda b=built, f=feeds: b.run(f))
+            engines[f"{name} ort"] = _ort_runner(case, args.threads)
+        for fn in engines.values():
+            fn()
+        samples: dict[str, list[float]] = {key: [] for key in engines}
+        for _ in range(args.rounds):
+            for key, fn in engines.items():
+                start = time.perf_counter()
+                fn()
+                samples[key].append((time.perf_counter() - start) * 1e3)
+    print(f"load average after: {os.getloadavg()}")
+    print(f"threads {args.threads}, {args.rounds} rounds; ms: min / median")
+    for key, values in samples.items():
+        print(f"{key:22} {min(values):8.3f} {statistics.median(values):8.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

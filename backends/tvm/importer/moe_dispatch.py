@@ -10,7 +10,9 @@ by its nodes' ``kiln.moe`` metadata and replaces everything after the (renormali
     KilnMoeDispatch(x[T, D], values[T, k], indices[T, k], W1[E, D, H], b1[E, H],
                     W2[E, H, D'], b2[E, D'], W3[E, D, H], b3[E, H]) -> y[T, D']
 
-(biases and the GLU's W3/b3 optional: empty input names), attribute ``activation``. The
+(biases and the GLU's W3/b3 optional: empty input names), attribute ``activation``.
+A weight whose column count a tile divides is stored packed, ``[E, N/B, K, B]``
+(:func:`column_block`). The
 router, its gate and the ``TopK`` stay standard ops; :mod:`.moe_kernels` converts the node
 to the sorted, grouped kernels. A layer whose parts do not read as the emitted form (an
 unknown activation, a non-float32 weight, a value used outside the layer) is left as it is.
@@ -242,10 +244,23 @@ def find_dispatch_layers(model: onnx.ModelProto) -> list[DispatchLayer]:
     return layers
 
 
+def column_block(width: int) -> int:
+    """Columns of a packed weight tile: the most of (64, 32, 16) that divide ``width``
+    (0: not packed)."""
+    return next((b for b in (64, 32, 16) if width % b == 0), 0)
+
+
 def _stack(name: str, arrays: list[np.ndarray | None]) -> onnx.TensorProto | None:
+    """The experts' arrays stacked; a weight ``[E, K, N]`` packed in column tiles as
+    ``[E, N / B, K, B]`` (B = :func:`column_block`), so that a kernel's column tile reads
+    one contiguous run."""
     if arrays[0] is None:
         return None
-    return numpy_helper.from_array(np.ascontiguousarray(np.stack(arrays), np.float32), name)
+    stacked = np.stack(arrays).astype(np.float32)
+    if stacked.ndim == 3 and (block := column_block(stacked.shape[2])):
+        e, k, n = stacked.shape
+        stacked = stacked.reshape(e, k, n // block, block).transpose(0, 2, 1, 3)
+    return numpy_helper.from_array(np.ascontiguousarray(stacked), name)
 
 
 def _remove_dead(graph: onnx.GraphProto, candidates: set[str]) -> None:

@@ -92,14 +92,18 @@ def _rows(rank, ind):
 
 
 def _grouped_gemm(x, rows, w, name: str):
-    """``acc[r, j] = sum_d x[r, d] * w[e_r, d, j]`` (x: the sorted rows)."""
+    """``acc[r, j] = sum_d x[r, d] * w[e_r, d, j]`` (x: the sorted rows; w ``[E, K, N]``
+    or packed in column tiles ``[E, N/B, K, B]``)."""
     from tvm import te
 
-    depth, width = w.shape[1], w.shape[2]
-    d = te.reduce_axis((0, depth), "d")
     pairs = rows.shape[0]
-
-    return te.compute((pairs, width),
+    if len(w.shape) == 4:                       # packed [E, N/B, K, B] (moe_dispatch._stack)
+        depth, block = w.shape[2], w.shape[3]
+        d = te.reduce_axis((0, depth), "d")
+        return te.compute((pairs, w.shape[1] * block), lambda r, j: te.sum(
+            x[r, d] * w[rows[r, EXPERT], j // block, d, j % block], axis=d), name=name)
+    d = te.reduce_axis((0, w.shape[1]), "d")
+    return te.compute((pairs, w.shape[2]),
                       lambda r, j: te.sum(x[r, d] * w[rows[r, EXPERT], d, j], axis=d),
                       name=name)
 

@@ -27,9 +27,16 @@ GEMMS = ("kiln_moe_up", "kiln_moe_down")
 
 
 @pytest.fixture(scope="module")
-def dense_file(tmp_path_factory):
-    return export(DenseMoE(DIM, HIDDEN, EXPERTS), tmp_path_factory.mktemp("moe") / "dense.onnx",
-                  tokens=8, dim=DIM)
+def dense_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("moe")
+    return {act: export(DenseMoE(DIM, HIDDEN, EXPERTS, activation=act),
+                        folder / f"dense_{act}.onnx", tokens=8, dim=DIM)
+            for act in ("relu", "silu")}
+
+
+@pytest.fixture(scope="module")
+def dense_file(dense_files):
+    return dense_files["relu"]
 
 
 def _sparse(path, k: int) -> ir.Model:
@@ -58,7 +65,7 @@ def test_emitted_layer_becomes_one_dispatch_op(dense_file):
     assert not {"NonZero", "GatherND", "ScatterND", "Sum"} & set(ops)
     [node] = [n for n in proto.graph.node if n.op_type == internal_ops.MOE_DISPATCH]
     w1 = next(t for t in proto.graph.initializer if t.name == node.input[3])
-    assert list(w1.dims) == [EXPERTS, DIM, HIDDEN]
+    assert list(w1.dims) == [EXPERTS, 1, DIM, HIDDEN]              # packed, one 32-column tile
     assert fuse_moe_dispatch(proto) == 0                      # nothing left to replace
 
 
@@ -78,9 +85,13 @@ def test_layers_not_in_the_emitted_form_are_left_alone(dense_file):
     assert find_dispatch_layers(proto) == []
 
 
-@pytest.mark.parametrize("k, tokens", [(2, 1), (2, 7), (1, 16), (2, 256)])
-def test_dispatch_matches_ort(dense_file, tmp_path, k, tokens):
-    model = _sparse(dense_file, k)
+@pytest.mark.parametrize("k, tokens, activation", [
+    pytest.param(2, 1, "relu", marks=pytest.mark.slow), (2, 7, "silu"), (1, 16, "relu"),
+    pytest.param(2, 256, "relu", marks=pytest.mark.slow)])
+def test_dispatch_matches_ort(dense_files, tmp_path, k, tokens, activation):
+    """(1 and 256 tokens, top-2, also run in the symbolic-tokens test's one build.)"""
+    model = _sparse(dense_files[activation], k)
+    assert find_dispatch_layers(kir.to_proto(model))[0].activation == activation
     x = _tokens(tokens)
     want = _ort(model, x)
     bind_inputs(model, {"x": [tokens, DIM]})
