@@ -22,6 +22,7 @@ from .missing_ops import (
     LpNormalization,
     MixedTypePow,
     OneHotAnyValues,
+    ReverseSequence,
     StaticEyeLike,
 )
 from .moe_kernels import MoeDispatch
@@ -96,6 +97,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["OneHot"] = OneHotAnyValues(base["OneHot"])
     table["EyeLike"] = StaticEyeLike(base["EyeLike"])
     table["CumProd"] = CumProd
+    table["ReverseSequence"] = ReverseSequence
     table["ReduceMax"] = InfinityInitReduce(base["ReduceMax"], largest=True)
     table["ReduceMin"] = InfinityInitReduce(base["ReduceMin"], largest=False)
     table["LSTM"] = LSTM()

@@ -12,6 +12,7 @@
 - ``ReduceMax``/``ReduceMin`` starting from -inf/+inf (TVM starts from the finite
   extremes: an all -inf row gave -3.4e38), and on bool;
 - ``CumProd`` with a constant axis (Relax's ``cumprod``);
+- ``ReverseSequence`` (a gather along time from reversed step indices);
 - ``EyeLike`` of a static shape (a constant; TVM refuses another ``dtype``);
 - ``OneHot`` with runtime ``values`` (its depth fixed from the output shape by
   :mod:`.static_operands` when an input feeds it).
@@ -135,7 +136,7 @@ class OneHotAnyValues:
                                    relax.op.add(index, depth_const), index)
             positions = np.arange(depth, dtype=np.int64).reshape(
                 [1] * axis + [depth] + [1] * (rank - axis - 1))
-            hit = relax.op.equal(relax.op.expand_dims(index, axis), relax.const(positions))
+            hit = relax.op.equal(relax.op.expand_dims(index, axis), relax.const(positions, "int64"))
             off = relax.op.take(values, relax.const(0, "int64"), axis=0)
             on = relax.op.take(values, relax.const(1, "int64"), axis=0)
             return relax.op.where(hit, on, off)
@@ -255,5 +256,36 @@ class CumProd:
             if reverse:
                 data = bb.emit_te(topi.flip, data, axis=axis)
             return data
+
+        return convert
+
+
+class ReverseSequence:
+    """ONNX ``ReverseSequence``: along ``time_axis``, the first ``sequence_lens[b]``
+    steps of each batch entry reversed, the rest kept: a gather along time from
+    ``t < L ? L - 1 - t : t`` (``L`` broadcast along ``batch_axis``)."""
+
+    @classmethod
+    def get_converter(cls, opset: int):
+        def convert(bb, inputs, attr, params):
+            import numpy as np
+            from tvm import relax
+
+            op = relax.op
+            x, lens = inputs[0], inputs[1]
+            shape = static_shape(x)
+            rank = len(shape)
+            time, batch = int(attr.get("time_axis", 0)) % rank, int(attr.get("batch_axis", 1)) % rank
+            along = [1] * rank
+            along[time] = shape[time]
+            steps = relax.const(np.arange(shape[time], dtype=np.int64).reshape(along), "int64")
+            per_batch = [1] * rank
+            per_batch[batch] = shape[batch]
+            length = op.reshape(op.astype(lens, "int64"), per_batch)
+            one = relax.const(1, "int64")
+            source = op.where(op.less(steps, length),
+                              op.subtract(op.subtract(length, one), steps), steps)
+            source = op.broadcast_to(source, shape)
+            return op.gather_elements(x, source, axis=time)
 
         return convert

@@ -71,4 +71,5 @@ def test_reduce_max_of_a_fully_masked_row_is_minus_infinity(tmp_path):
 def test_masked_attention_rows_and_bool_reduce_cases():
     _all_pass(["test_attention_causal_boolmask_nan_robustness_expanded",
                "test_reduce_max_bool_inputs", "test_reduce_min_empty_set",
-               "test_eyelike_with_dtype", "test_constantofshape_int_zeros"])
+               "test_eyelike_with_dtype", "test_constantofshape_int_zeros",
+               "test_reversesequence_time", "test_onehot_with_axis"])
