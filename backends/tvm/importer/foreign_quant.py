@@ -1,16 +1,20 @@
 """Quantized forms other tools write, rewritten before import onto kiln's QDQ kernels.
 
-ONNX Runtime's quantizers write three forms besides QDQ; each node becomes standard
-``DequantizeLinear`` -> float op -> ``QuantizeLinear`` (in place, on the backend's copy),
-so the weight's ``DequantizeLinear`` is decoded inside the contraction's kernel
-(decode_conv / decode_contraction) exactly as for kiln's own int8 and int4 passes:
+ONNX Runtime's quantizers write three forms besides QDQ; each node of the main graph
+becomes standard ``DequantizeLinear`` -> float op -> ``QuantizeLinear`` (in place, on the
+backend's copy), so it reaches the kernels of kiln's own int8 and int4 passes (int8_dense
+for a static int8 MatMul, the weight decoded inside the kernel by decode_conv /
+decode_contraction, the fused int4 GEMV). ``axis`` is written only for a per-channel scale
+(opsets 10-12 have none); a per-channel rewrite (opset 13) or MatMulNBits' blocked
+``DequantizeLinear`` (21) first raises the model with kiln's opset upgrader. Float16 scales
+are cast to float32: ORT's QLinear kernels requantize in float32.
 
 - QOperator (``quantize_static(quant_format=QOperator)``): ``QLinearConv``,
   ``QLinearMatMul``, com.microsoft ``QLinearAdd``/``Mul``/``Concat``/``Sigmoid``/
   ``LeakyRelu``/``Softmax``/``Where``/``AveragePool``/``GlobalAveragePool`` and ``QGemm``
   (the ops ORT leaves on uint8 tensors, MaxPool, Reshape, Transpose, ..., need nothing).
-  ``y = Q(op(DQ(x), DQ(w)) + b)``
-  with the int32 bias folded to float: ``b = B * sx * sw`` (QGemm: ``C * alpha * sa * sb``).
+  ``y = Q(op(DQ(x), DQ(w)) + b)`` with the int32 bias folded to float:
+  ``b = B * sx * sw`` (QGemm: ``C * alpha * sa * sb``).
   ORT requantizes ``acc * (sx * sw / sy)`` and rounds half to even, saturating;
   ``QuantizeLinear`` rounds and saturates the same way, on the float sum, so a value
   that lands on a rounding boundary may differ by one step of ``sy``.
