@@ -193,7 +193,27 @@ def _guarded_conv():
     return fn, [x], np.maximum(want, 0)
 
 
-GUARDED_CASES = {"dense_13_rows": _guarded_dense, "conv_14x14": _guarded_conv}
+def _conv_7x7_wide():
+    """A 3x3 conv on a 7x7 map whose weights outweigh its input: the column panels run
+    outside the output rows (each panel reused by all 7 rows while cached)."""
+    x = _rng().standard_normal((1, 64, 7, 7)).astype("float32")
+    w = (_rng().standard_normal((128, 64, 3, 3)) / 24).astype("float32")
+    pad = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    want = np.zeros((1, 128, 7, 7), "float32")
+    for ry in range(3):
+        for rx in range(3):
+            want += np.einsum("nchw,oc->nohw", pad[:, :, ry:ry + 7, rx:rx + 7], w[:, :, ry, rx])
+
+    def fn(bb, xv):
+        return bb.emit(relax.op.nn.conv2d(xv, relax.const(w), padding=1))
+
+    return fn, [x], want
+
+
+GUARDED_CASES = {"dense_13_rows": _guarded_dense, "conv_14x14": _guarded_conv,
+                 "conv_7x7_wide": _conv_7x7_wide}
+#: (rows M, columns N) of each case's contraction
+GUARDED_SHAPES = {"dense_13_rows": (13, 64), "conv_14x14": (14, 32), "conv_7x7_wide": (7, 128)}
 
 
 def _guarded_row_split(mod) -> bool:
@@ -226,7 +246,7 @@ def test_guarded_row_tile_on_each_vector_path(case, path):
     # the schedule is guarded exactly when the rule's own tile choice says so
     tvm_target = target.tvm_target()
     lanes, acc = vector_lanes_f32(tvm_target), register_accumulators(tvm_target)
-    m, n = (13, 64) if case == "dense_13_rows" else (14, 32)
+    m, n = GUARDED_SHAPES[case]
     nr, _ = tile_columns(n, lanes)
     mr = tile_rows(m, acc // (nr // lanes))
     if mr < 3:
