@@ -119,6 +119,7 @@ class _Chain:
     out_zero: int = 0
     out_dtype: str = "float32"
     absorbed: list = dataclasses.field(default_factory=list)
+    nchw: bool = False            # a 1x1 Conv: channels on axis 1 (transposed around)
 
 
 class _Graph:
@@ -175,6 +176,8 @@ def _weight(g: _Graph, b_name: str, transposed: bool):
     if dq is None or g.only_reader(b_name) is None:
         return None
     w, sw = g.const(dq.input[0]), g.const(dq.input[1])
+    if w is not None and w.ndim == 4 and transposed and w.shape[2:] == (1, 1):
+        w = w.reshape(w.shape[:2])  # a 1x1 conv's [N, C, 1, 1]
     if w is None or sw is None or w.dtype != np.int8 or w.ndim != 2:
         return None
     if len(dq.input) > 2 and dq.input[2]:
@@ -193,11 +196,29 @@ def _weight(g: _Graph, b_name: str, transposed: bool):
     return np.ascontiguousarray(w), sw.copy()
 
 
+def _pointwise_conv(node: onnx.NodeProto) -> bool:
+    """A Conv that is a matmul over channels: 1x1, stride 1, no padding, one group."""
+    attrs = attributes(node)
+    return (list(attrs.get("kernel_shape", [1, 1])) == [1, 1] and attrs.get("group", 1) == 1
+            and all(v == 1 for v in attrs.get("strides", [1, 1]))
+            and all(v == 1 for v in attrs.get("dilations", [1, 1]))
+            and not any(attrs.get("pads", [0, 0, 0, 0]))
+            and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
+
+
 def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
-    if node.domain not in _STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm"):
+    if node.domain not in _STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Conv"):
         return None
     transposed = False
     bias = None
+    if node.op_type == "Conv":
+        if not _pointwise_conv(node):
+            return None
+        transposed = True
+        if len(node.input) > 2 and node.input[2]:
+            bias = g.const(node.input[2])
+            if bias is None or bias.dtype != np.float32 or bias.ndim != 1:
+                return None
     if node.op_type == "Gemm":
         attrs = attributes(node)
         if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
@@ -214,7 +235,8 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
     w, sw = weight
     n = w.shape[1]
     chain = _Chain(node=node, x_q=act[0], sx=act[1], zx=act[2], x_signed=act[3], w=w, sw=sw,
-                   bias=np.zeros(n, np.float32), activation="", last=node)
+                   bias=np.zeros(n, np.float32), activation="", last=node,
+                   nchw=node.op_type == "Conv")
     if bias is not None:
         chain.bias = np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32)
     out = node.output[0]
@@ -291,8 +313,9 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
         if reason is not None:
             logger.debug("%s %s stays in QDQ form: %s", node.op_type, node.name, reason)
             continue
-        new_node, tensors = _kernel_node(chain, isa, f"{node.name or node.op_type}__kiln_int8_{index}")
-        replaced[id(chain.last)] = new_node
+        new_nodes, tensors = _kernel_nodes(chain, isa,
+                                           f"{node.name or node.op_type}__kiln_int8_{index}")
+        replaced[id(chain.last)] = new_nodes
         dropped.update(id(n) for n in [chain.node, *chain.absorbed] if n is not chain.last)
         new_inits += tensors
     if not replaced:
@@ -300,7 +323,7 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
     keep = []
     for node in graph.node:
         if id(node) in replaced:
-            keep.append(replaced[id(node)])
+            keep.extend(replaced[id(node)])
         elif id(node) not in dropped:
             keep.append(node)
     del graph.node[:]
@@ -308,11 +331,13 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
     graph.initializer.extend(new_inits)
     if not any(o.domain == internal_ops.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(internal_ops.DOMAIN, 1))
-    logger.info("%d QDQ MatMul/Gemm chain(s) -> integer kernels (%s)", len(replaced), isa)
+    logger.info("%d QDQ MatMul/Gemm/1x1-Conv chain(s) -> integer kernels (%s)", len(replaced),
+                isa)
     return len(replaced)
 
 
-def _kernel_node(chain: _Chain, isa: str, prefix: str):
+def _kernel_nodes(chain: _Chain, isa: str, prefix: str):
+    """The internal node (a 1x1 conv's between NCHW <-> NHWC transposes) and its constants."""
     w = chain.w
     layout = weight_layout(isa, w)
     zx = chain.zx + (128 if chain.x_signed else 0)
@@ -322,10 +347,19 @@ def _kernel_node(chain: _Chain, isa: str, prefix: str):
                numpy_helper.from_array(comp, prefix + "_comp"),
                numpy_helper.from_array(mult.astype(np.float32), prefix + "_mult"),
                numpy_helper.from_array(chain.bias.astype(np.float32), prefix + "_bias")]
-    node = helper.make_node(
-        internal_ops.INT8_DENSE, [chain.x_q, *(t.name for t in tensors)], [chain.last.output[0]],
+    x, y = chain.x_q, chain.last.output[0]
+    nodes = []
+    if chain.nchw:
+        x, y = prefix + "_nhwc", prefix + "_y_nhwc"
+        nodes.append(helper.make_node("Transpose", [chain.x_q], [x], name=prefix + "_to_nhwc",
+                                      perm=[0, 2, 3, 1]))
+    nodes.append(helper.make_node(
+        internal_ops.INT8_DENSE, [x, *(t.name for t in tensors)], [y],
         name=prefix, domain=internal_ops.DOMAIN, isa=layout.isa, k=int(w.shape[0]),
         n=int(w.shape[1]), x_signed=int(chain.x_signed), activation=chain.activation,
         out_dtype=chain.out_dtype, out_scale=float(chain.out_scale or 0.0),
-        out_zero=chain.out_zero)
-    return node, tensors
+        out_zero=chain.out_zero))
+    if chain.nchw:
+        nodes.append(helper.make_node("Transpose", [y], [chain.last.output[0]],
+                                      name=prefix + "_to_nchw", perm=[0, 3, 1, 2]))
+    return nodes, tensors

@@ -1,4 +1,4 @@
-"""QDQ MatMul/Gemm chains become kiln's integer dense kernel and match ONNX Runtime.
+"""QDQ MatMul/Gemm/1x1-Conv chains become kiln's integer dense kernel and match ONNX Runtime.
 
 Each case is a small QDQ model built by hand (or by kiln's quantize pass), compiled
 for ``host`` (AVX-512 VNNI here), ``x86-64-v3`` (the AVX2 path, forced on this CPU) and
@@ -99,6 +99,30 @@ def _chain_model(*, m=12, k=64, n=48, out_q=True, relu=True, signed_x=False, wei
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
+def _conv_chain_model(*, c=32, n=48, hw=(6, 10), kernel=1, seed=0) -> onnx.ModelProto:
+    """x [1, C, H, W] -> Q -> DQ -> Conv(DQ(w [N, C, k, k]), b) -> Relu -> Q: uint8."""
+    rng = np.random.default_rng(seed)
+    w = rng.integers(-127, 128, size=(n, c, kernel, kernel)).astype(np.int8)
+    inits = [numpy_helper.from_array(np.array(0.05, np.float32), "sx"),
+             numpy_helper.from_array(np.array(121, np.uint8), "zx"),
+             numpy_helper.from_array(w, "wq"),
+             numpy_helper.from_array((rng.random(n) * 0.01 + 0.005).astype(np.float32), "sw"),
+             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
+             numpy_helper.from_array(np.array(0.2, np.float32), "sy"),
+             numpy_helper.from_array(np.array(7, np.uint8), "zy")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "sx", "zx"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["wq", "sw"], ["wf"], axis=0),
+             helper.make_node("Conv", ["xf", "wf", "b"], ["h"], kernel_shape=[kernel, kernel],
+                              pads=[kernel // 2] * 4),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("QuantizeLinear", ["r", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "conv_chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, *hw])],
+        [helper.make_tensor_value_info("y", TensorProto.UINT8, [1, n, *hw])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
 def _run_both(proto: onnx.ModelProto, target: str, tmp_path, seed=1):
     x_shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     x = (np.random.default_rng(seed).standard_normal(x_shape) * 4).astype(np.float32)
@@ -134,6 +158,22 @@ def test_chain_runs_on_the_integer_kernel_and_matches_onnxruntime(case, path, tm
         assert np.mean(got != want) < 0.01  # boundary cases only
     else:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_pointwise_conv_runs_on_the_integer_kernel(path, tmp_path):
+    """A 1x1 conv is the dense kernel over H*W rows between NCHW <-> NHWC transposes."""
+    got, want, rules = _run_both(_conv_chain_model(), _target(path), tmp_path)
+    assert INT8_KERNEL in rules.values(), rules
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
+    assert np.mean(got != want) < 0.01
+
+
+def test_a_3x3_conv_stays_in_qdq_form(tmp_path):
+    got, want, rules = _run_both(_conv_chain_model(kernel=3), _target("host"), tmp_path)
+    assert INT8_KERNEL not in rules.values(), rules
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
 
 
 def test_kiln_w8a8_mlp_keeps_int8_between_layers(tmp_path):
