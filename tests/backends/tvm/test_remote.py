@@ -45,7 +45,7 @@ def tracker(tmp_path_factory):
                               stdout=open(log / "tracker.log", "w"), stderr=subprocess.STDOUT,
                               env=env)]
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # a busy 2-core machine starts TVM slowly
         while True:
             try:
                 rpc.connect_tracker("127.0.0.1", port).summary()
