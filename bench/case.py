@@ -27,3 +27,19 @@ def random_inputs(shapes: dict[str, list[int]], seed: int = SEED) -> dict[str, n
     """Seeded standard-normal float32 inputs of the given shapes."""
     rng = np.random.default_rng(seed)
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+
+
+def ort_runner(case: PreparedCase, threads: int) -> Callable[[], list[np.ndarray]]:
+    """ONNX Runtime on the case's model with ``threads`` intra-op threads, not spinning."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # ORT's idle workers spin by default and keep spinning between runs: in one process
+    # with TVM's pool on 2 cores that made kiln 35x slower (ocr-cls: 2.4 ms -> 85 ms)
+    # while ORT alone ran the same with or without spinning (1.59 vs 1.65 ms).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(case.onnx_path), options, providers=["CPUExecutionProvider"])
+    feeds = dict(case.inputs)
+    return lambda: session.run(None, feeds)

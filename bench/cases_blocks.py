@@ -69,14 +69,14 @@ BLOCK_CASES: dict[str, Callable[[Path], PreparedCase]] = {
 
 def run_foldgpt(workdir: Path, threads: int, runs: int, rounds: int) -> dict:
     from bench.build import build_case
-    from bench.runner import _ort_runner
+    from bench.case import ort_runner
     from bench.timing import time_interleaved
     from kiln.compiler.core.metrics import sqnr_db
 
     cases = {name: prepare(workdir) for name, prepare in BLOCK_CASES.items()}
     built = {name: build_case(case, workdir / f"{name}-built", threads=threads)
              for name, case in cases.items()}
-    ort = {name: _ort_runner(case, threads) for name, case in cases.items()}
+    ort = {name: ort_runner(case, threads) for name, case in cases.items()}
     fns: dict[str, Callable[[], object]] = {}
     for name, case in cases.items():
         fns[f"{name}:kiln"] = (lambda b=built[name], c=case: b.run(c.inputs))

@@ -83,14 +83,14 @@ def _build(case: PreparedCase, outdir: Path, mode: str, threads: int):
 
 
 def run_sparse_case(name: str, workdir: Path, threads: int, runs: int, rounds: int) -> dict:
-    from bench.runner import _ort_runner
+    from bench.case import ort_runner
     from bench.timing import time_interleaved
 
     case = SPARSE_CASES[name](workdir)
     auto, layers = _build(case, workdir / f"{name}-auto", "auto", threads)
     dense, _ = _build(case, workdir / f"{name}-dense", "never", threads)
     forced, _ = _build(case, workdir / f"{name}-always", "always", threads)
-    ort_run = _ort_runner(case, threads)
+    ort_run = ort_runner(case, threads)
     want = ort_run()[0]
     errors = {k: float(np.abs(b.run(case.inputs)[0] - want).max() / np.abs(want).max())
               for k, b in (("auto", auto), ("dense", dense), ("always", forced))}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.build import build_case
-from bench.case import PreparedCase
+from bench.case import ort_runner
 from bench.cases import CASES
 from bench.timing import git_commit, time_engines
 from kiln.compiler.core.metrics import relative_error
@@ -25,19 +25,8 @@ log = logging.getLogger("bench")
 MATCH_RTOL = 1e-4
 
 
-def _ort_runner(case: PreparedCase, threads: int) -> Callable[[], list[np.ndarray]]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    # ORT's idle workers spin by default and keep spinning between runs: in one process
-    # with TVM's pool on 2 cores that made kiln 35x slower (ocr-cls: 2.4 ms -> 85 ms)
-    # while ORT alone ran the same with or without spinning (1.59 vs 1.65 ms).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(case.onnx_path), options, providers=["CPUExecutionProvider"])
-    feeds = dict(case.inputs)
-    return lambda: session.run(None, feeds)
+#: kept for callers of the old name
+_ort_runner = ort_runner
 
 
 def _max_rel_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
