@@ -24,13 +24,13 @@ from pathlib import Path
 
 import onnx
 
-from bench.cases import CASES
 from bench.timing import git_commit
 
 log = logging.getLogger("bench.remote")
 
 
-def run_remote(args: argparse.Namespace, names: list[str]) -> int:
+def run_remote(args: argparse.Namespace, names: list[str], cases: dict) -> int:
+    """``cases``: name -> case builder (bench.cases.CASES, passed in: no import cycle)."""
     from kiln.backends.ort import ReferenceRunner
     from kiln.backends.tvm.build import build_artifact
     from kiln.backends.tvm.remote import RpcAddress, connect, time_artifact
@@ -48,7 +48,7 @@ def run_remote(args: argparse.Namespace, names: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="kiln-bench-remote-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         for name in names:
-            case = CASES[name](workdir)
+            case = cases[name](workdir)
             outdir = workdir / f"{name}-{args.target}"
             model = load_with_symbols(str(case.onnx_path), case.input_shapes)
             build_artifact(model, args.target, outdir, model_hash=name,

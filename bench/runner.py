@@ -147,7 +147,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if getattr(args, "rpc", None):
         from bench.remote import run_remote
 
-        return run_remote(args, names)
+        return run_remote(args, names, CASES)
     results = []
     with tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
