@@ -282,7 +282,7 @@ def write_section(text: str, path: Path = RESULTS) -> None:
     if START in current and END in current:
         before, rest = current.split(START, 1)
         after = rest.split(END, 1)[1].lstrip("\n")
-        new = before + block + after
+        new = before + block + ("\n" + after if after else "")
     else:
         new = current.rstrip("\n") + "\n\n" + block
     write_atomic(path, new.encode())
