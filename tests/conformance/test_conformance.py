@@ -50,6 +50,8 @@ FAST_CASES = [
     "test_reduce_sum_do_not_keepdims_random",   # axis 1 or 2: picked at run time
     "test_l2normalization_axis_0",              # LpNormalization, a zero norm
     "test_pow_types_int64_int64",               # integer Pow (was refused)
+    "test_batchnorm_example_training_mode",     # batch statistics (were ignored)
+    "test_tril_zero",                           # an empty output (TVM failed on it)
 ]
 
 

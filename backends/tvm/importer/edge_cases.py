@@ -16,6 +16,10 @@ conformance cases; silently wrong numbers before):
   them as scalars): the node keeps ``Y``; ``Mean = ReduceMean(X)`` and
   ``InvStdDev = 1/sqrt(ReduceMean((X - Mean)^2) + epsilon)`` over the normalized axes
   (keepdims, in ``stash_type``) are computed beside it;
+- ``BatchNormalization`` with ``training_mode=1`` (TVM ignores it): batch statistics,
+  running mean/variance updated with ``momentum``;
+- a node whose outputs are all empty graph outputs (a 0 in the declared shape): empty
+  constants (TVM fails on zero-size Split parts, Trilu of an empty input);
 - ``Constant`` with ``value_int(s)``/``value_float(s)`` (TVM reads only ``value``; constant
   folding writes a Shape of a static input this way): the same values as ``value``.
 """
@@ -62,6 +66,8 @@ def _needs_rewrite(node: onnx.NodeProto) -> bool:
         return any(a.name in _CONSTANT_FORMS for a in node.attribute)
     if node.op_type == "LayerNormalization":
         return len([o for o in node.output if o]) > 1
+    if node.op_type == "BatchNormalization":
+        return bool(_attr(node, "training_mode", 0))
     return node.op_type == "BitShift"
 
 
@@ -173,13 +179,86 @@ def _layer_norm(node: onnx.NodeProto, elem_type: int, rank: int,
     return b.nodes
 
 
+def _batchnorm_training(node: onnx.NodeProto, rank: int, opset: int) -> list[onnx.NodeProto]:
+    """BatchNormalization with training_mode=1 (TVM ignores it): the batch's statistics
+    normalize, and the running ones are updated with ``momentum`` (population variance,
+    as onnx's reference)."""
+    b = _Builder(node)
+    x, scale, bias, mean, var = node.input[:5]
+    y, *stats = list(node.output) + ["", ""]
+    axes = [0, *range(2, rank)]
+    shape = np.array([1, -1] + [1] * (rank - 2), np.int64)
+
+    def reduce_mean(value: str) -> str:
+        if opset >= 18:
+            return b("ReduceMean", value, b.const(np.array(axes, np.int64)), keepdims=1)
+        return b("ReduceMean", value, axes=axes, keepdims=1)
+
+    batch_mean = reduce_mean(x)
+    centered = b("Sub", x, batch_mean)
+    batch_var = reduce_mean(b("Mul", centered, centered))
+    eps = b("CastLike", b.const(np.array(_attr(node, "epsilon", 1e-5), np.float32)), x)
+    per_channel = b.const(shape)
+    normed = b("Div", centered, b("Sqrt", b("Add", batch_var, eps)))
+    b("Add", b("Mul", normed, b("Reshape", scale, per_channel)),
+      b("Reshape", bias, per_channel), out=y)
+    momentum = b("CastLike", b.const(np.array(_attr(node, "momentum", 0.9), np.float32)), mean)
+    rest = b("Sub", b("CastLike", b.const(np.array(1.0, np.float32)), mean), momentum)
+    for running, batch, out in ((mean, batch_mean, stats[0]), (var, batch_var, stats[1])):
+        if out:
+            flat = b("Reshape", batch, b.const(np.array([-1], np.int64)))
+            b("Add", b("Mul", running, momentum), b("Mul", flat, rest), out=out)
+    return b.nodes
+
+
+def _empty_outputs(graph: onnx.GraphProto) -> int:
+    """Nodes whose every output is a graph output of a static shape with a 0 dim become
+    empty constants (TVM fails on zero-size Split parts and Trilu inputs; an empty tensor
+    holds no value to compute)."""
+    def static(values):
+        found = {}
+        for value in values:
+            dims = value.type.tensor_type.shape.dim
+            if value.type.HasField("tensor_type") and all(d.HasField("dim_value") for d in dims):
+                found[value.name] = ([d.dim_value for d in dims], value.type.tensor_type.elem_type)
+        return found
+
+    declared, inputs = static(graph.output), static(graph.input)
+    out, replaced = [], 0
+    for node in graph.node:
+        names = [o for o in node.output if o]
+        shapes = [declared.get(o) for o in names]
+        if not shapes or not all(s is not None and 0 in s[0] for s in shapes):
+            out.append(node)
+            continue
+        same = node.input[0] if node.input and inputs.get(node.input[0]) else None
+        if all(s == inputs.get(same) for s in shapes):  # the (empty) input as it is
+            out.extend(helper.make_node("Identity", [same], [name], name=f"{name}_empty")
+                       for name in names)
+        elif all(len(s[0]) <= 2 for s in shapes):
+            # (TVM 0.27 cannot read back a zero-size constant of rank 3: kept to rank 2)
+            for name, (dims, elem) in zip(names, shapes):
+                empty = np.zeros(dims, helper.tensor_dtype_to_np_dtype(elem))
+                out.append(helper.make_node("Constant", [], [name], name=f"{name}_empty",
+                                            value=numpy_helper.from_array(empty, name)))
+        else:
+            out.append(node)
+            continue
+        replaced += 1
+    if replaced:
+        del graph.node[:]
+        graph.node.extend(out)
+    return replaced
+
+
 def rewrite_edge_cases(model: onnx.ModelProto) -> int:
     """Rewrite the main graph's IsInf / float Mod fmod=0 / BitShift / LayerNormalization
     nodes (in place).
     Returns how many were rewritten."""
     graph = model.graph
+    emptied = _empty_outputs(graph)
     if not any(_needs_rewrite(node) for node in graph.node):
-        return 0
+        return emptied
     if all(n.op_type == "Constant" for n in graph.node if _needs_rewrite(n)):
         types, ranks = {}, {}  # no inference needed (it may be slow on a large model)
     else:
@@ -199,6 +278,8 @@ def rewrite_edge_cases(model: onnx.ModelProto) -> int:
             elif node.op_type == "LayerNormalization" and node.input[0] in ranks \
                     and node.input[0] in types:
                 replacement = _layer_norm(node, types[node.input[0]], ranks[node.input[0]], opset)
+            elif node.op_type == "BatchNormalization" and node.input[0] in ranks:
+                replacement = _batchnorm_training(node, ranks[node.input[0]], opset)
             elif node.op_type == "BitShift" and not _shift_is_safe(graph, node):
                 elem = types.get(node.input[1])
                 replacement = _bitshift(node, elem) if elem else None
@@ -210,7 +291,7 @@ def rewrite_edge_cases(model: onnx.ModelProto) -> int:
     if rewritten:
         del graph.node[:]
         graph.node.extend(out)
-    return rewritten
+    return rewritten + emptied
 
 
 def _shift_is_safe(graph: onnx.GraphProto, node: onnx.NodeProto) -> bool:
