@@ -184,6 +184,12 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
         return lambda rng, shape, dtype: _ints(rng, 0, 4, shape, dtype)
     if op == "AffineGrid" and index == 1 and data and out_shape is not None:
         return _filled([data[0], 1, *out_shape[1:-1]])
+    if op == "Expand" and index == 1 and out_shape is not None:
+        def trailing(rng, shape, dtype):  # a shorter shape broadcasts: out's last dims
+            n = int(np.prod(shape)) if shape else 1
+            return _filled(out_shape[len(out_shape) - n:] if n <= len(out_shape) else
+                           out_shape)(rng, shape, dtype)
+        return trailing
     if op in ("Reshape", "Expand") and index == 1:
         if out_shape is not None:
             return _filled(out_shape)

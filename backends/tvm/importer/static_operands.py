@@ -128,7 +128,9 @@ def resize_sizes(data: list[int], out: list[int], axes: list[int],
 def _value(node: onnx.NodeProto, data: list[int], out: list[int], size: int) -> list[int] | None:
     """The operand's value that gives ``out`` from ``data`` (None: none or ambiguous)."""
     op = node.op_type
-    if op in ("Expand", "Reshape"):
+    if op == "Expand":  # a shorter shape broadcasts to ``out`` too: written at full rank
+        return list(out) if size <= len(out) else None
+    if op == "Reshape":
         return list(out) if size == len(out) else None
     if op == "Tile" and len(data) == len(out) == size and all(
             d and o % d == 0 for d, o in zip(data, out)):
@@ -219,7 +221,9 @@ def fix_shape_operands(model: onnx.ModelProto) -> int:
         if value is None:
             continue
         name = f"{operand}_fixed_for_{node.name or node.op_type}"
-        array = np.asarray(value, dtype=dtype).reshape(size_dims)
+        array = np.asarray(value, dtype=dtype)
+        if node.op_type != "Expand":  # (Expand's is 1-D, TVM wants it at the output's rank)
+            array = array.reshape(size_dims)
         graph.initializer.append(numpy_helper.from_array(array, name))
         node.input[index] = name
         fixed += 1

@@ -100,3 +100,12 @@ def test_cumulative_cases_with_a_runtime_axis():
     outcomes = run_cases(select(names=names), jobs=2)
     failed = [f"{o.name}: {o.outcome}: {o.reason}" for o in outcomes if o.outcome != "pass"]
     assert len(outcomes) == 3 and not failed, "\n".join(failed)
+
+
+def test_a_shorter_expand_shape_is_written_at_the_outputs_rank():
+    model = _model([helper.make_node("Expand", ["x", "shape"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 1]),
+                    helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 1])])
+    assert fix_shape_operands(model) == 1
+    assert _fixed(model, 0, 1) == [1, 3, 1]   # TVM's broadcast_to wants the full rank
