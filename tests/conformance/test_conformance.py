@@ -128,3 +128,11 @@ def test_whole_suite_has_no_crash_and_no_wrong_result():
     for figure in ("headline", "all-opsets"):
         counts = summarize(outcomes, figure)
         assert counts["pass"] >= 0.9 * counts["total"], (figure, counts)
+
+
+def test_failures_name_each_case_that_does_not_pass():
+    from kiln.compiler.testing.conformance import failures
+
+    assert failures(["test_abs"]) == []
+    with pytest.raises(ValueError, match="test_no_such_case"):
+        failures(["test_abs", "test_no_such_case"])

@@ -9,7 +9,7 @@
 """
 
 from .cases import Case, all_cases, select
-from .runner import OUTCOMES, Outcome, run_cases, run_in_process, summarize
+from .runner import OUTCOMES, Outcome, failures, run_cases, run_in_process, summarize
 
-__all__ = ["OUTCOMES", "Case", "Outcome", "all_cases", "run_cases", "run_in_process", "select",
-           "summarize"]
+__all__ = ["OUTCOMES", "Case", "Outcome", "all_cases", "failures", "run_cases", "run_in_process",
+           "select", "summarize"]

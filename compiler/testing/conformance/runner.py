@@ -274,3 +274,13 @@ def summarize(outcomes: Iterable[Outcome], figure: str, *, ort_pass_only: bool =
         counts[o.outcome] += 1
     counts["total"] = sum(counts.values())
     return counts
+
+
+def failures(names: list[str], *, jobs: int = 2) -> list[str]:
+    """``"name: outcome: reason"`` for each named case that does not pass (an unknown
+    name raises ValueError, as :func:`~.cases.select` does): for tests that hold cases
+    to passing."""
+    from .cases import select
+
+    return [f"{o.name}: {o.outcome}: {o.reason}"
+            for o in run_cases(select(names=names), jobs=jobs) if o.outcome != "pass"]

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from kiln.compiler.testing.conformance import run_cases, select
+from kiln.compiler.testing.conformance import failures
 
 
 def _all_pass(names: list[str]) -> None:
-    outcomes = run_cases(select(names=names), jobs=2)
-    assert len(outcomes) == len(names)
-    failed = [f"{o.name}: {o.outcome}: {o.reason}" for o in outcomes if o.outcome != "pass"]
+    failed = failures(names)
     assert not failed, "\n".join(failed)
 
 

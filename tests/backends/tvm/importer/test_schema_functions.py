@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 
 from kiln.backends.tvm.importer.lower import supported_op_types
 from kiln.backends.tvm.importer.schema_functions import expand_schema_functions
-from kiln.compiler.testing.conformance import run_cases, select
+from kiln.compiler.testing.conformance import failures
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -64,9 +64,7 @@ def test_an_op_whose_body_needs_an_unsupported_op_is_left_for_the_refusal():
 
 
 def _all_pass(names: list[str]) -> None:
-    outcomes = run_cases(select(names=names), jobs=2)
-    assert len(outcomes) == len(names)
-    failed = [f"{o.name}: {o.outcome}: {o.reason}" for o in outcomes if o.outcome != "pass"]
+    failed = failures(names)
     assert not failed, "\n".join(failed)
 
 

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.backends.tvm.importer.static_operands import fix_shape_operands
-from kiln.compiler.testing.conformance import run_cases, select
+from kiln.compiler.testing.conformance import failures
 
 
 def _model(nodes, inputs, outputs) -> onnx.ModelProto:
@@ -72,9 +72,8 @@ def test_ambiguous_axes_are_reduced_each_way_and_picked_at_run_time():
 def test_runtime_operand_cases_compile_and_match():
     names = ["test_split_variable_parts_2d_opset18", "test_reduce_l2_keep_dims_random_expanded",
              "test_reduce_sum_do_not_keepdims_random"]
-    outcomes = run_cases(select(names=names), jobs=2)
-    failed = [f"{o.name}: {o.outcome}: {o.reason}" for o in outcomes if o.outcome != "pass"]
-    assert len(outcomes) == 3 and not failed, "\n".join(failed)
+    failed = failures(names)
+    assert not failed, "\n".join(failed)
 
 
 def test_cumsum_over_a_runtime_axis_is_built_for_each_axis():
@@ -97,9 +96,8 @@ def test_cumsum_over_a_runtime_axis_is_built_for_each_axis():
 @pytest.mark.slow
 def test_cumulative_cases_with_a_runtime_axis():
     names = ["test_cumsum_2d_negative_axis", "test_cumprod_2d_axis_1", "test_cumprod_1d_reverse"]
-    outcomes = run_cases(select(names=names), jobs=2)
-    failed = [f"{o.name}: {o.outcome}: {o.reason}" for o in outcomes if o.outcome != "pass"]
-    assert len(outcomes) == 3 and not failed, "\n".join(failed)
+    failed = failures(names)
+    assert not failed, "\n".join(failed)
 
 
 def test_a_shorter_expand_shape_is_written_at_the_outputs_rank():
