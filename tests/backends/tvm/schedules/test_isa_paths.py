@@ -128,9 +128,19 @@ def _sparse_dense():
     return sparse_mlp((128, 128, 64), pattern="block", block=(16, 1), density=0.1)
 
 
+def _int8_dense():
+    """A QDQ MatMul+bias+Relu layer with a float output: integer dot products (exact) and a
+    float epilogue, so it matches ORT as closely as a decoded weight does."""
+    import onnx_ir as ir
+
+    from .test_int8_dense import _chain_model
+
+    return ir.serde.deserialize_model(_chain_model(m=8, out_q=False))
+
+
 #: Whole-model cases (weights packed or decoded in the kernel), checked against ORT.
 QUANT_CASES = {"decode_contraction": _decode_contraction, "decode_conv": _decode_conv,
-               "sparse_dense": _sparse_dense}
+               "sparse_dense": _sparse_dense, "int8_dense": _int8_dense}
 
 
 def test_every_rule_has_a_case_here():
