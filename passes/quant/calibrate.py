@@ -75,7 +75,7 @@ def _qparams(lo: float, hi: float, dtype: str) -> tuple[float, int]:
     return float(scale), zero_point
 
 
-def _fake_quant(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:
+def fake_quant(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:
     qmin, qmax = _ACT_RANGE[dtype]
     return (np.clip(np.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
@@ -87,7 +87,7 @@ def _rows(values: Sequence[np.ndarray], axis: int, channels: int) -> np.ndarray:
     return np.ascontiguousarray(rows[::max(1, rows.shape[0] // SEARCH_ROWS)])
 
 
-def _output_error(e: np.ndarray, consumers: Sequence[Consumer]) -> float:
+def output_error(e: np.ndarray, consumers: Sequence[Consumer]) -> float:
     total = 0.0
     for c in consumers:
         if c.matrix is not None and e.shape[0] * c.matrix.size <= EXACT_BUDGET:
@@ -104,7 +104,7 @@ def _search(values: Sequence[np.ndarray], cfg: ActivationQuant, lo: float, hi: f
     best, best_err = _qparams(lo, hi, cfg.dtype), math.inf
     for c in SEARCH_CLIP_GRID:
         params = _qparams(c * lo, c * hi, cfg.dtype)
-        err = _output_error(_fake_quant(x, *params, cfg.dtype) - x, consumers)
+        err = output_error(fake_quant(x, *params, cfg.dtype) - x, consumers)
         if err < best_err:
             best, best_err = params, err
     return best
@@ -128,7 +128,7 @@ def calibrate_range(values: Sequence[np.ndarray], cfg: ActivationQuant,
     best, best_err = _qparams(lo, hi, cfg.dtype), math.inf
     for c in ACTIVATION_CLIP_GRID:
         params = _qparams(c * lo, c * hi, cfg.dtype)
-        err = float(np.mean((_fake_quant(sample, *params, cfg.dtype) - sample) ** 2))
+        err = float(np.mean((fake_quant(sample, *params, cfg.dtype) - sample) ** 2))
         if err < best_err:
             best, best_err = params, err
     return best

@@ -10,10 +10,10 @@ from onnx import TensorProto, helper
 from kiln.compiler.testing import quant_models as models
 from kiln.passes.quant.calibrate import (
     Consumer,
-    _fake_quant,
-    _output_error,
     calibrate_range,
     consumer_of,
+    fake_quant,
+    output_error,
 )
 from kiln.passes.quant.config import ActivationQuant, QuantizeConfig
 from kiln.passes.quant.quantize import Quantize
@@ -41,7 +41,7 @@ def test_search_beats_mse_on_the_consumers_output():
     for method in ("minmax", "mse", "search"):
         cfg = ActivationQuant(dtype="int8", calibration=method)
         scale, zp = calibrate_range(values, cfg, [consumer])
-        errors[method] = _output_error(_fake_quant(x, scale, zp, "int8") - x, [consumer])
+        errors[method] = output_error(fake_quant(x, scale, zp, "int8") - x, [consumer])
     assert errors["search"] < MAX_ERROR_RATIO * errors["mse"], errors
     assert errors["mse"] <= errors["minmax"]
 
