@@ -134,8 +134,46 @@ class _Graph:
         self.outputs = {o.name for o in graph.output}
 
     def const(self, name: str) -> np.ndarray | None:
+        """An initializer's or a ``Constant`` node's value; None for anything computed."""
         t = self.inits.get(name)
+        if t is None:
+            node = self.producer.get(name)
+            if node is None or node.domain not in _STANDARD_DOMAINS:
+                return None
+            if node.op_type == "QuantizeLinear":
+                return self._quantized_constant(node)
+            if node.op_type != "Constant":
+                return None
+            t = next((a.t for a in node.attribute if a.name == "value"), None)
         return None if t is None else numpy_helper.to_array(t)
+
+    def _quantized_constant(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """``QuantizeLinear`` of a float constant (ORT's QDQ form may keep weights float),
+        evaluated as ONNX does: ``sat(rne(x / s) + z)`` in float32, per tensor or axis."""
+        x, s = self.const(node.input[0]), self.const(node.input[1])
+        z = self.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        attrs = attributes(node)
+        if x is None or s is None or x.dtype != np.float32 or attrs.get("block_size"):
+            return None
+        z = np.zeros(s.shape, np.uint8) if z is None else z
+        if z.dtype not in (np.uint8, np.int8):
+            return None
+        if s.size > 1:
+            shape = [1] * x.ndim
+            shape[attrs.get("axis", 1) % x.ndim] = s.size
+            s, z = s.reshape(shape), z.reshape(shape)
+        info = np.iinfo(z.dtype)
+        q = np.rint(x / s.astype(np.float32)) + z.astype(np.float32)
+        return np.clip(q, info.min, info.max).astype(z.dtype)
+
+    def const_tensor(self, name: str) -> TensorProto | None:
+        """The TensorProto of :meth:`const` (its element type: uint8 vs int8 zero points)."""
+        if name in self.inits:
+            return self.inits[name]
+        node = self.producer.get(name)
+        if node is None or node.op_type != "Constant":
+            return None
+        return next((a.t for a in node.attribute if a.name == "value"), None)
 
     def only_reader(self, name: str) -> onnx.NodeProto | None:
         users = self.readers.get(name, [])
@@ -163,7 +201,7 @@ def _activation(g: _Graph, a_name: str):
     dq = g.dq(a_name)
     if dq is None or len(dq.input) < 3 or not dq.input[2]:
         return None
-    sx, zx_t = _scalar(g.const(dq.input[1])), g.inits.get(dq.input[2])
+    sx, zx_t = _scalar(g.const(dq.input[1])), g.const_tensor(dq.input[2])
     if sx is None or zx_t is None or zx_t.data_type not in _INT8 or sx <= 0:
         return None
     zx = int(_scalar(numpy_helper.to_array(zx_t)))
@@ -257,7 +295,7 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
         nxt = g.only_reader(out)
     if nxt is not None and nxt.op_type == "QuantizeLinear" and len(nxt.input) > 2 and nxt.input[2] \
             and not attributes(nxt).get("block_size"):
-        sy, zy_t = _scalar(g.const(nxt.input[1])), g.inits.get(nxt.input[2])
+        sy, zy_t = _scalar(g.const(nxt.input[1])), g.const_tensor(nxt.input[2])
         if sy is not None and sy > 0 and zy_t is not None and zy_t.data_type in _INT8 \
                 and attributes(nxt).get("saturate", 1):
             chain.out_scale, chain.out_zero = float(sy), int(_scalar(numpy_helper.to_array(zy_t)))
