@@ -228,3 +228,21 @@ def test_register_tile_fits_the_registers():
     for rows, vectors, regs in [(64, 8, 32), (49, 6, 32), (12, 6, 16), (1, 4, 16), (7, 1, 16)]:
         mr, nv = register_tile(rows, vectors, regs)
         assert rows % mr == 0 and vectors % nv == 0 and mr * nv + nv + 3 <= regs
+
+
+def test_a_weight_quantized_in_the_graph_is_folded(tmp_path):
+    """ORT's QDQ form may keep a weight float behind QuantizeLinear: evaluated at compile
+    time (as ONNX rounds: half to even, saturating) and packed like an int8 initializer."""
+    proto = _chain_model()
+    graph = proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    w = numpy_helper.to_array(inits["wq"]).astype(np.float32)
+    sw = numpy_helper.to_array(inits["sw"])
+    graph.initializer.remove(inits["wq"])
+    graph.initializer.extend([numpy_helper.from_array(w * sw, "w_float"),
+                              numpy_helper.from_array(np.zeros(sw.shape, np.int8), "zw")])
+    graph.node.insert(0, helper.make_node("QuantizeLinear", ["w_float", "sw", "zw"], ["wq"],
+                                          axis=1))
+    got, want, rules = _run_both(proto, _target("host"), tmp_path)
+    assert INT8_KERNEL in rules.values(), rules
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
