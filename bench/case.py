@@ -43,3 +43,21 @@ def ort_runner(case: PreparedCase, threads: int) -> Callable[[], list[np.ndarray
     session = ort.InferenceSession(str(case.onnx_path), options, providers=["CPUExecutionProvider"])
     feeds = dict(case.inputs)
     return lambda: session.run(None, feeds)
+
+
+def ort_session(model_or_path, threads: int, *, optimize: bool = True):
+    """An ONNX Runtime session (``threads`` intra-op, not spinning; ``optimize=False``: the
+    graph as written) over a model path or proto."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = model_or_path if isinstance(model_or_path, (str, Path)) else \
+        model_or_path.SerializeToString()
+    return ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
+                                providers=["CPUExecutionProvider"])

@@ -95,11 +95,11 @@ def _first(out) -> np.ndarray:
 
 def run_model(name: str, targets: list[str], workdir: Path, threads: int, runs: int,
               rounds: int) -> list[dict]:
-    from bench.cases_quant import _ort_session
+    from bench.case import ort_session
 
     fp32, int8, feeds = _onnx_pair(name, workdir)
-    ort_int8 = _ort_session(int8, threads)
-    ort_fp32 = _ort_session(fp32, threads)
+    ort_int8 = ort_session(int8, threads)
+    ort_fp32 = ort_session(fp32, threads)
     reference = ort_fp32.run(None, feeds)[0]
     rows = []
     for target in targets:

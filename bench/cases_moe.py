@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before tvm starts
 
     from bench.build import build_case
-    from bench.runner import _ort_runner
+    from bench.case import ort_runner
 
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             built = build_case(case, Path(tmp) / name, tuning="off", threads=args.threads)
             feeds = dict(case.inputs)
             engines[f"{name} kiln"] = (lambda b=built, f=feeds: b.run(f))
-            engines[f"{name} ort"] = _ort_runner(case, args.threads)
+            engines[f"{name} ort"] = ort_runner(case, args.threads)
         for fn in engines.values():
             fn()
         samples: dict[str, list[float]] = {key: [] for key in engines}

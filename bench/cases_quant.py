@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.case import SEED, PreparedCase
+from bench.case import SEED, PreparedCase, ort_session
 from bench.timing import git_commit, time_interleaved
 from kiln.compiler.core.metrics import relative_error, sqnr_db
 
@@ -253,22 +253,6 @@ QUANT_CASES: dict[str, Callable[[Path], PreparedCase]] = {
 
 # -- the quantized comparison (python -m bench.cases_quant) ---------------------------------
 
-def _ort_session(model_or_path, threads: int, *, optimize: bool = True):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = model_or_path if isinstance(model_or_path, (str, Path)) else \
-        model_or_path.SerializeToString()
-    return ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
-                                providers=["CPUExecutionProvider"])
-
-
 def read_bandwidth_gbs(nbytes: int, runs: int = 50) -> float:
     """Read bandwidth (GB/s) of a parallel, vectorized TVM reduction over ``nbytes``.
 
@@ -351,9 +335,9 @@ def run_gemv(workdir: Path, threads: int, runs: int) -> list[dict]:
         compiled, compile_s, size = _build(case.onnx_path, case.input_shapes,
                                            workdir / f"gemv-g{group}")
         nbits, _ = to_matmulnbits(model)
-        session = _ort_session(nbits, threads)
-        session_int8 = _ort_session(to_matmulnbits(model, accuracy_level=4)[0], threads)
-        exact = _ort_session(model, threads, optimize=False)
+        session = ort_session(nbits, threads)
+        session_int8 = ort_session(to_matmulnbits(model, accuracy_level=4)[0], threads)
+        exact = ort_session(model, threads, optimize=False)
         feeds = case.inputs
         x = feeds["x"]
         want = exact.run(None, feeds)[0]
@@ -405,8 +389,8 @@ def run_spec_case(name: str, workdir: Path, threads: int, runs: int) -> dict:
         ort_form = f"MatMulNBits ({replaced} MatMuls)"
     else:
         ort_model, ort_form = model, "QDQ int8, ORT optimizations on"
-    session = _ort_session(ort_model, threads)
-    exact = _ort_session(model, threads, optimize=False)
+    session = ort_session(ort_model, threads)
+    exact = ort_session(model, threads, optimize=False)
     feeds = case.inputs
     args = [feeds[k] for k in case.inputs]
     want = exact.run(None, feeds)[0]

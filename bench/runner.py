@@ -25,10 +25,6 @@ log = logging.getLogger("bench")
 MATCH_RTOL = 1e-4
 
 
-#: kept for callers of the old name
-_ort_runner = ort_runner
-
-
 def _max_rel_error(got: list[np.ndarray], want: list[np.ndarray]) -> float:
     return max((relative_error(g, w) for g, w in zip(got, want, strict=True)), default=0.0)
 
@@ -43,7 +39,7 @@ def run_case(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     if built.unscheduled:
         log.info("%s: %d kernels left unscheduled: %s", name, len(built.unscheduled),
                  ", ".join(built.unscheduled))
-    ort_run = _ort_runner(case, args.threads)
+    ort_run = ort_runner(case, args.threads)
     error = _max_rel_error(built.run(case.inputs), ort_run())
     if error > MATCH_RTOL:
         log.warning("%s: kiln differs from ONNX Runtime by %.2e (relative to max |y|)", name, error)
