@@ -118,3 +118,11 @@ def traced_converters(base: dict, context: ImportContext) -> dict:
     """:func:`kiln_converters`, each entry wrapped in a :class:`TracedConverter`."""
     return {op: TracedConverter(op, conv, context)
             for op, conv in kiln_converters(base, context).items()}
+
+
+def supported_op_types() -> frozenset[str]:
+    """Op types (standard domain) that the importer (TVM's converters and kiln's) can lower."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    table = kiln_converters(onnx_frontend._get_convert_map(), ImportContext())
+    return frozenset(table) | IMPORTER_BUILTINS

@@ -36,7 +36,7 @@ from kiln.compiler.core.kiln_domain import is_kiln_op
 
 from . import internal_ops
 from .context import ImportContext
-from .converters import IMPORTER_BUILTINS, kiln_converters, traced_converters
+from .converters import supported_op_types, traced_converters
 from .int8_chains import rewrite_int8_chains
 from .packed_weights import four_bit_misuse
 from .prepare import prepare_onnx, walk_nodes
@@ -67,14 +67,6 @@ def _extended_convert_map(context: ImportContext) -> Iterator[None]:
             yield
         finally:
             onnx_frontend._get_convert_map = original
-
-
-def supported_op_types() -> frozenset[str]:
-    """Op types (standard domain) that :func:`lower_to_relax` can lower."""
-    from tvm.relax.frontend.onnx import onnx_frontend
-
-    table = kiln_converters(onnx_frontend._get_convert_map(), ImportContext())
-    return frozenset(table) | IMPORTER_BUILTINS
 
 
 def unsupported_ops(model: onnx.ModelProto) -> dict[str, str]:

@@ -38,6 +38,7 @@ from kiln.compiler.core.kiln_domain import DOMAIN as KILN_DOMAIN
 from kiln.compiler.core.packing import unpack_bits
 
 from .control_flow import should_fold
+from .converters import supported_op_types
 from .edge_cases import rewrite_edge_cases
 from .foreign_quant import lower_foreign_quant
 from .moe_dispatch import fuse_moe_dispatch
@@ -152,8 +153,6 @@ def drop_kiln_functions(proto: onnx.ModelProto, target_name: str | None) -> onnx
 def prepare_onnx(model: ir.Model, target_name: str | None = None) -> onnx.ModelProto:
     """The backend's own ONNX copy of ``model``, folded if needed, weights kept packed."""
     proto = ir.serde.serialize_model(model)
-    from .lower import supported_op_types  # (lower imports this module)
-
     proto = expand_schema_functions(proto, supported_op_types())
     fuse_moe_dispatch(proto)
     lower_foreign_quant(proto)

@@ -55,7 +55,7 @@ def _target(name: str) -> str:
     return name
 
 
-def _chain_model(*, m=12, k=64, n=48, out_q=True, relu=True, signed_x=False, weight_bound=127,
+def chain_model(*, m=12, k=64, n=48, out_q=True, relu=True, signed_x=False, weight_bound=127,
                  gemm=False, per_channel=True, rows3d=False, gelu="", seed=0) -> onnx.ModelProto:
     """x -> Q -> DQ -> MatMul(DQ(w)) [-> Add b] [-> Relu | Gelu] [-> Q]: uint8 or float."""
     rng = np.random.default_rng(seed)
@@ -149,7 +149,7 @@ CASES = {
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_chain_runs_on_the_integer_kernel_and_matches_onnxruntime(case, path, tmp_path):
-    got, want, rules = _run_both(_chain_model(**CASES[case]), _target(path), tmp_path)
+    got, want, rules = _run_both(chain_model(**CASES[case]), _target(path), tmp_path)
     assert [name for name, rule in rules.items() if rule == INT8_KERNEL] == ["kiln_int8_dense"], \
         rules
     assert got.dtype == want.dtype and got.shape == want.shape
@@ -191,20 +191,20 @@ def test_kiln_w8a8_mlp_keeps_int8_between_layers(tmp_path):
 
 
 def test_columns_the_kernel_cannot_tile_stay_in_qdq_form(tmp_path):
-    got, want, rules = _run_both(_chain_model(n=20), _target("host"), tmp_path)
+    got, want, rules = _run_both(chain_model(n=20), _target("host"), tmp_path)
     assert INT8_KERNEL not in rules.values(), rules
     assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
 
 
 def test_no_integer_kernels_off_x86_cpus():
-    proto = _chain_model()
+    proto = chain_model()
     assert target_isa("cuda-sm90") is None and target_isa("arm64") is None
     assert rewrite_int8_chains(proto, "arm64") == 0
     assert [n.op_type for n in proto.graph.node][-1] == "QuantizeLinear"
 
 
 def test_kernels_can_be_switched_off(monkeypatch):
-    proto = _chain_model()
+    proto = chain_model()
     monkeypatch.setenv(KERNELS_ENV, "never")
     assert rewrite_int8_chains(proto, _target("host")) == 0
     monkeypatch.setenv(KERNELS_ENV, "auto")
@@ -233,7 +233,7 @@ def test_register_tile_fits_the_registers():
 def test_a_weight_quantized_in_the_graph_is_folded(tmp_path):
     """ORT's QDQ form may keep a weight float behind QuantizeLinear: evaluated at compile
     time (as ONNX rounds: half to even, saturating) and packed like an int8 initializer."""
-    proto = _chain_model()
+    proto = chain_model()
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     w = numpy_helper.to_array(inits["wq"]).astype(np.float32)

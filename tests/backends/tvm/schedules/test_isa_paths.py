@@ -133,14 +133,38 @@ def _int8_dense():
     float epilogue, so it matches ORT as closely as a decoded weight does."""
     import onnx_ir as ir
 
-    from .test_int8_dense import _chain_model
+    from .test_int8_dense import chain_model
 
-    return ir.serde.deserialize_model(_chain_model(m=8, out_q=False))
+    return ir.serde.deserialize_model(chain_model(m=8, out_q=False))
+
+
+def _grouped_gemm():
+    """A top-2 MoE layer (4 ReLU experts, 8 tokens) written by kiln's moe_dense_to_sparse:
+    its dispatch's per-expert GEMMs."""
+    import tempfile
+    from pathlib import Path
+
+    import onnx
+    import onnx_ir as ir
+
+    from kiln.compiler.core.frontend import bind_inputs, fold_constants
+    from kiln.compiler.testing.moe_models import DenseMoE, export
+    from kiln.passes.moe.moe_dense_to_sparse import MoeDenseToSparse, MoeDenseToSparseConfig
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export(DenseMoE(16, 32, 4, activation="relu"), Path(tmp) / "moe.onnx",
+                      tokens=8, dim=16)
+        model = ir.from_proto(onnx.load(str(path)))
+    assert MoeDenseToSparse(MoeDenseToSparseConfig(k=2))(model).modified
+    bind_inputs(model, {"x": [8, 16]})
+    fold_constants(model)
+    return model
 
 
 #: Whole-model cases (weights packed or decoded in the kernel), checked against ORT.
 QUANT_CASES = {"decode_contraction": _decode_contraction, "decode_conv": _decode_conv,
-               "sparse_dense": _sparse_dense, "int8_dense": _int8_dense}
+               "sparse_dense": _sparse_dense, "int8_dense": _int8_dense,
+               "grouped_gemm": _grouped_gemm}
 
 
 def test_every_rule_has_a_case_here():
