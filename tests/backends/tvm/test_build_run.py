@@ -36,6 +36,37 @@ def test_host_build_matches_onnxruntime(cnn_artifact):
     assert relative_error(out, ref) < REL_TOL
 
 
+def test_inputs_on_any_boundary_give_the_same_outputs_and_stay_unchanged(cnn_artifact):
+    """A 64-byte-aligned contiguous input is passed to TVM without a copy (runtime's
+    device_tensor); unaligned, read-only and strided ones are copied: all agree."""
+    outdir, _, _ = cnn_artifact
+    model = load(outdir)
+    x = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    raw = np.empty(x.size + 32, dtype=np.float32)
+    start = (-raw.ctypes.data % 64) // 4
+    aligned = raw[start:start + x.size].reshape(x.shape)
+    aligned[:] = x
+    other = np.empty(x.size + 32, dtype=np.float32)
+    shift = (-other.ctypes.data % 64) // 4 + 1
+    unaligned = other[shift:shift + x.size].reshape(x.shape)
+    unaligned[:] = x
+    assert aligned.ctypes.data % 64 == 0 and unaligned.ctypes.data % 64 != 0
+    frozen = x.copy()
+    frozen.flags.writeable = False
+    strided = np.repeat(x, 2, axis=3)[..., ::2]
+    (want,) = model(x)
+    for variant in (aligned, unaligned, frozen, strided):
+        (got,) = model(variant)
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(aligned, x)          # the model did not write into it
+    from kiln.backends.tvm.runtime import device_tensor
+
+    shared = np.from_dlpack(device_tensor(aligned, model.device))
+    copied = np.from_dlpack(device_tensor(unaligned, model.device))
+    assert shared.ctypes.data == aligned.ctypes.data       # no copy
+    assert copied.ctypes.data != unaligned.ctypes.data
+
+
 def test_manifest_describes_the_artifact(cnn_artifact):
     outdir, _, _ = cnn_artifact
     manifest = json.loads((outdir / "manifest.json").read_text())
