@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/kiln compile compiler/core/examples/tiny_cnn.onnx --spec reparam --target host -o .kiln-demo
+	$(VENV)/bin/kiln compile compiler/core/examples/tiny_cnn.onnx --spec reparam --target host -o .kiln-demo --no-cache
 
 test: setup
 	$(PY) -m pytest -q -n 2 --durations=15
