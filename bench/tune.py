@@ -51,8 +51,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from kiln.backends.tvm.remote import RpcAddress, measuring_on
+    from kiln.compiler.core.errors import KilnError
 
-    with measuring_on(RpcAddress.parse(args.rpc) if args.rpc else None):
+    try:
+        address = RpcAddress.parse(args.rpc) if args.rpc else None
+    except KilnError as error:
+        print(f"bench.tune: {error}", file=sys.stderr)
+        return 2
+    with measuring_on(address):
         return _tune(args)
 
 

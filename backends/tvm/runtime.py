@@ -273,8 +273,8 @@ DLPACK_ALIGNMENT = 64
 
 def device_tensor(array: np.ndarray, device):
     """``array`` as a TVM tensor on ``device``: on the CPU, a contiguous, writable array on
-    a 64-byte boundary is passed without a copy (DLPack; saves ~0.1 ms per call on a 512 KB
-    input, measured on the Xeon), anything else is copied."""
+    a 64-byte boundary (what TVM's kernels assume) is passed without a copy (DLPack),
+    anything else is copied."""
     import tvm
 
     if device.dlpack_device_type() == 1 and array.size and array.flags.c_contiguous and \

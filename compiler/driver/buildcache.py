@@ -157,14 +157,17 @@ def _referenced_files(spec: Spec) -> tuple[str, str | None]:
             for item in value:
                 visit(item)
         elif isinstance(value, str) and value and len(value) < 4096:
+            folder = value.startswith("folder:")
             text = value.split(":", 1)[1] if value.startswith(("npz:", "folder:")) else value
-            for base in bases:
+            for i, base in enumerate(bases):   # beside the spec first, then the working folder
                 try:
                     path = (base / text)
+                    # a folder only where the spec names one (folder: calibration): any other
+                    # string that happens to name a folder is not walked
                     if path.is_file():
-                        found[f"{base}|{text}"] = file_sha256(path)
-                    elif path.is_dir() and text not in (".", ""):
-                        found[f"{base}|{text}"] = _tree_sha(path)
+                        found[f"{i}|{text}"] = file_sha256(path)
+                    elif folder and path.is_dir():
+                        found[f"{i}|{text}"] = _tree_sha(path)
                 except (OSError, ValueError):
                     continue
 

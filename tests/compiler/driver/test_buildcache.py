@@ -144,3 +144,17 @@ def test_unwritable_cache_only_warns(tmp_path, caplog):
     assert _compile(tmp_path / "out", "--cache", str(blocker)) == 0
     assert (tmp_path / "out" / "model.onnx").is_file()
     assert "build cache" in caplog.text and "not written" in caplog.text
+
+
+def test_only_folder_sources_are_walked(tmp_path, monkeypatch):
+    """A spec string that happens to name a folder is not hashed (only `folder:` sources)."""
+    from kiln.compiler.driver.specs import load_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "MatMul").mkdir()
+    spec_file = tmp_path / "s.yaml"
+    spec_file.write_text("kiln: 1\npasses:\n  - fold_batchnorm: {select: {op: MatMul}}\n")
+    one, _ = buildcache.build_key(EXAMPLE, load_spec(str(spec_file)), target=None)
+    (tmp_path / "MatMul" / "big.bin").write_bytes(b"x" * 1000)
+    two, _ = buildcache.build_key(EXAMPLE, load_spec(str(spec_file)), target=None)
+    assert one == two

@@ -94,3 +94,14 @@ def test_chromium_renders_the_page_with_its_charts(page, tmp_path):
     # the charts' coloured bars are on the page (blue/green/red), not only black text
     coloured = (np.abs(pixels - pixels.mean(axis=2, keepdims=True)).max(axis=2) > 40).mean()
     assert coloured > 0.01, coloured
+
+
+def test_latency_chart_when_measured(page):
+    result, _ = page
+    result.report.measure = {"kiln_ms": 0.5, "kiln_uncompressed_ms": 0.7, "ort_ms": 0.6}
+    try:
+        html = result.report.to_html()
+    finally:
+        result.report.measure = None
+    section = html.split("<h2>Compiled module</h2>", 1)
+    assert len(section) == 2 and "data:image/png;base64," in section[1]
