@@ -12,6 +12,9 @@ from kiln.compiler.driver.specs import load_spec, spec_from_text
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = str(REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx")
+#: specs/reparam.yaml's passes, in order
+REPARAM_PASSES = ["fold_parametrization", "merge_lora", "merge_branches", "dedupe_weights",
+                  "fold_batchnorm"]
 
 
 def test_emit_spec_to_a_file(tmp_path, capsys):
@@ -27,7 +30,7 @@ def test_emit_spec_to_stdout(capsys):
     assert main(["plan", EXAMPLE, "--spec", "reparam", "--emit-spec", "-"]) == 0
     captured = capsys.readouterr()
     document = yaml.safe_load(captured.out)
-    assert [next(iter(p)) for p in document["passes"]] == ["dedupe_weights", "fold_batchnorm"]
+    assert [next(iter(p)) for p in document["passes"]] == REPARAM_PASSES
     assert "fold_batchnorm" in captured.err                 # plan lines
     spec = load_spec("reparam")
     assert spec_from_text(captured.out, file=spec.source) == spec

@@ -29,6 +29,9 @@ from kiln.compiler.driver.cli import main
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLE = REPO / "compiler" / "core" / "examples" / "tiny_cnn.onnx"
+#: specs/reparam.yaml's passes, in order
+REPARAM_PASSES = ["fold_parametrization", "merge_lora", "merge_branches", "dedupe_weights",
+                  "fold_batchnorm"]
 USER_FILE = "notes.txt"
 #: a subprocess compile of the tiny CNN takes a few seconds; far more means a hang
 SUBPROCESS_TIMEOUT_S = 120
@@ -347,7 +350,7 @@ def test_lowering_failure_keeps_the_earlier_build_and_reports_beside_it(earlier_
     beside = out.parent / "out.failed-report.json"
     report = json.loads(beside.read_text())
     assert report["status"] == "failed" and report["error"]["kind"] == "LoweringError"
-    assert [p["name"] for p in report["passes"]] == ["dedupe_weights", "fold_batchnorm"]
+    assert [p["name"] for p in report["passes"]] == REPARAM_PASSES
 
 
 @pytest.mark.slow
