@@ -99,11 +99,11 @@ def compile_with_kiln(case: PreparedCase, tuning: str = "shipped", target: str =
     from kiln.backends.tvm.pipeline import relax_pipeline
     from kiln.backends.tvm.targets import resolve_target
     from kiln.backends.tvm.tuning.database import database_dirs, open_database
-    from kiln.compiler.core.frontend import load_model
+    from kiln.compiler.driver.symbolic import load_with_symbols
 
     start = time.perf_counter()
     resolved = resolve_target(target)
-    model = load_model(str(case.onnx_path), input_shapes=case.input_shapes)
+    model = load_with_symbols(str(case.onnx_path), case.input_shapes)  # W=16..1024 too
     mod = lower_to_relax(model, target_name=resolved.name)
     user_db = {"shipped": Path("/nonexistent/kiln-no-user-db"), "user": None}.get(tuning)
     database = open_database(database_dirs(resolved, user_db)) if tuning != "off" else None
