@@ -4,7 +4,9 @@ Accepted sources:
 - an ``.onnx`` file (external data next to it is supported);
 - a ``.pt2`` file written by ``torch.export.save``;
 - ``package.module:callable`` or ``path/to/file.py:callable`` returning
-  ``(torch.nn.Module, example_inputs)``.
+  ``(torch.nn.Module, example_inputs)``;
+- a Hugging Face checkpoint folder (``config.json``, a Llama-style decoder): one decoder
+  step with a KV cache (:mod:`kiln.compiler.core.llm_export`, docs/llm.md).
 
 PyTorch models go through ``torch.onnx.export(..., dynamo=True)``, which
 returns an ``onnx_ir`` model whose nodes keep their module paths. Then input
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from kiln.compiler.core import llm_export
 from kiln.compiler.core.errors import FrontendError
 
 logger = logging.getLogger(__name__)
@@ -262,11 +265,14 @@ def load_model(source: str | os.PathLike, *, input_shapes: InputShapes | None = 
         model = load_pt2(path)
     elif ":" in text and not path.exists():
         model = load_callable(text)
+    elif llm_export.is_llm_folder(path):
+        model = llm_export.export_decoder(path)
     elif path.exists():
         # An ONNX file with another extension: try it, with a clear error if it is not ONNX.
         model = load_onnx(path)
     else:
-        raise FrontendError(f"{text}: no such file (expected .onnx, .pt2 or MODULE:CALLABLE)")
+        raise FrontendError(f"{text}: no such file (expected .onnx, .pt2, MODULE:CALLABLE or a "
+                            "checkpoint folder)")
     if input_shapes:
         bind_inputs(model, input_shapes, source=text)
     if fold:

@@ -1,0 +1,167 @@
+"""Greedy decoding with a compiled decoder step (``kiln generate``, docs/llm.md).
+
+A decoder step (:mod:`kiln.compiler.core.llm_export`) takes the new tokens, their
+positions, a mask over the cached slots and every layer's cached keys and values, and
+returns the logits and the cache grown by the new tokens. :func:`greedy` runs it: one
+step over the whole prompt (prefill), then one step per generated token, each time
+feeding the presents back as the pasts and appending the arg-max token.
+
+The cache starts with one masked slot (``past_mask = 0``, zero keys and values), so that
+no input dimension is ever 0 (kiln's symbolic dims start at 1); the slot gets no weight.
+
+    from kiln.compiler.driver.generate import generate
+    result = generate("MODEL_DIR", [1, 2, 3], max_new_tokens=16)   # compiles, then decodes
+    result.tokens                                                  # the 16 new token ids
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kiln.compiler.core.errors import KilnError
+from kiln.compiler.core.llm_export import is_llm_folder
+
+logger = logging.getLogger(__name__)
+
+#: one decoder step: named inputs -> outputs (logits first, then presents in past order)
+Step = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
+_PAST = re.compile(r"^past_(key|value)_(\d+)$")
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The cache inputs of a decoder step, read from its input names and shapes."""
+
+    names: tuple[str, ...]          # past_key_0, past_value_0, past_key_1, ...
+    kv_heads: int
+    head_dim: int
+    max_past: int | None = None     # the most cached slots the step accepts (None: unknown)
+
+    @classmethod
+    def from_inputs(cls, inputs: Sequence[tuple[str, Sequence]], dims: dict | None = None
+                    ) -> CacheLayout:
+        """``inputs``: (name, shape) pairs; ``dims``: the symbols' ranges (a manifest's)."""
+        names = [n for n, _ in inputs]
+        needed = ("input_ids", "position_ids", "past_mask")
+        missing = [n for n in needed if n not in names]
+        pasts = [(n, s) for n, s in inputs if _PAST.match(n)]
+        if missing or not pasts:
+            raise KilnError(f"not a kiln decoder step (inputs: {', '.join(names)}; expected "
+                            "input_ids, position_ids, past_mask, past_key_N, past_value_N)")
+        shape = list(pasts[0][1])
+        kv_heads, head_dim = int(shape[1]), int(shape[3])
+        max_past = None
+        if dims and isinstance(shape[2], str) and shape[2] in dims:
+            max_past = int(dims[shape[2]][1])
+        return cls(tuple(n for n, _ in pasts), kv_heads, head_dim, max_past)
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """The starting cache: one masked slot of zeros."""
+        zeros = np.zeros((1, self.kv_heads, 1, self.head_dim), np.float32)
+        return {name: zeros for name in self.names}
+
+
+@dataclass
+class Generation:
+    """What :func:`greedy` produced: the new tokens, and timings in seconds."""
+
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    #: the logits row each new token was picked from (``keep_logits=True``)
+    logits: list[np.ndarray] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: list[float] = field(default_factory=list)
+
+    def decode_tokens_per_second(self) -> float | None:
+        """New tokens per second over the decode steps (the prefill's token excluded)."""
+        total = sum(self.decode_seconds)
+        return len(self.decode_seconds) / total if total > 0 else None
+
+
+def greedy(step: Step, layout: CacheLayout, prompt: Sequence[int], max_new_tokens: int, *,
+           keep_logits: bool = False, stop: Sequence[int] = ()) -> Generation:
+    """Decode ``max_new_tokens`` tokens after ``prompt`` greedily (stopping early at a
+    token in ``stop``)."""
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise KilnError("the prompt is empty: give at least one token id")
+    if max_new_tokens < 1:
+        raise KilnError(f"max_new_tokens={max_new_tokens}: expected at least 1")
+    needed = len(prompt) + max_new_tokens   # cached slots at the last step, the masked one too
+    if layout.max_past is not None and needed - 1 > layout.max_past:
+        raise KilnError(f"{len(prompt)} prompt + {max_new_tokens} new tokens need "
+                        f"{needed - 1} cached slots; the step takes at most {layout.max_past}")
+    result = Generation(prompt)
+    cache = layout.empty()
+    mask = np.zeros((1, 1), np.int64)
+    ids, start = prompt, 0
+    for i in range(max_new_tokens):
+        feeds = {"input_ids": np.asarray([ids], np.int64),
+                 "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None],
+                 "past_mask": mask, **cache}
+        began = time.perf_counter()
+        outputs = step(feeds)
+        seconds = time.perf_counter() - began
+        if i == 0:
+            result.prefill_seconds = seconds
+        else:
+            result.decode_seconds.append(seconds)
+        row = outputs[0][0, -1]
+        token = int(np.argmax(row))
+        result.tokens.append(token)
+        if keep_logits:
+            result.logits.append(np.array(row))
+        if token in stop:
+            break
+        cache = dict(zip(layout.names, outputs[1:1 + len(layout.names)]))
+        mask = np.concatenate([mask, np.ones((1, len(ids)), np.int64)], axis=1)
+        start += len(ids)
+        ids = [token]
+    return result
+
+
+def compiled_step(outdir: str | os.PathLike, *, threads: int | None = None
+                  ) -> tuple[Step, CacheLayout]:
+    """The decoder step of a compiled artifact (``kiln compile MODEL_DIR -t host -o OUTDIR``)."""
+    from kiln.backends import tvm as tvm_backend
+
+    model = tvm_backend.load(outdir, threads=threads)
+    layout = CacheLayout.from_inputs([(s.name, s.shape) for s in model.inputs],
+                                     model.manifest.dims)
+    return (lambda feeds: model(**feeds)), layout
+
+
+def compile_checkpoint(model_dir: str | os.PathLike, outdir: str | os.PathLike, *,
+                       spec=None, target: str = "host", progress=None):
+    """``kiln compile MODEL_DIR --spec SPEC -t TARGET -o OUTDIR``."""
+    from kiln.compiler.driver.compile import compile_to_folder
+
+    return compile_to_folder(model_dir, spec, outdir, target=target, progress=progress)
+
+
+def generate(model: str | os.PathLike, prompt: Sequence[int], max_new_tokens: int, *,
+             spec=None, outdir: str | os.PathLike | None = None, threads: int | None = None,
+             keep_logits: bool = False, progress=None) -> Generation:
+    """Greedy decoding with ``model``: a compiled OUTDIR, or a checkpoint folder that is
+    compiled first (with ``spec``, into ``outdir`` or a temporary folder)."""
+    path = Path(model)
+    if (path / "manifest.json").is_file():
+        step, layout = compiled_step(path, threads=threads)
+        return greedy(step, layout, prompt, max_new_tokens, keep_logits=keep_logits)
+    if not is_llm_folder(path):
+        raise KilnError(f"{path}: neither a compiled artifact (manifest.json) nor a "
+                        "checkpoint folder (config.json)")
+    with tempfile.TemporaryDirectory(prefix="kiln-generate-") as scratch:
+        target_dir = Path(outdir) if outdir is not None else Path(scratch) / "build"
+        compile_checkpoint(path, target_dir, spec=spec, progress=progress)
+        step, layout = compiled_step(target_dir, threads=threads)
+        return greedy(step, layout, prompt, max_new_tokens, keep_logits=keep_logits)

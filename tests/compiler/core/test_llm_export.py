@@ -1,0 +1,79 @@
+"""A Llama checkpoint folder exported as one decoder step with a KV cache (docs/llm.md)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+pytest.importorskip("transformers")
+
+import torch  # noqa: E402
+
+from kiln.compiler.core import graph as kir  # noqa: E402
+from kiln.compiler.core import llm_export  # noqa: E402
+from kiln.compiler.core.errors import FrontendError  # noqa: E402
+from kiln.compiler.core.frontend import load_model  # noqa: E402
+from kiln.compiler.driver.generate import CacheLayout, greedy  # noqa: E402
+from kiln.compiler.testing.llm_models import llama_config, random_llama, save_random_llama  # noqa: E402
+
+#: ONNX Runtime vs PyTorch, float32 both: largest |difference| over the largest |logit|
+RELATIVE_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    folder = save_random_llama(tmp_path_factory.mktemp("llm") / "micro", "micro", seed=3)
+    return folder, load_model(folder, fold=False)
+
+
+def _ort_step(model):
+    session = ort.InferenceSession(kir.model_bytes(model), providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run(None, feeds)
+
+
+def _reference_logits(tokens):
+    model = random_llama(llama_config("micro"), seed=3)
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].numpy()
+
+
+def test_inputs_outputs_and_symbolic_dims(micro):
+    _, model = micro
+    inputs = {v.name: v for v in model.graph.inputs}
+    assert list(inputs)[:3] == ["input_ids", "position_ids", "past_mask"]
+    assert [str(d) for d in inputs["past_key_1"].shape] == ["1", "2", "past", "16"]
+    assert [v.name for v in model.graph.outputs] == [
+        "logits", "present_key_0", "present_value_0", "present_key_1", "present_value_1"]
+    assert json.loads(model.metadata_props[llm_export.DIMS_KEY]) == {
+        "past": [1, 2047], "seq": [1, 2048]}
+    layout = llm_export.DecoderLayout.from_json(model.metadata_props[llm_export.LLM_KEY])
+    assert (layout.layers, layout.kv_heads, layout.head_dim, layout.vocab) == (2, 2, 16, 128)
+    # no run-time shape arithmetic: what TVM's importer could not keep symbolic
+    assert not {n.op_type for n in model.graph} & {"Shape", "Range", "Expand", "ConstantOfShape"}
+
+
+def test_prefill_and_cached_decode_match_pytorch(micro):
+    _, model = micro
+    layout = CacheLayout.from_inputs([(v.name, [getattr(d, "value", d) for d in v.shape])
+                                      for v in model.graph.inputs])
+    prompt = [5, 17, 99, 3, 64]
+    result = greedy(_ort_step(model), layout, prompt, 6, keep_logits=True)
+    expected = _reference_logits(prompt + result.tokens)[len(prompt) - 1:-1]
+    got = np.stack(result.logits)
+    assert np.abs(got - expected).max() <= RELATIVE_TOLERANCE * np.abs(expected).max()
+    assert result.tokens == [int(t) for t in expected.argmax(-1)]
+
+
+def test_refuses_an_unsupported_model_type(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(FrontendError, match="model_type 'bert' is not supported"):
+        load_model(tmp_path)
+
+
+def test_a_folder_without_weights_is_one_line(tmp_path):
+    llama_config("micro").save_pretrained(tmp_path)
+    with pytest.raises(FrontendError, match="transformers cannot load it"):
+        load_model(tmp_path)
