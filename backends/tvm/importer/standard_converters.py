@@ -10,7 +10,7 @@ Each takes the cases it improves and hands the rest to TVM's own converter
   conversion put two transposes around every HardSwish of a channels-last CNN);
 - ``ConvTranspose`` whose kernel equals its stride as a 1x1 conv + pixel shuffle;
 - ``ScatterND`` writing every row once as an injective row gather;
-- ``NonMaxSuppression`` with ONNX's defaults and IoU comparison (runtime operands refused).
+- ``NonMaxSuppression`` with ONNX's defaults and IoU comparison (runtime operands: :mod:`.runtime_nms`).
 """
 
 from __future__ import annotations
@@ -267,8 +267,8 @@ class ConstantThresholdNMS:
     TVM's converter reads ``max_output_boxes_per_class`` / ``iou_threshold`` /
     ``score_threshold`` only when they are constants and otherwise substitutes 0 / 0.5 /
     0.0 (silently no boxes, or other boxes, than ONNX Runtime); absent ones it sets to 0.5
-    and 0.0 where ONNX means 0 and "no score filter". kiln passes ONNX's defaults and
-    refuses operands computed at run time.
+    and 0.0 where ONNX means 0 and "no score filter". kiln passes ONNX's defaults; operands
+    computed at run time go to TOPI's kernel as tensors (:mod:`.runtime_nms`).
     """
 
     #: ONNX's defaults for absent operands: no score threshold is "every score passes".
@@ -286,13 +286,19 @@ class ConstantThresholdNMS:
             from tvm import relax
 
             inputs = list(inputs) + [None] * (5 - len(inputs))
-            for index, name, default, dtype in self.DEFAULTS:
-                value = inputs[index]
-                if value is None:
-                    inputs[index] = relax.const(np.array([default], dtype))
-                elif not isinstance(value, tvm.ir.GenericConst):
+            if any(v is not None and not isinstance(v, tvm.ir.GenericConst)
+                   for v in inputs[2:5]):
+                from .runtime_nms import emit_runtime_nms
+
+                try:
+                    static_shape(inputs[1])
+                except (TypeError, ValueError, AttributeError):
                     raise NonMaxSuppressionError(
-                        f"{name} is computed at run time; kiln needs it constant")
+                        "runtime operands need scores of a static shape") from None
+                return emit_runtime_nms(bb, inputs, int(attr.get("center_point_box", 0)))
+            for index, _name, default, dtype in self.DEFAULTS:
+                if inputs[index] is None:
+                    inputs[index] = relax.const(np.array([default], dtype))
             # ONNX suppresses a box whose IoU is > the threshold, TOPI's when it is >=:
             # the next float32 up makes them agree (on float32 IoUs)
             iou = inputs[3].value.numpy().astype(np.float32).reshape(-1)[:1]

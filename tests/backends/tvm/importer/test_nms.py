@@ -1,6 +1,7 @@
 """NonMaxSuppression (importer.standard_converters.ConstantThresholdNMS): ONNX's defaults
-for absent operands, ONNX's strict IoU comparison, runtime operands refused; the kernel
-builds (the elementwise rule leaves IR-builder code alone) and matches ONNX Runtime."""
+for absent operands, ONNX's strict IoU comparison, runtime operands as tensors
+(importer.runtime_nms); the kernel builds (the elementwise rule leaves IR-builder code
+alone) and matches ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.backends.tvm import build_artifact, load, lower_to_relax
-from kiln.compiler.core.errors import LoweringError
 from kiln.compiler.testing.onnx_models import to_ir
 from kiln.compiler.testing.reference import ort_outputs
 
@@ -61,9 +61,41 @@ def test_nms_matches_ort(operands, attrs, tmp_path):
     np.testing.assert_array_equal(got, ort_outputs(model, {"boxes": BOXES, "scores": SCORES})[0])
 
 
-def test_runtime_operands_are_refused_not_guessed():
-    """TVM's converter would run with max_output_boxes_per_class = 0: no boxes at all."""
-    model = nms_model({"iou": 0.5}, runtime=("max_out",))
-    with pytest.raises(LoweringError, match=r"NonMaxSuppression \(node 'nms'\).*"
-                                            r"max_output_boxes_per_class is computed at run"):
-        lower_to_relax(to_ir(model))
+#: (max_output_boxes_per_class, iou_threshold, score_threshold) fed at run time: the
+#: IoU-0.5 boundary (box 6), a limit of 1 and of 0 (no boxes), a limit past int32 with a
+#: score filter, IoU 0 (any overlap suppresses) with every score passing
+RUNTIME_OPERANDS = [(3, 0.5, 0.0), (1, 0.5, 0.0), (0, 0.5, 0.0), (2**40, 0.4, 0.55),
+                    (5, 0.0, -1.0)]
+
+
+def test_runtime_operands_match_ort_for_each_value(tmp_path):
+    """One build serves every runtime value: TVM's converter would have run with a limit
+    of 0 (no boxes), its legalization with no limit."""
+    model = nms_model({}, runtime=("max_out", "iou", "score"))
+    model.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("selected", TensorProto.INT64, [3, 3]))
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    run = load(tmp_path)
+    counts = set()
+    for limit, iou, score in RUNTIME_OPERANDS:
+        feeds = {"boxes": BOXES, "scores": SCORES, "max_out": np.array([limit], np.int64),
+                 "iou": np.array([iou], np.float32), "score": np.array([score], np.float32)}
+        got = run(**feeds)
+        got = got[0] if isinstance(got, (list, tuple)) else got
+        want = ort_outputs(model, feeds)[0]
+        np.testing.assert_array_equal(np.asarray(got).reshape(-1, 3), want)
+        counts.add(len(want))
+    assert counts == {0, 2, 4, 6}
+
+
+def test_runtime_limit_alone_keeps_constant_thresholds(tmp_path):
+    model = nms_model({"iou": 0.5, "score": 0.0}, runtime=("max_out",))
+    model.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("selected", TensorProto.INT64, [2, 3]))
+    mod = lower_to_relax(to_ir(model))
+    assert "kiln_nms" in {gv.name_hint for gv in mod.get_global_vars()}
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    feeds = {"boxes": BOXES, "scores": SCORES, "max_out": np.array([2], np.int64)}
+    got = load(tmp_path)(**feeds)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    np.testing.assert_array_equal(np.asarray(got).reshape(-1, 3), ort_outputs(model, feeds)[0])
