@@ -1,8 +1,10 @@
 """The CPU build (every LLVM target: x86-64, arm64): the one pipeline CPU builds, tests
 and bench/ compile with.
 
-    legalize  convolutions channels-last (NHWC/OHWI, :mod:`kiln.backends.tvm.layout`),
-              inference batch norm decomposed (it fuses into the conv epilogue), constant
+    legalize  inference batch norm folded into the conv before it or into a multiply-add
+              (:mod:`kiln.backends.tvm.batchnorm`: what follows then fuses), convolutions
+              channels-last (NHWC/OHWI, :mod:`kiln.backends.tvm.layout`), any other batch
+              norm decomposed (it fuses into the conv epilogue), constant
               transposes folded; library dispatch; ops to TensorIR with erf/GELU/exp/
               sigmoid/tanh as vectorizable polynomials (``schedules.fast_math``);
               constant folding with compressed weights kept compressed; fusion; each
@@ -21,6 +23,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
+from kiln.backends.tvm.batchnorm import fold_inference_batchnorm
 from kiln.backends.tvm.fuse_decode import CPU_CONSUMERS, fuse_decode_into_contraction
 from kiln.backends.tvm.layout import channels_last_convs, fold_constant_transposes
 from kiln.backends.tvm.pipeline.common import (
@@ -41,6 +44,7 @@ def legalize_passes(target: tvm.target.Target, *, channels_last: bool = True) ->
     TVM's layout inference gives up on a graph (tests check both forms of each rule).
     """
     return [
+        fold_inference_batchnorm(),
         *([channels_last_convs()] if channels_last else []),
         relax.transform.DecomposeOpsForInference(),
         fold_constant_transposes(),
