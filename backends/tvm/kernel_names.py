@@ -21,6 +21,9 @@ SPARSE_BIAS = "kiln_sparse_bias"
 #: int32 dot products ``acc[m, n]`` and the requantizing epilogue that reads them.
 INT8_ACC = "kiln_int8_acc"
 INT8_OUTPUT = "kiln_int8_out"
+#: Integer depthwise conv (``importer.int8_conv``, scheduled by ``schedules.int8_window``):
+#: the int32 window sums ``acc[b, oh, ow, c]`` (its epilogue is ``INT8_OUTPUT``).
+INT8_DW_ACC = "kiln_int8_dw_acc"
 #: MoE top-k dispatch (``importer.moe_kernels``, scheduled by ``schedules.grouped_gemm``):
 #: each (token, slot) pair's row in expert order (counting sort), the sorted rows'
 #: token/slot/expert, the grouped GEMMs (first layer, its GLU up-projection, the

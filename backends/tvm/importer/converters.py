@@ -14,6 +14,7 @@ from . import internal_ops
 from .attention import StandardAttention
 from .context import ImportContext
 from .grouped_gemv import GroupedGemvMatMul
+from .int8_conv import Int8Conv
 from .int8_dense import Int8Dense
 from .missing_ops import (
     BitCast,
@@ -108,6 +109,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table[internal_ops.CODEBOOK] = CodebookDecode
     table[internal_ops.SPARSE_DENSE] = SparseDense
     table[internal_ops.INT8_DENSE] = Int8Dense
+    table[internal_ops.INT8_CONV] = Int8Conv
     table[internal_ops.MOE_DISPATCH] = MoeDispatch
     table[UNPACK_BITS] = UnpackBits
     table[DEQUANTIZE_TABLE] = TableDecode(packed=False)

@@ -35,7 +35,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import internal_ops
+from . import int8_conv, internal_ops
+from .int8_epilogue import dumps, match_tail
 from .packed_weights import attributes, initializers
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,9 @@ class _Chain:
     out_zero: int = 0
     out_dtype: str = "float32"
     absorbed: list = dataclasses.field(default_factory=list)
-    nchw: bool = False            # a 1x1 Conv: channels on axis 1 (transposed around)
+    nchw: bool = False            # a Conv: channels on axis 1 (transposed around)
+    conv: dict | None = None      # a KxK / strided / depthwise Conv's geometry (int8_conv)
+    program: list = dataclasses.field(default_factory=list)  # the elementwise tail
 
 
 class _Graph:
@@ -234,6 +237,28 @@ def _weight(g: _Graph, b_name: str, transposed: bool):
     return np.ascontiguousarray(w), sw.copy()
 
 
+def _conv_weight(g: _Graph, name: str):
+    """(w [N, C/g, KH, KW] int8, sw [N]) of a symmetric int8 ``DequantizeLinear``
+    (per tensor or per output channel) on a constant conv weight."""
+    dq = g.dq(name)
+    if dq is None or g.only_reader(name) is None:
+        return None
+    w, sw = g.const(dq.input[0]), g.const(dq.input[1])
+    if w is None or sw is None or w.dtype != np.int8 or w.ndim != 4:
+        return None
+    if len(dq.input) > 2 and dq.input[2]:
+        zw = g.const(dq.input[2])
+        if zw is None or np.any(zw != 0):
+            return None
+    if sw.size != 1 and (sw.ndim != 1 or attributes(dq).get("axis", 1) % 4 != 0
+                         or sw.size != w.shape[0]):
+        return None
+    sw = np.broadcast_to(sw.reshape(-1).astype(np.float32), (w.shape[0],))
+    if np.any(sw <= 0):
+        return None
+    return w, sw.copy()
+
+
 def _pointwise_conv(node: onnx.NodeProto) -> bool:
     """A Conv that is a matmul over channels: 1x1, stride 1, no padding, one group."""
     attrs = attributes(node)
@@ -249,10 +274,17 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
         return None
     transposed = False
     bias = None
+    conv = None
     if node.op_type == "Conv":
-        if not _pointwise_conv(node):
-            return None
         transposed = True
+        if not _pointwise_conv(node):
+            found = _conv_weight(g, node.input[1])
+            if found is None:
+                return None
+            conv, why = int8_conv.geometry(node, found[0])
+            if conv is None:
+                logger.debug("Conv %s stays in QDQ form: %s", node.name, why)
+                return None
         if len(node.input) > 2 and node.input[2]:
             bias = g.const(node.input[2])
             if bias is None or bias.dtype != np.float32 or bias.ndim != 1:
@@ -267,14 +299,20 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
             if bias is None or bias.dtype != np.float32 or bias.ndim > 1:
                 return None
     act = _activation(g, node.input[0])
-    weight = _weight(g, node.input[1], transposed)
+    if conv is not None:
+        w4, sw = _conv_weight(g, node.input[1])
+        conv["channels"] = int(w4.shape[0] if conv["mode"] == "depthwise" else w4.shape[1])
+        weight = (int8_conv.depthwise_weight(w4) if conv["mode"] == "depthwise"
+                  else int8_conv.gemm_weight(w4)), sw
+    else:
+        weight = _weight(g, node.input[1], transposed)
     if act is None or weight is None:
         return None
     w, sw = weight
     n = w.shape[1]
     chain = _Chain(node=node, x_q=act[0], sx=act[1], zx=act[2], x_signed=act[3], w=w, sw=sw,
                    bias=np.zeros(n, np.float32), activation="", last=node,
-                   nchw=node.op_type == "Conv")
+                   nchw=node.op_type == "Conv", conv=conv)
     if bias is not None:
         chain.bias = np.broadcast_to(bias.reshape(-1), (n,)).astype(np.float32)
     out = node.output[0]
@@ -292,6 +330,12 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
         chain.activation = activation
         chain.absorbed.append(nxt)
         chain.last, out = nxt, nxt.output[0]
+        nxt = g.only_reader(out)
+    program, tail, result = match_tail(g, out)
+    if program:
+        chain.program = program
+        chain.absorbed += tail
+        chain.last, out = tail[-1], result
         nxt = g.only_reader(out)
     if nxt is not None and nxt.op_type == "QuantizeLinear" and len(nxt.input) > 2 and nxt.input[2] \
             and not attributes(nxt).get("block_size"):
@@ -320,6 +364,8 @@ def _activation_of(node: onnx.NodeProto | None) -> str:
 def _refusal(chain: _Chain, isa: str) -> str | None:
     k, n = chain.w.shape
     lanes = VNNI512.lanes if isa == "vnni512" else AVX2_U8S8.lanes
+    if chain.conv is not None and chain.conv["mode"] == "depthwise":
+        return f"C={n} is not a multiple of {lanes}" if n % lanes else None
     if k % 4:
         return f"K={k} is not a multiple of 4"
     if n % lanes:
@@ -367,6 +413,7 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     graph.initializer.extend(new_inits)
+    cancel_transposes(graph)
     if not any(o.domain == internal_ops.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(internal_ops.DOMAIN, 1))
     logger.info("%d QDQ MatMul/Gemm/1x1-Conv chain(s) -> integer kernels (%s)", len(replaced),
@@ -375,13 +422,15 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
 
 
 def _kernel_nodes(chain: _Chain, isa: str, prefix: str):
-    """The internal node (a 1x1 conv's between NCHW <-> NHWC transposes) and its constants."""
+    """The internal node (a conv's between NCHW <-> NHWC transposes) and its constants."""
     w = chain.w
-    layout = weight_layout(isa, w)
+    depthwise = chain.conv is not None and chain.conv["mode"] == "depthwise"
+    layout = weight_layout(isa, w) if not depthwise else None
     zx = chain.zx + (128 if chain.x_signed else 0)
     comp = (zx * w.astype(np.int64).sum(axis=0)).astype(np.int32)
     mult = np.float64(chain.sx) * chain.sw.astype(np.float64)
-    tensors = [numpy_helper.from_array(pack_weight(w, layout), prefix + "_w"),
+    packed = w if depthwise else pack_weight(w, layout)
+    tensors = [numpy_helper.from_array(packed, prefix + "_w"),
                numpy_helper.from_array(comp, prefix + "_comp"),
                numpy_helper.from_array(mult.astype(np.float32), prefix + "_mult"),
                numpy_helper.from_array(chain.bias.astype(np.float32), prefix + "_bias")]
@@ -390,14 +439,70 @@ def _kernel_nodes(chain: _Chain, isa: str, prefix: str):
     if chain.nchw:
         x, y = prefix + "_nhwc", prefix + "_y_nhwc"
         nodes.append(helper.make_node("Transpose", [chain.x_q], [x], name=prefix + "_to_nhwc",
-                                      perm=[0, 2, 3, 1]))
-    nodes.append(helper.make_node(
-        internal_ops.INT8_DENSE, [x, *(t.name for t in tensors)], [y],
-        name=prefix, domain=internal_ops.DOMAIN, isa=layout.isa, k=int(w.shape[0]),
-        n=int(w.shape[1]), x_signed=int(chain.x_signed), activation=chain.activation,
-        out_dtype=chain.out_dtype, out_scale=float(chain.out_scale or 0.0),
-        out_zero=chain.out_zero))
+                                      perm=list(_TO_NHWC)))
+    common = {"x_signed": int(chain.x_signed), "activation": chain.activation,
+              "out_dtype": chain.out_dtype, "out_scale": float(chain.out_scale or 0.0),
+              "out_zero": chain.out_zero}
+    if chain.program:
+        common["epilogue"] = dumps(chain.program)
+    if chain.conv is not None:
+        conv = chain.conv
+        nodes.append(helper.make_node(
+            internal_ops.INT8_CONV, [x, *(t.name for t in tensors)], [y], name=prefix,
+            domain=internal_ops.DOMAIN, mode=conv["mode"], kernel=conv["kernel"],
+            strides=conv["strides"], dilations=conv["dilations"], pads=conv["pads"],
+            zx=int(chain.zx), isa=layout.isa if layout else isa, **common))
+    else:
+        nodes.append(helper.make_node(
+            internal_ops.INT8_DENSE, [x, *(t.name for t in tensors)], [y],
+            name=prefix, domain=internal_ops.DOMAIN, isa=layout.isa, k=int(w.shape[0]),
+            n=int(w.shape[1]), **common))
     if chain.nchw:
         nodes.append(helper.make_node("Transpose", [y], [chain.last.output[0]],
-                                      name=prefix + "_to_nchw", perm=[0, 3, 1, 2]))
+                                      name=prefix + "_to_nchw", perm=list(_TO_NCHW)))
     return nodes, tensors
+
+
+_TO_NHWC = (0, 2, 3, 1)
+_TO_NCHW = (0, 3, 1, 2)
+
+
+def cancel_transposes(graph: onnx.GraphProto) -> int:
+    """Drop NCHW -> NHWC transposes of an integer kernel's NHWC -> NCHW output (the next
+    integer conv reads the NHWC tensor itself); the NCHW copy stays only if something
+    else reads it. Returns how many were dropped."""
+    producer = {o: n for n in graph.node for o in n.output}
+    rename: dict[str, str] = {}
+    drop: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "Transpose" or list(attributes(node).get("perm", [])) != list(_TO_NHWC):
+            continue
+        first = producer.get(node.input[0])
+        if first is None or first.op_type != "Transpose" \
+                or list(attributes(first).get("perm", [])) != list(_TO_NCHW) \
+                or not first.name.endswith("_to_nchw"):
+            continue
+        rename[node.output[0]] = first.input[0]
+        drop.add(id(node))
+    if not drop:
+        return 0
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        if id(node) in drop:
+            continue
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        keep.append(node)
+    while True:  # the NCHW copies nothing reads any more, and the activation DQs on them
+        read = {name for n in keep for name in n.input} | outputs
+        dead = [n for n in keep if n.output[0] not in read and (
+            n.op_type == "DequantizeLinear" or n.op_type == "Transpose"
+            and n.name.endswith("_to_nchw"))]
+        if not dead:
+            break
+        keep = [n for n in keep if all(n is not d for d in dead)]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(drop)

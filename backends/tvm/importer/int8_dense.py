@@ -30,9 +30,10 @@ TANH_SCALE = math.sqrt(2.0 / math.pi)
 
 
 def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: bool,
-                    activation: str, out_dtype: str, out_scale: float, out_zero: int):
+                    activation: str, out_dtype: str, out_scale: float, out_zero: int,
+                    program: list | None = None):
     """``y`` [..., N] of the integer dense (see the module docstring) for ``x`` [..., K]."""
-    from tvm import relax, te, tirx
+    from tvm import relax, te
 
     x_shape = static_shape(x)
     rows = math.prod(x_shape[:-1])
@@ -53,29 +54,45 @@ def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: boo
             lambda m, j: te.sum(at[m, i * group + g].astype("int32")
                                 * wt[j // lanes, i, j % lanes, g].astype("int32"), axis=[i, g]),
             name=INT8_ACC)
-
-        def real(m, j):
-            return (acc[m, j] - ct[j]).astype("float32") * mt[j] + bt[j]
-
-        act = _activation(activation, real, (rows, n))
-
-        def epilogue(m, j):
-            v = act(m, j)
-            if out_dtype == "float32":
-                return v
-            low, high = _RANGES[out_dtype]
-            v = tirx.round(v * tirx.const(1.0 / out_scale, "float32")) \
-                + tirx.const(float(out_zero), "float32")
-            v = tirx.min(tirx.max(v, tirx.const(low, "float32")), tirx.const(high, "float32"))
-            return v.astype(out_dtype)
-
-        return te.compute((rows, n), epilogue, name=INT8_OUTPUT)
+        return requantize(acc, ct, mt, bt, activation=activation, program=program,
+                          out_dtype=out_dtype, out_scale=out_scale, out_zero=out_zero)
 
     y = bb.emit_te(compute, a, w, comp, mult, bias, primfunc_name_hint="kiln_int8_dense",
                    primfunc_attrs=OPAQUE)
     if len(x_shape) != 2:
         y = bb.normalize(relax.op.reshape(y, [*x_shape[:-1], n]))
     return y
+
+
+def requantize(acc, ct, mt, bt, *, activation: str, program: list | None, out_dtype: str,
+               out_scale: float, out_zero: int):
+    """The ``INT8_OUTPUT`` block on ``acc`` [..., N]: ``act((acc - comp) * mult + bias)``,
+    then the elementwise tail ``program`` (:mod:`.int8_epilogue`), then ``Q`` (or float)."""
+    from tvm import te, tirx
+
+    from .int8_epilogue import builder
+
+    shape = tuple(acc.shape)
+
+    def real(*idx):
+        j = idx[-1]
+        return (acc(*idx) - ct[j]).astype("float32") * mt[j] + bt[j]
+
+    act = _activation(activation, real, shape)
+    if program:
+        act = builder(program, act, shape)
+
+    def epilogue(*idx):
+        v = act(*idx)
+        if out_dtype == "float32":
+            return v
+        low, high = _RANGES[out_dtype]
+        v = tirx.round(v * tirx.const(1.0 / out_scale, "float32")) \
+            + tirx.const(float(out_zero), "float32")
+        v = tirx.min(tirx.max(v, tirx.const(low, "float32")), tirx.const(high, "float32"))
+        return v.astype(out_dtype)
+
+    return te.compute(shape, epilogue, name=INT8_OUTPUT)
 
 
 def _activation(kind: str, real, shape):
@@ -85,18 +102,18 @@ def _activation(kind: str, real, shape):
 
     zero = tirx.const(0.0, "float32")
     if kind == "relu":
-        return lambda m, j: tirx.max(real(m, j), zero)
+        return lambda *idx: tirx.max(real(*idx), zero)
     if kind == "gelu":
-        erf = topi.fast_erf(te.compute(shape, lambda m, j: real(m, j) * SQRT_HALF,
+        erf = topi.fast_erf(te.compute(shape, lambda *idx: real(*idx) * SQRT_HALF,
                                        name="kiln_int8_gelu_arg"))
-        return lambda m, j: real(m, j) * (0.5 + 0.5 * erf[m, j])
+        return lambda *idx: real(*idx) * (0.5 + 0.5 * erf(*idx))
     if kind == "gelu_tanh":
-        def inner(m, j):
-            v = real(m, j)
+        def inner(*idx):
+            v = real(*idx)
             return TANH_SCALE * (v + 0.044715 * v * v * v)
 
         tanh = topi.fast_tanh(te.compute(shape, inner, name="kiln_int8_gelu_arg"))
-        return lambda m, j: real(m, j) * (0.5 + 0.5 * tanh[m, j])
+        return lambda *idx: real(*idx) * (0.5 + 0.5 * tanh(*idx))
     return real
 
 
@@ -113,6 +130,14 @@ class Int8Dense:
                 bb, *inputs[:5], k=int(attr["k"]), n=int(attr["n"]),
                 x_signed=bool(attr["x_signed"]), activation=attr_str(attr["activation"]),
                 out_dtype=attr_str(attr["out_dtype"]), out_scale=float(attr["out_scale"]),
-                out_zero=int(attr["out_zero"]))
+                out_zero=int(attr["out_zero"]), program=program_of(attr))
 
         return convert
+
+
+def program_of(attr) -> list:
+    """The node's elementwise tail program (``epilogue`` attribute, JSON; empty if none)."""
+    import json
+
+    text = attr_str(attr.get("epilogue", b"")) if "epilogue" in attr else ""
+    return json.loads(text) if text else []

@@ -24,9 +24,13 @@ SPARSE_DENSE = "KilnSparseDense"
 #: bias; attributes isa, k, n, x_signed, activation, out_dtype, out_scale, out_zero):
 #: :mod:`.int8_chains`.
 INT8_DENSE = "KilnInt8Dense"
+#: A QDQ KxK / strided / depthwise Conv chain as one integer kernel on NHWC (inputs x_q,
+#: weight, comp, mult, bias; attributes mode, kernel, strides, dilations, pads, zx and
+#: INT8_DENSE's): :mod:`.int8_conv`.
+INT8_CONV = "KilnInt8Conv"
 #: kiln's top-k MoE dispatch after the TopK (inputs x, values, indices, W1, b1, W2, b2,
 #: W3, b3; attribute activation): :mod:`.moe_dispatch`, :mod:`.moe_kernels`.
 MOE_DISPATCH = "KilnMoeDispatch"
 #: Every internal op.
-OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK, SPARSE_DENSE, INT8_DENSE,
+OPS = frozenset({PACKED_DEQUANTIZE, PACKED_TABLE, CODEBOOK, SPARSE_DENSE, INT8_DENSE, INT8_CONV,
                  MOE_DISPATCH})

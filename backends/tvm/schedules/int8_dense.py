@@ -132,20 +132,31 @@ def register_tile(rows: int, vectors: int, registers: int) -> tuple[int, int]:
     return best
 
 
+def integer_kernel(sch: s_tir.Schedule, acc_name: str):
+    """(acc, output) blocks of an integer kernel whose sums are block ``acc_name``, the
+    epilogue's helper blocks (Gelu's erf, Sigmoid's exp, ...) inlined; None if it is not
+    one."""
+    try:
+        acc = sch.get_sblock(acc_name)
+        out = sch.get_sblock(INT8_OUTPUT)
+    except Exception:  # noqa: BLE001 - not this kind of kernel
+        return None
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        if sch.get(block).name_hint not in (acc_name, INT8_OUTPUT):
+            sch.compute_inline(block)
+    return acc, out
+
+
 class Int8Dense(KilnRule):
     """kiln's integer dense kernel: register-tiled, dot products tensorized."""
 
     name = "int8_dense"
 
     def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
-        try:
-            acc = sch.get_sblock(INT8_ACC)
-            out = sch.get_sblock(INT8_OUTPUT)
-        except Exception:  # noqa: BLE001 - not this rule's kernel
+        found = integer_kernel(sch, INT8_ACC)
+        if found is None:
             return None
-        for block in sch.get_child_blocks(sch.get_sblock("root")):  # Gelu's erf/tanh
-            if sch.get(block).name_hint not in (INT8_ACC, INT8_OUTPUT):
-                sch.compute_inline(block)
+        acc, out = found
         w = sch.get(acc).reads[1].source
         _, _, lanes, group = (int(d) for d in w.shape)
         intrin = INTRINSICS.get((lanes, group, str(w.dtype)))

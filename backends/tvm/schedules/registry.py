@@ -23,6 +23,7 @@ from kiln.backends.tvm.schedules.dense import Contraction
 from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduction
 from kiln.backends.tvm.schedules.grouped_gemm import GroupedGemm
 from kiln.backends.tvm.schedules.int8_dense import Int8Dense
+from kiln.backends.tvm.schedules.int8_window import Int8Window
 from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
@@ -39,6 +40,7 @@ RULE_ATTR = "kiln.schedule_rule"
 #: The CPU rules, most specific first.
 RULES: tuple[KilnRule, ...] = (
     Int8Dense(),
+    Int8Window(),
     SparseDense(),
     GroupedGemm(),
     DecodeConv(),
