@@ -3,6 +3,7 @@
     kiln compile MODEL [--spec SPEC] [--input NAME=1x3x224x224] [--target T] [-o OUTDIR]
     kiln plan MODEL --spec SPEC [--emit-spec OUT.yaml|-] [--json]
     kiln run OUTDIR --inputs in.npz [--output out.npz]
+    kiln generate MODEL --prompt-ids 1,2,3 [--max-new-tokens N]
     kiln passes [NAME] [--json]
     kiln specs [NAME]
     kiln schema
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 from kiln.compiler.core.errors import KilnError, OutputError
+from kiln.compiler.driver.cli_generate import add_generate_command
 from kiln.compiler.driver.cli_listing import cmd_passes, cmd_schema, cmd_specs
 from kiln.compiler.driver.cli_listing import print_json as _print_json
 from kiln.compiler.driver.console import make_console as _console
@@ -375,6 +377,8 @@ _EXAMPLES: dict[str, list[tuple[str, str]]] = {
         ("kiln specs int8 > my.yaml", "a built-in spec, to start your own from"),
     ],
     "schema": [("kiln schema > kiln-spec.schema.json", "for editors that check YAML")],
+    "generate": [("kiln generate out/ --prompt-ids 1,2,3 --max-new-tokens 16",
+                  "greedy decoding with a compiled checkpoint (docs/llm.md)")],
 }
 
 
@@ -510,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "schema", common, "print the spec's JSON Schema (every pass's options too)")
     p.set_defaults(func=cmd_schema)
+    add_generate_command(sub, common, _sub)
     return parser
 
 
