@@ -21,6 +21,17 @@ model watches its own call times (:class:`ThreadGovernor`): a call that takes
 ``STALL_FACTOR`` times the best seen at that thread count drops one thread, and the
 count is tried one higher again after a back-off (1 s, doubling up to a minute while the
 neighbour stays). With an explicit ``threads=`` nothing adapts.
+
+Buffers (CPU). An input that is contiguous, writable and on a 64-byte boundary is passed
+to TVM as it is (DLPack); any other is copied into an aligned buffer the model keeps for
+that input (one per calling thread, reused by the next call) instead of a fresh TVM
+allocation each call. The outputs are TVM's own output tensors handed over as numpy
+arrays without a copy: each call's are new memory the caller owns (a later call never
+writes into them). An output that could be seen elsewhere is copied: one that overlaps
+an input (an Identity output), another output of the call, or an output of the previous
+call still held by the model (a constant output; the first call from each thread copies
+every output, as nothing is known yet). So the model holds one call's outputs per
+calling thread beyond what the caller keeps.
 """
 
 from __future__ import annotations
@@ -194,6 +205,7 @@ class CompiledModel:
         self._library = tvm.runtime.load_module(str(library))
         self._vm = VirtualMachine(self._library, self.device)
         self._main = self._vm["main"]
+        self._buffers = CallBuffers()
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise KilnError(f"threads={threads!r}: expected a whole number of threads >= 1")
         requested = free_cores() if threads is None else threads
@@ -238,8 +250,7 @@ class CompiledModel:
                 raise KilnError(f"input {spec.name!r}: expected shape {spec.describe()}, "
                                 f"got {got.describe()}")
             _check_ranges(spec, sizes, self.manifest.dims)
-            # ascontiguousarray makes a 0-d array 1-d; TVM checks the rank, so keep it
-            ordered.append(np.ascontiguousarray(array).reshape(array.shape))
+            ordered.append(array)
         return ordered
 
     def __call__(self, *arrays: Any, **named: Any) -> list[np.ndarray]:
@@ -248,10 +259,17 @@ class CompiledModel:
         ordered = self._arrange(arrays, named)
         if getattr(_pool, "threads", None) != self.threads:  # another thread or model
             _configure_pool(self.threads)
-        args = [device_tensor(a, self.device) for a in ordered]
+        on_cpu = self.device.dlpack_device_type() == 1
+        buffers = self._buffers
+        if on_cpu:
+            args, shared = buffers.inputs(ordered)
+        else:
+            # ascontiguousarray makes a 0-d array 1-d; TVM checks the rank, so keep it
+            args = [device_tensor(np.ascontiguousarray(a).reshape(a.shape), self.device)
+                    for a in ordered]
         started = time.perf_counter()
         result = self._main(*args)
-        if self.governor is not None and self.device.dlpack_device_type() == 1:  # CPU
+        if self.governor is not None and on_cpu:
             now = time.perf_counter()
             wanted = self.governor.observe(now - started, now)
             if wanted != self.threads:
@@ -259,7 +277,9 @@ class CompiledModel:
                 self.threads = _configure_pool(wanted)
                 self.governor.threads = self.threads
         results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        return [r.numpy() for r in results]
+        if not on_cpu:
+            return [r.numpy() for r in results]
+        return buffers.outputs(results, shared)
 
     def __repr__(self) -> str:
         ins = ", ".join(f"{s.name} {s.describe()}" for s in self.inputs)
@@ -271,14 +291,90 @@ class CompiledModel:
 DLPACK_ALIGNMENT = 64
 
 
+def _shareable(array: np.ndarray) -> bool:
+    """TVM may read ``array`` in place (DLPack): contiguous, writable, 64-byte aligned."""
+    return bool(array.size) and array.flags.c_contiguous and array.flags.writeable and \
+        array.ctypes.data % DLPACK_ALIGNMENT == 0
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized C-contiguous array starting on a ``DLPACK_ALIGNMENT`` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + DLPACK_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % DLPACK_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _span(array: np.ndarray) -> tuple[int, int]:
+    """The bytes a contiguous array covers, [first, past the last)."""
+    return array.ctypes.data, array.ctypes.data + array.nbytes
+
+
+def _overlaps(span: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
+    return any(span[0] < hi and lo < span[1] for lo, hi in spans)
+
+
+class CallBuffers(threading.local):
+    """One calling thread's input staging buffers and the previous call's outputs (the
+    module docstring says why each exists)."""
+
+    def __init__(self) -> None:
+        self.staging: dict[int, np.ndarray] = {}
+        self.previous: list | None = None  # the last call's TVM output tensors
+        self.previous_spans: list[tuple[int, int]] = []
+
+    def inputs(self, arrays: list[np.ndarray]) -> tuple[list, list[tuple[int, int]]]:
+        """TVM tensors of ``arrays`` and the memory they share with TVM (their spans)."""
+        import tvm
+
+        tensors, shared = [], []
+        for index, array in enumerate(arrays):
+            source = array
+            if array.size and not _shareable(array):
+                buffer = self.staging.get(index)
+                if buffer is None or buffer.shape != array.shape or buffer.dtype != array.dtype:
+                    buffer = self.staging[index] = aligned_empty(array.shape, array.dtype)
+                np.copyto(buffer, array)
+                source = buffer
+            if source.size:
+                try:
+                    tensors.append(tvm.runtime.from_dlpack(source))
+                    shared.append(_span(source))
+                    continue
+                except Exception:  # an exotic dtype numpy cannot export: TVM copies it
+                    pass
+            # ascontiguousarray makes a 0-d array 1-d; TVM checks the rank, so keep it
+            tensors.append(tvm.runtime.tensor(np.ascontiguousarray(array).reshape(array.shape)))
+        return tensors, shared
+
+    def outputs(self, results: list, shared: list[tuple[int, int]]) -> list[np.ndarray]:
+        """numpy arrays of the call's output tensors: TVM's memory where only the caller
+        can see it, copies otherwise."""
+        arrays, spans = [], []
+        for tensor in results:
+            try:
+                view = np.from_dlpack(tensor)
+            except Exception:  # a dtype numpy has no DLPack import for
+                arrays.append(tensor.numpy())
+                continue
+            span = _span(view)
+            seen = self.previous is None or not view.size or not view.flags.c_contiguous or \
+                _overlaps(span, shared) or _overlaps(span, spans) or \
+                _overlaps(span, self.previous_spans)
+            arrays.append(view.copy() if seen else view)
+            spans.append(span)
+        self.previous, self.previous_spans = results, spans
+        return arrays
+
+
 def device_tensor(array: np.ndarray, device):
     """``array`` as a TVM tensor on ``device``: on the CPU, a contiguous, writable array on
     a 64-byte boundary (what TVM's kernels assume) is passed without a copy (DLPack),
     anything else is copied."""
     import tvm
 
-    if device.dlpack_device_type() == 1 and array.size and array.flags.c_contiguous and \
-            array.flags.writeable and array.ctypes.data % DLPACK_ALIGNMENT == 0:
+    if device.dlpack_device_type() == 1 and _shareable(array):
         try:
             return tvm.runtime.from_dlpack(array)
         except Exception:  # an exotic dtype numpy cannot export: copy it
