@@ -175,7 +175,8 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
     if op in ("CumSum", "CumProd") and index == 1 and rank:
         return _below(rank)
     if op == "Resize" and index == 2 and data and out_shape is not None:
-        return _floats([o / d for o, d in zip(out_shape, data)])
+        axes = [a % len(data) for a in _attr(node, "axes", None) or range(len(data))]
+        return _floats([out_shape[a] / data[a] for a in axes])
     if op == "Resize" and index == 2:
         return lambda rng, shape, dtype: rng.uniform(0.5, 2.0, size=shape).astype(dtype)
     if op == "NonMaxSuppression" and index in (3, 4):  # iou / score thresholds

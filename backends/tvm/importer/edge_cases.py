@@ -21,7 +21,9 @@ conformance cases; silently wrong numbers before):
 - a node whose outputs are all empty graph outputs (a 0 in the declared shape): empty
   constants (TVM fails on zero-size Split parts, Trilu of an empty input);
 - ``Constant`` with ``value_int(s)``/``value_float(s)`` (TVM reads only ``value``; constant
-  folding writes a Shape of a static input this way): the same values as ``value``.
+  folding writes a Shape of a static input this way): the same values as ``value``;
+- ``Resize`` with runtime scales: its declared output shape written on the node
+  (:mod:`.resize_scales`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import itertools
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .resize_scales import annotate_runtime_scales
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                           onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
@@ -256,7 +260,7 @@ def rewrite_edge_cases(model: onnx.ModelProto) -> int:
     nodes (in place).
     Returns how many were rewritten."""
     graph = model.graph
-    emptied = _empty_outputs(graph)
+    emptied = _empty_outputs(graph) + annotate_runtime_scales(model)
     if not any(_needs_rewrite(node) for node in graph.node):
         return emptied
     if all(n.op_type == "Constant" for n in graph.node if _needs_rewrite(n)):

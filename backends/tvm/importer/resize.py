@@ -17,9 +17,10 @@ resized axis, a table of source indices and weights exactly as the ONNX referenc
 downsampling). ``exclude_outside`` zeroes taps outside the input and renormalizes;
 ``tf_crop_and_resize`` writes ``extrapolation_value`` where ``x_orig`` falls outside.
 Each axis is one injective TensorIR kernel (it fuses with its neighbours); the tables
-are constants. Computed scales are refused (sizes fed by a model input are fixed
-from the declared output shape before import); a computed roi or an input without a
-static shape goes to TVM's converter.
+are constants. Computed scales are read at run time, for the declared output shape
+(:mod:`.resize_scales`); sizes fed by a model input are fixed from the declared output
+shape before import; a computed roi or an input without a static shape goes to TVM's
+converter.
 """
 
 from __future__ import annotations
@@ -215,18 +216,28 @@ def resize_mode(attr, opset: int) -> ResizeMode:
 
 def emit_axis_resize(bb, x, axis: int, plan: AxisResize, how: ResizeMode):
     """One axis of the resize as an injective TE kernel reading constant tap tables."""
-    from tvm import relax, te, tirx
+    from tvm import relax
 
     indices, weights, inside = axis_taps(plan, how)
+    return emit_tap_gather(
+        bb, x, axis, plan.size_out, relax.const(indices.astype(np.int64)),
+        None if weights is None else relax.const(weights.astype(dtype_of(x))),
+        None if inside is None else relax.const(inside), how.extrapolation)
+
+
+def emit_tap_gather(bb, x, axis: int, size_out: int, indices, weights=None, inside=None,
+                    extrapolation: float = 0.0):
+    """``y[.., i, ..] = sum_t weights[i, t] * x[.., indices[i, t], ..]`` along ``axis``
+    (one injective kernel); ``weights`` None: one tap, no weights; ``inside`` (``[out]``
+    bool) None: every output inside, else the others get ``extrapolation``. The tables
+    are Relax expressions: constants, or computed at run time (:mod:`.resize_scales`)."""
+    from tvm import te, tirx
+
     shape = static_shape(x)
-    out_shape = shape[:axis] + [plan.size_out] + shape[axis + 1:]
+    out_shape = shape[:axis] + [size_out] + shape[axis + 1:]
     dtype = dtype_of(x)
-    tables = [relax.const(indices.astype(np.int64))]
-    if weights is not None:
-        tables.append(relax.const(weights.astype(dtype)))
-    if inside is not None:
-        tables.append(relax.const(inside))
-    taps = indices.shape[1]
+    tables = [t for t in (indices, weights, inside) if t is not None]
+    taps = static_shape(indices)[1]
 
     def compute(data, idx, *rest):
         weight = rest[0] if weights is not None else None
@@ -243,8 +254,7 @@ def emit_axis_resize(bb, x, axis: int, plan: AxisResize, how: ResizeMode):
                 for t in range(1, taps):
                     result = result + weight[i[axis], t] * at(t)
             if mask is not None:
-                result = tirx.Select(mask[i[axis]], result,
-                                     tirx.const(how.extrapolation, dtype))
+                result = tirx.Select(mask[i[axis]], result, tirx.const(extrapolation, dtype))
             return result
 
         return te.compute(out_shape, value, name="kiln_resize")
@@ -295,6 +305,9 @@ class SeparableResize:
         fallback = self.fallback.get_converter(opset)
 
         def convert(bb, inputs, attr, params):
+            from .resize_scales import OUTPUT_SHAPE_ATTR, emit_runtime_scales_resize
+
+            declared = attr.pop(OUTPUT_SHAPE_ATTR, None)  # kiln's, never TVM's
             inputs = list(inputs) + [None] * 4
             x = inputs[0]
             try:
@@ -312,10 +325,19 @@ class SeparableResize:
                     if name != "scales":  # TVM's converter takes a runtime roi
                         return fallback(bb, inputs, attr, params)
                     # runtime scales change the numbers, not just the shape (sizes fed
-                    # by a model input were fixed by static_operands): TVM has no form
-                    raise ResizeAttributeError(
-                        "scales computed at run time (kiln builds a static resize: give "
-                        "constant scales, or sizes)") from None
+                    # by a model input were fixed by static_operands): TVM has no form;
+                    # kiln's reads them at run time for the declared output shape
+                    if declared is None or inputs[3] is not None:
+                        raise ResizeAttributeError(
+                            "scales computed at run time and no declared output shape "
+                            "(kiln builds static shapes: declare it, or give constant "
+                            "scales, or sizes)") from None
+                    how = resize_mode(attr, opset)
+                    if how.mode != "nearest" and not dtype_of(x).startswith(("float",
+                                                                             "bfloat")):
+                        return fallback(bb, inputs, attr, params)
+                    return emit_runtime_scales_resize(bb, x, expr, [int(d) for d in declared],
+                                                      attr, opset, how)
             roi, scales, sizes = (values.get(k) for k in ("roi", "scales", "sizes"))
             how = resize_mode(attr, opset)
             if how.mode != "nearest" and not dtype_of(x).startswith(("float", "bfloat")):

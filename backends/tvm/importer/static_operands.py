@@ -47,7 +47,7 @@ _SHAPE_KEEPING = frozenset({"Identity", "Cast", "CastLike", "Abs", "Neg", "Sqrt"
                             "Exp", "Relu", "Sigmoid", "Tanh", "Reciprocal"})
 
 
-def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+def static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     graph = model.graph
     shapes = {}
     for value in itertools.chain(graph.input, graph.output, graph.value_info):
@@ -58,7 +58,7 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
     return shapes
 
 
-def _declared_out(graph: onnx.GraphProto, name: str, shapes: dict[str, list[int]]):
+def declared_out(graph: onnx.GraphProto, name: str, shapes: dict[str, list[int]]):
     """The static shape of ``name``, or of the value it reaches through shape-keeping
     elementwise ops (a ReduceL2's ``Sqrt``, a ReduceLogSumExp's ``Log``/``CastLike``)."""
     readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
@@ -190,21 +190,21 @@ def fix_shape_operands(model: onnx.ModelProto) -> int:
                   and n.input[_OPERAND[n.op_type]] not in inits]
     if not candidates:
         return 0
-    shapes = _static_shapes(model)
+    shapes = static_shapes(model)
     if any(n.input[0] not in shapes for n in candidates):  # an intermediate data input
-        shapes = {**_static_shapes(onnx.shape_inference.infer_shapes(model)), **shapes}
+        shapes = {**static_shapes(onnx.shape_inference.infer_shapes(model)), **shapes}
     fixed = 0
     replaced: dict[int, list[onnx.NodeProto]] = {}
     for node in candidates:
         index = _OPERAND[node.op_type]
         operand = node.input[index]
         data = shapes.get(node.input[0])
-        out = _declared_out(graph, node.output[0], shapes)
+        out = declared_out(graph, node.output[0], shapes)
         size_dims = shapes.get(operand)
         if data is None or out is None or size_dims is None:
             continue
         if node.op_type == "Split":  # the parts' sizes: every output's extent on the axis
-            parts = [_declared_out(graph, name, shapes) for name in node.output]
+            parts = [declared_out(graph, name, shapes) for name in node.output]
             axis = _attr(node, "axis", 0) % len(data)
             value = [p[axis] for p in parts] if all(p and len(p) == len(data) for p in parts) \
                 and len(parts) == int(np.prod(size_dims)) else None
