@@ -277,8 +277,11 @@ def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
     conv = None
     if node.op_type == "Conv":
         transposed = True
-        if not _pointwise_conv(node):
-            found = _conv_weight(g, node.input[1])
+        found = _conv_weight(g, node.input[1])
+        if not _pointwise_conv(node) or found is not None and (
+                found[0].shape[0] % VNNI512.lanes or found[0].shape[1] % 4):
+            # KxK, strided, depthwise; or a 1x1 whose N or C the dense kernel cannot
+            # tile (the conv form pads them)
             if found is None:
                 return None
             conv, why = int8_conv.geometry(node, found[0])
@@ -363,14 +366,14 @@ def _activation_of(node: onnx.NodeProto | None) -> str:
 
 def _refusal(chain: _Chain, isa: str) -> str | None:
     k, n = chain.w.shape
-    lanes = VNNI512.lanes if isa == "vnni512" else AVX2_U8S8.lanes
     if chain.conv is not None and chain.conv["mode"] == "depthwise":
-        return f"C={n} is not a multiple of {lanes}" if n % lanes else None
+        # the window rule vectorizes over channels: 16 or 8 int32 lanes
+        return f"C={n} is not a multiple of 8" if n % 8 else None
+    if chain.conv is not None:
+        return None  # C padded to 4 (int8_conv.gemm_weight)
     if k % 4:
         return f"K={k} is not a multiple of 4"
-    if n % lanes:
-        return f"N={n} is not a multiple of {lanes}"
-    return None
+    return None  # N padded to the lanes (int8_conv.pad_columns)
 
 
 def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
@@ -423,17 +426,20 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
 
 def _kernel_nodes(chain: _Chain, isa: str, prefix: str):
     """The internal node (a conv's between NCHW <-> NHWC transposes) and its constants."""
-    w = chain.w
+    w, sw, bias = chain.w, chain.sw, chain.bias
     depthwise = chain.conv is not None and chain.conv["mode"] == "depthwise"
+    if not depthwise:
+        lanes = VNNI512.lanes if isa == "vnni512" else AVX2_U8S8.lanes
+        w, sw, bias = int8_conv.pad_columns(lanes, w, sw, bias)
     layout = weight_layout(isa, w) if not depthwise else None
     zx = chain.zx + (128 if chain.x_signed else 0)
     comp = (zx * w.astype(np.int64).sum(axis=0)).astype(np.int32)
-    mult = np.float64(chain.sx) * chain.sw.astype(np.float64)
+    mult = np.float64(chain.sx) * sw.astype(np.float64)
     packed = w if depthwise else pack_weight(w, layout)
     tensors = [numpy_helper.from_array(packed, prefix + "_w"),
                numpy_helper.from_array(comp, prefix + "_comp"),
                numpy_helper.from_array(mult.astype(np.float32), prefix + "_mult"),
-               numpy_helper.from_array(chain.bias.astype(np.float32), prefix + "_bias")]
+               numpy_helper.from_array(bias.astype(np.float32), prefix + "_bias")]
     x, y = chain.x_q, chain.last.output[0]
     nodes = []
     if chain.nchw:
@@ -451,12 +457,13 @@ def _kernel_nodes(chain: _Chain, isa: str, prefix: str):
             internal_ops.INT8_CONV, [x, *(t.name for t in tensors)], [y], name=prefix,
             domain=internal_ops.DOMAIN, mode=conv["mode"], kernel=conv["kernel"],
             strides=conv["strides"], dilations=conv["dilations"], pads=conv["pads"],
-            zx=int(chain.zx), isa=layout.isa if layout else isa, **common))
+            zx=int(chain.zx), isa=layout.isa if layout else isa, n=int(chain.w.shape[1]),
+            **common))
     else:
         nodes.append(helper.make_node(
             internal_ops.INT8_DENSE, [x, *(t.name for t in tensors)], [y],
             name=prefix, domain=internal_ops.DOMAIN, isa=layout.isa, k=int(w.shape[0]),
-            n=int(w.shape[1]), **common))
+            n=int(w.shape[1]), columns=int(chain.w.shape[1]), **common))
     if chain.nchw:
         nodes.append(helper.make_node("Transpose", [y], [chain.last.output[0]],
                                       name=prefix + "_to_nchw", perm=list(_TO_NCHW)))

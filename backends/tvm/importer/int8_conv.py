@@ -71,6 +71,17 @@ def gemm_weight(w: np.ndarray) -> np.ndarray:
     return taps.reshape(kh * kw * cp, n)
 
 
+def pad_columns(lanes: int, w: np.ndarray, sw: np.ndarray, bias: np.ndarray):
+    """``w`` [K, N], ``sw``, ``bias`` with N padded to a multiple of ``lanes`` (zero weights:
+    the kernel computes those columns and the converter slices them off)."""
+    n = w.shape[1]
+    extra = -n % lanes
+    if not extra:
+        return w, sw, bias
+    return (np.pad(w, [(0, 0), (0, extra)]), np.pad(sw, (0, extra), constant_values=1.0),
+            np.pad(bias, (0, extra)))
+
+
 def depthwise_weight(w: np.ndarray) -> np.ndarray:
     """``w`` [C, 1, KH, KW] as [KH * KW, C] (taps by channel)."""
     c, _, kh, kw = w.shape
@@ -160,7 +171,10 @@ def emit_int8_conv(bb, x, w, comp, mult, bias, *, attr: dict):
 
     y = bb.emit_te(gemm, a, w, comp, mult, bias, primfunc_name_hint="kiln_int8_conv",
                    primfunc_attrs=OPAQUE)
-    return bb.normalize(relax.op.reshape(y, [batch, oh, ow, n]))
+    columns = int(attr.get("n", n))
+    if columns != n:  # the lanes' padding (pad_columns)
+        y = bb.normalize(relax.op.strided_slice(y, axes=[1], begin=[0], end=[columns]))
+    return bb.normalize(relax.op.reshape(y, [batch, oh, ow, columns]))
 
 
 class Int8Conv:

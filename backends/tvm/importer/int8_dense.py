@@ -31,8 +31,9 @@ TANH_SCALE = math.sqrt(2.0 / math.pi)
 
 def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: bool,
                     activation: str, out_dtype: str, out_scale: float, out_zero: int,
-                    program: list | None = None):
-    """``y`` [..., N] of the integer dense (see the module docstring) for ``x`` [..., K]."""
+                    program: list | None = None, columns: int = 0):
+    """``y`` [..., N] of the integer dense (see the module docstring) for ``x`` [..., K];
+    only its first ``columns`` when N was padded to the lanes."""
     from tvm import relax, te
 
     x_shape = static_shape(x)
@@ -59,8 +60,11 @@ def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: boo
 
     y = bb.emit_te(compute, a, w, comp, mult, bias, primfunc_name_hint="kiln_int8_dense",
                    primfunc_attrs=OPAQUE)
+    columns = columns or n
+    if columns != n:  # N was padded to the lanes with zero weights
+        y = bb.normalize(relax.op.strided_slice(y, axes=[1], begin=[0], end=[columns]))
     if len(x_shape) != 2:
-        y = bb.normalize(relax.op.reshape(y, [*x_shape[:-1], n]))
+        y = bb.normalize(relax.op.reshape(y, [*x_shape[:-1], columns]))
     return y
 
 
@@ -130,7 +134,8 @@ class Int8Dense:
                 bb, *inputs[:5], k=int(attr["k"]), n=int(attr["n"]),
                 x_signed=bool(attr["x_signed"]), activation=attr_str(attr["activation"]),
                 out_dtype=attr_str(attr["out_dtype"]), out_scale=float(attr["out_scale"]),
-                out_zero=int(attr["out_zero"]), program=program_of(attr))
+                out_zero=int(attr["out_zero"]), program=program_of(attr),
+                columns=int(attr.get("columns", 0)))
 
         return convert
 

@@ -82,6 +82,8 @@ CASES = {
     "3x3-stride2-hardswish": {"stride": 2, "tail": "hardswish"},
     "5x5-dilated-silu": {"k": 5, "dilation": 2, "tail": "silu", "hw": (9, 13)},
     "3-channel-stem-int8-input": {"c": 3, "n": 16, "stride": 2, "signed_x": True},
+    "3x3-24-columns-padded": {"n": 24, "tail": "silu"},
+    "1x1-42-channels-padded": {"c": 42, "n": 24, "k": 1},
     "depthwise-3x3-hardswish": {"c": 32, "n": 32, "group": 32, "tail": "hardswish"},
     "depthwise-5x5-stride2-silu": {"c": 48, "n": 48, "group": 48, "k": 5, "stride": 2,
                                    "tail": "silu", "hw": (11, 17)},

@@ -194,8 +194,18 @@ def test_kiln_w8a8_mlp_keeps_int8_between_layers(tmp_path):
     assert relative_error(got, want) < QDQ_REL_TOL
 
 
-def test_columns_the_kernel_cannot_tile_stay_in_qdq_form(tmp_path):
-    got, want, rules = _run_both(chain_model(n=20), _target("host"), tmp_path)
+@pytest.mark.parametrize("path", ["host", "x86-64-v3"])
+def test_columns_are_padded_to_the_lanes(path, tmp_path):
+    """N = 20: the weight is padded with zero columns to 32 (VNNI) / 24 (AVX2), the
+    kernel's output sliced back to 20."""
+    got, want, rules = _run_both(chain_model(n=20), _target(path), tmp_path)
+    assert INT8_KERNEL in rules.values(), rules
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
+
+
+def test_columns_the_kernel_cannot_reduce_stay_in_qdq_form(tmp_path):
+    got, want, rules = _run_both(chain_model(k=30), _target("host"), tmp_path)
     assert INT8_KERNEL not in rules.values(), rules
     assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
 
