@@ -30,6 +30,7 @@ from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
 from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
 from kiln.backends.tvm.schedules.sparse_dense import SparseDense
 from kiln.backends.tvm.schedules.split_preproc import split_layout_rewrite_preproc
+from kiln.backends.tvm.schedules.symbolic import SymbolicContraction
 from kiln.backends.tvm.schedules.window import Window
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ RULES: tuple[KilnRule, ...] = (
     GroupedGemm(),
     DecodeConv(),
     DecodeContraction(),
+    SymbolicContraction(),  # symbolic rows only (a symbolic-shape build)
     Contraction(),
     Elementwise(),
     Window(),

@@ -16,8 +16,9 @@ from kiln.compiler.testing.symbolic_models import conv_line_model
 pytest.importorskip("tvm")
 
 
-@pytest.mark.parametrize("depthwise, rule", [(False, "contraction"), (True, "window")])
-def test_symbolic_conv_keeps_its_rule(tmp_path, depthwise, rule):
+@pytest.mark.parametrize("depthwise, rule, static_rule", [
+    (False, "symbolic_contraction", "contraction"), (True, "window", "window")])
+def test_symbolic_conv_keeps_its_rule(tmp_path, depthwise, rule, static_rule):
     from kiln.backends.tvm import build_artifact, load
 
     path = conv_line_model(tmp_path / "m.onnx", depthwise=depthwise)
@@ -27,7 +28,8 @@ def test_symbolic_conv_keeps_its_rule(tmp_path, depthwise, rule):
     assert rule in built.rules.values() and built.unscheduled == [], built.rules
     static = build_artifact(load_with_symbols(str(path), {"x": [1, channels, 16, 48]}), "host",
                             tmp_path / "static", model_hash="t")
-    assert rule in static.rules.values()
+    assert static_rule in static.rules.values()
+    assert "symbolic_contraction" not in static.rules.values()  # static kernels: dense's
     compiled = load(tmp_path / "out")
     session = ort.InferenceSession(onnx.load(path).SerializeToString())
     rng = np.random.default_rng(0)

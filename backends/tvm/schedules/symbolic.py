@@ -1,0 +1,199 @@
+"""Contractions with a symbolic row extent (a symbolic-shape build, ``W=16..1024``).
+
+The contraction rule (``dense``) tiles symbolic rows too, but fuses its parallel loops
+in its static order (batch, conv rows h, row tiles of w, column panels). With a
+symbolic row count the fused index is decoded by a symbolic divisor
+(``fused % ((W - 1) // 16 * 5 + 5) // 5``): TVM's analyzer cannot tell that it is
+non-negative, so the accumulator tile's compacted indices keep ``min``/``max`` terms,
+LLVM cannot give the accumulators registers, and the micro-kernel runs from the stack
+(measured 7-12x slower than the fixed-shape build on PP-OCRv4 rec's 1x1 convs).
+
+This rule schedules the same register-tiled micro-kernel (``C[rows, cols] += A * Bp``
+with B packed ``[N / NR, K, NR]``, constant weights packed at compile time, the
+epilogue fused in the tile write-back) with the loops of symbolic extent outermost in
+the fused parallel loop, so every divisor of the decoded index is a constant. The row
+tile is fixed (``symbolic_row_tile``: no divisor of a symbolic extent exists) and the
+last one guarded. Each output element is summed over K in the same order as in the
+fixed-shape build, so a symbolic build and a fixed one give the same values.
+
+Kernels whose extents are all static are left to ``dense``.
+"""
+
+from __future__ import annotations
+
+from tvm import s_tir, tirx
+
+from kiln.backends.tvm.schedules.analysis import (
+    inline_epilogue,
+    match_contraction,
+    normalize_prim_func,
+    single_reduction,
+)
+from kiln.backends.tvm.schedules.dense import (
+    K_UNROLL,
+    PREPROC_ANNOTATION,
+    finish_register_tile,
+    parallelize_side_nest,
+    tile_columns,
+)
+from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
+
+#: the largest row tile a symbolic row extent gets (the accumulator budget may lower it)
+MAX_SYMBOLIC_ROWS = 6
+
+
+def symbolic_row_tile(vectors: int, accumulators: int) -> int:
+    """MR for symbolic rows and NR of ``vectors`` SIMD vectors: as many rows as the
+    accumulator registers hold, up to :data:`MAX_SYMBOLIC_ROWS` (a longer tile wastes
+    more of the guarded last one)."""
+    return max(1, min(MAX_SYMBOLIC_ROWS, accumulators // max(1, vectors)))
+
+
+def _is_static(extent) -> bool:
+    return isinstance(extent, tirx.IntImm)
+
+
+class SymbolicContraction(KilnRule):
+    """A contraction (matmul, dense, conv) whose rows or batch are symbolic: the
+    register-tiled micro-kernel with the symbolic loops outermost (see the module)."""
+
+    name = "symbolic_contraction"
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        return sch if _schedule(sch, ctx) else None
+
+
+def _inline_plain_copies(sch: s_tir.Schedule, names: list[str]) -> None:
+    """compute_inline the blocks that copy a buffer unchanged (a 1x1 conv's zero-width
+    ``pad_temp``), so the contraction reads the input in place."""
+    for name in names:
+        block = sch.get_sblock(name)
+        body = sch.get(block).body
+        if not (isinstance(body, tirx.BufferStore) and hasattr(body.value, "indices")
+                and len(body.indices) == len(body.value.indices)
+                and all(a.same_as(b) for a, b in zip(body.indices, body.value.indices,
+                                                      strict=True))):
+            continue
+        try:
+            sch.compute_inline(block)
+        except Exception:  # noqa: BLE001 - TVM signals "cannot inline" with several kinds
+            continue
+
+
+def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
+    found = single_reduction(sch)
+    if found is None:
+        return False
+    reduction = found[1]
+    main_name = reduction.name
+    candidates = match_contraction(sch, reduction.block_rv, ctx.const_params,
+                                   all_candidates=True)
+    if not candidates:
+        return False
+    iters = list(sch.get(reduction.block_rv).iter_vars)
+    symbolic = {n for n, iv in enumerate(iters) if not _is_static(iv.dom.extent)}
+    if not symbolic:
+        return False  # a static kernel: the contraction rule's
+    for match in candidates:
+        col_extent = iters[match.col].dom.extent
+        if _is_static(col_extent) and symbolic <= {*match.rows, *match.batch} and \
+                tile_columns(int(col_extent), ctx.vector_lanes_f32) is not None:
+            break
+    else:
+        return False
+    b_is_const = match.b_is_param is not None and match.b_is_param in ctx.const_params
+
+    after = inline_epilogue(sch, main_name)
+    if len(after) > 1:
+        return False
+    names = [info.name for info in normalize_prim_func(sch)]
+    _inline_plain_copies(sch, names[: names.index(main_name)])
+    names = [info.name for info in normalize_prim_func(sch)]
+    before = names[: names.index(main_name)]
+    block = sch.get_sblock(main_name)
+    stmt = sch.get(block)
+    iters = list(stmt.iter_vars)
+    loops = sch.get_loops(block)
+    if len(loops) != len(iters):
+        return False
+    extents = [int(iv.dom.extent) if _is_static(iv.dom.extent) else 0 for iv in iters]
+    nr, lanes = tile_columns(extents[match.col], ctx.vector_lanes_f32)
+    row_inner = match.rows[-1] if match.rows else None
+    mr = symbolic_row_tile(nr // lanes, ctx.accumulators) if row_inner is not None else 1
+    if row_inner is not None and row_inner not in symbolic:
+        mr = next((m for m in range(mr, 0, -1) if extents[row_inner] % m == 0), 1)
+
+    # B packed as Bp[j // NR, <other dims>, j % NR] (at compile time when a weight)
+    b_col_last = match.b_dims and match.b_dims[-1] == match.col
+    pack_block = None
+    if (b_is_const or not b_col_last) and not match.batch:
+        pack_block = sch.cache_read(block, match.b_read_index, "global")
+        col_dim = match.b_dims.index(match.col)
+
+        def pack(*idx):
+            rest = [v for d, v in enumerate(idx) if d != col_dim]
+            return (idx[col_dim] // nr, *rest, idx[col_dim] % nr)
+
+        sch.transform_layout(pack_block, ("write", 0), pack)
+        if b_is_const:
+            sch.annotate(pack_block, PREPROC_ANNOTATION, True)
+        loops = sch.get_loops(block)
+    elif not b_col_last:
+        return False
+
+    c_col_last = stmt.body.indices[-1].same_as(iters[match.col].var)
+    c_local = sch.cache_write(block, 0, "local")
+    if not c_col_last:  # keep the accumulator tile column-contiguous
+        col_dim = [n for n, idx in enumerate(stmt.body.indices)
+                   if idx.same_as(iters[match.col].var)][0]
+        sch.transform_layout(block, ("write", 0),
+                             lambda *idx: (*[v for d, v in enumerate(idx) if d != col_dim],
+                                           idx[col_dim]))
+
+    j_o, j_i = sch.split(loops[match.col], [None, nr])
+    j_v_o, j_v = sch.split(j_i, [None, lanes])
+    *red_outer, red_last = [loops[n] for n in match.reds]
+    red_extent = extents[match.reds[-1]]
+    k_unroll = K_UNROLL if red_extent > 4 and red_extent % K_UNROLL == 0 else 1
+    if k_unroll > 1:
+        k_o, k_i = sch.split(red_last, [None, k_unroll])
+        red_outer = [*red_outer, k_o]
+    else:
+        k_i = red_last
+    # the parallel loops: symbolic ones first (constant divisors when decoded), then the
+    # static batch and rows, then the column panels (each panel reused over a row tile)
+    outer_static, outer_symbolic = [], []
+    inner = []
+    for n in (*match.batch, *match.rows):
+        if n == row_inner:
+            i_o, i_i = sch.split(loops[n], [None, mr])
+            (outer_symbolic if n in symbolic else outer_static).append(i_o)
+            inner = [i_i]
+        else:
+            (outer_symbolic if n in symbolic else outer_static).append(loops[n])
+    outer = [*outer_symbolic, *outer_static, j_o]
+    sch.reorder(*outer, *red_outer, k_i, *inner, j_v_o, j_v)
+    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    sch.parallel(fused)
+    sch.vectorize(j_v)
+    sch.unroll(j_v_o)
+    for loop in inner:
+        sch.unroll(loop)
+    if red_extent <= 8:
+        sch.unroll(k_i)
+    finish_register_tile(sch, block, c_local, fused, red_outer[0] if red_outer else k_i,
+                         after, vector_write_back=c_col_last, lanes=lanes)
+    if pack_block is not None and not b_is_const:
+        parallelize_side_nest(sch, pack_block, lanes)
+    for name in before:  # producers of A (padding) stay separate nests: in parallel
+        blk = sch.get_sblock(name)
+        if pack_block is not None and sch.get(blk).same_as(sch.get(pack_block)):
+            continue
+        try:
+            parallelize_side_nest(sch, blk, lanes)
+        except Exception:  # noqa: BLE001 - best effort on a side loop nest
+            pass
+    return True
+
+
+__all__ = ["MAX_SYMBOLIC_ROWS", "SymbolicContraction", "symbolic_row_tile"]
