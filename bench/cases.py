@@ -14,6 +14,7 @@ import numpy as np
 
 from bench.case import SEED, PreparedCase, random_inputs
 from bench.cases_blocks import BLOCK_CASES
+from bench.cases_llm import LLM_CASES
 from bench.cases_moe import MOE_CASES
 from bench.cases_prune import PRUNE_CASES
 from bench.cases_quant import QUANT_CASES
@@ -135,4 +136,5 @@ CASES: dict[str, Callable[[Path], PreparedCase]] = {
     **SPARSE_CASES,
     **BLOCK_CASES,
     **PRUNE_CASES,
+    **LLM_CASES,
 }

@@ -129,6 +129,29 @@ def greedy(step: Step, layout: CacheLayout, prompt: Sequence[int], max_new_token
     return result
 
 
+def teacher_forced(step: Step, layout: CacheLayout, tokens: Sequence[int], prefill: int = 1
+                   ) -> np.ndarray:
+    """The logits rows at positions ``prefill - 1 .. len(tokens) - 1`` when ``tokens`` are fed
+    as the model's own output would be: a prefill of the first ``prefill``, then one step
+    per token through the cache (for agreement figures on real text)."""
+    tokens = [int(t) for t in tokens]
+    if not 1 <= prefill <= len(tokens):
+        raise KilnError(f"prefill={prefill} for {len(tokens)} tokens")
+    cache, mask = layout.empty(), np.zeros((1, 1), np.int64)
+    rows, start, ids = [], 0, tokens[:prefill]
+    while True:
+        outputs = step({"input_ids": np.asarray([ids], np.int64),
+                        "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None],
+                        "past_mask": mask, **cache})
+        rows.append(np.array(outputs[0][0, -1]))
+        start += len(ids)
+        if start >= len(tokens):
+            return np.stack(rows)
+        cache = dict(zip(layout.names, outputs[1:1 + len(layout.names)]))
+        mask = np.concatenate([mask, np.ones((1, len(ids)), np.int64)], axis=1)
+        ids = [tokens[start]]
+
+
 def compiled_step(outdir: str | os.PathLike, *, threads: int | None = None
                   ) -> tuple[Step, CacheLayout]:
     """The decoder step of a compiled artifact (``kiln compile MODEL_DIR -t host -o OUTDIR``)."""
