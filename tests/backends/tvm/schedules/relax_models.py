@@ -7,10 +7,13 @@ import tvm
 from tvm import relax
 
 
-def relax_module(fn, *inputs: np.ndarray) -> tvm.IRModule:
-    """A module whose ``main`` takes arrays shaped like ``inputs`` and returns ``fn``'s value."""
+def relax_module(fn, *inputs: np.ndarray, shapes=None) -> tvm.IRModule:
+    """A module whose ``main`` takes arrays shaped like ``inputs`` (or, given ``shapes``,
+    one per input, shaped so: symbolic dims as ``tirx.Var``) and returns ``fn``'s value."""
     bb = relax.BlockBuilder()
-    params = [relax.Var(f"x{n}", relax.TensorType(a.shape, "float32")) for n, a in enumerate(inputs)]
+    shapes = shapes or [a.shape for a in inputs]
+    params = [relax.Var(f"x{n}", relax.TensorType(shape, "float32"))
+              for n, shape in enumerate(shapes)]
     with bb.function("main", params):
         with bb.dataflow():
             out = bb.emit_output(fn(bb, *params))

@@ -55,8 +55,8 @@ def _compile(target, mod: tvm.IRModule):
     return relax.VirtualMachine(executable, tvm.cpu()), schedule_rules_used(scheduled[-1])
 
 
-def _dense():
-    x = _rng().standard_normal((8, 64)).astype("float32")
+def _dense(rows: int = 8):
+    x = _rng().standard_normal((rows, 64)).astype("float32")
     w = (_rng().standard_normal((64, 48)) / 8).astype("float32")
     b = _rng().standard_normal(48).astype("float32")
 
@@ -105,8 +105,19 @@ def _fallback():
     return (lambda bb, xv: bb.emit(relax.op.sum(xv))), [x], np.array(x.sum(), "float32")
 
 
+def _symbolic_dense():
+    """A matmul + bias + ReLU whose row count is symbolic (``n``), run at 13 rows: no row
+    tile divides them, so the last tile is guarded."""
+    fn, inputs, want = _dense(rows=13)
+    return fn, inputs, want, [tvm.tirx.Var("n", "int64"), 64]
+
+
 FP32_CASES = {"contraction": _dense, "elementwise": _elementwise, "window": _window,
-              "reduction": _reduction, "fallback": _fallback}
+              "reduction": _reduction, "fallback": _fallback,
+              "symbolic_contraction": _symbolic_dense}
+#: Rules whose every-path check lives next to their kernel's own tests (named here).
+ELSEWHERE = {"int8_window": "test_int8_conv.py: depthwise cases on host, x86-64-v3, "
+                            "x86-64-v4 against ORT"}
 
 
 def _decode_contraction():
@@ -168,15 +179,15 @@ QUANT_CASES = {"decode_contraction": _decode_contraction, "decode_conv": _decode
 
 
 def test_every_rule_has_a_case_here():
-    assert {rule.name for rule in RULES} == set(FP32_CASES) | set(QUANT_CASES)
+    assert {rule.name for rule in RULES} == set(FP32_CASES) | set(QUANT_CASES) | set(ELSEWHERE)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("rule", list(FP32_CASES))
 def test_fp32_rule_on_each_vector_path(rule, path):
     target = _target(path)
-    fn, inputs, want = FP32_CASES[rule]()
-    vm, rules = _compile(target, relax_module(fn, *inputs))
+    fn, inputs, want, *shapes = FP32_CASES[rule]()
+    vm, rules = _compile(target, relax_module(fn, *inputs, shapes=shapes or None))
     assert rule in rules.values(), rules
     got = vm["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()
     scale = max(float(np.abs(want).max()), 1e-6)
