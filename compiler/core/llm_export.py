@@ -221,6 +221,8 @@ def export_decoder(path: str | Path, *, max_seq: int = DEFAULT_MAX_SEQ) -> ir.Mo
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise FrontendError(f"{path}: exporting the decoder step failed "
                             f"({type(error).__name__}: {first})") from error
+    if program is None:
+        raise FrontendError(f"{path}: exporting the decoder step produced no ONNX program")
     onnx_model = program.model
     onnx_model.metadata_props[LLM_KEY] = layout.to_json()
     onnx_model.metadata_props[DIMS_KEY] = json.dumps(
