@@ -1,11 +1,11 @@
-"""MoE bench cases (``moe-top2``): 8 experts, top-2, on 1, 16 and 256 tokens, each as the
+"""MoE bench cases (``moe-top2``): 8 experts, top-2, on 1, 16, 64 and 256 tokens, each as the
 dense-gated original (``moe-dense-tN``: every expert runs) and as kiln's top-2 sparse
 dispatch of the same layer (``moe-top2-tN``: ``moe_dense_to_sparse``, only the chosen
 experts run on a token; docs/moe.md), so the runner compares kiln and ONNX Runtime on
 both graphs.
 
-``python -m bench.cases_moe [--rounds 200] [--threads 2]`` times the six cases' kiln
-builds (``--tuning off``) and ONNX Runtime interleaved, one call each per round, and
+``python -m bench.cases_moe [--rounds 200] [--threads 2] [--kinds top2,dense]`` times the
+cases' kiln builds (``--tuning off``) and ONNX Runtime interleaved, one call each per round, and
 prints the minimum and median per engine (on a shared machine the minimum is the
 figure that load disturbs least); the load average is printed before and after.
 """
@@ -26,7 +26,7 @@ import numpy as np
 from bench.case import SEED, PreparedCase
 
 DIM, HIDDEN, EXPERTS, K = 256, 512, 8, 2
-TOKENS = (1, 16, 256)
+TOKENS = (1, 16, 64, 256)
 
 
 def _dense_file(workdir: Path) -> Path:
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cases_moe")
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kinds", default="top2,dense",
+                        help="comma-separated: top2 (sparse dispatch), dense (dense-gated)")
     args = parser.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before tvm starts
 
@@ -84,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
         engines: dict[str, Callable[[], object]] = {}
+        kinds = set(args.kinds.split(","))
         for name, prepare in MOE_CASES.items():
+            if name.split("-")[1] not in kinds:
+                continue
             case = prepare(Path(tmp))
             built = build_case(case, Path(tmp) / name, tuning="off", threads=args.threads)
             feeds = dict(case.inputs)

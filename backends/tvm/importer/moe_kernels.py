@@ -1,19 +1,25 @@
 """The converter of :data:`.internal_ops.MOE_DISPATCH`: top-k MoE as sorted, grouped kernels.
 
-With A = T*k (token, slot) pairs, pair a = t*k + s choosing expert ``e(a) = indices[t, s]``::
+With A = T*k (token, slot) pairs, pair a = t*k + s choosing expert ``e(a) = indices[t, s]``,
+and row tiles of MR = :data:`ROW_TILE` rows that each hold rows of one expert::
 
-    rank[a]    = #{b : e(b) < e(a)} + #{b < a : e(b) = e(a)}        counting sort by expert
-    src[r]     = the a with rank[a] = r;   rows[r] = (token, slot, expert) of src[r]
-    xs[r, :]   = x[token_r]                                        gathered rows
-    h[r, :]    = act(xs[r] W1[e_r] + b1[e_r]) [* (xs[r] W3[e_r] + b3[e_r])]
-    o[r, :]    = (h[r] W2[e_r] + b2[e_r]) * values[token_r, slot_r]
-    y[t, :]    = sum_s o[rank[t*k + s], :]                         back to token order
+    rank[a]   = #{b : e(b) < e(a)} + #{b < a : e(b) = e(a)}        counting sort by expert
+    n[e]      = #{a : e(a) = e};  start[e] = sum_{e' < e} n[e'];
+    tile0[e]  = sum_{e' < e} ceil(n[e'] / MR)                        expert e's first tile
+    slot[a]   = MR tile0[e(a)] + rank[a] - start[e(a)]               padded position of a
+    rows[t, i] = (token, slot) of the a with slot[a] = t MR + i (-1: padding); the tile's
+                 expert e_t = e of its row 0 (a tile past the used ones: the last expert)
+    xs[t, i]  = x[token_ti] (0 for padding)                          gathered rows
+    h[t, i]   = act(xs[t, i] W1[e_t] + b1[e_t]) [* (xs[t, i] W3[e_t] + b3[e_t])]
+    o[t, i]   = (h[t, i] W2[e_t] + b2[e_t]) * values[token_ti, slot_ti]
+    y[t, :]   = sum_s o[slot[t*k + s] / MR, slot[t*k + s] % MR, :]   back to token order
 
-Row r of the grouped GEMMs reads its expert's weights: the rows of one expert are
-consecutive, so only the chosen experts run on a token (k/E of the dense mixture's FLOPs)
-and a row tile mostly reuses one expert's weight vectors. The token count T may be
-symbolic: every extent is T*k. The GEMM blocks are named by
-:mod:`kiln.backends.tvm.kernel_names` (``kiln_moe_*``) for ``schedules.grouped_gemm``.
+Only the chosen experts run on a token (k/E of the dense mixture's FLOPs), and since a
+tile's MR rows share one expert the grouped GEMM (``schedules.grouped_gemm``) loads each
+weight vector once per tile and reuses it across the tile's rows (register tiles of MR
+rows). The padding costs at most ``min(E, A) (MR - 1)`` rows (:func:`row_tiles`). The
+token count T may be symbolic: every extent is an expression of T*k. The GEMM blocks are
+named by :mod:`kiln.backends.tvm.kernel_names` (``kiln_moe_*``).
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ from kiln.backends.tvm.kernel_names import (
 
 from .expr_types import attr_str
 
-#: Column of ``rows`` with each sorted row's token, slot and expert.
+#: Column of ``rows`` with each padded row's token and slot (-1: padding) and its tile's
+#: expert.
 TOKEN, SLOT, EXPERT = 0, 1, 2
+#: Rows of a tile (all of one expert): the grouped GEMM's register tile height.
+ROW_TILE = 4
 
 
 def _activation(name: str, v, dtype: str):
@@ -52,75 +61,110 @@ def _activation(name: str, v, dtype: str):
     return v
 
 
-def _rank(ind):
+def row_tiles(pairs, experts: int):
+    """Tiles enough for ``pairs`` rows of at most ``experts`` experts, each expert's rows
+    padded to whole tiles: sum_e ceil(n_e / MR) <= (A + min(E, A) (MR - 1)) / MR."""
+    from tvm import tirx
+
+    used = tirx.min(pairs, experts) if not isinstance(pairs, int) else min(pairs, experts)
+    return (pairs + used * (ROW_TILE - 1)) // ROW_TILE
+
+
+def _slots(ind, experts: int):
+    """slot[a]: pair a's padded row position (see the module docstring)."""
     from tvm import te, tirx
 
     t, k = ind.shape
     pairs = t * k
-    b = te.reduce_axis((0, pairs), "b")
+    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
 
     def expert(a):
-        return ind[a // k, a % k]
+        return ind[a // k, a % k].astype("int32")
+
+    b = te.reduce_axis((0, pairs), "b")
 
     def before(a):
         ea, eb = expert(a), expert(b)
         earlier = tirx.Or(eb < ea, tirx.And(eb == ea, b < a))
-        return te.sum(tirx.Select(earlier, tirx.const(1, "int32"), tirx.const(0, "int32")),
-                      axis=b)
+        return te.sum(tirx.Select(earlier, one, zero), axis=b)
 
-    return te.compute((pairs,), before, name=MOE_RANK)
+    rank = te.compute((pairs,), before, name=MOE_RANK)
+    c = te.reduce_axis((0, pairs), "c")
+    count = te.compute((experts,), lambda e: te.sum(
+        tirx.Select(expert(c) == e.astype("int32"), one, zero), axis=c), name="kiln_moe_count")
+    f = te.reduce_axis((0, experts), "f")
+    tile = tirx.const(ROW_TILE, "int32")
+    # [e, 0]: start[e] (sorted rows before expert e); [e, 1]: tile0[e] * MR
+    first = te.compute((experts, 2), lambda e, w: te.sum(tirx.Select(
+        f < e, tirx.Select(w == 0, count[f], (count[f] + tile - one) // tile * tile), zero),
+        axis=f), name="kiln_moe_first")
+    return te.compute((pairs,), lambda a: first[expert(a), 1] + rank[a] - first[expert(a), 0],
+                      name="kiln_moe_slot")
 
 
-def _rows(rank, ind):
+def _rows(slot, ind, tiles):
+    """rows[t, i, :] = (token, slot, tile expert) of padded row t MR + i."""
     from tvm import te, tirx
 
     k = ind.shape[1]
-    pairs = rank.shape[0]
+    pairs = slot.shape[0]
     a = te.reduce_axis((0, pairs), "a")
-    src = te.compute((pairs,), lambda r: te.sum(
-        tirx.Select(rank[a] == r.astype("int32"), a.astype("int32"), tirx.const(0, "int32")),
-        axis=a), name="kiln_moe_source")
+    src = te.compute((tiles, ROW_TILE), lambda t, i: te.sum(tirx.Select(
+        slot[a] == (t * ROW_TILE + i).astype("int32"), a.astype("int32") + 1,
+        tirx.const(0, "int32")), axis=a), name="kiln_moe_source")     # a + 1 (0: padding)
+    b = te.reduce_axis((0, pairs), "b")
+    last = te.compute((1,), lambda _: te.max(ind[b // k, b % k].astype("int32"), axis=b),
+                      name="kiln_moe_last_expert")
+    kk = k.astype("int32") if not isinstance(k, int) else k
 
-    def field(r, f):
-        s = src[r]
-        return tirx.Select(f == TOKEN, s // k.astype("int32"),
-                           tirx.Select(f == SLOT, s % k.astype("int32"),
-                                       ind[s // k.astype("int32"),
-                                           s % k.astype("int32")].astype("int32")))
+    def field(t, i, f):
+        s = src[t, i] - 1
+        head = src[t, 0] - 1
+        tile_expert = tirx.Select(head >= 0, ind[tirx.max(head, 0) // kk,
+                                                  tirx.max(head, 0) % kk].astype("int32"),
+                                  last[0])
+        return tirx.Select(f == TOKEN, tirx.Select(s >= 0, s // kk, -1),
+                           tirx.Select(f == SLOT, tirx.Select(s >= 0, s % kk, -1),
+                                       tile_expert))
 
-    return te.compute((pairs, 3), field, name=MOE_ROWS)
+    return te.compute((tiles, ROW_TILE, 3), field, name=MOE_ROWS)
 
 
 def _grouped_gemm(x, rows, w, name: str):
-    """``acc[r, j] = sum_d x[r, d] * w[e_r, d, j]`` (x: the sorted rows; w ``[E, K, N]``
-    or packed in column tiles ``[E, N/B, K, B]``)."""
+    """``acc[t, i, j] = sum_d x[t, i, d] * w[e_t, d, j]`` (x: the padded rows in tiles; w
+    ``[E, K, N]`` or packed in column tiles ``[E, N/B, K, B]``). The weight index does not
+    depend on the row within a tile."""
     from tvm import te
 
-    pairs = rows.shape[0]
+    tiles = rows.shape[0]
     if len(w.shape) == 4:                       # packed [E, N/B, K, B] (moe_dispatch._stack)
         depth, block = w.shape[2], w.shape[3]
         d = te.reduce_axis((0, depth), "d")
-        return te.compute((pairs, w.shape[1] * block), lambda r, j: te.sum(
-            x[r, d] * w[rows[r, EXPERT], j // block, d, j % block], axis=d), name=name)
+        return te.compute((tiles, ROW_TILE, w.shape[1] * block), lambda t, i, j: te.sum(
+            x[t, i, d] * w[rows[t, 0, EXPERT], j // block, d, j % block], axis=d), name=name)
     d = te.reduce_axis((0, w.shape[1]), "d")
-    return te.compute((pairs, w.shape[2]),
-                      lambda r, j: te.sum(x[r, d] * w[rows[r, EXPERT], d, j], axis=d),
-                      name=name)
+    return te.compute((tiles, ROW_TILE, w.shape[2]), lambda t, i, j: te.sum(
+        x[t, i, d] * w[rows[t, 0, EXPERT], d, j], axis=d), name=name)
 
 
 def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, *,
                       activation: str):
     """The dispatch kernels for one layer (see the module docstring); returns y [T, D']."""
-    from tvm import te
+    from tvm import te, tirx
 
-    rank = bb.emit_te(_rank, indices, primfunc_name_hint="kiln_moe_rank")
-    rows = bb.emit_te(_rows, rank, indices, primfunc_name_hint="kiln_moe_rows")
-    # the sorted rows' tokens, copied once: the GEMMs then read their rows directly
+    experts = int(w1.ty.shape[0]) if hasattr(w1, "ty") else int(w1.struct_info.shape[0])
+    slot = bb.emit_te(lambda ind: _slots(ind, experts), indices,
+                      primfunc_name_hint="kiln_moe_rank")
+    tiles = row_tiles(_pairs(indices), experts)
+    rows = bb.emit_te(lambda s, ind: _rows(s, ind, tiles), slot, indices,
+                      primfunc_name_hint="kiln_moe_rows")
+    # the padded rows' tokens, copied once: the GEMMs then read their rows directly
     # (an x row read through the index inside the reduction runs several times slower)
-    x = bb.emit_te(lambda xt, rt: te.compute((rt.shape[0], xt.shape[1]),
-                                             lambda r, d: xt[rt[r, TOKEN], d],
-                                             name="kiln_moe_gather"),
-                   x, rows, primfunc_name_hint="kiln_moe_gather")
+    x = bb.emit_te(lambda xt, rt: te.compute(
+        (rt.shape[0], ROW_TILE, xt.shape[1]), lambda t, i, d: tirx.Select(
+            rt[t, i, TOKEN] >= 0, xt[tirx.max(rt[t, i, TOKEN], 0), d],
+            tirx.const(0, xt.dtype)), name="kiln_moe_gather"),
+        x, rows, primfunc_name_hint="kiln_moe_gather")
     up = None
     if w3 is not None:
         def glu(xt, rt, wt, *rest):
@@ -128,7 +172,7 @@ def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, 
             if not rest:
                 return acc
             (bt,) = rest
-            return te.compute(acc.shape, lambda r, j: acc[r, j] + bt[rt[r, EXPERT], j],
+            return te.compute(acc.shape, lambda t, i, j: acc[t, i, j] + bt[rt[t, 0, EXPERT], j],
                               name="kiln_moe_glu_bias")
         up = bb.emit_te(glu, x, rows, w3, *([b3] if b3 is not None else []),
                         primfunc_name_hint="kiln_moe_glu")
@@ -138,10 +182,10 @@ def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, 
         bt = rest[0] if b1 is not None else None
         ut = rest[-1] if up is not None else None
 
-        def out(r, j):
-            v = acc[r, j] + bt[rt[r, EXPERT], j] if bt is not None else acc[r, j]
+        def out(t, i, j):
+            v = acc[t, i, j] + bt[rt[t, 0, EXPERT], j] if bt is not None else acc[t, i, j]
             v = _activation(activation, v, acc.dtype)
-            return v * ut[r, j] if ut is not None else v
+            return v * ut[t, i, j] if ut is not None else v
 
         return te.compute(acc.shape, out, name=MOE_ACT)
 
@@ -152,23 +196,39 @@ def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, 
         acc = _grouped_gemm(ht, rt, wt, MOE_DOWN)
         bt = rest[0] if rest else None
 
-        def out(r, c):
-            v = acc[r, c] + bt[rt[r, EXPERT], c] if bt is not None else acc[r, c]
-            return v * vt[rt[r, TOKEN], rt[r, SLOT]]
+        def out(t, i, c):
+            v = acc[t, i, c] + bt[rt[t, 0, EXPERT], c] if bt is not None else acc[t, i, c]
+            gate = vt[tirx.max(rt[t, i, TOKEN], 0), tirx.max(rt[t, i, SLOT], 0)]
+            return v * gate
 
         return te.compute(acc.shape, out, name=MOE_GATED)
 
     o = bb.emit_te(second, h, rows, values, w2, *([b2] if b2 is not None else []),
                    primfunc_name_hint="kiln_moe_down")
 
-    def combine(ot, rk, ind):
+    def combine(ot, st, ind):
         k = ind.shape[1]
         s = te.reduce_axis((0, k), "s")
         tokens = ind.shape[0]
-        return te.compute((tokens, ot.shape[1]),
-                          lambda t, c: te.sum(ot[rk[t * k + s], c], axis=s), name=MOE_COMBINE)
 
-    return bb.emit_te(combine, o, rank, indices, primfunc_name_hint="kiln_moe_combine")
+        def out(t, c):
+            p = st[t * k + s]
+            return te.sum(ot[p // ROW_TILE, p % ROW_TILE, c], axis=s)
+
+        return te.compute((tokens, ot.shape[2]), out, name=MOE_COMBINE)
+
+    return bb.emit_te(combine, o, slot, indices, primfunc_name_hint="kiln_moe_combine")
+
+
+def _pairs(indices):
+    """T*k of ``indices`` [T, k] (an int when T is static)."""
+    from tvm import tirx
+
+    t, k = indices.ty.shape if hasattr(indices, "ty") else indices.struct_info.shape
+    pairs = t * k
+    if isinstance(pairs, tirx.IntImm):
+        return int(pairs)
+    return pairs
 
 
 class MoeDispatch:

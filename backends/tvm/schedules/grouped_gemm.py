@@ -1,29 +1,32 @@
-"""kiln's MoE grouped GEMMs (``importer.moe_kernels``, blocks ``kiln_moe_up/glu/down``) on CPU::
+"""kiln's MoE grouped GEMMs (``importer.moe_kernels``, blocks ``kiln_moe_up/glu/down``) on CPU.
 
-    parallel for (j_o, r_o):               # column tiles (NV vectors) x row tiles (MT rows)
-      acc[MT, NV*16] = 0                   # registers
+The rows come in tiles of MR rows that all belong to one expert e_t (padded), so a
+register tile is MR rows x NV vectors of one expert's weight columns::
+
+    parallel for (j_o, t):                 # column tiles (NV vectors) x row tiles
+      acc[MR, NV*16] = 0                   # registers
       for d in depth:
-        for i in MT:                       # row r = r_o*MT + i, its token and expert
-          a = xs[r, d]                     # one broadcast (the gathered rows)
-          for v in NV: acc[i, v] += a * w[expert_r, d, j_o, v, 0:16]   # one vector load
-      h[r_o*MT : +MT, j_o tile] = epilogue(acc)   # bias, activation, gate (inlined)
+        w_v = w[e_t, d, j_o, v, 0:16]  for v in NV     # NV vector loads, once per tile
+        for i in MR:
+          a = xs[t, i, d]                  # one broadcast
+          for v in NV: acc[i, v] += a * w_v
+      h[t, :, j_o tile] = epilogue(acc)    # bias, activation, gate (inlined)
 
-The rows are sorted by expert, so the rows of a tile mostly share one expert's weight
-vectors (L1 hits) and a column tile of one expert's weight stays in cache across its row
-tiles (column tiles outermost). The row count (T*k) may be symbolic: the row split is
-guarded.
+Each weight vector feeds MR FMAs (before the tiles were of one expert, each row loaded its
+own expert's vectors). Column tiles are outermost, so a column tile of one expert's
+weight stays in cache across that expert's consecutive row tiles. The tile count may be
+symbolic (an expression of the token count); the row tile and the columns are static.
 """
 
 from __future__ import annotations
 
 from tvm import s_tir
+from tvm.tirx import ForKind
 
 from kiln.backends.tvm.kernel_names import MOE_DOWN, MOE_GLU, MOE_UP
 from kiln.backends.tvm.schedules.analysis import const_extent
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 
-#: Rows of a register tile.
-ROW_TILE = 4
 #: Vectors of columns of a register tile (ROW_TILE x VECTORS accumulators).
 VECTORS = 4
 
@@ -47,18 +50,18 @@ class GroupedGemm(KilnRule):
         block = _find_block(sch)
         if block is None:
             return None
-        r, j, d = sch.get_loops(block)
+        loops = sch.get_loops(block)
+        if len(loops) != 4:
+            return None
+        tile, row, j, d = loops
         lanes = ctx.vector_lanes_f32
         width = const_extent(sch, j)
-        if width is None or width % lanes:
+        if width is None or width % lanes or const_extent(sch, row) is None:
             return None
         vectors = max(v for v in range(1, VECTORS + 1) if (width // lanes) % v == 0)
-        rows = const_extent(sch, r)
-        tile = ROW_TILE if rows is None else max(1, min(ROW_TILE, rows))
-        ro, ri = sch.split(r, [None, tile])
         jo, jv, lane = sch.split(j, [None, vectors, lanes])
-        sch.reorder(jo, ro, d, ri, jv, lane)
-        outer = sch.fuse(jo, ro)
+        sch.reorder(jo, tile, d, row, jv, lane)
+        outer = sch.fuse(jo, tile)
         sch.parallel(outer)
         write = sch.cache_write(block, 0, "local")
         sch.reverse_compute_at(write, outer)
@@ -70,15 +73,16 @@ class GroupedGemm(KilnRule):
                 sch.reverse_compute_inline(consumers[0])
             except Exception:  # noqa: BLE001 - not inlinable: left as its own loop nest
                 break
-        init = sch.decompose_reduction(block, d)
-        sch.vectorize(sch.get_loops(init)[-1])
-        sch.unroll(ri)
+        sch.unroll(row)
         sch.unroll(jv)
-        try:
-            sch.vectorize(lane)
-        except Exception:  # noqa: BLE001 - weight rows read through an index: no
-            # "compact dataflow" for TVM's vectorize; LLVM's SLP pass vectorizes the lanes
-            sch.unroll(lane)
+        # vectorized before the reduction is split off (the update block alone is neither a
+        # complete nor a reduction block for TVM's dataflow check): explicit 16-lane vectors,
+        # where LLVM's SLP pass would form only 8-lane ones from unrolled lanes
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(block, d)
+        init_lane = sch.get_loops(init)[-1]
+        if sch.get(init_lane).kind != ForKind.VECTORIZED:
+            sch.vectorize(init_lane)
         wo = sch.get_loops(write)
         sch.vectorize(sch.split(wo[-1], [None, lanes])[-1])
         return sch

@@ -117,3 +117,21 @@ def test_symbolic_tokens_one_build_for_every_count(dense_file, tmp_path):
     for t, want in wants.items():
         [got] = run(x=_tokens(t))
         np.testing.assert_allclose(got, want, rtol=FLOAT_TOL, atol=FLOAT_TOL, err_msg=f"T={t}")
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_tokens_of_one_expert_fill_padded_row_tiles(dense_file, tmp_path, k):
+    """Identical tokens all choose the same k experts: 9 rows each, padded to 3 tiles of
+    ROW_TILE (4) rows; the other experts get none (their tiles past the used ones)."""
+    from kiln.backends.tvm.importer.moe_kernels import ROW_TILE, row_tiles
+
+    tokens = 9
+    assert row_tiles(tokens * k, EXPERTS) >= k * -(-tokens // ROW_TILE)
+    model = _sparse(dense_file, k)
+    x = np.repeat(_tokens(1), tokens, axis=0)
+    want = _ort(model, x)
+    bind_inputs(model, {"x": [tokens, DIM]})
+    fold_constants(model)
+    build_artifact(model, "host", tmp_path, model_hash="test")
+    [got] = load(tmp_path, threads=1)(x=x)
+    np.testing.assert_allclose(got, want, rtol=FLOAT_TOL, atol=FLOAT_TOL)
