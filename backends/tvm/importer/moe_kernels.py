@@ -8,7 +8,7 @@ and row tiles of MR = :data:`ROW_TILE` rows that each hold rows of one expert::
     tile0[e]  = sum_{e' < e} ceil(n[e'] / MR)                        expert e's first tile
     slot[a]   = MR tile0[e(a)] + rank[a] - start[e(a)]               padded position of a
     rows[t, i] = (token, slot) of the a with slot[a] = t MR + i (-1: padding); the tile's
-                 expert e_t = e of its row 0 (a tile past the used ones: the last expert)
+                 expert e_t = e of its row 0 (a tile past the used ones: expert E - 1)
     xs[t, i]  = x[token_ti] (0 for padding)                          gathered rows
     h[t, i]   = act(xs[t, i] W1[e_t] + b1[e_t]) [* (xs[t, i] W3[e_t] + b3[e_t])]
     o[t, i]   = (h[t, i] W2[e_t] + b2[e_t]) * values[token_ti, slot_ti]
@@ -70,40 +70,58 @@ def row_tiles(pairs, experts: int):
     return (pairs + used * (ROW_TILE - 1)) // ROW_TILE
 
 
-def _slots(ind, experts: int):
-    """slot[a]: pair a's padded row position (see the module docstring)."""
+def _expert(ind):
+    """e(a) = indices[a // k, a % k] as int32."""
+    k = ind.shape[1]
+    return lambda a: ind[a // k, a % k].astype("int32")
+
+
+def _counts(ind, experts: int):
+    """n[e]: the pairs that chose expert e."""
     from tvm import te, tirx
 
-    t, k = ind.shape
-    pairs = t * k
-    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
+    expert = _expert(ind)
+    c = te.reduce_axis((0, ind.shape[0] * ind.shape[1]), "c")
+    return te.compute((experts,), lambda e: te.sum(tirx.Select(
+        expert(c) == e.astype("int32"), tirx.const(1, "int32"), tirx.const(0, "int32")),
+        axis=c), name="kiln_moe_count")
 
-    def expert(a):
-        return ind[a // k, a % k].astype("int32")
 
-    b = te.reduce_axis((0, pairs), "b")
+def _tile_starts(count):
+    """MR tile0[e]: expert e's first padded row (the tiles of the experts before it)."""
+    from tvm import te, tirx
 
-    def before(a):
-        ea, eb = expert(a), expert(b)
-        earlier = tirx.Or(eb < ea, tirx.And(eb == ea, b < a))
-        return te.sum(tirx.Select(earlier, one, zero), axis=b)
+    f = te.reduce_axis((0, count.shape[0]), "f")
+    tile, one = tirx.const(ROW_TILE, "int32"), tirx.const(1, "int32")
+    return te.compute(count.shape, lambda e: te.sum(tirx.Select(
+        f < e, (count[f] + tile - one) // tile * tile, tirx.const(0, "int32")), axis=f),
+        name="kiln_moe_first")
 
-    rank = te.compute((pairs,), before, name=MOE_RANK)
-    c = te.reduce_axis((0, pairs), "c")
-    count = te.compute((experts,), lambda e: te.sum(
-        tirx.Select(expert(c) == e.astype("int32"), one, zero), axis=c), name="kiln_moe_count")
-    f = te.reduce_axis((0, experts), "f")
-    tile = tirx.const(ROW_TILE, "int32")
-    # [e, 0]: start[e] (sorted rows before expert e); [e, 1]: tile0[e] * MR
-    first = te.compute((experts, 2), lambda e, w: te.sum(tirx.Select(
-        f < e, tirx.Select(w == 0, count[f], (count[f] + tile - one) // tile * tile), zero),
-        axis=f), name="kiln_moe_first")
-    return te.compute((pairs,), lambda a: first[expert(a), 1] + rank[a] - first[expert(a), 0],
+
+def _slots(ind, first):
+    """slot[a] = MR tile0[e(a)] + #{b < a : e(b) = e(a)}: pair a's padded row position.
+
+    count, tile starts and this are separate kernels, each one reduction: a producer
+    reduction computed inside a consumer's parallel loop would share its buffer across
+    threads."""
+    from tvm import te, tirx
+
+    expert = _expert(ind)
+    b = te.reduce_axis((0, ind.shape[0] * ind.shape[1]), "b")
+    within = te.compute((ind.shape[0] * ind.shape[1],), lambda a: te.sum(tirx.Select(
+        tirx.And(b < a, expert(b) == expert(a)), tirx.const(1, "int32"),
+        tirx.const(0, "int32")), axis=b), name=MOE_RANK)
+    return te.compute(within.shape, lambda a: first[expert(a)] + within[a],
                       name="kiln_moe_slot")
 
 
-def _rows(slot, ind, tiles):
-    """rows[t, i, :] = (token, slot, tile expert) of padded row t MR + i."""
+def _rows(slot, ind, first, tiles):
+    """rows[t, i, :] = (token, slot, tile expert) of padded row t MR + i.
+
+    The tile's expert is the last e with MR tile0[e] <= t MR (an unused expert's start
+    equals the next one's; a tile past the used ones gets expert E - 1), a sum written out
+    over the E experts: each (t, i) reads only its own row of ``src`` (a reduction shared
+    by the rows of a tile would be recomputed by parallel iterations into one buffer)."""
     from tvm import te, tirx
 
     k = ind.shape[1]
@@ -112,17 +130,14 @@ def _rows(slot, ind, tiles):
     src = te.compute((tiles, ROW_TILE), lambda t, i: te.sum(tirx.Select(
         slot[a] == (t * ROW_TILE + i).astype("int32"), a.astype("int32") + 1,
         tirx.const(0, "int32")), axis=a), name="kiln_moe_source")     # a + 1 (0: padding)
-    b = te.reduce_axis((0, pairs), "b")
-    last = te.compute((1,), lambda _: te.max(ind[b // k, b % k].astype("int32"), axis=b),
-                      name="kiln_moe_last_expert")
     kk = k.astype("int32") if not isinstance(k, int) else k
+    one, zero = tirx.const(1, "int32"), tirx.const(0, "int32")
 
     def field(t, i, f):
         s = src[t, i] - 1
-        head = src[t, 0] - 1
-        tile_expert = tirx.Select(head >= 0, ind[tirx.max(head, 0) // kk,
-                                                  tirx.max(head, 0) % kk].astype("int32"),
-                                  last[0])
+        start = (t * ROW_TILE).astype("int32")
+        tile_expert = sum((tirx.Select(first[e] <= start, one, zero)
+                           for e in range(1, int(first.shape[0]))), zero)
         return tirx.Select(f == TOKEN, tirx.Select(s >= 0, s // kk, -1),
                            tirx.Select(f == SLOT, tirx.Select(s >= 0, s % kk, -1),
                                        tile_expert))
@@ -153,10 +168,12 @@ def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, 
     from tvm import te, tirx
 
     experts = int(w1.ty.shape[0]) if hasattr(w1, "ty") else int(w1.struct_info.shape[0])
-    slot = bb.emit_te(lambda ind: _slots(ind, experts), indices,
-                      primfunc_name_hint="kiln_moe_rank")
+    count = bb.emit_te(lambda ind: _counts(ind, experts), indices,
+                       primfunc_name_hint="kiln_moe_count")
+    first = bb.emit_te(_tile_starts, count, primfunc_name_hint="kiln_moe_first")
+    slot = bb.emit_te(_slots, indices, first, primfunc_name_hint="kiln_moe_rank")
     tiles = row_tiles(_pairs(indices), experts)
-    rows = bb.emit_te(lambda s, ind: _rows(s, ind, tiles), slot, indices,
+    rows = bb.emit_te(lambda s, ind, fs: _rows(s, ind, fs, tiles), slot, indices, first,
                       primfunc_name_hint="kiln_moe_rows")
     # the padded rows' tokens, copied once: the GEMMs then read their rows directly
     # (an x row read through the index inside the reduction runs several times slower)

@@ -133,5 +133,7 @@ def test_tokens_of_one_expert_fill_padded_row_tiles(dense_file, tmp_path, k):
     bind_inputs(model, {"x": [tokens, DIM]})
     fold_constants(model)
     build_artifact(model, "host", tmp_path, model_hash="test")
-    [got] = load(tmp_path, threads=1)(x=x)
-    np.testing.assert_allclose(got, want, rtol=FLOAT_TOL, atol=FLOAT_TOL)
+    run = load(tmp_path, threads=2)             # the sort kernels share no buffer across threads
+    for _ in range(3):
+        [got] = run(x=x)
+        np.testing.assert_allclose(got, want, rtol=FLOAT_TOL, atol=FLOAT_TOL)
