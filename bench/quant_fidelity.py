@@ -142,7 +142,8 @@ def kiln_quantized(model: ir.Model, calibration: list[np.ndarray], method: str) 
         MigrateScales(calibration=context)(model)
     config = QuantizeConfig(weights=IntWeights(dtype="int8"),
                             activations=ActivationQuant(dtype="uint8", calibration=parts[0]),
-                            bias_correction="bias" in parts)
+                            bias_correction="bias" in parts,
+                            rounding="gptq" if "gptq" in parts else "nearest")
     Quantize(config, calibration=context)(model)
     return model
 
@@ -293,17 +294,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small run, printed only")
     parser.add_argument("--models", nargs="+", default=["rec", "det", "yolox"],
                         choices=["rec", "det", "yolox"])
+    parser.add_argument("--methods", nargs="+", default=list(KILN_METHODS),
+                        help="kiln methods (calibration[+equalize][+smooth][+bias][+gptq])")
+    parser.add_argument("--ort", nargs="*", default=list(ORT_METHODS), choices=ORT_METHODS)
+    parser.add_argument("--print-only", action="store_true", help="do not write the table")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     started = time.perf_counter()
     parts = []
     for which in args.models:
-        parts.append(table(which, evaluate(which, sizes, print), sizes))
+        rows = evaluate(which, sizes, print, tuple(args.methods), tuple(args.ort))
+        parts.append(table(which, rows, sizes))
     text = ("## int8 methods vs ONNX Runtime's quantize_static on real tasks\n\n"
             "Written by `python -m bench.quant_fidelity` (see its docstring for the setup); "
             f"{time.perf_counter() - started:.0f} s on this machine.\n\n" + "\n".join(parts))
     print(text)
-    if not args.quick:
+    if not args.quick and not args.print_only:
         write_section(text)
     return 0
 

@@ -192,6 +192,15 @@ class QuantizeConfig(PassConfig):
 
     bias_correction: bool = Field(default=False, description="add (W - W^) E[x] to each "
                                   "layer's bias (DFQ), E[x] from the calibration samples")
+    rounding: Literal["nearest", "gptq"] = Field(
+        default="nearest", description="gptq: integer weight codes chosen column by column "
+        "to keep each layer's output on the calibration inputs (see gptq); int weights only")
+
+    @model_validator(mode="after")
+    def _gptq_needs_int(self) -> QuantizeConfig:
+        if self.rounding == "gptq" and not isinstance(self.weights, IntWeights):
+            raise ValueError(f"rounding: gptq needs integer weights, not {self.weights.dtype!r}")
+        return self
 
     @field_serializer("activations")
     def _activations_yaml_form(self, value: ActivationQuant | None) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 from kiln.compiler.core import packing
 from kiln.compiler.core.metrics import sqnr_db
 from kiln.compiler.core.opset import BLOCKED_OPSET, PER_AXIS_OPSET
-from kiln.passes.quant import formats
+from kiln.passes.quant import formats, gptq
 from kiln.passes.quant.config import (
     Clip,
     CodebookWeights,
@@ -74,14 +74,18 @@ def _param_bits(*arrays: np.ndarray | None) -> int:
 
 
 def _plan_int(site: WeightSite, bits: int, symmetric: bool, granularity: Granularity,
-              clip: Clip, dtype_name: str, wdtype: np.dtype) -> WeightPlan:
+              clip: Clip, dtype_name: str, wdtype: np.dtype,
+              hessian: gptq.Hessian | None = None) -> WeightPlan:
     grouping = _grouping(granularity, site)
     g = grouping.view(site.array)
     q = formats.quantize_int(g, bits, symmetric=symmetric, clip_search=clip == "mse_search")
+    if hessian is not None:
+        q = gptq.rounded(q, grouping, site, hessian, bits, symmetric)
     scale = grouping.params(q.scale).astype(wdtype)
     deq = grouping.unview(q.dequantized)
     attrs = grouping.dequantize_attributes()
-    text = f"{dtype_name} {_granularity_text(granularity)}" + (" mse" if clip != "none" else "")
+    text = f"{dtype_name} {_granularity_text(granularity)}" + (" mse" if clip != "none" else "") \
+        + (" gptq" if hessian is not None else "")
     n = site.array.size
     if bits in _INT_STORAGE:
         storage = _INT_STORAGE[bits][0 if symmetric else 1]
@@ -175,12 +179,14 @@ def _plan_codebook(site: WeightSite, cfg: CodebookWeights, wdtype: np.dtype) -> 
                   "shape": np.array(w.shape, dtype=np.int64)}, {}, sqnr_db(w, deq))
 
 
-def plan_weight(site: WeightSite, weights: WeightQuant) -> WeightPlan | str:
-    """What the weight of ``site`` becomes under ``weights`` (or why it cannot)."""
+def plan_weight(site: WeightSite, weights: WeightQuant,
+                hessian: gptq.Hessian | None = None) -> WeightPlan | str:
+    """What the weight of ``site`` becomes under ``weights`` (or why it cannot); with a
+    ``hessian`` (integer weights only) the codes are GPTQ's rather than the nearest."""
     wdtype = site.array.dtype
     if isinstance(weights, IntWeights):
         return _plan_int(site, weights.bits, weights.is_symmetric, weights.granularity,
-                         weights.clip, weights.dtype, wdtype)
+                         weights.clip, weights.dtype, wdtype, hessian)
     if isinstance(weights, FloatWeights):
         if not weights.exponent_search:
             return _plan_float(site, weights.dtype, weights.granularity, weights.clip, wdtype)

@@ -36,6 +36,10 @@ dynamic: DynamicQuantizeLinear(x) -> DequantizeLinear (uint8, computed at run ti
 ``bias_correction: true`` adds (W - W^) E[x] to each layer's bias (``bias_correction``),
 E[x] per input channel from the calibration samples.
 
+``rounding: gptq`` (integer weights) chooses the codes column by column so that each
+layer's output on the calibration inputs moves least (``gptq``), with the scales of
+round-to-nearest; with static activations H is over the quantized inputs.
+
 Bits per weight (codes, scales, zero points, tables) are in every candidate's label
 and in ``note``.
 
@@ -47,14 +51,16 @@ Before matching, ``prepare`` folds weights the graph computes from constants
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
+import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import PassError
 from kiln.compiler.core.opset import PER_AXIS_OPSET, ensure_opset
 from kiln.compiler.core.pass_api import Candidate, KilnPass
-from kiln.passes.quant import kiln_ops
+from kiln.passes.quant import gptq, kiln_ops
 from kiln.passes.quant.bias_correction import (
     apply_correction,
     correction_problem,
@@ -62,7 +68,7 @@ from kiln.passes.quant.bias_correction import (
     mean_per_channel,
     output_shift,
 )
-from kiln.passes.quant.calibrate import calibrate_range, consumer_of
+from kiln.passes.quant.calibrate import calibrate_range, consumer_of, fake_quant
 from kiln.passes.quant.config import ActivationQuant, QuantizeConfig
 from kiln.passes.quant.emit import drop_constant, emit_activation_qdq, emit_weight
 from kiln.passes.quant.fold_weights import fold_weight_paths
@@ -107,13 +113,14 @@ class Quantize(KilnPass):
             if isinstance(plan, str):
                 found.append(Candidate(node, label, reason=plan))
                 continue
-            found.append(Candidate(node, f"{label} [{plan.description}, "
-                                   f"{plan.bits_per_weight:.2f} bits/weight, weight SQNR "
-                                   f"{plan.weight_sqnr_db:.1f} dB]", nodes=(node,), data=plan))
+            found.append(Candidate(node, label, nodes=(node,), data=plan))
         static = activations is not None and not activations.dynamic
-        if static or cfg.bias_correction:
+        if static or cfg.bias_correction or cfg.rounding == "gptq":
             self._calibrate(model, [c for c in found if c.accepted],
                             activations if static else None)
+        found = [replace(c, label=f"{c.label} [{c.data.description}, {c.data.bits_per_weight:.2f}"
+                         f" bits/weight, weight SQNR {c.data.weight_sqnr_db:.1f} dB]")
+                 if c.accepted else c for c in found]
         accepted = [c for c in found if c.accepted]
         if accepted:
             total = sum(c.anchor.inputs[1].const_value.size for c in accepted)
@@ -148,11 +155,27 @@ class Quantize(KilnPass):
         ranges = {name: calibrate_range(values[name], cfg, readers[name]) for name in names} \
             if cfg is not None else {}
         for c in accepted:
+            if self.config.rounding == "gptq":
+                self._round(c, sites[id(c.anchor)], values[c.anchor.inputs[0].name],
+                            ranges.get(c.anchor.inputs[0].name))
             if cfg is not None:
                 c.data.activation = ranges[c.anchor.inputs[0].name]
             if self.config.bias_correction:
                 c.data.input_mean = mean_per_channel(values[c.anchor.inputs[0].name], c.anchor,
                                                      sites[id(c.anchor)].array.shape[2:])
+
+    def _round(self, candidate: Candidate, site, values, activation) -> None:
+        """The candidate's plan again, in place, with GPTQ's codes (``rounding: gptq``); H
+        from the inputs as the layer reads them (quantized, with a static range)."""
+        if gptq.hessian_problem(candidate.anchor) is not None:
+            return
+        quantize = None
+        if activation is not None:
+            dtype = self.config.activations.dtype
+            quantize = lambda v: fake_quant(np.asarray(v, np.float32), *activation, dtype)  # noqa: E731
+        plan = plan_weight(site, self.config.weights, gptq.hessian(values, site, quantize))
+        if not isinstance(plan, str):
+            vars(candidate.data).update(vars(plan))
 
     def rewrite(self, model: ir.Model, accepted: Sequence[Candidate]) -> int:
         needed = max(c.data.opset for c in accepted)
