@@ -186,7 +186,8 @@ class CompileReport:
     def summary_lines(self) -> list[str]:
         """Console lines after the table: the calibration source, layers kept in float."""
         lines = [self.calibration.describe()] if self.calibration else []
-        lines += [f"{p.name}: {len(p.kept_float)} layer(s) kept in float: " + ", ".join(
+        lines += [f"{p.name}: {len(p.kept_float)} layer(s) kept in "
+                  f"{p.kept_float[0].get('precision', 'float')}: " + ", ".join(
             f"{k['node']} (rank {k['rank']})" for k in p.kept_float) for p in self.passes
             if p.kept_float]
         return lines

@@ -7,13 +7,17 @@ pass rewrites that layer alone and leaves every other layer in float. The lower 
 the more sensitive the layer. ``kiln plan --sensitivity`` prints the ranking.
 
 **Fallback** (``verify.on_budget_exceeded: fallback``): when a lossy pass breaks its
-budget, kiln ranks the layers by sensitivity and keeps the k most sensitive ones in float,
+budget, kiln ranks the layers by sensitivity. A pass with a higher-precision form of a
+layer (``higher_precision``; ``quantize``: int16 activations over the same calibrated range,
+int8 weights) first gets the k most sensitive layers in that form, k searched as below up
+to all layers; if that never holds (or the pass has none), it keeps the k most sensitive
+ones in float,
 k chosen as the smallest that meets the budget: k = 1, 2, 4, ... until the budget holds,
 then a bisection between the last k that failed and the first that held (log2(n) + a few
 verified runs; it assumes more float layers never hurt, which holds in practice and is
 checked: the chosen model is verified like any pass result). If even n - 1 float layers
 break the budget, the pass fails (or is undone) as without fallback. The report lists the
-layers kept in float with their SQNR alone and rank.
+layers kept (``precision``: float or int16 activations) with their SQNR alone and rank.
 
 Candidates are computed once, on a copy of the model before the pass (``PassTrial``);
 every trial rewrites a subset of them on a fresh copy, so calibration runs once (for a
@@ -24,7 +28,7 @@ finds its candidates again).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -102,8 +106,16 @@ class PassTrial:
                             _positions(base, c.nodes)) for c in self._accepted]
         return self._accepted
 
-    def build(self, rewrite: Sequence[int]) -> ir.Model:
-        """A copy of the (prepared) model with the accepted candidates ``rewrite`` rewritten."""
+    @property
+    def has_higher_precision(self) -> bool:
+        """Whether the pass offers a higher-precision form of a candidate (``quantize``:
+        int16 activations), tried before float by the fallback."""
+        return callable(getattr(self.pass_class, "higher_precision", None)) and any(
+            self._instance(self._copy()).higher_precision(c) is not None for c in self.accepted)
+
+    def build(self, rewrite: Sequence[int], higher: Collection[int] = ()) -> ir.Model:
+        """A copy of the (prepared) model with the accepted candidates ``rewrite`` rewritten,
+        those also in ``higher`` in the pass's higher-precision form where it has one."""
         accepted = self.accepted
         model = self._copy()
         if not rewrite:
@@ -121,6 +133,10 @@ class PassTrial:
                      if c.accepted and c.anchor is not None}
             chosen = [again[self._where[i][0]] for i in sorted(rewrite)
                       if self._where[i][0] in again]
+            rewrite = [i for i in sorted(rewrite) if self._where[i][0] in again]
+        if higher:
+            chosen = [(instance.higher_precision(c) or c) if i in higher else c
+                      for i, c in zip(sorted(rewrite), chosen)]
         instance.rewrite(model, chosen)
         return model
 
@@ -171,19 +187,24 @@ class Fallback:
     trials: int
     budget: str = ""
     ranking: list[LayerSensitivity] = field(default_factory=list)
+    #: what the kept layers became: "float", or the pass's higher precision ("int16 activations")
+    precision: str = "float"
 
     def note(self) -> str:
         names = ", ".join(f"{s.node} ({_db(s.sqnr_db)} alone)" for s in self.kept_float[:6])
         more = f" and {len(self.kept_float) - 6} more" if len(self.kept_float) > 6 else ""
-        text = (f"fallback: {len(self.kept_float)} of {len(self.ranking)} layers kept in "
-                f"float (the most sensitive) so the budget holds: {names}{more}")
+        where = "in float" if self.precision == "float" else f"with {self.precision}"
+        text = (f"fallback: {len(self.kept_float)} of {len(self.ranking)} layers kept {where} "
+                f"(the most sensitive) so the budget holds: {names}{more}")
         if 2 * len(self.kept_float) > len(self.ranking):
-            text += (" (most layers stayed float: calibrate on data like the model's own, "
+            text += (f" (most layers kept {where}: calibrate on data like the model's own, "
                      "or relax the budget)")
         return text
 
     def kept_float_dicts(self) -> list[dict[str, Any]]:
-        return [s.to_dict() | {"why": f"rank {s.rank} of {len(self.ranking)} by sensitivity "
+        """The kept layers, each with its ``precision`` and why (report.json)."""
+        return [s.to_dict() | {"precision": self.precision,
+                               "why": f"rank {s.rank} of {len(self.ranking)} by sensitivity "
                                f"(output SQNR {_db(s.sqnr_db)} with this layer alone "
                                "quantized); the budget failed with it quantized"}
                 for s in self.kept_float]
@@ -193,31 +214,12 @@ def _db(x: float) -> str:
     return "exact" if math.isinf(x) and x > 0 else f"{x:.1f} dB"
 
 
-def fall_back(trial: PassTrial, run: Runner, reference: list[list],
-              output_names: Sequence[str], judge: Judge, *,
-              progress: Callable[[str], Any] | None = None) -> Fallback | None:
-    """The fewest most-sensitive layers to keep in float so that ``judge`` (the budget
-    check of a run's outputs: (failure or None, vs previous, vs source)) passes; None when
-    no fallback with at least one layer rewritten meets it."""
-    ranking = layer_sensitivity(trial, run, reference, output_names, progress=progress)
-    order = [s.index for s in ranking]
-    n = len(order)
-    results: dict[int, tuple[ir.Model, list[list], str | None, ErrorMetrics, ErrorMetrics]] = {}
-
-    def attempt(k: int):
-        if k not in results:
-            if progress:
-                progress(f"fallback: {k} layer(s) in float")
-            kept = set(order[:k])
-            model = trial.build([i for i in range(n) if i not in kept])
-            outputs = run(model)
-            failure, vs_prev, vs_source = judge(outputs)
-            results[k] = (model, outputs, failure, vs_prev, vs_source)
-        return results[k][2] is None
-
+def _fewest(n: int, holds: Callable[[int], bool]) -> int | None:
+    """The smallest k in 1..n-1 (``last``: n) with ``holds(k)``: k = 1, 2, 4, ... then a
+    bisection (it assumes holding is monotone in k); None if none holds."""
     lo, hi, k = 0, None, 1
     while hi is None and k < n:        # k = 1, 2, 4, ..., n - 1
-        if attempt(k):
+        if holds(k):
             hi = k
         else:
             lo = k
@@ -226,13 +228,54 @@ def fall_back(trial: PassTrial, run: Runner, reference: list[list],
         return None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        if attempt(mid):
+        if holds(mid):
             hi = mid
         else:
             lo = mid
-    model, outputs, _, vs_prev, vs_source = results[hi]
-    return Fallback(model, outputs, vs_prev, vs_source, ranking[:hi], n - hi, len(results),
-                    ranking=ranking)
+    return hi
+
+
+def fall_back(trial: PassTrial, run: Runner, reference: list[list],
+              output_names: Sequence[str], judge: Judge, *,
+              progress: Callable[[str], Any] | None = None) -> Fallback | None:
+    """The fewest most-sensitive layers to keep in higher precision so that ``judge`` (the
+    budget check of a run's outputs: (failure or None, vs previous, vs source)) passes;
+    None when no fallback with at least one layer rewritten meets it.
+
+    When the pass has a higher-precision form (``quantize``: int16 activations) the k most
+    sensitive layers are tried in it first (k up to all of them); only if that never holds
+    are the k most sensitive kept in float, the rest rewritten as the pass writes them."""
+    ranking = layer_sensitivity(trial, run, reference, output_names, progress=progress)
+    order = [s.index for s in ranking]
+    n = len(order)
+    results: dict[tuple[str, int], tuple] = {}
+
+    def attempt(precision: str, k: int) -> bool:
+        if (precision, k) not in results:
+            if progress:
+                progress(f"fallback: {k} layer(s) {precision}")
+            kept = set(order[:k])
+            if precision == "float":
+                model = trial.build([i for i in range(n) if i not in kept])
+            else:
+                model = trial.build(range(n), higher=kept)
+            outputs = run(model)
+            failure, vs_prev, vs_source = judge(outputs)
+            results[precision, k] = (model, outputs, failure, vs_prev, vs_source)
+        return results[precision, k][2] is None
+
+    steps = []
+    if trial.has_higher_precision:
+        steps.append((trial.pass_class.higher_precision_name, n + 1))
+    steps.append(("float", n))
+    for precision, limit in steps:
+        k = _fewest(limit, lambda k, p=precision: attempt(p, k))
+        if k is not None:
+            model, outputs, _, vs_prev, vs_source = results[precision, k]
+            return Fallback(model, outputs, vs_prev, vs_source, ranking[:k],
+                            n - k if precision == "float" else n, len(results),
+                            ranking=ranking, precision=precision)
+    return None
 
 
 def ranking_lines(name: str, ranking: Sequence[LayerSensitivity], *, top: int = 20) -> list[str]:

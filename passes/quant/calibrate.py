@@ -26,7 +26,7 @@ import numpy as np
 from kiln.passes.quant.config import ActivationQuant
 from kiln.passes.quant.weights import WeightSite
 
-_ACT_RANGE = {"uint8": (0, 255), "int8": (-128, 127)}
+_ACT_RANGE = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-32768, 32767)}
 #: Clip ratios of the calibrated range tried by ``calibration: mse``.
 ACTIVATION_CLIP_GRID = np.linspace(1.0, 0.3, 36)
 #: At most this many values enter the MSE search (a deterministic stride subsample).
@@ -73,6 +73,14 @@ def _qparams(lo: float, hi: float, dtype: str) -> tuple[float, int]:
     scale = (hi - lo) / (qmax - qmin) or 1.0
     zero_point = int(np.clip(round(qmin - lo / scale), qmin, qmax))
     return float(scale), zero_point
+
+
+def widened(params: tuple[float, int], dtype: str, wide: str = "int16") -> tuple[float, int]:
+    """The (scale, zero point) of ``wide`` over the range ``params`` covers in ``dtype``:
+    the same clip, 2^8 times finer steps for int16."""
+    qmin, qmax = _ACT_RANGE[dtype]
+    scale, zero_point = params
+    return _qparams((qmin - zero_point) * scale, (qmax - zero_point) * scale, wide)
 
 
 def fake_quant(x: np.ndarray, scale: float, zero_point: int, dtype: str) -> np.ndarray:

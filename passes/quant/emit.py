@@ -102,13 +102,16 @@ def emit_activation_qdq(graph: ir.Graph, node: ir.Node, cfg: ActivationQuant,
                         plan: WeightPlan, cache: dict[str, ir.Value]) -> None:
     """Quantize-dequantize ``node``'s first input: QuantizeLinear -> DequantizeLinear with the
     plan's calibrated (scale, zero point), or DynamicQuantizeLinear -> DequantizeLinear. One
-    pair per activation: ``cache`` maps an activation already done to its dequantized value."""
+    pair per activation and dtype: ``cache`` maps one already done to its dequantized value;
+    ``plan.activation_dtype`` (int16: the fallback's higher precision) overrides the config's."""
     x = node.inputs[0]
-    if x.name in cache:
-        node.replace_input_with(0, cache[x.name])
+    dtype = plan.activation_dtype or cfg.dtype
+    key = f"{x.name}|{dtype}"
+    if key in cache:
+        node.replace_input_with(0, cache[key])
         return
     base = x.name or "x"
-    tag = {QUANT_KEY: f"activation {'dynamic uint8' if cfg.dynamic else cfg.dtype}"}
+    tag = {QUANT_KEY: f"activation {'dynamic uint8' if cfg.dynamic else dtype}"}
     if cfg.dynamic:
         dql = ir.Node("", "DynamicQuantizeLinear", [x], num_outputs=3,
                       name=unique_name(graph, f"{base}_dynamic_quantize"), metadata_props=tag)
@@ -120,7 +123,7 @@ def emit_activation_qdq(graph: ir.Graph, node: ir.Node, cfg: ActivationQuant,
         new = [dql, dq]
     else:
         scale, zp = plan.activation
-        zdtype = np.uint8 if cfg.dtype == "uint8" else np.int8
+        zdtype = {"uint8": np.uint8, "int8": np.int8, "int16": np.int16}[dtype]
         s = add_initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
         z = add_initializer(graph, f"{base}_zero_point", np.array(zp, dtype=zdtype))
         ql = ir.Node("", "QuantizeLinear", [x, s, z], num_outputs=1,
@@ -134,4 +137,4 @@ def emit_activation_qdq(graph: ir.Graph, node: ir.Node, cfg: ActivationQuant,
     out.shape, out.type = x.shape, x.type
     graph.insert_before(node, new)
     node.replace_input_with(0, out)
-    cache[x.name] = out
+    cache[key] = out

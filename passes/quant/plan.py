@@ -43,9 +43,12 @@ class WeightPlan:
     weight_sqnr_db: float = math.inf
     activation: tuple[float, int] | None = None   # static (scale, zero point)
     input_mean: np.ndarray | None = None           # E[x] per input channel (bias correction)
+    activation_dtype: str | None = None            # overrides the config's (int16 fallback)
 
     @property
     def opset(self) -> int:
+        if self.activation_dtype == "int16":
+            return BLOCKED_OPSET                        # 16-bit QuantizeLinear
         if self.form == "dq" and "block_size" not in self.attributes and \
                 self.arrays["q"].dtype in (np.int8, np.uint8):
             return PER_AXIS_OPSET

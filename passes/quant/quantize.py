@@ -68,7 +68,7 @@ from kiln.passes.quant.bias_correction import (
     mean_per_channel,
     output_shift,
 )
-from kiln.passes.quant.calibrate import calibrate_range, consumer_of, fake_quant
+from kiln.passes.quant.calibrate import calibrate_range, consumer_of, fake_quant, widened
 from kiln.passes.quant.config import ActivationQuant, QuantizeConfig
 from kiln.passes.quant.emit import drop_constant, emit_activation_qdq, emit_weight
 from kiln.passes.quant.fold_weights import fold_weight_paths
@@ -84,6 +84,8 @@ class Quantize(KilnPass):
     exact = False
     needs_calibration = True
     portable_candidates = True      # a WeightPlan is arrays and attributes only
+    #: what ``higher_precision`` makes of a layer (the fallback's report names it)
+    higher_precision_name = "int16 activations"
     #: op types of the weight-path nodes ``prepare`` folded (for ``note``)
     folded: list[str] = []
 
@@ -176,6 +178,17 @@ class Quantize(KilnPass):
         plan = plan_weight(site, self.config.weights, gptq.hessian(values, site, quantize))
         if not isinstance(plan, str):
             vars(candidate.data).update(vars(plan))
+
+    def higher_precision(self, candidate: Candidate) -> Candidate | None:
+        """The candidate with int16 activations over the same calibrated range (the first
+        step of ``on_budget_exceeded: fallback``, before float); None without static ones."""
+        cfg = self.config.activations
+        plan: WeightPlan = candidate.data
+        if cfg is None or cfg.dynamic or plan.activation is None or plan.activation_dtype:
+            return None
+        wide = replace(plan, activation=widened(plan.activation, cfg.dtype),
+                       activation_dtype="int16")
+        return replace(candidate, label=f"{candidate.label} (int16 activations)", data=wide)
 
     def rewrite(self, model: ir.Model, accepted: Sequence[Candidate]) -> int:
         needed = max(c.data.opset for c in accepted)
