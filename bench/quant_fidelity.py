@@ -13,7 +13,8 @@ inputs of every Conv / MatMul / Gemm with a constant weight:
 
 - kiln ``minmax | percentile | mse | search``: ``quantize`` with that activation
   calibration; ``+equalize``: ``equalize`` first; ``+smooth``: ``migrate_scales``
-  (SmoothQuant, alpha 0.5) first; ``+bias``: ``bias_correction: true``;
+  (SmoothQuant, alpha 0.5) first; ``+bias``: ``bias_correction: true``; ``+gptq``:
+  ``rounding: gptq`` (weight codes by GPTQ from the calibration inputs, see passes/quant/gptq);
 - ORT ``MinMax | Entropy | Percentile``: ``onnxruntime.quantization.quantize_static``
   (QDQ, ``per_channel=True``, QUInt8 activations, QInt8 weights, ``nodes_to_quantize`` the
   Conv/MatMul/Gemm nodes with a constant weight, so both quantize the same layers) on the
@@ -55,7 +56,7 @@ DET_THRESHOLD = 0.3
 DET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 DET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 KILN_METHODS = ("minmax", "percentile", "mse", "search", "search+bias", "search+smooth",
-                "search+equalize", "search+equalize+bias")
+                "search+equalize", "search+equalize+bias", "search+gptq", "percentile+gptq")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 INPUT = {"rec": "x", "det": "x", "yolox": "images"}
 YOLO_SIDE = 416
