@@ -284,3 +284,41 @@ def test_rows_no_vector_divides_are_reduced_once_per_row():
     assert _kernel_rules(lowered)["softmax"] == "reduction"
     assert "T.parallel" in lowered["softmax"].script()
     _assert_close(got, torch.softmax(torch.from_numpy(x), dim=-1).numpy())
+
+
+@pytest.mark.parametrize("path", ["host", "x86-64-v3", "x86-64-v4"])
+def test_stem_conv_keeps_its_dividing_row_tile(path):
+    """A 3-channel stem conv (3x3 s2, rows of 14 in NHWC): the innermost reduction (3
+    input channels) is unrolled whole, so no guarded row tile is taken even where the
+    tile model would pick one (AVX2: 5 x 2 vectors for 14 rows); it matches torch."""
+    from kiln.backends.tvm.schedules.dense import guarded_tile, narrower_tile, tile_columns, tile_rows
+    from kiln.backends.tvm.schedules.rule import register_accumulators, vector_lanes_f32
+
+    from .test_isa_paths import _guarded_row_split, _target
+
+    target = _target(path)
+    rng = _rng()
+    w = (rng.standard_normal((16, 3, 3, 3)) / 5).astype("float32")
+    x = rng.standard_normal((1, 3, 28, 28)).astype("float32")
+
+    def model(bb, xv):
+        return bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(xv, relax.const(w), strides=2,
+                                                           padding=1)))
+
+    scheduled: list[tvm.IRModule] = []
+    executable = tvm.compile(relax_module(model, x), target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    assert "contraction" in _kernel_rules(scheduled[-1]).values()
+    assert not _guarded_row_split(scheduled[-1])
+    if path == "x86-64-v3":  # the case the rule now declines: the model alone would guard
+        lanes = vector_lanes_f32(target.tvm_target())
+        acc = register_accumulators(target.tvm_target())
+        nr, _ = tile_columns(16, lanes)
+        mr = tile_rows(14, acc // (nr // lanes))
+        if mr < 3:
+            nr, mr = narrower_tile(16, 14, nr, mr, lanes, acc)
+        assert guarded_tile(16, 14, nr, mr, lanes, acc) is not None
+    ref = torch.relu(torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w),
+                                                stride=2, padding=1))
+    _assert_close(got, ref.numpy())
