@@ -137,3 +137,44 @@ def test_tokens_of_one_expert_fill_padded_row_tiles(dense_file, tmp_path, k):
     for _ in range(3):
         [got] = run(x=x)
         np.testing.assert_allclose(got, want, rtol=FLOAT_TOL, atol=FLOAT_TOL)
+
+
+def test_glu_experts_match_ort(tmp_path):
+    """SwiGLU experts (Mixtral's w2(silu(w1 x) * w3 x)): the dispatch's kiln_moe_glu path."""
+    import torch
+    from torch import nn
+
+    class Glu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1, self.w3 = nn.Linear(DIM, HIDDEN), nn.Linear(DIM, HIDDEN)
+            self.w2 = nn.Linear(HIDDEN, DIM)
+
+        def forward(self, x):
+            return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
+
+    class GluMoE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate = nn.Linear(DIM, EXPERTS)
+            self.experts = nn.ModuleList(Glu() for _ in range(EXPERTS))
+
+        def forward(self, x):
+            probs = torch.softmax(self.gate(x), dim=-1)
+            out = 0
+            for e, expert in enumerate(self.experts):
+                out = out + probs[:, e:e + 1] * expert(x)
+            return out
+
+    torch.manual_seed(0)
+    model = _sparse(export(GluMoE(), tmp_path / "glu.onnx", tokens=8, dim=DIM), 2)
+    [layer] = find_dispatch_layers(kir.to_proto(model))
+    assert layer.experts[0].w3 is not None
+    x = _tokens(11)
+    want = _ort(model, x)
+    bind_inputs(model, {"x": [11, DIM]})
+    fold_constants(model)
+    built = build_artifact(model, "host", tmp_path / "out", model_hash="glu")
+    assert built.rules.get("kiln_moe_glu") == "grouped_gemm"
+    [got] = load(tmp_path / "out", threads=1)(x=x)
+    np.testing.assert_allclose(got, want, rtol=FLOAT_TOL, atol=FLOAT_TOL)
