@@ -142,9 +142,10 @@ def test_gptq_needs_integer_weights():
     assert QuantizeConfig.model_validate({"rounding": "gptq"}).model_dump()["rounding"] == "gptq"
 
 
-def test_digits_cnn_int4_gptq_keeps_more_of_the_logits():
+def test_digits_cnn_int4_gptq_keeps_more_of_the_logits(tmp_path):
     """int4 per-channel weights on the trained digits CNN, 64 training digits as calibration,
-    logits SQNR on 128 held-out digits (measured: nearest 19.6 dB, gptq 23.3 dB)."""
+    logits SQNR on 128 held-out digits (measured: nearest 24.0 dB, gptq 34.2 dB; 49 s at
+    load 11, most of it training and exporting)."""
     import torch
 
     from kiln.compiler.core.frontend import load_model
@@ -152,25 +153,18 @@ def test_digits_cnn_int4_gptq_keeps_more_of_the_logits():
 
     x_train, _, x_test, _ = digits_split()
     module, args = trained_cnn()
-
-    def exported(tmp):
-        path = f"{tmp}/digits.onnx"
-        torch.onnx.export(module, args, path, dynamo=True)
-        return path
-
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        path = exported(tmp)
-        base = load_model(path)
-        name = base.graph.inputs[0].name
-        samples = [{name: x_train[i:i + 1]} for i in range(64)]
-        held_out = [{name: x_test[i:i + 1]} for i in range(128)]
-        reference = np.concatenate([models.run_simulated(base, s)[0] for s in held_out])
-        sqnr = {}
-        for rounding in ("nearest", "gptq"):
-            model = load_model(path)
-            Quantize(QuantizeConfig(weights=INT4, rounding=rounding),
-                     calibration=_context(samples))(model)
-            got = np.concatenate([models.run_simulated(model, s)[0] for s in held_out])
-            sqnr[rounding] = models.sqnr_db(reference, got)
-    assert sqnr["gptq"] > sqnr["nearest"] + 1.0, sqnr
+    path = tmp_path / "digits.onnx"
+    torch.onnx.export(module, args, path, dynamo=True)
+    base = load_model(path)
+    name = base.graph.inputs[0].name
+    samples = [{name: x_train[i:i + 1]} for i in range(64)]
+    held_out = [{name: x_test[i:i + 1]} for i in range(128)]
+    reference = np.concatenate([models.run_simulated(base, s)[0] for s in held_out])
+    sqnr = {}
+    for rounding in ("nearest", "gptq"):
+        model = load_model(path)
+        Quantize(QuantizeConfig(weights=INT4, rounding=rounding),
+                 calibration=_context(samples))(model)
+        got = np.concatenate([models.run_simulated(model, s)[0] for s in held_out])
+        sqnr[rounding] = models.sqnr_db(reference, got)
+    assert sqnr["gptq"] > sqnr["nearest"] + 5.0, sqnr
