@@ -40,6 +40,32 @@ def _reference_logits(tokens):
         return model(torch.tensor([tokens])).logits[0].numpy()
 
 
+def _torch_step(step):
+    """The PyTorch decoder step as a :data:`Step` (feeds in input order: ids, positions,
+    mask, then the pasts as greedy() adds them)."""
+    def run(feeds):
+        with torch.no_grad():
+            return [t.numpy() for t in step(*(torch.from_numpy(np.asarray(v))
+                                              for v in feeds.values()))]
+    return run
+
+
+def test_the_decoder_step_matches_pytorch_through_the_cache():
+    # the wrapper's own attention (masked slot, causal bias, GQA, RoPE) in PyTorch, no
+    # export: the fast check of what the exported graph computes
+    model = random_llama(llama_config("micro"), seed=3)
+    layout = llm_export.layout_of(model)
+    cache = CacheLayout(tuple(layout.past_names()), layout.kv_heads, layout.head_dim)
+    prompt = [5, 17, 99, 3, 64]
+    result = greedy(_torch_step(llm_export.decoder_step(model)), cache, prompt, 6,
+                    keep_logits=True)
+    expected = _reference_logits(prompt + result.tokens)[len(prompt) - 1:-1]
+    assert np.abs(np.stack(result.logits) - expected).max() <= \
+        RELATIVE_TOLERANCE * np.abs(expected).max()
+    assert result.tokens == [int(t) for t in expected.argmax(-1)]
+
+
+@pytest.mark.slow
 def test_inputs_outputs_and_symbolic_dims(micro):
     _, model = micro
     inputs = {v.name: v for v in model.graph.inputs}
@@ -55,6 +81,7 @@ def test_inputs_outputs_and_symbolic_dims(micro):
     assert not {n.op_type for n in model.graph} & {"Shape", "Range", "Expand", "ConstantOfShape"}
 
 
+@pytest.mark.slow
 def test_prefill_and_cached_decode_match_pytorch(micro):
     _, model = micro
     layout = CacheLayout.from_inputs([(v.name, [getattr(d, "value", d) for d in v.shape])
