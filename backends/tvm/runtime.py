@@ -184,7 +184,6 @@ class CompiledModel:
 
     def __init__(self, outdir: Path, manifest: Manifest, *, threads: int | None = None) -> None:
         import tvm
-        from tvm.runtime.vm import VirtualMachine
 
         self.outdir = Path(outdir)
         self.manifest = manifest
@@ -202,9 +201,7 @@ class CompiledModel:
         library = self.outdir / manifest.library
         if not library.is_file():
             raise KilnError(f"{outdir}: {manifest.library} is missing")
-        self._library = tvm.runtime.load_module(str(library))
-        self._vm = VirtualMachine(self._library, self.device)
-        self._main = self._vm["main"]
+        self._vms = _ThreadVM(tvm.runtime.load_module(str(library)), self.device)
         self._buffers = CallBuffers()
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise KilnError(f"threads={threads!r}: expected a whole number of threads >= 1")
@@ -269,7 +266,7 @@ class CompiledModel:
             args = [device_tensor(np.ascontiguousarray(a).reshape(a.shape), self.device)
                     for a in ordered]
         started = time.perf_counter()
-        result = self._main(*args)
+        result = self._vms.main(*args)
         if self.governor is not None and on_cpu:
             now = time.perf_counter()
             wanted = self.governor.observe(now - started, now)
@@ -316,6 +313,18 @@ def _span(tensor, nbytes: int) -> tuple[int, int]:
 
 def _overlaps(span: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
     return any(span[0] < hi and lo < span[1] for lo, hi in spans)
+
+
+class _ThreadVM(threading.local):
+    """One Relax VM per calling thread over the one loaded library: a VM keeps its call
+    frames' registers in itself, so two threads calling one VM at once overwrite each
+    other's registers (seen as TVM's ``reg < frame->register_file.size()`` check failing)."""
+
+    def __init__(self, library, device) -> None:
+        from tvm.runtime.vm import VirtualMachine
+
+        self.vm = VirtualMachine(library, device)
+        self.main = self.vm["main"]
 
 
 class CallBuffers(threading.local):
