@@ -25,9 +25,12 @@ INT8_OUTPUT = "kiln_int8_out"
 #: the int32 window sums ``acc[b, oh, ow, c]`` (its epilogue is ``INT8_OUTPUT``).
 INT8_DW_ACC = "kiln_int8_dw_acc"
 #: MoE top-k dispatch (``importer.moe_kernels``, scheduled by ``schedules.grouped_gemm``):
-#: each (token, slot) pair's row in expert order (counting sort), the sorted rows'
+#: the pairs per expert and each expert's first padded row (tiny serial kernels), each
+#: (token, slot) pair's row in expert order (counting sort), the sorted rows'
 #: token/slot/expert, the grouped GEMMs (first layer, its GLU up-projection, the
 #: activation; second layer times the gate) and the combine back to token order.
+MOE_COUNT = "kiln_moe_count"
+MOE_FIRST = "kiln_moe_first"
 MOE_RANK = "kiln_moe_rank"
 MOE_ROWS = "kiln_moe_rows"
 MOE_UP = "kiln_moe_up"

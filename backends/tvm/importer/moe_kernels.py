@@ -29,7 +29,9 @@ import math
 from kiln.backends.tvm.kernel_names import (
     MOE_ACT,
     MOE_COMBINE,
+    MOE_COUNT,
     MOE_DOWN,
+    MOE_FIRST,
     MOE_GATED,
     MOE_GLU,
     MOE_RANK,
@@ -84,7 +86,7 @@ def _counts(ind, experts: int):
     c = te.reduce_axis((0, ind.shape[0] * ind.shape[1]), "c")
     return te.compute((experts,), lambda e: te.sum(tirx.Select(
         expert(c) == e.astype("int32"), tirx.const(1, "int32"), tirx.const(0, "int32")),
-        axis=c), name="kiln_moe_count")
+        axis=c), name=MOE_COUNT)
 
 
 def _tile_starts(count):
@@ -95,7 +97,7 @@ def _tile_starts(count):
     tile, one = tirx.const(ROW_TILE, "int32"), tirx.const(1, "int32")
     return te.compute(count.shape, lambda e: te.sum(tirx.Select(
         f < e, (count[f] + tile - one) // tile * tile, tirx.const(0, "int32")), axis=f),
-        name="kiln_moe_first")
+        name=MOE_FIRST)
 
 
 def _slots(ind, first):
@@ -169,8 +171,8 @@ def emit_moe_dispatch(bb, x, values, indices, w1, b1, w2, b2, w3=None, b3=None, 
 
     experts = int(w1.ty.shape[0]) if hasattr(w1, "ty") else int(w1.struct_info.shape[0])
     count = bb.emit_te(lambda ind: _counts(ind, experts), indices,
-                       primfunc_name_hint="kiln_moe_count")
-    first = bb.emit_te(_tile_starts, count, primfunc_name_hint="kiln_moe_first")
+                       primfunc_name_hint=MOE_COUNT)
+    first = bb.emit_te(_tile_starts, count, primfunc_name_hint=MOE_FIRST)
     slot = bb.emit_te(_slots, indices, first, primfunc_name_hint="kiln_moe_rank")
     tiles = row_tiles(_pairs(indices), experts)
     rows = bb.emit_te(lambda s, ind, fs: _rows(s, ind, fs, tiles), slot, indices, first,

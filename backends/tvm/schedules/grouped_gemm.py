@@ -23,7 +23,7 @@ from __future__ import annotations
 from tvm import s_tir
 from tvm.tirx import ForKind
 
-from kiln.backends.tvm.kernel_names import MOE_DOWN, MOE_GLU, MOE_UP
+from kiln.backends.tvm.kernel_names import MOE_COUNT, MOE_DOWN, MOE_FIRST, MOE_GLU, MOE_UP
 from kiln.backends.tvm.schedules.analysis import const_extent
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 
@@ -85,4 +85,18 @@ class GroupedGemm(KilnRule):
             sch.vectorize(init_lane)
         wo = sch.get_loops(write)
         sch.vectorize(sch.split(wo[-1], [None, lanes])[-1])
+        return sch
+
+
+class MoeSort(KilnRule):
+    """The dispatch's per-expert kernels (``kiln_moe_count``: E sums over the T*k pairs;
+    ``kiln_moe_first``: E x E): left serial, as they are, since a thread-pool launch
+    costs more than their work (E = 8, 512 pairs: 4096 compares)."""
+
+    name = "moe_sort"
+
+    def schedule(self, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        if len(blocks) != 1 or sch.get(blocks[0]).name_hint not in (MOE_COUNT, MOE_FIRST):
+            return None
         return sch

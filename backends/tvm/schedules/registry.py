@@ -21,7 +21,7 @@ from tvm import relax, s_tir, tirx
 
 from kiln.backends.tvm.schedules.dense import Contraction
 from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduction
-from kiln.backends.tvm.schedules.grouped_gemm import GroupedGemm
+from kiln.backends.tvm.schedules.grouped_gemm import GroupedGemm, MoeSort
 from kiln.backends.tvm.schedules.int8_dense import Int8Dense
 from kiln.backends.tvm.schedules.int8_window import Int8Window
 from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
@@ -44,6 +44,7 @@ RULES: tuple[KilnRule, ...] = (
     Int8Window(),
     SparseDense(),
     GroupedGemm(),
+    MoeSort(),
     DecodeConv(),
     DecodeContraction(),
     SymbolicContraction(),  # symbolic rows only (a symbolic-shape build)

@@ -151,7 +151,7 @@ def _int8_dense():
 
 def _grouped_gemm():
     """A top-2 MoE layer (4 ReLU experts, 8 tokens) written by kiln's moe_dense_to_sparse:
-    its dispatch's per-expert GEMMs."""
+    its dispatch's per-expert GEMMs (grouped_gemm) and per-expert counts (moe_sort)."""
     import tempfile
     from pathlib import Path
 
@@ -175,7 +175,7 @@ def _grouped_gemm():
 #: Whole-model cases (weights packed or decoded in the kernel), checked against ORT.
 QUANT_CASES = {"decode_contraction": _decode_contraction, "decode_conv": _decode_conv,
                "sparse_dense": _sparse_dense, "int8_dense": _int8_dense,
-               "grouped_gemm": _grouped_gemm}
+               "grouped_gemm": _grouped_gemm, "moe_sort": _grouped_gemm}
 
 
 def test_every_rule_has_a_case_here():
