@@ -388,12 +388,18 @@ def _same_indices(a, b) -> bool:
 def _inline_plain_copies(sch: s_tir.Schedule, names: list[str]) -> bool:
     """compute_inline the producer blocks that only copy a buffer (TOPI's ``pad_temp`` of
     a convolution without padding): the contraction then reads the input in place."""
+    return inline_producers_if(sch, names, lambda body: (
+        isinstance(body, tirx.BufferStore) and isinstance(body.value, BufferLoad)
+        and _same_indices(body.indices, body.value.indices)))
+
+
+def inline_producers_if(sch: s_tir.Schedule, names: list[str], wanted) -> bool:
+    """compute_inline each producer block of ``names`` whose body ``wanted(body)`` accepts;
+    whether any was inlined."""
     inlined = False
     for name in names:
         block = sch.get_sblock(name)
-        body = sch.get(block).body
-        if not (isinstance(body, tirx.BufferStore) and isinstance(body.value, BufferLoad)
-                and _same_indices(body.indices, body.value.indices)):
+        if not wanted(sch.get(block).body):
             continue
         try:
             sch.compute_inline(block)
@@ -428,4 +434,5 @@ def parallelize_side_nest(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 
 __all__ = ["ACCUMULATORS", "K_UNROLL", "PREPROC_ANNOTATION", "Contraction", "finish_register_tile",
-           "guarded_tile", "narrower_tile", "parallelize_side_nest", "tile_columns", "tile_rows"]
+           "guarded_tile", "inline_producers_if", "narrower_tile", "parallelize_side_nest",
+           "tile_columns", "tile_rows"]

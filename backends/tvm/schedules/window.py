@@ -25,7 +25,7 @@ from kiln.backends.tvm.schedules.analysis import (
     normalize_prim_func,
     single_reduction,
 )
-from kiln.backends.tvm.schedules.dense import PREPROC_ANNOTATION
+from kiln.backends.tvm.schedules.dense import PREPROC_ANNOTATION, inline_producers_if
 from kiln.backends.tvm.schedules.elementwise import parallel_vectorize
 from kiln.backends.tvm.schedules.rule import (
     KilnRule,
@@ -42,8 +42,31 @@ MAX_VECTORS_PER_TILE = 8
 PIXEL_TILE_ACCUMULATORS = 24
 # Window loops up to this extent are unrolled (tunable: all or none).
 UNROLL_WINDOW_EXTENT = 7
+# Padding read through a predicate in the window (no padded copy of the input).
+INLINE_PADDING = True
 # Windows up to this many taps read their producers inline (the stack of an ONNX Sum).
 SMALL_WINDOW = 4
+
+
+def _is_padding(body) -> bool:
+    """A pad whose predicate does not read the innermost (vectorized) dim's index: the
+    inlined predicate is then one scalar test per tap, not a per-lane select."""
+    value = getattr(body, "value", None)
+    op = getattr(value, "op", None)
+    if not (isinstance(body, tirx.BufferStore) and op is not None and
+            getattr(op, "name", "").endswith("if_then_else")):
+        return False
+    last = body.indices[-1]
+    return isinstance(last, tirx.Var) and not any(
+        u.same_as(last) for u in collect_vars_used_in_prim_expr(value.args[0]))
+
+
+def _inline_padding(sch: s_tir.Schedule, names: list[str]) -> bool:
+    """compute_inline TOPI's ``pad_temp`` (``if_then_else(inside, X[..], 0)``) into the
+    window: the taps read the input through the predicate (scalar per tap: it depends
+    on the pixel and tap, not on the vector's channels) instead of a padded copy of the
+    whole input written first."""
+    return inline_producers_if(sch, names, _is_padding)
 
 
 def _inline_producers(sch: s_tir.Schedule, main: str) -> None:
@@ -159,6 +182,10 @@ def schedule_window_reduction(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Sc
     block = sch.get_sblock(name)
     before = [info.name for info in normalize_prim_func(sch)]
     before = before[: before.index(name)]
+    if INLINE_PADDING and _inline_padding(sch, before):
+        block = sch.get_sblock(name)
+        before = [info.name for info in normalize_prim_func(sch)]
+        before = before[: before.index(name)]
     loops = sch.get_loops(block)
     if len(loops) != len(iters):
         return None

@@ -255,7 +255,8 @@ def test_a_single_row_reduction_is_computed_once(op, d):
 @pytest.mark.parametrize("k,stride", [(3, 1), (5, 1), (3, 2)])
 def test_nhwc_depthwise_packs_its_weight_and_blocks_pixels(k, stride):
     """NHWC depthwise (OHWI weight ``[C, k, k, 1]``): the weight is re-laid out
-    channels-last at compile time and each tile covers a few output pixels."""
+    channels-last at compile time, each tile covers a few output pixels, and the taps
+    read the input through the padding predicate (no padded copy, ``pad_temp``)."""
     rng = _rng()
     c, hw = 32, 12
     w = rng.standard_normal((c, k, k, 1)).astype("float32")
@@ -271,6 +272,7 @@ def test_nhwc_depthwise_packs_its_weight_and_blocks_pixels(k, stride):
     (name,) = [n for n, rule in rules.items() if rule == "window"]
     assert name.endswith("_prepacked")  # the weight packing ran at compile time
     assert "T.unroll" in lowered[name].script()
+    assert "pad_temp" not in lowered[name].script()
     ref = torch.relu(torch.nn.functional.conv2d(
         torch.from_numpy(x.transpose(0, 3, 1, 2)),
         torch.from_numpy(w.transpose(0, 3, 1, 2)), stride=stride, padding=k // 2, groups=c))
