@@ -19,7 +19,8 @@ operand accepts, using the static shapes of the op's other operands:
   dynamic strided_slice); integer Div / Mod divisors: non-zero; BitShift
   amounts: within the element width; integer Pow exponents: 0..3; Resize scales:
   output / input (positive); NonMaxSuppression thresholds in [0, 1); AffineGrid size
-  and Resize sizes from the output shape; a window's size and CenterCropPad's shape from the output shape.
+  and Resize sizes from the output shape; a window's size and CenterCropPad's shape from the output shape;
+  Pad pads (and runtime axes) that give the output shape.
 
 An input no rule speaks for gets the default draw (normal floats, ints in [0, 4),
 fair booleans).
@@ -229,6 +230,9 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
         return _distinct_axes(list(range(rank)))
     if op == "Slice" and index == 4:
         return lambda rng, shape, dtype: _ints(rng, 1, 3, shape, dtype)
+    if op == "Pad" and index in (1, 3) and data is not None and out_shape is not None \
+            and len(out_shape) == len(data):
+        return _pad_operand(node, index, data, out_shape)
     if op == "Pad" and index == 1:
         return lambda rng, shape, dtype: _ints(rng, 0, 3, shape, dtype)
     if op == "Pad" and index == 3 and rank:
@@ -241,6 +245,37 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
     if op == "Pow" and index == 1:
         return _integer_only(lambda rng, shape, dtype: _ints(rng, 0, 4, shape, dtype))
     return None
+
+
+def _pad_operand(node: ir.Node, index: int, data: list[int], out: list[int]) -> Draw:
+    """Pad's ``pads`` (index 1) or ``axes`` (3) that give ``out`` from ``data``: the axes
+    (constant, else the changed ones then unchanged ones, as many as the operand holds)
+    padded ``(out - in) // 2`` at the start and the rest at the end."""
+    inputs = list(node.inputs)
+    constant = kir.constant_tensor(inputs[3]) if len(inputs) > 3 and inputs[3] is not None \
+        else None
+
+    def axes_for(count: int) -> list[int]:
+        if constant is not None:
+            return [int(a) % len(data) for a in np.asarray(constant.numpy()).reshape(-1)]
+        if len(inputs) <= 3 or inputs[3] is None:
+            return list(range(len(data)))
+        changed = [i for i, (d, o) in enumerate(zip(data, out)) if d != o]
+        same = [i for i, (d, o) in enumerate(zip(data, out)) if d == o]
+        return sorted((changed + same)[:count])
+
+    def draw(rng, shape, dtype):
+        size = int(np.prod(shape)) if shape else 1
+        if index == 3:
+            return np.asarray(axes_for(size), dtype=dtype).reshape(shape)
+        axes = axes_for(size // 2)
+        totals = [out[a] - data[a] for a in axes]
+        begins = [t // 2 for t in totals]
+        values = begins + [t - b for t, b in zip(totals, begins)]
+        if len(values) != size:
+            return np.zeros(shape, dtype)
+        return np.asarray(values, dtype=dtype).reshape(shape)
+    return draw
 
 
 def _resize_sizes(node: ir.Node, data: list[int], out: list[int]) -> Draw:

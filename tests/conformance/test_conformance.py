@@ -55,6 +55,7 @@ FAST_CASES = [
     "test_resize_downsample_scales_cubic_A_n0p5_exclude_outside",  # runtime scales
     "test_resize_upsample_scales_nearest_axes_3_2",  # the same, over axes (were refused)
     "test_nonmaxsuppression_limit_output_size",  # runtime limit/thresholds (were refused)
+    "test_constant_pad_axes", "test_reflect_pad",  # runtime pads / axes (were refused)
 ]
 
 

@@ -30,6 +30,7 @@ from .moe_kernels import MoeDispatch
 from .recurrent import GRU, LSTM, RNN
 from .resize import SeparableResize
 from .rotary import RotaryEmbedding
+from .runtime_pad import RuntimePad
 from .sparse_kernel import SparseDense
 from .standard_converters import (
     ClipAsMinMax,
@@ -88,6 +89,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["ConvTranspose"] = ConvTransposeAsConv(base["ConvTranspose"])
     table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
     table["Resize"] = SeparableResize(base["Resize"])
+    table["Pad"] = RuntimePad(base["Pad"])
     table["NonMaxSuppression"] = ConstantThresholdNMS(base["NonMaxSuppression"])
     table["Attention"] = StandardAttention()
     table["RMSNormalization"] = RMSNormalizationAsRelax

@@ -23,7 +23,7 @@ conformance cases; silently wrong numbers before):
 - ``Constant`` with ``value_int(s)``/``value_float(s)`` (TVM reads only ``value``; constant
   folding writes a Shape of a static input this way): the same values as ``value``;
 - ``Resize`` with runtime scales: its declared output shape written on the node
-  (:mod:`.resize_scales`).
+  (:mod:`.resize_scales`); ``Pad`` with runtime pads, the same (:mod:`.runtime_pad`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .resize_scales import annotate_runtime_scales
+from .runtime_pad import annotate_runtime_pads
 
 _FLOAT_TYPES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
                           onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16})
@@ -260,7 +261,8 @@ def rewrite_edge_cases(model: onnx.ModelProto) -> int:
     nodes (in place).
     Returns how many were rewritten."""
     graph = model.graph
-    emptied = _empty_outputs(graph) + annotate_runtime_scales(model)
+    emptied = _empty_outputs(graph) + annotate_runtime_scales(model) + \
+        annotate_runtime_pads(model)
     if not any(_needs_rewrite(node) for node in graph.node):
         return emptied
     if all(n.op_type == "Constant" for n in graph.node if _needs_rewrite(n)):

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .expr_types import dtype_of, static_shape
 from .resize import ResizeAttributeError, ResizeMode, emit_tap_gather
-from .static_operands import declared_out, static_shapes
+from .static_operands import annotate_declared_out
 
 #: The attribute kiln writes on a runtime-scales Resize: the declared output shape.
 OUTPUT_SHAPE_ATTR = "kiln_output_shape"
@@ -47,17 +46,7 @@ def annotate_runtime_scales(model: onnx.ModelProto) -> int:
     todo = [n for n in graph.node if n.op_type == "Resize" and n.domain in ("", "ai.onnx")
             and _scales_operand(n, opset) not in ("", *constants)
             and not any(a.name == OUTPUT_SHAPE_ATTR for a in n.attribute)]
-    if not todo:
-        return 0
-    shapes = static_shapes(model)
-    annotated = 0
-    for node in todo:
-        out = declared_out(graph, node.output[0], shapes)
-        if out is None:
-            continue
-        node.attribute.append(helper.make_attribute(OUTPUT_SHAPE_ATTR, [int(d) for d in out]))
-        annotated += 1
-    return annotated
+    return annotate_declared_out(model, todo, OUTPUT_SHAPE_ATTR)
 
 
 def _coordinate(i, scale, n_in: int, n_out: int, how: ResizeMode):

@@ -77,6 +77,23 @@ def declared_out(graph: onnx.GraphProto, name: str, shapes: dict[str, list[int]]
     return None
 
 
+def annotate_declared_out(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+                          attr_name: str) -> int:
+    """Write the declared static shape of each node's first output on it as ``attr_name``
+    (ints; in place; a node whose output has none is left alone); returns how many."""
+    if not nodes:
+        return 0
+    shapes = static_shapes(model)
+    annotated = 0
+    for node in nodes:
+        out = declared_out(model.graph, node.output[0], shapes)
+        if out is None:
+            continue
+        node.attribute.append(helper.make_attribute(attr_name, [int(d) for d in out]))
+        annotated += 1
+    return annotated
+
+
 def _attr(node: onnx.NodeProto, name: str, default):
     for attr in node.attribute:
         if attr.name == name:
