@@ -43,6 +43,12 @@ logger = logging.getLogger(__name__)
 OUTCOMES = ("pass", "refused", "crash", "wrong", "excluded")
 #: seconds a case may take (compile + build + run) before it counts as a hang
 DEFAULT_TIMEOUT_S = 120.0
+#: seconds a fresh worker may take to import TVM and kiln (not counted in a case's time)
+STARTUP_TIMEOUT_S = 600.0
+#: a line the runner sends a fresh worker; answered with READY once its heavy imports
+#: are done, so a case's timeout does not count a slow start
+PING = "ping"
+READY = "ready"
 
 
 @dataclass
@@ -166,29 +172,54 @@ class _Worker:
         os.close(write_fd)
         self.results = os.fdopen(read_fd, "r")
         self.buffer = ""
+        self.started = False
 
-    def run(self, case: Case, timeout: float) -> Outcome:
-        started = time.perf_counter()
+    def _send(self, line: str) -> bool:
         assert self.process.stdin is not None
         try:
-            self.process.stdin.write(json.dumps(asdict(case)) + "\n")
+            self.process.stdin.write(line + "\n")
             self.process.stdin.flush()
         except BrokenPipeError:
-            return self._died(case, started)
-        deadline = started + timeout
+            return False
+        return True
+
+    def _line(self, deadline: float) -> str | None:
+        """The worker's next line; "" when it died, None past ``deadline``."""
         while "\n" not in self.buffer:
             left = deadline - time.perf_counter()
             if left <= 0:
-                self.stop()
-                return _failed(case, "crash", f"hang: no result within {timeout:.0f} s",
-                               started)
+                return None
             ready, _, _ = select.select([self.results], [], [], left)
             if ready:
                 chunk = os.read(self.results.fileno(), 1 << 16).decode()
                 if not chunk:
-                    return self._died(case, started)
+                    return ""
                 self.buffer += chunk
         line, self.buffer = self.buffer.split("\n", 1)
+        return line
+
+    def run(self, case: Case, timeout: float) -> Outcome:
+        if not self.started:  # the worker's imports do not count against the case
+            begun = time.perf_counter()
+            if not self._send(PING):
+                return self._died(case, begun)
+            line = self._line(begun + max(timeout, STARTUP_TIMEOUT_S))
+            if line is None:
+                self.stop()
+                return _failed(case, "crash", "hang: the worker did not start within "
+                               f"{max(timeout, STARTUP_TIMEOUT_S):.0f} s", begun)
+            if line != READY:
+                return self._died(case, begun)
+            self.started = True
+        started = time.perf_counter()
+        if not self._send(json.dumps(asdict(case))):
+            return self._died(case, started)
+        line = self._line(started + timeout)
+        if line is None:
+            self.stop()
+            return _failed(case, "crash", f"hang: no result within {timeout:.0f} s", started)
+        if not line:
+            return self._died(case, started)
         return Outcome(**json.loads(line))
 
     def _died(self, case: Case, started: float) -> Outcome:
