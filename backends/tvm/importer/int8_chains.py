@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from . import int8_conv, internal_ops
 from .int8_epilogue import dumps, match_tail
+from .int8_exact_ops import push_quantize
 from .packed_weights import attributes, initializers
 
 logger = logging.getLogger(__name__)
@@ -416,6 +417,7 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     graph.initializer.extend(new_inits)
+    push_quantize(graph)
     cancel_transposes(graph)
     if not any(o.domain == internal_ops.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(internal_ops.DOMAIN, 1))
