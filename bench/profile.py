@@ -3,6 +3,8 @@
 Times each kernel call of kiln's build (the same steps and tuning records as
 ``python -m bench``; ``--private``: the bench-private build) through the Relax VM's
 instrument hook, to see which kernels dominate and which are left unscheduled.
+``--runs N --min``: each call's fastest of N runs instead of the mean of 3 (on a shared,
+loaded machine the mean of a few runs is mostly other tenants' noise).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="tuning records applied, as for python -m bench")
     parser.add_argument("--shapes", action="store_true",
                         help="print each kernel's argument shapes under it")
+    parser.add_argument("--runs", type=int, default=3, help="profiled runs")
+    parser.add_argument("--min", action="store_true",
+                        help="each call's fastest run instead of the mean")
     parser.add_argument("--private", action="store_true",
                         help="profile the bench-private build instead of kiln's")
     args = parser.parse_args(argv)
@@ -61,10 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     vm.set_instrument(instrument)
-    for _ in range(3):
+    runs = max(1, args.runs)
+    for _ in range(runs):
         vm["main"](*inputs)
-    # one run's worth of calls: call slot i of a symbol is averaged over the 3 runs
-    rows = {k: [sum(v[i::len(v) // 3]) / 3 for i in range(len(v) // 3)]
+    # one run's worth of calls: call slot i of a symbol over the runs (mean, or --min)
+    stat = min if args.min else (lambda v: sum(v) / len(v))
+    rows = {k: [stat(v[i::len(v) // runs]) for i in range(len(v) // runs)]
             for k, v in rows.items() if not k.startswith("vm.builtin")}
     total = sum(sum(v) for v in rows.values())
     print(f"{args.case}: compile {compile_s:.1f} s, total kernel time {total / 1e3:.2f} ms, "

@@ -49,6 +49,53 @@ def symbolic_row_tile(vectors: int, accumulators: int) -> int:
     return max(1, min(MAX_SYMBOLIC_ROWS, accumulators // max(1, vectors)))
 
 
+def padded_columns(n: int, lanes: int) -> int | None:
+    """NR for N columns that no register tile divides (PP-OCR's 6625-class head): the
+    widest tile of up to 4 vectors whose padding of N wastes under 1%; None for a few
+    columns (padding them is not worth a kernel)."""
+    if n < 4 * lanes:
+        return None
+    for nr in (4 * lanes, 3 * lanes, 2 * lanes, lanes):
+        if (-n) % nr * 100 < n:
+            return nr
+    return None
+
+
+def _pad_columns(sch: s_tir.Schedule, main: str, col: int, nr: int,
+                 after: list[str]) -> list[str] | None:
+    """``pad_einsum`` the contraction's columns up to a multiple of ``nr``: B's padded
+    copy (zeros) is inlined into its packing, the result's unpadding copy into the
+    epilogue, so only the write-back is guarded."""
+    block = sch.get_sblock(main)
+    iters = list(sch.get(block).iter_vars)
+    padding = [nr if n == col else 1 for n in range(len(iters))]
+    names_before = {info.name for info in normalize_prim_func(sch)}
+    try:
+        sch.pad_einsum(block, padding)
+    except Exception:  # noqa: BLE001 - TVM refuses with several kinds
+        return None
+    names = [info.name for info in normalize_prim_func(sch)]
+    new = [name for name in names if name not in names_before]
+    at = names.index(main)
+    for name in new:
+        if names.index(name) > at and after:  # the unpadding copy: into the epilogue
+            try:
+                sch.compute_inline(sch.get_sblock(name))
+            except Exception:  # noqa: BLE001 - stays as the epilogue itself
+                return None
+    return [name for name in new if names.index(name) < at]  # the operands' padding
+
+
+def _vectorize_epilogue(sch: s_tir.Schedule, name: str, lanes: int) -> None:
+    """The per-tile epilogue's innermost loop in vectors (its guard stays scalar)."""
+    loops = sch.get_loops(sch.get_sblock(name))
+    try:
+        _, inner = sch.split(loops[-1], [None, lanes])
+        sch.vectorize(inner)
+    except Exception:  # noqa: BLE001 - best effort: a scalar epilogue is still correct
+        pass
+
+
 def _is_static(extent) -> bool:
     return isinstance(extent, tirx.IntImm)
 
@@ -94,10 +141,15 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     symbolic = {n for n, iv in enumerate(iters) if not _is_static(iv.dom.extent)}
     if not symbolic:
         return False  # a static kernel: the contraction rule's
+    padded_nr = None  # a column count no register tile divides: padded to this NR
     for match in candidates:
         col_extent = iters[match.col].dom.extent
-        if _is_static(col_extent) and symbolic <= {*match.rows, *match.batch} and \
-                tile_columns(int(col_extent), ctx.vector_lanes_f32) is not None:
+        if not (_is_static(col_extent) and symbolic <= {*match.rows, *match.batch}):
+            continue
+        if tile_columns(int(col_extent), ctx.vector_lanes_f32) is not None:
+            break
+        padded_nr = padded_columns(int(col_extent), ctx.vector_lanes_f32)
+        if padded_nr is not None:
             break
     else:
         return False
@@ -106,6 +158,13 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     after = inline_epilogue(sch, main_name)
     if len(after) > 1:
         return False
+    padding_blocks: list[str] = []
+    if padded_nr is not None:
+        padding_blocks = _pad_columns(sch, main_name, match.col, padded_nr, after)
+        if padding_blocks is None:
+            return False
+        after = [info.name for info in normalize_prim_func(sch)]
+        after = after[after.index(main_name) + 1:]
     names = [info.name for info in normalize_prim_func(sch)]
     _inline_plain_copies(sch, names[: names.index(main_name)])
     names = [info.name for info in normalize_prim_func(sch)]
@@ -135,6 +194,11 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
             return (idx[col_dim] // nr, *rest, idx[col_dim] % nr)
 
         sch.transform_layout(pack_block, ("write", 0), pack)
+        for name in padding_blocks:  # B's zero padding: computed by the packing
+            try:
+                sch.compute_inline(sch.get_sblock(name))
+            except Exception:  # noqa: BLE001 - an operand's padding stays a side nest
+                continue
         if b_is_const:
             sch.annotate(pack_block, PREPROC_ANNOTATION, True)
         loops = sch.get_loops(block)
@@ -181,12 +245,22 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         sch.unroll(loop)
     if red_extent <= 8:
         sch.unroll(k_i)
+    # padded columns: the epilogue is computed per tile, not inlined into the write-back
+    # (reverse_compute_inline over the padded tile keeps the column guard but drops the
+    # rows' one: the last row tile then writes past the output)
     finish_register_tile(sch, block, c_local, fused, red_outer[0] if red_outer else k_i,
-                         after, vector_write_back=c_col_last, lanes=lanes)
+                         after if padded_nr is None else [], vector_write_back=c_col_last,
+                         lanes=lanes)
+    if padded_nr is not None and after:
+        sch.reverse_compute_at(sch.get_sblock(after[0]), fused, preserve_unit_loops=True)
+        _vectorize_epilogue(sch, after[0], lanes)
     if pack_block is not None and not b_is_const:
         parallelize_side_nest(sch, pack_block, lanes)
     for name in before:  # producers of A (padding) stay separate nests: in parallel
-        blk = sch.get_sblock(name)
+        try:
+            blk = sch.get_sblock(name)
+        except Exception:  # noqa: BLE001 - B's padding, inlined into its packing
+            continue
         if pack_block is not None and sch.get(blk).same_as(sch.get(pack_block)):
             continue
         try:

@@ -90,3 +90,31 @@ def test_ppocr_rec_one_build_for_every_width(tmp_path):
         x = np.random.default_rng(width).random((1, 3, 48, width), dtype=np.float32)
         np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
                                    rtol=1e-3, atol=1e-4)
+
+
+def test_symbolic_rows_padded_columns(tmp_path):
+    """PP-OCR rec's head (rows symbolic, 6625 columns: no register tile divides them): the
+    columns are padded to a tile (B's zeros packed at compile time) and the rows guarded;
+    results match at row counts that leave a tail tile."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.backends.tvm import build_artifact, load
+
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((120, 6625)) / 11).astype(np.float32)
+    b = rng.standard_normal(6625).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["t"]), helper.make_node("Add", ["t", "b"], ["y"])],
+        "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "R", 120])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "R", 6625])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    path = tmp_path / "head.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    model = load_with_symbols(str(path), {"x": [1, "R=1..128", 120]})
+    built = build_artifact(model, "host", tmp_path / "out", model_hash="t")
+    assert list(built.rules.values()) == ["symbolic_contraction"], built.rules
+    compiled = load(tmp_path / "out")
+    for rows in (1, 5, 37, 40, 128):
+        x = rng.standard_normal((1, rows, 120)).astype(np.float32)
+        np.testing.assert_allclose(compiled(x)[0], x.astype(np.float64) @ w + b,
+                                   rtol=1e-4, atol=1e-4)
