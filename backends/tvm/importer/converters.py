@@ -28,7 +28,7 @@ from .missing_ops import (
 )
 from .moe_kernels import MoeDispatch
 from .recurrent import GRU, LSTM, RNN
-from .resize import SeparableResize
+from .resize_converter import SeparableResize
 from .rotary import RotaryEmbedding
 from .runtime_pad import RuntimePad
 from .sparse_kernel import SparseDense

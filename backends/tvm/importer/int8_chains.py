@@ -126,7 +126,7 @@ class _Chain:
     program: list = dataclasses.field(default_factory=list)  # the elementwise tail
 
 
-class _Graph:
+class ChainGraph:
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.inits = initializers(graph)
@@ -200,7 +200,7 @@ def _scalar(array: np.ndarray | None) -> float | None:
     return array.reshape(-1)[0].item()
 
 
-def _activation(g: _Graph, a_name: str):
+def _activation(g: ChainGraph, a_name: str):
     """(x_q, sx, zx, signed) of a per-tensor ``DequantizeLinear`` feeding ``a_name``."""
     dq = g.dq(a_name)
     if dq is None or len(dq.input) < 3 or not dq.input[2]:
@@ -212,7 +212,7 @@ def _activation(g: _Graph, a_name: str):
     return dq.input[0], float(sx), zx, zx_t.data_type == TensorProto.INT8
 
 
-def _weight(g: _Graph, b_name: str, transposed: bool):
+def _weight(g: ChainGraph, b_name: str, transposed: bool):
     """(w [K, N] int8, sw [N]) of a symmetric int8 ``DequantizeLinear`` on a constant."""
     dq = g.dq(b_name)
     if dq is None or g.only_reader(b_name) is None:
@@ -238,7 +238,7 @@ def _weight(g: _Graph, b_name: str, transposed: bool):
     return np.ascontiguousarray(w), sw.copy()
 
 
-def _conv_weight(g: _Graph, name: str):
+def _conv_weight(g: ChainGraph, name: str):
     """(w [N, C/g, KH, KW] int8, sw [N]) of a symmetric int8 ``DequantizeLinear``
     (per tensor or per output channel) on a constant conv weight."""
     dq = g.dq(name)
@@ -270,7 +270,7 @@ def _pointwise_conv(node: onnx.NodeProto) -> bool:
             and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID"))
 
 
-def _match(g: _Graph, node: onnx.NodeProto) -> _Chain | None:
+def _match(g: ChainGraph, node: onnx.NodeProto) -> _Chain | None:
     if node.domain not in _STANDARD_DOMAINS or node.op_type not in ("MatMul", "Gemm", "Conv"):
         return None
     transposed = False
@@ -389,7 +389,7 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
     if isa is None or os.environ.get(KERNELS_ENV, "auto") == "never":
         return 0
     graph = model.graph
-    g = _Graph(graph)
+    g = ChainGraph(graph)
     replaced: dict[int, onnx.NodeProto] = {}
     dropped: set[int] = set()
     new_inits: list[TensorProto] = []

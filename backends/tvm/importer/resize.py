@@ -98,7 +98,7 @@ def _cubic(s: np.ndarray, a: float) -> np.ndarray:
     return np.where(s <= 1, near, np.where(s < 2, far, 0.0))
 
 
-def _offsets_and_kernel(how: ResizeMode, scale: float):
+def offsets_and_kernel(how: ResizeMode, scale: float):
     """Tap offsets relative to ``base`` and ``kernel(offset - ratio)`` for one mode."""
     if how.mode == "linear":
         support, kernel = 1.0, (lambda s: np.clip(1.0 - np.abs(s), 0.0, 1.0))
@@ -133,7 +133,7 @@ def axis_taps(axis: AxisResize, how: ResizeMode):
               "simple": np.full_like(ratio, axis.scale < 1.0, bool)}[how.nearest]
         index = np.where(whole, base + 1, base + up.astype(np.int64))
         return np.clip(index, 0, last)[:, None], None, inside
-    offsets, kernel = _offsets_and_kernel(how, axis.scale)
+    offsets, kernel = offsets_and_kernel(how, axis.scale)
     taps = base[:, None] + offsets[None, :]
     weights = kernel(offsets[None, :] - ratio[:, None])
     if how.exclude_outside:
@@ -143,7 +143,7 @@ def axis_taps(axis: AxisResize, how: ResizeMode):
     return np.clip(taps, 0, last), weights.astype(_F), inside
 
 
-def _constant(expr, dtype=None) -> np.ndarray | None:
+def constant_operand(expr, dtype=None) -> np.ndarray | None:
     """The value of a constant input (None when absent or empty); raise when computed."""
     import tvm
 
@@ -292,76 +292,3 @@ def resize2d_form(plan: list[AxisResize | None], how: ResizeMode) -> list[int] |
             return None
         sizes.append(axis.size_out)
     return sizes
-
-
-class SeparableResize:
-    """ONNX ``Resize`` with constant scales/sizes as per-axis gathers; others go to
-    ``fallback`` (TVM's converter)."""
-
-    def __init__(self, fallback) -> None:
-        self.fallback = fallback
-
-    def get_converter(self, opset: int):
-        fallback = self.fallback.get_converter(opset)
-
-        def convert(bb, inputs, attr, params):
-            from .resize_scales import OUTPUT_SHAPE_ATTR, emit_runtime_scales_resize
-
-            declared = attr.pop(OUTPUT_SHAPE_ATTR, None)  # kiln's, never TVM's
-            inputs = list(inputs) + [None] * 4
-            x = inputs[0]
-            try:
-                shape = static_shape(x)
-            except (TypeError, ValueError, AttributeError):
-                return fallback(bb, inputs, attr, params)
-            operands = {"scales": (inputs[1], np.float32)} if opset < 11 else {
-                "roi": (inputs[1], np.float32), "scales": (inputs[2], np.float32),
-                "sizes": (inputs[3], np.int64)}
-            values = {}
-            for name, (expr, dtype) in operands.items():
-                try:
-                    values[name] = _constant(expr, dtype)
-                except TypeError:
-                    if name != "scales":  # TVM's converter takes a runtime roi
-                        return fallback(bb, inputs, attr, params)
-                    # runtime scales change the numbers, not just the shape (sizes fed
-                    # by a model input were fixed by static_operands): TVM has no form;
-                    # kiln's reads them at run time for the declared output shape
-                    if declared is None or inputs[3] is not None:
-                        raise ResizeAttributeError(
-                            "scales computed at run time and no declared output shape "
-                            "(kiln builds static shapes: declare it, or give constant "
-                            "scales, or sizes)") from None
-                    how = resize_mode(attr, opset)
-                    if how.mode != "nearest" and not dtype_of(x).startswith(("float",
-                                                                             "bfloat")):
-                        return fallback(bb, inputs, attr, params)
-                    return emit_runtime_scales_resize(bb, x, expr, [int(d) for d in declared],
-                                                      attr, opset, how)
-            roi, scales, sizes = (values.get(k) for k in ("roi", "scales", "sizes"))
-            how = resize_mode(attr, opset)
-            if how.mode != "nearest" and not dtype_of(x).startswith(("float", "bfloat")):
-                return fallback(bb, inputs, attr, params)
-            plan = plan_resize(shape, attr, opset, roi, scales, sizes)
-            form = resize2d_form(plan, how)
-            if form is not None:
-                from tvm import relax
-
-                return relax.op.image.resize2d(
-                    x, size=relax.ShapeExpr(form), roi=[0.0] * 4, layout="NCHW",
-                    method="nearest_neighbor" if how.mode == "nearest" else how.mode,
-                    coordinate_transformation_mode=how.coordinates,
-                    rounding_method=how.nearest if how.mode == "nearest" else "",
-                    cubic_alpha=how.cubic_a, cubic_exclude=0)
-            # downsampled axes first: the later kernels read less
-            order = sorted((a for a, p in enumerate(plan) if p is not None
-                            and (p.size_out != p.size_in or p.scale != 1.0
-                                 or (how.coordinates == "tf_crop_and_resize"
-                                     and p.roi != (0.0, 1.0)))),
-                           key=lambda a: plan[a].size_out / plan[a].size_in)
-            y = x
-            for a in order:
-                y = emit_axis_resize(bb, y, a, plan[a], how)
-            return y
-
-        return convert

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kiln.backends.tvm.importer.int8_chains import rewrite_int8_chains
 from kiln.backends.tvm.importer.int8_exact_ops import push_quantize
-from tests.backends.tvm.schedules.test_int8_dense import ONE_STEP, PATHS, _run_both, _target
+from tests.backends.tvm.schedules.test_int8_dense import ONE_STEP, PATHS, int8_target, run_both
 
 
 def spp_model(c=16, n=16, hw=(10, 14), seed=0) -> onnx.ModelProto:
@@ -61,7 +61,7 @@ def spp_model(c=16, n=16, hw=(10, 14), seed=0) -> onnx.ModelProto:
 
 def test_the_quantize_after_concat_moves_into_the_kernels():
     model = spp_model()
-    assert rewrite_int8_chains(model, _target("host")) == 3
+    assert rewrite_int8_chains(model, int8_target("host")) == 3
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 1, ops  # only the input's
     kernels = [n for n in model.graph.node if n.op_type.startswith("KilnInt8")]
@@ -74,14 +74,14 @@ def test_a_value_read_outside_the_region_keeps_its_quantize():
     model = spp_model()
     graph = model.graph
     graph.output.append(helper.make_tensor_value_info("m", TensorProto.FLOAT, None))
-    rewrite_int8_chains(model, _target("host"))
+    rewrite_int8_chains(model, int8_target("host"))
     ops = [n.op_type for n in graph.node]
     assert ops.count("QuantizeLinear") == 2, ops
 
 
 @pytest.mark.parametrize("path", list(PATHS))
 def test_concat_maxpool_resize_on_uint8_match_onnxruntime(path, tmp_path):
-    got, want, rules = _run_both(spp_model(), _target(path), tmp_path)
+    got, want, rules = run_both(spp_model(), int8_target(path), tmp_path)
     assert got.dtype == want.dtype == np.uint8 and got.shape == want.shape
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.max() <= ONE_STEP

@@ -111,11 +111,11 @@ def test_without_a_declared_output_shape_runtime_scales_are_refused():
 
 
 def test_antialias_taps_cover_every_scale_the_output_size_allows():
-    from kiln.backends.tvm.importer.resize import ResizeMode, _offsets_and_kernel
+    from kiln.backends.tvm.importer.resize import ResizeMode, offsets_and_kernel
 
     how = ResizeMode(mode="cubic", antialias=True)
     wide = tap_offsets(how, 10, 4)              # scale in [0.4, 0.5)
     for scale in (0.4, 0.45, 0.499):
-        needed, _ = _offsets_and_kernel(how, scale)
+        needed, _ = offsets_and_kernel(how, scale)
         assert set(needed) <= set(wide)
     assert list(tap_offsets(ResizeMode(mode="linear"), 4, 8)) == [0, 1]

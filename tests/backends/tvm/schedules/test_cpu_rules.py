@@ -296,9 +296,9 @@ def test_stem_conv_keeps_its_dividing_row_tile(path):
     from kiln.backends.tvm.schedules.dense import guarded_tile, narrower_tile, tile_columns, tile_rows
     from kiln.backends.tvm.schedules.rule import register_accumulators, vector_lanes_f32
 
-    from .test_isa_paths import _guarded_row_split, _target
+    from .test_isa_paths import guarded_row_split, path_target
 
-    target = _target(path)
+    target = path_target(path)
     rng = _rng()
     w = (rng.standard_normal((16, 3, 3, 3)) / 5).astype("float32")
     x = rng.standard_normal((1, 3, 28, 28)).astype("float32")
@@ -312,7 +312,7 @@ def test_stem_conv_keeps_its_dividing_row_tile(path):
                              relax_pipeline=relax_pipeline(target, None, scheduled.append))
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
     assert "contraction" in _kernel_rules(scheduled[-1]).values()
-    assert not _guarded_row_split(scheduled[-1])
+    assert not guarded_row_split(scheduled[-1])
     if path == "x86-64-v3":  # the case the rule now declines: the model alone would guard
         lanes = vector_lanes_f32(target.tvm_target())
         acc = register_accumulators(target.tvm_target())

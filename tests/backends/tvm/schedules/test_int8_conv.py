@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from kiln.backends.tvm.importer.int8_chains import cancel_transposes, rewrite_int8_chains
 from kiln.backends.tvm.importer.int8_epilogue import evaluate_numpy, match_tail
-from tests.backends.tvm.schedules.test_int8_dense import ONE_STEP, PATHS, _run_both, _target
+from tests.backends.tvm.schedules.test_int8_dense import ONE_STEP, PATHS, int8_target, run_both
 
 #: Outputs that may sit one step off ORT's (rounding boundaries): a small fraction.
 BOUNDARY_FRACTION = 0.01
@@ -100,7 +100,7 @@ def _check(got, want):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_conv_chain_runs_on_an_integer_kernel_and_matches_onnxruntime(case, path, tmp_path):
-    got, want, rules = _run_both(conv_model(**CASES[case]), _target(path), tmp_path)
+    got, want, rules = run_both(conv_model(**CASES[case]), int8_target(path), tmp_path)
     kernel = "int8_window" if CASES[case].get("group", 1) > 1 else "int8_dense"
     assert [r for r in rules.values() if r in INT8_RULES] == [kernel], rules
     _check(got, want)
@@ -111,11 +111,11 @@ def test_consecutive_integer_convs_pass_uint8_nhwc(tmp_path):
     between the layers (only the input's Q + transpose and the last output's transpose)."""
     proto = conv_model(c=16, n=16, layers=3, depthwise_layers=(1,), tail="silu")
     rewritten = onnx.ModelProto.FromString(proto.SerializeToString())
-    assert rewrite_int8_chains(rewritten, _target("host")) == 3
+    assert rewrite_int8_chains(rewritten, int8_target("host")) == 3
     ops = [n.op_type for n in rewritten.graph.node]
     assert ops == ["QuantizeLinear", "Transpose", "KilnInt8Conv", "KilnInt8Conv",
                    "KilnInt8Conv", "Transpose"], ops
-    got, want, rules = _run_both(proto, _target("host"), tmp_path)
+    got, want, rules = run_both(proto, int8_target("host"), tmp_path)
     # the two dense layers have the same shapes: one kernel, called twice
     assert sorted(r for r in rules.values() if r in INT8_RULES) == \
         ["int8_dense", "int8_window"], rules
@@ -123,16 +123,16 @@ def test_consecutive_integer_convs_pass_uint8_nhwc(tmp_path):
 
 
 def test_a_grouped_conv_stays_in_qdq_form(tmp_path):
-    got, want, rules = _run_both(conv_model(c=32, n=32, group=4), _target("host"), tmp_path)
+    got, want, rules = run_both(conv_model(c=32, n=32, group=4), int8_target("host"), tmp_path)
     assert not INT8_RULES & set(rules.values()), rules
     assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
 
 
 def test_the_tail_is_the_closed_elementwise_region_after_the_conv():
-    from kiln.backends.tvm.importer.int8_chains import _Graph
+    from kiln.backends.tvm.importer.int8_chains import ChainGraph
 
     proto = conv_model(tail="hardswish")
-    g = _Graph(proto.graph)
+    g = ChainGraph(proto.graph)
     program, nodes, result = match_tail(g, "l0_h")
     assert [n.op_type for n in nodes] == ["Add", "Clip", "Div", "Mul", "Mul"]
     assert result == "l0_r"
@@ -142,7 +142,7 @@ def test_the_tail_is_the_closed_elementwise_region_after_the_conv():
     # a value read outside the region ends it: the conv output itself is read by an Add
     # of a non-constant (a residual), so nothing after it can be folded
     proto.graph.node.append(helper.make_node("Add", ["l0_h", "x"], ["other"]))
-    assert match_tail(_Graph(proto.graph), "l0_h") == ([], [], "l0_h")
+    assert match_tail(ChainGraph(proto.graph), "l0_h") == ([], [], "l0_h")
 
 
 def test_transposes_cancel_only_between_integer_kernels():

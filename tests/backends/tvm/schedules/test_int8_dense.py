@@ -45,7 +45,7 @@ PATHS = {"host": (), "x86-64-v3": ("avx2",), "x86-64-v4": ("avx512f", "avx512bw"
 INT8_KERNEL = "int8_dense"
 
 
-def _target(name: str) -> str:
+def int8_target(name: str) -> str:
     if host_arch() != "x86_64":
         pytest.skip(f"the integer kernels are x86 kernels; this host is {host_arch()}")
     host = resolve_target("host").tvm_target()
@@ -123,7 +123,7 @@ def _conv_chain_model(*, c=32, n=48, hw=(6, 10), kernel=1, seed=0) -> onnx.Model
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
 
 
-def _run_both(proto: onnx.ModelProto, target: str, tmp_path, seed=1):
+def run_both(proto: onnx.ModelProto, target: str, tmp_path, seed=1):
     x_shape = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
     x = (np.random.default_rng(seed).standard_normal(x_shape) * 4).astype(np.float32)
     options = ort.SessionOptions()
@@ -149,7 +149,7 @@ CASES = {
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("case", list(CASES))
 def test_chain_runs_on_the_integer_kernel_and_matches_onnxruntime(case, path, tmp_path):
-    got, want, rules = _run_both(chain_model(**CASES[case]), _target(path), tmp_path)
+    got, want, rules = run_both(chain_model(**CASES[case]), int8_target(path), tmp_path)
     assert [name for name, rule in rules.items() if rule == INT8_KERNEL] == ["kiln_int8_dense"], \
         rules
     assert got.dtype == want.dtype and got.shape == want.shape
@@ -163,7 +163,7 @@ def test_chain_runs_on_the_integer_kernel_and_matches_onnxruntime(case, path, tm
 @pytest.mark.parametrize("path", list(PATHS))
 def test_pointwise_conv_runs_on_the_integer_kernel(path, tmp_path):
     """A 1x1 conv is the dense kernel over H*W rows between NCHW <-> NHWC transposes."""
-    got, want, rules = _run_both(_conv_chain_model(), _target(path), tmp_path)
+    got, want, rules = run_both(_conv_chain_model(), int8_target(path), tmp_path)
     assert INT8_KERNEL in rules.values(), rules
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
@@ -172,7 +172,7 @@ def test_pointwise_conv_runs_on_the_integer_kernel(path, tmp_path):
 
 def test_a_3x3_conv_runs_on_the_integer_kernel(tmp_path):
     """(an implicit GEMM: tests/backends/tvm/schedules/test_int8_conv.py has the rest)"""
-    got, want, rules = _run_both(_conv_chain_model(kernel=3), _target("host"), tmp_path)
+    got, want, rules = run_both(_conv_chain_model(kernel=3), int8_target("host"), tmp_path)
     assert INT8_KERNEL in rules.values(), rules
     assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
 
@@ -186,9 +186,9 @@ def test_kiln_w8a8_mlp_keeps_int8_between_layers(tmp_path):
              calibration=models.calibration(model))(model)
     feeds = models.feeds(model)
     want = exact_reference(model, feeds)
-    result = build_artifact(model, _target("host"), tmp_path, model_hash="h")
+    result = build_artifact(model, int8_target("host"), tmp_path, model_hash="h")
     (got,) = load(tmp_path)(**feeds)
-    widening = ["elementwise"] if target_isa(_target("host")) == "avx2" else []
+    widening = ["elementwise"] if target_isa(int8_target("host")) == "avx2" else []
     assert sorted(result.rules.values()) == \
         ["elementwise", *widening, INT8_KERNEL, INT8_KERNEL], result.rules
     assert relative_error(got, want) < QDQ_REL_TOL
@@ -198,14 +198,14 @@ def test_kiln_w8a8_mlp_keeps_int8_between_layers(tmp_path):
 def test_columns_are_padded_to_the_lanes(path, tmp_path):
     """N = 20: the weight is padded with zero columns to 32 (VNNI) / 24 (AVX2), the
     kernel's output sliced back to 20."""
-    got, want, rules = _run_both(chain_model(n=20), _target(path), tmp_path)
+    got, want, rules = run_both(chain_model(n=20), int8_target(path), tmp_path)
     assert INT8_KERNEL in rules.values(), rules
     assert got.shape == want.shape
     assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
 
 
 def test_columns_the_kernel_cannot_reduce_stay_in_qdq_form(tmp_path):
-    got, want, rules = _run_both(chain_model(k=30), _target("host"), tmp_path)
+    got, want, rules = run_both(chain_model(k=30), int8_target("host"), tmp_path)
     assert INT8_KERNEL not in rules.values(), rules
     assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
 
@@ -220,7 +220,7 @@ def test_no_integer_kernels_off_x86_cpus():
 def test_kernels_can_be_switched_off(monkeypatch):
     proto = chain_model()
     monkeypatch.setenv(KERNELS_ENV, "never")
-    assert rewrite_int8_chains(proto, _target("host")) == 0
+    assert rewrite_int8_chains(proto, int8_target("host")) == 0
     monkeypatch.setenv(KERNELS_ENV, "auto")
     assert rewrite_int8_chains(proto, "host") == 1
     assert [n.op_type for n in proto.graph.node][-1] == "KilnInt8Dense"
@@ -257,6 +257,6 @@ def test_a_weight_quantized_in_the_graph_is_folded(tmp_path):
                               numpy_helper.from_array(np.zeros(sw.shape, np.int8), "zw")])
     graph.node.insert(0, helper.make_node("QuantizeLinear", ["w_float", "sw", "zw"], ["wq"],
                                           axis=1))
-    got, want, rules = _run_both(proto, _target("host"), tmp_path)
+    got, want, rules = run_both(proto, int8_target("host"), tmp_path)
     assert INT8_KERNEL in rules.values(), rules
     assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP

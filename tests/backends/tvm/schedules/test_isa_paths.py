@@ -34,7 +34,7 @@ PATHS = {"host": (), "x86-64-v3": ("avx2", "fma"), "x86-64-v4": ("avx512f", "avx
 INT4_G32 = {"dtype": "int4", "granularity": {"group": 32}}
 
 
-def _target(name: str):
+def path_target(name: str):
     if name != "host" and host_arch() != "x86_64":
         pytest.skip(f"{name} is an x86-64 target; this host is {host_arch()}")
     host = resolve_target("host").tvm_target()
@@ -185,7 +185,7 @@ def test_every_rule_has_a_case_here():
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("rule", list(FP32_CASES))
 def test_fp32_rule_on_each_vector_path(rule, path):
-    target = _target(path)
+    target = path_target(path)
     fn, inputs, want, *shapes = FP32_CASES[rule]()
     vm, rules = _compile(target, relax_module(fn, *inputs, shapes=shapes or None))
     assert rule in rules.values(), rules
@@ -197,7 +197,7 @@ def test_fp32_rule_on_each_vector_path(rule, path):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("rule", list(QUANT_CASES))
 def test_decode_rule_on_each_vector_path(rule, path):
-    target = _target(path)
+    target = path_target(path)
     model = QUANT_CASES[rule]()
     vm, rules = _compile(target, lower_to_relax(model, target_name=target.name))
     assert rule in rules.values(), rules
@@ -261,7 +261,7 @@ GUARDED_CASES = {"dense_13_rows": _guarded_dense, "conv_14x14": _guarded_conv,
 GUARDED_SHAPES = {"dense_13_rows": (13, 64), "conv_14x14": (14, 32), "conv_7x7_wide": (7, 128)}
 
 
-def _guarded_row_split(mod) -> bool:
+def guarded_row_split(mod) -> bool:
     """Whether a contraction kernel of ``mod`` has a guarded (predicated) row tile."""
     for func in mod.functions.values():
         if isinstance(func, tvm.tirx.PrimFunc) and func.attrs is not None and \
@@ -279,7 +279,7 @@ def test_guarded_row_tile_on_each_vector_path(case, path):
     from kiln.backends.tvm.schedules.dense import guarded_tile, narrower_tile, tile_columns, tile_rows
     from kiln.backends.tvm.schedules.rule import register_accumulators, vector_lanes_f32
 
-    target = _target(path)
+    target = path_target(path)
     fn, inputs, want = GUARDED_CASES[case]()
     scheduled: list[tvm.IRModule] = []
     executable = tvm.compile(relax_module(fn, *inputs), target=target.tvm_target(),
@@ -296,7 +296,7 @@ def test_guarded_row_tile_on_each_vector_path(case, path):
     mr = tile_rows(m, acc // (nr // lanes))
     if mr < 3:
         nr, mr = narrower_tile(n, m, nr, mr, lanes, acc)
-    assert _guarded_row_split(scheduled[-1]) == (guarded_tile(n, m, nr, mr, lanes, acc) is not None)
+    assert guarded_row_split(scheduled[-1]) == (guarded_tile(n, m, nr, mr, lanes, acc) is not None)
     if path == "x86-64-v3":  # AVX2: the 7 x 1-vector tile is latency-bound, both get guarded
         assert guarded_tile(n, m, nr, mr, lanes, acc) is not None
 
