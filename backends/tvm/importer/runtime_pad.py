@@ -137,9 +137,9 @@ class RuntimePad:
             import tvm
 
             declared = attr.pop(OUTPUT_SHAPE_ATTR, None)  # kiln's, never TVM's
-            inputs = list(inputs)
             if opset < 11 or len(inputs) < 2 or isinstance(inputs[1], tvm.ir.GenericConst):
-                return fallback(bb, inputs, attr, params)
+                return fallback(bb, inputs, attr, params)  # TVM's onnx_input: missing -> None
+            inputs = list(inputs)
             if declared is None:
                 raise RuntimePadError("pads computed at run time need the output's "
                                       "declared static shape")
