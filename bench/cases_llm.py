@@ -9,6 +9,9 @@ llm-decode-fp32     one new token against a cache of :data:`DECODE_PAST` slots: 
 llm-decode-int4     the same step after the ``llm-int4`` spec (int4 g32 weights on every
                     projection): kiln's fused int4 kernels vs ORT, which fuses the same
                     DequantizeLinear+MatMul pairs into MatMulNBits itself
+llm-decode1-fp32, llm-decode1-int4
+                    the same steps built with ``seq`` fixed at 1 (what ``kiln generate``
+                    decodes with: static rows, so the fused int4 GEMV applies)
 llm-prefill-512-fp32, llm-prefill-512-int4
                     a 512-token prompt on the starting cache (one masked slot)
 
@@ -28,6 +31,8 @@ DECODE_PAST = 256
 PREFILL = 512
 #: the build's ranges: every prompt and cache length the export serves
 RANGES = {"*seq": ["seq=1..2048"], "*past": ["past=1..2047"]}
+#: the decode build's shapes: one new token (static rows, so the int4 GEMV rules apply)
+DECODE_SHAPES = {"input_ids": [1, 1], "position_ids": [1, 1], "*past": ["past=1..2047"]}
 
 
 def _checkpoint_onnx(workdir: Path) -> Path:
@@ -75,10 +80,11 @@ def step_inputs(path: Path, seq: int, past: int, seed: int = SEED) -> dict[str, 
     return feeds
 
 
-def _case(name: str, which: str, seq: int, past: int) -> Callable[[Path], PreparedCase]:
+def _case(name: str, which: str, seq: int, past: int, shapes: dict | None = None
+          ) -> Callable[[Path], PreparedCase]:
     def prepare(workdir: Path) -> PreparedCase:
         path = _checkpoint_onnx(workdir) if which == "fp32" else _int4_onnx(workdir)
-        return PreparedCase(name=name, onnx_path=path, input_shapes=dict(RANGES),
+        return PreparedCase(name=name, onnx_path=path, input_shapes=dict(shapes or RANGES),
                             inputs=step_inputs(path, seq, past))
 
     return prepare
@@ -87,6 +93,8 @@ def _case(name: str, which: str, seq: int, past: int) -> Callable[[Path], Prepar
 LLM_CASES: dict[str, Callable[[Path], PreparedCase]] = {
     "llm-decode-fp32": _case("llm-decode-fp32", "fp32", 1, DECODE_PAST),
     "llm-decode-int4": _case("llm-decode-int4", "int4", 1, DECODE_PAST),
+    "llm-decode1-fp32": _case("llm-decode1-fp32", "fp32", 1, DECODE_PAST, DECODE_SHAPES),
+    "llm-decode1-int4": _case("llm-decode1-int4", "int4", 1, DECODE_PAST, DECODE_SHAPES),
     "llm-prefill-512-fp32": _case("llm-prefill-512-fp32", "fp32", PREFILL, 1),
     "llm-prefill-512-int4": _case("llm-prefill-512-int4", "int4", PREFILL, 1),
 }

@@ -152,23 +152,67 @@ def teacher_forced(step: Step, layout: CacheLayout, tokens: Sequence[int], prefi
         ids = [tokens[start]]
 
 
+#: the folder, inside a compiled decoder, of its one-token build (``seq`` fixed at 1)
+DECODE_DIR = "decode"
+
+
+def decode_shapes(max_past: int) -> dict[str, list]:
+    """The input shapes of the one-token build: static rows (so the backend's int4 GEMV
+    rules apply), the cache length still symbolic."""
+    return {"input_ids": [1, 1], "position_ids": [1, 1], "*past": [f"past=1..{max_past}"]}
+
+
+def compile_decode(folder: str | os.PathLike, *, target: str | dict | None = "host",
+                   progress=None) -> Path | None:
+    """Build ``folder``'s one-token decode step into ``folder/decode`` from the folder's
+    (already compressed) ``model.onnx``, no passes; None when ``seq`` is not symbolic."""
+    import json
+
+    from kiln.compiler.driver.compile import compile_to_folder
+
+    folder = Path(folder)
+    dims = json.loads((folder / "manifest.json").read_text()).get("dims") or {}
+    if "seq" not in dims or "past" not in dims:
+        return None
+    if progress is not None:
+        progress("building the one-token decode step (seq = 1)")
+    compile_to_folder(folder / "model.onnx", None, folder / DECODE_DIR,
+                      input_shapes=decode_shapes(int(dims["past"][1])), target=target,
+                      progress=progress)
+    return folder / DECODE_DIR
+
+
 def compiled_step(outdir: str | os.PathLike, *, threads: int | None = None
                   ) -> tuple[Step, CacheLayout]:
-    """The decoder step of a compiled artifact (``kiln compile MODEL_DIR -t host -o OUTDIR``)."""
+    """The decoder step of a compiled artifact (``kiln compile MODEL_DIR -t host -o OUTDIR``);
+    with a ``decode/`` build inside (:func:`compile_decode`), one-token steps run on it."""
     from kiln.backends import tvm as tvm_backend
 
     model = tvm_backend.load(outdir, threads=threads)
     layout = CacheLayout.from_inputs([(s.name, s.shape) for s in model.inputs],
                                      model.manifest.dims)
-    return (lambda feeds: model(**feeds)), layout
+    if not (Path(outdir) / DECODE_DIR / "manifest.json").is_file():
+        return (lambda feeds: model(**feeds)), layout
+    decode = tvm_backend.load(Path(outdir) / DECODE_DIR, threads=threads)
+
+    def step(feeds: dict[str, np.ndarray]) -> Sequence[np.ndarray]:
+        return (decode if feeds["input_ids"].shape[1] == 1 else model)(**feeds)
+
+    return step, layout
 
 
 def compile_checkpoint(model_dir: str | os.PathLike, outdir: str | os.PathLike, *,
-                       spec=None, target: str = "host", progress=None):
-    """``kiln compile MODEL_DIR --spec SPEC -t TARGET -o OUTDIR``."""
+                       spec=None, target: str = "host", progress=None, decode: bool = True,
+                       input_shapes=None):
+    """``kiln compile MODEL_DIR --spec SPEC -t TARGET -o OUTDIR``, plus (``decode``) the
+    one-token build in ``OUTDIR/decode`` (:func:`compile_decode`)."""
     from kiln.compiler.driver.compile import compile_to_folder
 
-    return compile_to_folder(model_dir, spec, outdir, target=target, progress=progress)
+    def add_decode(staging: Path) -> None:
+        compile_decode(staging, target=target, progress=progress)
+
+    return compile_to_folder(model_dir, spec, outdir, input_shapes=input_shapes, target=target,
+                             progress=progress, after_write=add_decode if decode else None)
 
 
 def generate(model: str | os.PathLike, prompt: Sequence[int], max_new_tokens: int, *,
