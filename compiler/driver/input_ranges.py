@@ -20,7 +20,8 @@ operand accepts, using the static shapes of the op's other operands:
   amounts: within the element width; integer Pow exponents: 0..3; Resize scales:
   output / input (positive); NonMaxSuppression thresholds in [0, 1); AffineGrid size
   and Resize sizes from the output shape; a window's size and CenterCropPad's shape from the output shape;
-  Pad pads (and runtime axes) that give the output shape.
+  Pad pads (and runtime axes) that give the output shape; a shape-like input read through
+  a computation, the value the output shapes imply (:mod:`kiln.compiler.core.shape_probe`).
 
 An input no rule speaks for gets the default draw (normal floats, ints in [0, 4),
 fair booleans).
@@ -34,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from kiln.compiler.core import graph as kir
+from kiln.compiler.core import shape_probe
 
 #: draws one input: (rng, shape, dtype) -> array
 Draw = Callable[[np.random.Generator, list[int], np.dtype], np.ndarray]
@@ -396,4 +398,11 @@ def input_draws(model: ir.Model) -> dict[str, Draw]:
             if draw is not None:
                 draws[value.name] = draw
                 break
+    undrawn_ints = [v for v in kir.graph_inputs(model) if v.name not in draws
+                    and v.dtype in (ir.DataType.INT32, ir.DataType.INT64)]
+    if undrawn_ints and len(model.graph) <= shape_probe.MAX_NODES:  # a size read through
+        proto = ir.serde.serialize_model(model)                     # a computation
+        for name, implied in shape_probe.probe_shape_inputs(proto).items():
+            draws.setdefault(name, lambda rng, shape, dtype, v=implied:
+                             v.astype(dtype).reshape(shape))
     return draws

@@ -27,6 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from kiln.compiler.core.shape_probe import probe_shape_inputs
+
 logger = logging.getLogger(__name__)
 
 _REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd",
@@ -196,8 +198,30 @@ def _value(node: onnx.NodeProto, data: list[int], out: list[int], size: int) -> 
     return None
 
 
+def _fix_probed_inputs(model: onnx.ModelProto) -> int:
+    """A shape-like input whose value the declared output shapes imply
+    (:mod:`kiln.compiler.core.shape_probe`: a window's size or a crop's shape read
+    through an expanded function body) becomes that constant for every node reading it
+    (the input stays an input, taken and ignored)."""
+    fixed = 0
+    for name, value in probe_shape_inputs(model).items():
+        constant = f"{name}_implied_by_output_shapes"
+        model.graph.initializer.append(numpy_helper.from_array(value, constant))
+        for node in model.graph.node:
+            for i, operand in enumerate(node.input):
+                if operand == name:
+                    node.input[i] = constant
+        fixed += 1
+    return fixed
+
+
 def fix_shape_operands(model: onnx.ModelProto) -> int:
     """Replace input-fed shape operands by constants (in place); returns how many."""
+    probed = _fix_probed_inputs(model)
+    return probed + _fix_operands(model)
+
+
+def _fix_operands(model: onnx.ModelProto) -> int:
     graph = model.graph
     inputs = {v.name: v for v in graph.input}
     inits = {t.name for t in graph.initializer}

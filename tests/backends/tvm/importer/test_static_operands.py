@@ -107,3 +107,28 @@ def test_a_shorter_expand_shape_is_written_at_the_outputs_rank():
                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 1])])
     assert fix_shape_operands(model) == 1
     assert _fixed(model, 0, 1) == [1, 3, 1]   # TVM's broadcast_to wants the full rank
+
+
+def test_an_input_the_output_shapes_imply_through_a_computation_becomes_constant():
+    from onnx.reference import ReferenceEvaluator
+
+    from tests.compiler.core.test_shape_probe import window_model
+
+    model = window_model(5)                 # size -> Cast -> Range: no operand rule sees it
+    original = ReferenceEvaluator(model.SerializeToString())
+    assert fix_shape_operands(model) == 1
+    assert _fixed(model, 0, 0) == 5         # the Cast reads the constant
+    assert [v.name for v in model.graph.input] == ["size"]   # still taken (and ignored)
+    assert fix_shape_operands(model) == 0   # idempotent
+    feeds = {"size": np.array(5, np.int64)}
+    np.testing.assert_array_equal(ReferenceEvaluator(model).run(None, feeds)[0],
+                                  original.run(None, feeds)[0])
+
+
+@pytest.mark.slow  # two of them also run in tests/conformance' fast subset
+def test_window_and_crop_cases_expanded_by_their_functions():
+    names = ["test_hannwindow_expanded", "test_blackmanwindow_symmetric_expanded",
+             "test_center_crop_pad_crop_expanded", "test_center_crop_pad_pad_expanded",
+             "test_center_crop_pad_crop_negative_axes_hwc_expanded"]
+    failed = failures(names)
+    assert not failed, "\n".join(failed)
