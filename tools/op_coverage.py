@@ -5,6 +5,8 @@
                                                      # (python -m kiln.compiler.testing.conformance
                                                      #  --all --json run.jsonl)
     python tools/op_coverage.py --from new.jsonl --before old.jsonl --before-label "commit X"
+    python tools/op_coverage.py --from run.jsonl --rerun pad.jsonl@1a2b3c4   # + a rerun
+                                                     # (--op Pad --json pad.jsonl at 1a2b3c4)
 
 Per op: how many of its cases pass, are refused (with the most common reason), crash or
 give wrong numbers, over the cases ONNX Runtime passes; and the two headline figures.
@@ -18,6 +20,7 @@ import re
 import subprocess
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
@@ -53,11 +56,39 @@ def _before_line(before: list[Outcome], label: str) -> str:
     return f"Before ({label}, same filters): " + "; ".join(parts) + "."
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """Cases rerun after the full run (``--op OP --json``, at ``commit``), whose outcomes
+    replace the run's for the same cases."""
+
+    outcomes: list[Outcome]
+    commit: str
+
+    @classmethod
+    def parse(cls, spec: str) -> Rerun:
+        """``FILE@COMMIT`` (the commit the rerun was made at; ``FILE`` alone: unknown)."""
+        path, _, commit = spec.partition("@")
+        return cls(_read(path), commit or "?")
+
+    def sentence(self) -> str:
+        ops = sorted({o.op.split(" ")[0] for o in self.outcomes}, key=str.lower)
+        return f"{len(self.outcomes)} cases of {', '.join(ops)} rerun at commit {self.commit}"
+
+
+def merge(outcomes: list[Outcome], reruns: list[Rerun]) -> list[Outcome]:
+    """The run's outcomes with each rerun case's outcome in its place (later reruns win;
+    a rerun case the run lacks is added)."""
+    latest = {o.name: o for rerun in reruns for o in rerun.outcomes}
+    merged = [latest.pop(o.name, o) for o in outcomes]
+    return merged + list(latest.values())
+
+
 def render(outcomes: list[Outcome], commit: str, before: list[Outcome] | None = None,
-           before_label: str = "an earlier run") -> str:
+           before_label: str = "an earlier run", reruns: list[Rerun] = ()) -> str:
     import onnx
     import onnxruntime
 
+    outcomes = merge(outcomes, list(reruns))
     ort_fails = sum(1 for o in outcomes if o.outcome != "excluded" and o.ort != "pass")
     excluded = sum(1 for o in outcomes if o.outcome == "excluded")
     lines = [
@@ -70,6 +101,8 @@ def render(outcomes: list[Outcome], commit: str, before: list[Outcome] | None = 
         "Cases: onnx's node tests (generated from the wheel's case generators) and the wheel's",
         "`simple`, `pytorch-converted` and `pytorch-operator` model tests (the `light` CNNs",
         "run in the slow test only). Rerun: `python -m kiln.compiler.testing.conformance --op OP`.",
+        *(["", "Merged after the full run (these outcomes replace the run's): "
+           + "; ".join(r.sentence() for r in reruns) + "."] if reruns else []),
         "",
         "| figure (cases ONNX Runtime passes) | cases | pass | refused | crash | wrong |",
         "|---|---|---|---|---|---|",
@@ -131,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", help="an earlier run's JSON lines, whose figures are shown")
     parser.add_argument("--before-label", default="an earlier run",
                         help="what the earlier run was (e.g. 'commit 97a8a22')")
+    parser.add_argument("--rerun", action="append", default=[], metavar="FILE@COMMIT",
+                        help="cases rerun after the run (--op OP --json FILE at COMMIT): "
+                             "their outcomes replace the run's (repeatable)")
     args = parser.parse_args(argv)
+    reruns = [Rerun.parse(spec) for spec in args.rerun]
     before = _read(args.before) if args.before else None
     if args.source:
         outcomes = _read(args.source)
@@ -142,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                             capture_output=True, text=True).stdout.strip() or "?"
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
-    partial.write_text(render(outcomes, commit, before, args.before_label))
+    partial.write_text(render(outcomes, commit, before, args.before_label, reruns))
     partial.replace(out)  # atomic: a reader never sees half a table
     print(f"wrote {args.out}")
     return 0
