@@ -40,6 +40,8 @@ from kiln.compiler.core.version import kiln_version
 from .binary_check import check_binary
 from .importer import check_static_inputs, lower_to_relax, symbolic_ranges
 from .importer.lower import SPARSE_KERNELS_ATTR
+from .load_time import MANIFEST_KEY as LOAD_TIME_KEY
+from .load_time import move_shared_mixing_to_load_time
 from .manifest import LIBRARY_NAME, Manifest, TensorSpec, write_manifest
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels
@@ -242,6 +244,7 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
 
     step("lower")
     mod = lower_to_relax(model, target_name=resolved.name)
+    mod, load_time_weights = move_shared_mixing_to_load_time(mod)
     outputs = _relax_outputs(mod, list(model.graph.outputs))
     sparse = json.loads(str(mod.attrs[SPARSE_KERNELS_ATTR])) \
         if mod.attrs is not None and SPARSE_KERNELS_ATTR in mod.attrs else []
@@ -297,8 +300,9 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
         target_arch=resolved.arch, inputs=tuple(model_inputs), outputs=tuple(outputs),
         model_hash=model_hash, kiln_version=kiln_version(), tvm_version=str(tvm.__version__),
         dims={k: list(v) for k, v in symbolic_ranges(model).items()},
-        extra={"sparse_kernels": [c["node"] for c in sparse if c["kernel"] == "sparse"]}
-        if sparse else {},
+        extra={**({"sparse_kernels": [c["node"] for c in sparse if c["kernel"] == "sparse"]}
+                  if sparse else {}),
+               **({LOAD_TIME_KEY: load_time_weights} if load_time_weights else {})},
     ).with_files(outdir, [LIBRARY_NAME])
     manifest_path = write_manifest(outdir, manifest)
     last = next(reversed(times))

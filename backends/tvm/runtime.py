@@ -201,7 +201,9 @@ class CompiledModel:
         library = self.outdir / manifest.library
         if not library.is_file():
             raise KilnError(f"{outdir}: {manifest.library} is missing")
-        self._vms = _ThreadVM(tvm.runtime.load_module(str(library)), self.device)
+        module = tvm.runtime.load_module(str(library))
+        self._vms = _ThreadVM(module, self.device, _load_time_weights(module, manifest,
+                                                                      self.device))
         self._buffers = CallBuffers()
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise KilnError(f"threads={threads!r}: expected a whole number of threads >= 1")
@@ -315,16 +317,30 @@ def _overlaps(span: tuple[int, int], spans: list[tuple[int, int]]) -> bool:
     return any(span[0] < hi and lo < span[1] for lo, hi in spans)
 
 
+def _load_time_weights(module, manifest: Manifest, device) -> tuple:
+    """The weights ``main`` takes after the inputs, computed once by the library's
+    :data:`kiln.backends.tvm.load_time.INIT_FUNCTION` (none for most models)."""
+    from tvm.runtime.vm import VirtualMachine
+
+    from .load_time import INIT_FUNCTION, MANIFEST_KEY
+
+    if not manifest.extra.get(MANIFEST_KEY):
+        return ()
+    return tuple(VirtualMachine(module, device)[INIT_FUNCTION]())
+
+
 class _ThreadVM(threading.local):
     """One Relax VM per calling thread over the one loaded library: a VM keeps its call
     frames' registers in itself, so two threads calling one VM at once overwrite each
     other's registers (seen as TVM's ``reg < frame->register_file.size()`` check failing)."""
 
-    def __init__(self, library, device) -> None:
+    def __init__(self, library, device, load_time: tuple = ()) -> None:
         from tvm.runtime.vm import VirtualMachine
 
         self.vm = VirtualMachine(library, device)
-        self.main = self.vm["main"]
+        main = self.vm["main"]
+        # weights the library computes once when loaded (load_time.INIT_FUNCTION)
+        self.main = (lambda *args: main(*args, *load_time)) if load_time else main
 
 
 class CallBuffers(threading.local):

@@ -12,10 +12,12 @@ least-squares sense is its truncated SVD (Eckart-Young), so with A = U S V^T:
 
 In the graph each block's weight becomes ``Reshape(MatMul(c_l, T), shape)`` with c_l [1, K]
 (a computation of constants, placed right before the node that reads it), so model.onnx
-holds K n + L K numbers instead of L n; with K < L it is smaller. The compiled library
-evaluates the MatMul once at build time (constant folding), so it holds the L full weights;
-re-loading the written model through kiln's frontend folds it the same way. With K >= L
-the reconstruction is exact (to float32 rounding) and saves nothing.
+holds K n + L K numbers instead of L n; with K < L it is smaller. The TVM build keeps
+it so in model.so: the mixes run once when the library is loaded, not at build time
+(``backends/tvm/load_time``), so the library also holds T and the c_l once (the weights
+live in memory, not in the file). Re-loading the written model through kiln's frontend
+folds the MatMul into L full weights. With K >= L the reconstruction is exact (to float32
+rounding) and saves nothing.
 
 The note gives, per group, the relative reconstruction error ||W_l - C[l] T|| / ||W_l||
 (largest over the layers) and the weight bytes before and after. Refused: a group with

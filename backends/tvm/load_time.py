@@ -1,0 +1,161 @@
+"""Weights computed from shared constants once at load time, not stored in the library.
+
+A graph may compute a weight from constants that several weights share: template_share
+writes each layer's weight as ``Reshape(MatMul(c_l, T))`` with the templates T read by
+every layer. Constant folding would store the L products in ``model.so`` (L full weights,
+as if nothing were shared); running the mix in ``main`` would redo it on every call. So
+these computations move into a function :data:`INIT_FUNCTION` of no arguments that
+returns the weights, and ``main`` takes them as parameters after the model's inputs: the
+library holds T and the c_l once, the runtime calls :data:`INIT_FUNCTION` once when it
+loads the library and passes the results on every call (:mod:`.runtime`).
+
+What moves: a call whose tensor operands are all constants, two or more of them distinct,
+one of which another such computation also reads (the shared one), and, after it, every
+call that reads only constants and moved values (the Reshape). A transpose of one shared
+weight does not move (it has one constant operand; folding it is stored once). Inside
+:data:`INIT_FUNCTION` each constant is first passed through ``vm.builtin.copy``, an
+identity that constant folding does not evaluate, so the build keeps the mix there.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+logger = logging.getLogger(__name__)
+
+#: the function computing the moved weights (no arguments, returns a tuple)
+INIT_FUNCTION = "kiln_init"
+#: ``manifest.extra`` key: how many weights :data:`INIT_FUNCTION` returns
+MANIFEST_KEY = "load_time_weights"
+
+
+def _tensor_args(call: relax.Call) -> list[relax.Expr]:
+    return [a for a in call.args if isinstance(a.ty, relax.TensorType)]
+
+
+def _index(items: list, item) -> int:
+    """Position of ``item`` in ``items`` by identity (-1 if absent)."""
+    return next((i for i, seen in enumerate(items) if seen.same_as(item)), -1)
+
+
+def _moved_bindings(bindings: list[relax.VarBinding]) -> list[relax.VarBinding]:
+    """The bindings of ``main``'s dataflow that compute weights from shared constants."""
+    constant_calls = []
+    for b in bindings:
+        value = b.value
+        if isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op):
+            tensors = _tensor_args(value)
+            if tensors and all(isinstance(a, tvm.ir.GenericConst) for a in tensors):
+                constant_calls.append((b, tensors))
+    readers: list[tuple[tvm.ir.GenericConst, int]] = []   # constant -> all-constant calls reading it
+    for _, tensors in constant_calls:
+        for c in {id(t): t for t in tensors}.values():
+            i = _index([r[0] for r in readers], c)
+            if i < 0:
+                readers.append((c, 1))
+            else:
+                readers[i] = (c, readers[i][1] + 1)
+    shared = [c for c, n in readers if n > 1]
+    moved: list[relax.VarBinding] = []
+    moved_vars: list[relax.Var] = []
+    for b in bindings:
+        value = b.value
+        if not (isinstance(value, relax.Call) and isinstance(value.op, tvm.ir.Op)):
+            continue
+        tensors = _tensor_args(value)
+        reads_moved = any(_index(moved_vars, a) >= 0 for a in tensors)
+        inputs_known = tensors and all(isinstance(a, tvm.ir.GenericConst) or _index(moved_vars, a) >= 0
+                                       for a in tensors)
+        distinct = [t for i, t in enumerate(tensors) if _index(tensors[:i], t) < 0]
+        mixes = (len(distinct) >= 2 and all(isinstance(a, tvm.ir.GenericConst) for a in tensors)
+                 and any(_index(shared, t) >= 0 for t in tensors))
+        if inputs_known and (mixes or reads_moved):
+            moved.append(b)
+            moved_vars.append(b.var)
+    return moved
+
+
+@mutator
+class _DropAndRebind(PyExprMutator):
+    """``main`` without the moved bindings, their values read from new parameters."""
+
+    def __init__(self, moved: list[relax.Var], params: dict[int, relax.Var]) -> None:
+        super().__init__()
+        self.moved = moved
+        self.params = params
+
+    def visit_var_binding_(self, binding) -> None:
+        i = _index(self.moved, binding.var)
+        if i < 0:
+            super().visit_var_binding_(binding)
+        elif i in self.params:
+            self.set_var_remap(binding.var, self.params[i])
+
+
+def _init_function(moved: list[relax.VarBinding], outputs: list[int]) -> relax.Function:
+    bb = relax.BlockBuilder()
+    with bb.function(INIT_FUNCTION, params=[], pure=True):
+        with bb.dataflow():
+            copies: list[tuple[tvm.ir.GenericConst, relax.Var]] = []
+            values: list[relax.Var] = []
+            moved_vars = [b.var for b in moved]
+
+            def operand(arg):
+                if isinstance(arg, tvm.ir.GenericConst):
+                    i = _index([c for c, _ in copies], arg)
+                    if i < 0:
+                        copy = bb.emit(relax.call_pure_packed(
+                            "vm.builtin.copy", arg, ty_args=[arg.ty]))
+                        copies.append((arg, copy))
+                        return copy
+                    return copies[i][1]
+                i = _index(moved_vars, arg)
+                return values[i] if i >= 0 else arg
+
+            for b in moved:
+                call = b.value
+                values.append(bb.emit(relax.Call(call.op, [operand(a) for a in call.args],
+                                                 call.attrs, call.ty_args)))
+            results = [bb.emit_output(values[i]) for i in outputs]
+        bb.emit_func_output(relax.Tuple(results))
+    return bb.get()[INIT_FUNCTION]
+
+
+def move_shared_mixing_to_load_time(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
+    """``mod`` with the weights computed from shared constants in :data:`INIT_FUNCTION`
+    and passed to ``main`` after its inputs; and how many (0: ``mod`` unchanged)."""
+    main = mod["main"]
+    bindings = [b for block in main.body.blocks for b in block.bindings
+                if isinstance(b, relax.VarBinding)]
+    moved = _moved_bindings(bindings)
+    if not moved:
+        return mod, 0
+    moved_vars = [b.var for b in moved]
+    used_after: list[int] = []
+
+    def note_use(node) -> None:
+        i = _index(moved_vars, node) if isinstance(node, relax.Var) else -1
+        if i >= 0 and i not in used_after:
+            used_after.append(i)
+
+    for b in bindings:
+        if _index(moved_vars, b.var) < 0:
+            relax.analysis.post_order_visit(b.value, note_use)
+    relax.analysis.post_order_visit(main.body.body, note_use)
+    used_after.sort()
+    params = {i: relax.Var(f"kiln_load_time_{n}", moved_vars[i].ty)
+              for n, i in enumerate(used_after)}
+    body = _DropAndRebind(moved_vars, params).visit_expr(main.body)
+    new_main = relax.Function(list(main.params) + [params[i] for i in used_after], body,
+                              main.ret_ty, main.is_pure, main.attrs, main.span)
+    new_mod = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+    new_mod["main"] = new_main
+    new_mod[INIT_FUNCTION] = _init_function(moved, used_after).with_attr(
+        "global_symbol", INIT_FUNCTION)
+    logger.info("%d weight(s) computed from shared constants at load time (%d calls)",
+                len(used_after), len(moved))
+    return new_mod, len(used_after)
