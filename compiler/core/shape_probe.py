@@ -6,12 +6,13 @@ body: ``Range(0, Cast(size))``, ``Pad(x, Max(shape, Shape(x)) - Shape(x))``), no
 op's operand tells its value. When the model is small and every output declares a
 static shape, :func:`probe_shape_inputs` tries the values that could give those shapes
 (a scalar: ``0 .. max dim + 2``; a 1-D input of length k: each k of an output's dims, in
-order) with onnx's reference evaluator on seeded random other inputs. A value is implied
-when some candidate gives every declared shape and every value found to give them (the
-other candidates, and each one-element step of +-1, +-2 from the first) also gives the
-same output values: ``Slice(x, s, s + 3)`` (any ``s`` gives 3 elements, each another
-3) implies nothing, ``Slice(x, 0, e)`` clamped at the end (``e`` of 10, 11, 12 give the
-same 10 elements) implies the first.
+order, then each k - 1 of them with one more dim or 1 put in: AffineGrid's
+``[N, C, H, W]`` for an ``[N, H, W, 2]`` grid) with onnx's reference evaluator on seeded
+random other inputs. A value is implied when some candidate gives every declared shape
+and every value found to give them (the other candidates, and each one-element step of
++-1, +-2 from the first) also gives the same output values: ``Slice(x, s, s + 3)``
+(any ``s`` gives 3 elements, each another 3) implies nothing, ``Slice(x, 0, e)`` clamped
+at the end (``e`` of 10, 11, 12 give the same 10 elements) implies the first.
 
 The importer fixes the input to that value (the compiled module takes it and ignores
 it, as :mod:`kiln.backends.tvm.importer.static_operands` does for operands), and
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 MAX_NODES = 300
 #: at most this many elements over the initializers, and over the inputs
 MAX_ELEMENTS = 1 << 16
-MAX_CANDIDATES = 64
+MAX_CANDIDATES = 160
 #: the probed input has at most this many elements
 MAX_PROBED_ELEMENTS = 8
 #: steps from the first hit tried on each element (another value giving the same shapes
@@ -81,12 +82,16 @@ def _candidates(shape: list[int], outputs: list[list[int]]) -> list[list[int]]:
         return [[v] for v in range(top + 3)][:MAX_CANDIDATES]
     if len(shape) != 1:
         return []
+    k = shape[0]
+    fill = sorted({1, *(d for out in outputs for d in out)})
     found: list[list[int]] = []
-    for out in outputs:
-        for dims in itertools.combinations(out, shape[0]):
-            if list(dims) not in found:
-                found.append(list(dims))
-    return found[:MAX_CANDIDATES]
+    for out in outputs:  # an output's dims in order; then with one more dim put in
+        found += [list(dims) for dims in itertools.combinations(out, k)]
+    for out in outputs:  # (AffineGrid's size [N, C, H, W] for a [N, H, W, 2] grid)
+        for dims in itertools.combinations(out, k - 1) if k else ():
+            found += [[*dims[:i], d, *dims[i:]] for i in range(k) for d in fill]
+    unique = list(dict.fromkeys(tuple(c) for c in found))
+    return [list(c) for c in unique[:MAX_CANDIDATES]]
 
 
 def _steps(value: np.ndarray) -> list[np.ndarray]:

@@ -9,7 +9,8 @@
 3. evaluates small constant ``kiln.UnpackBits`` nodes that feed index computations
    (:func:`fold_index_unpacks`: a salient-rows mask -> NonZero), so the indices fold;
 4. folds constants again when shape computations are left (``Shape``/``Size``): TVM's
-   importer fails on Reshape/Resize fed by computed shapes (:func:`refold`);
+   importer fails on Reshape/Resize fed by computed shapes (:func:`refold`; a constant
+   node of several outputs, which onnxscript's folder skips, is evaluated too);
 5. drops the bodies of kiln's model-local functions (their ops have converters, so
    packed weights stay packed) and inlines any other function;
 6. rewrites ops whose TVM converters are wrong at their edges (:mod:`.edge_cases`:
@@ -118,9 +119,48 @@ def refold(proto: onnx.ModelProto) -> onnx.ModelProto:
             if is_kiln_op(key[0], key[1])}
     common.InlinePass()(copy)
     fold_constants(copy, onnx_shape_inference=True, should_fold=should_fold)
+    if fold_constant_multi_outputs(copy.graph):  # then what they fed folds too
+        fold_constants(copy, onnx_shape_inference=True, should_fold=should_fold)
     common.RemoveUnusedNodesPass()(copy)
     copy.functions.update(kiln)
     return ir.serde.serialize_model(copy)
+
+
+#: a node of several outputs is evaluated when its constant inputs hold at most this many
+#: elements (onnxscript's folder skips such nodes: a Split of an AffineGrid's fixed size)
+MAX_FOLDED_ELEMENTS = 1 << 16
+
+
+def fold_constant_multi_outputs(graph: ir.Graph) -> int:
+    """Evaluate each standard node of ``graph`` with several outputs and only constant
+    inputs (onnx's reference evaluator), its outputs becoming initializers; returns how
+    many (in place)."""
+    from onnx.reference import ReferenceEvaluator
+
+    folded = 0
+    for node in list(graph):
+        inputs = [v for v in node.inputs if v is not None]
+        if node.domain not in ("", "ai.onnx") or len(node.outputs) < 2 or not inputs or \
+                any(v.const_value is None for v in inputs) or \
+                sum(v.const_value.size for v in inputs) > MAX_FOLDED_ELEMENTS:
+            continue
+        feeds = {v.name: v.const_value.numpy() for v in inputs}
+        opsets = {"": graph.opset_imports.get("", 1)}
+        try:
+            results = ReferenceEvaluator(ir.serde.serialize_node(node), opsets=opsets).run(
+                None, feeds)
+        except Exception:  # noqa: BLE001 - left for TVM's converter
+            continue
+        for out, array in zip(node.outputs, results):
+            value = ir.Value(name=out.name, const_value=ir.tensor(array, name=out.name))
+            out.name = None
+            graph.register_initializer(value)
+            ir.convenience.replace_all_uses_with(out, value)
+            if out.is_graph_output():
+                graph.outputs[graph.outputs.index(out)] = value
+        graph.remove(node, safe=True)
+        folded += 1
+    return folded
 
 
 def drop_kiln_functions(proto: onnx.ModelProto, target_name: str | None) -> onnx.ModelProto:

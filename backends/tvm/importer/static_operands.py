@@ -207,12 +207,19 @@ def _fix_probed_inputs(model: onnx.ModelProto) -> int:
     for name, value in probe_shape_inputs(model).items():
         constant = f"{name}_implied_by_output_shapes"
         model.graph.initializer.append(numpy_helper.from_array(value, constant))
-        for node in model.graph.node:
-            for i, operand in enumerate(node.input):
-                if operand == name:
-                    node.input[i] = constant
+        _rename_reads(model.graph, name, constant)
         fixed += 1
     return fixed
+
+
+def _rename_reads(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Every read of ``old`` in ``graph`` and its subgraphs (an If branch reading an
+    outer value, as expanded function bodies do) reads ``new`` instead."""
+    for node in graph.node:
+        node.input[:] = [new if operand == old else operand for operand in node.input]
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                _rename_reads(sub, old, new)
 
 
 def fix_shape_operands(model: onnx.ModelProto) -> int:

@@ -1,5 +1,6 @@
 """A shape-like input implied by the declared output shapes (kiln.compiler.core.shape_probe):
-a window size read through Cast/Range, a crop shape through Add/Slice, a clamped end
+a window size read through Cast/Range, a crop shape through Add/Slice, a size with a
+dim no output has (AffineGrid's C), a clamped end
 (several values, the same outputs) implied; a slice start that moves the values but not
 the shape, two integer inputs, an undeclared output shape: nothing implied."""
 
@@ -51,6 +52,20 @@ def test_a_crop_shape_read_through_add_is_implied():
     model = _slice("zeros", "e", [4, 6], [2], [3, 5],
                    [helper.make_node("Add", ["s", "zeros"], ["e"])])
     assert probe_shape_inputs(model)["s"].tolist() == [3, 5]
+
+
+def test_a_shape_with_a_dim_no_output_has_is_implied_with_it_filled_in():
+    # size [N, C, H, W] -> zeros [N, H, W] (an expanded AffineGrid's): any C gives the same
+    model = _model([helper.make_node("Slice", ["s", "zero", "one"], ["n"]),
+                    helper.make_node("Slice", ["s", "two", "four"], ["hw"]),
+                    helper.make_node("Concat", ["n", "hw"], ["nhw"], axis=0),
+                    helper.make_node("ConstantOfShape", ["nhw"], ["y"])],
+                   [helper.make_tensor_value_info("s", TensorProto.INT64, [4])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 6])],
+                   [_int(name, [v]) for name, v in
+                    (("zero", 0), ("one", 1), ("two", 2), ("four", 4))])
+    value = probe_shape_inputs(model)["s"].tolist()
+    assert [value[0], *value[2:]] == [2, 5, 6]
 
 
 def test_values_giving_the_same_outputs_imply_the_first():

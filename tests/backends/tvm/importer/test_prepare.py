@@ -171,3 +171,33 @@ def test_prepare_keeps_the_callers_model_unchanged():
     proto = prepare_onnx(model)
     assert any(n.op_type == internal_ops.PACKED_DEQUANTIZE for n in proto.graph.node)
     assert ir.serde.serialize_model(model).SerializeToString() == before
+
+
+def test_refold_evaluates_a_constant_split_and_what_it_feeds():
+    # onnxscript's folder skips nodes with several outputs: a Split of a fixed shape
+    # (an expanded AffineGrid's size) would leave the Reshape it feeds computed
+    from onnx.reference import ReferenceEvaluator
+
+    from kiln.backends.tvm.importer.prepare import refold
+
+    graph = helper.make_graph(
+        [helper.make_node("Split", ["size"], ["n", "hw"], axis=0, num_outputs=2),
+         helper.make_node("Concat", ["n", "hw"], ["shape"], axis=0),
+         helper.make_node("Reshape", ["x", "shape"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.array([2, 3], np.int64), "size")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    folded = refold(model)
+    assert [n.op_type for n in folded.graph.node] == ["Reshape"]
+    x = np.arange(6, dtype=np.float32)
+    np.testing.assert_array_equal(ReferenceEvaluator(folded).run(None, {"x": x})[0],
+                                  x.reshape(2, 3))
+
+
+@pytest.mark.slow  # one of them also runs in tests/conformance' fast subset
+def test_expanded_affine_grid_cases_compile_and_match():
+    from kiln.compiler.testing.conformance import failures
+
+    failed = failures(["test_affine_grid_2d_expanded", "test_affine_grid_3d_align_corners_expanded"])
+    assert not failed, "\n".join(failed)
