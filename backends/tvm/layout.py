@@ -163,7 +163,9 @@ class _FoldConstantTransposes(PyExprMutator):
         if folded is None:
             return call
         self.folded += 1
-        return relax.const(np.ascontiguousarray(folded), str(folded.dtype))
+        # ascontiguousarray makes a 0-d array 1-d (a scalar Min's broadcast: stack failed)
+        contiguous = np.ascontiguousarray(folded).reshape(folded.shape)
+        return relax.const(contiguous, str(folded.dtype))
 
 
 def _function_pass(mutator_cls, name: str) -> tvm.transform.Pass:

@@ -148,3 +148,24 @@ def test_constants_behind_dataflow_vars_are_folded_in_numpy():
         mod["main"], lambda n: weights.append(n) if isinstance(n, tvm.ir.GenericConst) else None)
     assert any(w.value.numpy().shape == (16, 3, 3, 8) and np.all(w.value.numpy() == 0.5)
                for w in weights)
+
+
+def test_a_folded_scalar_stays_a_scalar():
+    """ONNX Min of two scalars (an expanded DynamicQuantizeLinear's) is broadcast_to
+    shape () then stack: the folded constant kept rank 0 (numpy's ascontiguousarray
+    makes it [1], and stack then failed on ranks 0 and 1)."""
+    from kiln.backends.tvm.layout import fold_constant_transposes
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((), "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c = bb.emit(relax.op.broadcast_to(relax.const(np.float32(0.0)), ()))
+            y = bb.emit(relax.op.min(relax.op.stack([x, c], axis=0), axis=0))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    mod = fold_constant_transposes()(bb.get())
+    assert _calls(mod, "relax.broadcast_to") == []
+    ex = tvm.compile(mod, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    assert float(vm["main"](tvm.runtime.tensor(np.array(-2.0, np.float32))).numpy()) == -2.0
