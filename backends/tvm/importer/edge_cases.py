@@ -20,6 +20,8 @@ conformance cases; silently wrong numbers before):
   running mean/variance updated with ``momentum``;
 - a node whose outputs are all empty graph outputs (a 0 in the declared shape): empty
   constants (TVM fails on zero-size Split parts, Trilu of an empty input);
+- ``ConvTranspose`` with ``output_shape`` (TVM ignores it): the ``pads`` and
+  ``output_padding`` that give it, as ONNX Runtime splits them;
 - ``Constant`` with ``value_int(s)``/``value_float(s)`` (TVM reads only ``value``; constant
   folding writes a Shape of a static input this way): the same values as ``value``;
 - ``Resize`` with runtime scales: its declared output shape written on the node
@@ -73,6 +75,8 @@ def _needs_rewrite(node: onnx.NodeProto) -> bool:
         return len([o for o in node.output if o]) > 1
     if node.op_type == "BatchNormalization":
         return bool(_attr(node, "training_mode", 0))
+    if node.op_type == "ConvTranspose":
+        return bool(_attr(node, "output_shape", None))
     return node.op_type == "BitShift"
 
 
@@ -87,6 +91,53 @@ def _elem_types(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, int]]
              if v.type.tensor_type.HasField("shape")}
     ranks.update({t.name: len(t.dims) for t in graph.initializer})
     return types, ranks
+
+
+def _static_shapes(model: onnx.ModelProto) -> dict[str, list[int]]:
+    """The static shape of every value onnx's shape inference (or an initializer) gives one."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for v in itertools.chain(graph.input, graph.value_info, graph.output):
+        dims = v.type.tensor_type.shape.dim
+        if v.type.tensor_type.HasField("shape") and all(d.HasField("dim_value") for d in dims):
+            shapes[v.name] = [d.dim_value for d in dims]
+    return shapes
+
+
+def _conv_transpose_output_shape(node: onnx.NodeProto,
+                                 shapes: dict[str, list[int]]) -> list[onnx.NodeProto] | None:
+    """The node with ``output_shape`` written as ``pads``/``output_padding`` (TVM ignores
+    ``output_shape``), as ONNX Runtime computes it: the total padding
+    ``t = s*(n-1) + output_padding + (k-1)*d + 1 - output_shape`` is split (``SAME_UPPER``:
+    the odd one at the end, else at the start; given pads are ignored), and a negative
+    ``t`` is that many more output rows at the end (zeros, plus the bias). None (left
+    alone) without static shapes, or where TVM's output_padding < stride (or dilation)
+    does not hold."""
+    x, w = shapes.get(node.input[0]), shapes.get(node.input[1])
+    if x is None or w is None:
+        return None
+    n = len(x) - 2
+    wanted = list(_attr(node, "output_shape", []))
+    if len(wanted) != n:
+        return None
+    strides = list(_attr(node, "strides", [1] * n))
+    dilations = list(_attr(node, "dilations", [1] * n))
+    extra = list(_attr(node, "output_padding", [0] * n))
+    kernel = list(_attr(node, "kernel_shape", w[2:]))
+    upper = _attr(node, "auto_pad", b"NOTSET") in ("SAME_UPPER", b"SAME_UPPER")
+    total = [strides[i] * (x[i + 2] - 1) + extra[i] + (kernel[i] - 1) * dilations[i] + 1
+             - wanted[i] for i in range(n)]
+    head = [max(t, 0) // 2 if upper else max(t, 0) - max(t, 0) // 2 for t in total]
+    pads = head + [max(t, 0) - h for t, h in zip(total, head)]
+    extra = [e + max(-t, 0) for e, t in zip(extra, total)]
+    if any(e >= max(s, d) for e, s, d in zip(extra, strides, dilations)):
+        return None
+    keep = [a for a in node.attribute
+            if a.name not in ("output_shape", "pads", "output_padding", "auto_pad")]
+    rewritten = helper.make_node("ConvTranspose", list(node.input), list(node.output),
+                                 name=node.name, pads=pads, output_padding=extra)
+    rewritten.attribute.extend(keep)
+    return [rewritten]
 
 
 class _Builder:
@@ -270,6 +321,8 @@ def rewrite_edge_cases(model: onnx.ModelProto) -> int:
     else:
         types, ranks = _elem_types(model)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    shapes = _static_shapes(model) if any(n.op_type == "ConvTranspose" and _needs_rewrite(n)
+                                          for n in graph.node) else {}
     out: list[onnx.NodeProto] = []
     rewritten = 0
     for node in graph.node:
@@ -286,6 +339,8 @@ def rewrite_edge_cases(model: onnx.ModelProto) -> int:
                 replacement = _layer_norm(node, types[node.input[0]], ranks[node.input[0]], opset)
             elif node.op_type == "BatchNormalization" and node.input[0] in ranks:
                 replacement = _batchnorm_training(node, ranks[node.input[0]], opset)
+            elif node.op_type == "ConvTranspose":
+                replacement = _conv_transpose_output_shape(node, shapes)
             elif node.op_type == "BitShift" and not _shift_is_safe(graph, node):
                 elem = types.get(node.input[1])
                 replacement = _bitshift(node, elem) if elem else None
