@@ -36,6 +36,7 @@ from .standard_converters import (
     ClipAsMinMax,
     ConstantThresholdNMS,
     ConvTransposeAsConv,
+    EluInInputType,
     HardSigmoidAsMinMax,
     HardSwishAsMinMax,
     RMSNormalizationAsRelax,
@@ -86,6 +87,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["Clip"] = ClipAsMinMax(base["Clip"])
     table["HardSigmoid"] = HardSigmoidAsMinMax(base["HardSigmoid"])
     table["HardSwish"] = HardSwishAsMinMax(base["HardSwish"])
+    table["Elu"] = EluInInputType(base["Elu"])
     table["ConvTranspose"] = ConvTransposeAsConv(base["ConvTranspose"])
     table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
     table["Resize"] = SeparableResize(base["Resize"])

@@ -8,6 +8,7 @@ Each takes the cases it improves and hands the rest to TVM's own converter
   sees through them; TVM's prebuilt kernels it cannot);
 - ``HardSigmoid`` / ``HardSwish`` the same way (TVM's ``relax.clip`` made layout
   conversion put two transposes around every HardSwish of a channels-last CNN);
+- ``Elu`` with its constants in the input's type (float16);
 - ``ConvTranspose`` whose kernel equals its stride as a 1x1 conv + pixel shuffle;
 - ``ScatterND`` writing every row once as an injective row gather;
 - ``NonMaxSuppression`` with ONNX's defaults and IoU comparison (runtime operands: :mod:`.runtime_nms`).
@@ -138,6 +139,20 @@ class HardSwishAsMinMax(_FloatOnly):
         from tvm import relax
 
         return relax.op.multiply(x, _hard_sigmoid(x, 1.0 / 6.0, 0.5))
+
+
+class EluInInputType(_FloatOnly):
+    """ONNX ``Elu`` as TVM writes it, ``relu(x) - alpha * relu(1 - exp(x))``, with its
+    constants in ``x``'s type (TVM's are float32: float16 Elu, and Celu's function body,
+    failed to import on a float32 - float16 subtract)."""
+
+    def convert_float(self, x, attr):
+        from tvm import relax
+
+        dtype = x.ty.dtype
+        tail = relax.op.nn.relu(relax.op.subtract(relax.const(1.0, dtype), relax.op.exp(x)))
+        scaled = relax.op.multiply(relax.const(-float(attr.get("alpha", 1.0)), dtype), tail)
+        return relax.op.add(scaled, relax.op.nn.relu(x))
 
 
 def _as_ints(values, default: list[int]) -> list[int]:

@@ -147,3 +147,24 @@ def test_rms_normalization_over_any_axes_matches(axis, shape, tmp_path):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
     x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
     _build_and_compare(model, {"x": x}, tmp_path)
+
+
+@pytest.mark.parametrize("elem", [TensorProto.FLOAT16, TensorProto.FLOAT])
+def test_elu_keeps_its_input_type(elem, tmp_path):
+    # TVM's Elu subtracts a float16 exp from a float32 constant: the import failed
+    node = helper.make_node("Elu", ["x"], ["y"], alpha=0.7)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", elem, [2, 8])],
+                              [helper.make_tensor_value_info("y", elem, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    dtype = helper.tensor_dtype_to_np_dtype(elem)
+    x = np.random.default_rng(0).standard_normal([2, 8]).astype(dtype)
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    out = load(tmp_path)(x=x)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    want = np.where(x > 0, x, 0.7 * (np.exp(x.astype(np.float64)) - 1)).astype(dtype)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out.astype(np.float64), want, rtol=ELU_TOL[elem], atol=ELU_TOL[elem])
+
+
+#: float16 rounds each of the 4 ops once (an ulp is 2^-11 relative)
+ELU_TOL = {TensorProto.FLOAT16: 4e-3, TensorProto.FLOAT: 1e-6}
