@@ -45,6 +45,7 @@ from .load_time import move_shared_mixing_to_load_time
 from .manifest import LIBRARY_NAME, Manifest, TensorSpec, write_manifest
 from .pipeline import relax_pipeline
 from .schedules import schedule_rules_used, unscheduled_kernels
+from .schedules.race_check import racing_kernels
 from .strip import strip_library
 from .targets import ResolvedTarget, require_cross_compiler, resolve_target
 from .tuning.database import TUNED_RULE, database_dirs, open_database
@@ -79,6 +80,9 @@ class BuildResult:
     tuning: dict[str, Any] | None = None
     #: per sparse MatMul/Gemm weight: the kernel chosen and why (importer.sparse_weights)
     sparse_kernels: list[dict[str, Any]] = field(default_factory=list)
+    #: kernel -> buffers two iterations of one of its parallel loops may both write
+    #: (``schedules.race_check``; expected empty, a warning names any)
+    races: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _dim(d) -> int | str:
@@ -267,6 +271,7 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     def on_scheduled(scheduled_mod) -> None:
         scheduled["unscheduled"] = unscheduled_kernels(scheduled_mod)
         scheduled["rules"] = schedule_rules_used(scheduled_mod)
+        scheduled["races"] = racing_kernels(scheduled_mod)
         interrupt.checkpoint("build")  # called from inside tvm.compile (C++)
 
     try:
@@ -280,6 +285,12 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
     if unscheduled:
         logger.warning("%d kernel(s) without a schedule rule or tuning record (near TVM's "
                        "default speed): %s", len(unscheduled), ", ".join(unscheduled))
+    races = scheduled.get("races", {})
+    if races:
+        logger.warning("possible data race in %d kernel(s) (a parallel loop's iterations "
+                       "write one element): %s", len(races),
+                       "; ".join(f"{k} ({rules.get(k, '?')}): {', '.join(v)}"
+                                 for k, v in races.items()))
     tuned = sum(1 for r in rules.values() if r == TUNED_RULE)
     if database is not None:
         logger.info("tuning records applied to %d of %d kernels (%s)", tuned, len(rules),
@@ -314,4 +325,4 @@ def build_artifact(model: ir.Model, target: str | dict[str, Any] | ResolvedTarge
                        runs_on_host=resolved.runs_on_this_host(), target=resolved.name,
                        binary=binary, step_seconds=times, unscheduled=unscheduled,
                        rules=rules, tuning_dbs=[str(d) for d in db_dirs], tuning=tuning_summary,
-                       sparse_kernels=sparse)
+                       sparse_kernels=sparse, races=races)
