@@ -10,12 +10,20 @@ LLVM cannot give the accumulators registers, and the micro-kernel runs from the 
 
 This rule schedules the same register-tiled micro-kernel (``C[rows, cols] += A * Bp``
 with B packed ``[N / NR, K, NR]``, constant weights packed at compile time, the
-epilogue fused in the tile write-back) with the loops of symbolic extent outermost in
-the fused parallel loop, so every divisor of the decoded index is a constant. The row
-tile is fixed (``symbolic_row_tile``: no divisor of a symbolic extent exists) and the
-last one guarded. Each output element is summed over K in the same order as in the
-fixed-shape build, so a symbolic build and a fixed one give the same values.
+epilogue fused per tile) so that every divisor of a decoded index is a constant:
 
+- the symbolic rows are padded (``pad_einsum``) to a multiple of the row tile: A's rows
+  are copied with zero rows below the last, the micro-kernel runs unguarded, and only
+  the per-tile epilogue tests the row (a guard inside the K loop made a 480x480 1x1 conv
+  2.7-6x slower than the fixed build). A kxk conv is no einsum to TVM (it reads A at
+  ``h + kh``): its last row tile stays guarded;
+- with enough static parallel work (column panels x static rows, at least
+  :data:`MIN_STATIC_PARALLEL`) the panels go outermost in the parallel loop, as in the
+  fixed-shape build (a weight panel stays in cache while the image's rows stream past),
+  and the symbolic row tiles run serially inside; else the symbolic loops go first;
+- columns no register tile divides (PP-OCR's 6625-class head) are padded to a tile too.
+
+Each output element is summed over K in the same order as in the fixed-shape build.
 Kernels whose extents are all static are left to ``dense``.
 """
 
@@ -24,6 +32,7 @@ from __future__ import annotations
 from tvm import s_tir, tirx
 
 from kiln.backends.tvm.schedules.analysis import (
+    BufferLoad,
     inline_epilogue,
     match_contraction,
     normalize_prim_func,
@@ -33,19 +42,23 @@ from kiln.backends.tvm.schedules.dense import (
     K_UNROLL,
     PREPROC_ANNOTATION,
     finish_register_tile,
+    inline_producers_if,
     parallelize_side_nest,
     tile_columns,
 )
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 
 #: the largest row tile a symbolic row extent gets (the accumulator budget may lower it)
-MAX_SYMBOLIC_ROWS = 6
+MAX_SYMBOLIC_ROWS = 8
+#: column panels x static rows at least this (or twice the target's cores) run in
+#: parallel with the symbolic row tiles serial inside (the fixed-shape build's order)
+MIN_STATIC_PARALLEL = 8
 
 
 def symbolic_row_tile(vectors: int, accumulators: int) -> int:
     """MR for symbolic rows and NR of ``vectors`` SIMD vectors: as many rows as the
     accumulator registers hold, up to :data:`MAX_SYMBOLIC_ROWS` (a longer tile wastes
-    more of the guarded last one)."""
+    more of the padded last one)."""
     return max(1, min(MAX_SYMBOLIC_ROWS, accumulators // max(1, vectors)))
 
 
@@ -61,17 +74,18 @@ def padded_columns(n: int, lanes: int) -> int | None:
     return None
 
 
-def _pad_columns(sch: s_tir.Schedule, main: str, col: int, nr: int,
-                 after: list[str]) -> list[str] | None:
-    """``pad_einsum`` the contraction's columns up to a multiple of ``nr``: B's padded
-    copy (zeros) is inlined into its packing, the result's unpadding copy into the
-    epilogue, so only the write-back is guarded."""
+def _pad_iters(sch: s_tir.Schedule, main: str, padding: dict[int, int],
+               after: list[str]) -> list[str] | None:
+    """``pad_einsum`` the contraction's iterators ``padding`` names (iter index -> multiple):
+    the operands' padded copies (B's zeros inlined into its packing), the result's
+    unpadding copy inlined into the epilogue, so only the write-back is guarded. Returns
+    the operands' padding blocks (None when TVM refuses)."""
     block = sch.get_sblock(main)
     iters = list(sch.get(block).iter_vars)
-    padding = [nr if n == col else 1 for n in range(len(iters))]
+    factors = [padding.get(n, 1) for n in range(len(iters))]
     names_before = {info.name for info in normalize_prim_func(sch)}
     try:
-        sch.pad_einsum(block, padding)
+        sch.pad_einsum(block, factors)
     except Exception:  # noqa: BLE001 - TVM refuses with several kinds
         return None
     names = [info.name for info in normalize_prim_func(sch)]
@@ -113,18 +127,15 @@ class SymbolicContraction(KilnRule):
 def _inline_plain_copies(sch: s_tir.Schedule, names: list[str]) -> None:
     """compute_inline the blocks that copy a buffer unchanged (a 1x1 conv's zero-width
     ``pad_temp``), so the contraction reads the input in place."""
-    for name in names:
-        block = sch.get_sblock(name)
-        body = sch.get(block).body
-        if not (isinstance(body, tirx.BufferStore) and hasattr(body.value, "indices")
-                and len(body.indices) == len(body.value.indices)
-                and all(a.same_as(b) for a, b in zip(body.indices, body.value.indices,
-                                                      strict=True))):
-            continue
-        try:
-            sch.compute_inline(block)
-        except Exception:  # noqa: BLE001 - TVM signals "cannot inline" with several kinds
-            continue
+    def same(a, b) -> bool:
+        if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
+            return int(a) == int(b)
+        return a.same_as(b)
+
+    inline_producers_if(sch, names, lambda body: (
+        isinstance(body, tirx.BufferStore) and isinstance(body.value, BufferLoad)
+        and len(body.indices) == len(body.value.indices)
+        and all(same(a, b) for a, b in zip(body.indices, body.value.indices, strict=True))))
 
 
 def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
@@ -154,19 +165,38 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     else:
         return False
     b_is_const = match.b_is_param is not None and match.b_is_param in ctx.const_params
+    columns = int(iters[match.col].dom.extent)
+    if padded_nr is not None:
+        columns = -(-columns // padded_nr) * padded_nr
+    nr, lanes = tile_columns(columns, ctx.vector_lanes_f32)
+    row_inner = match.rows[-1] if match.rows else None
+    mr = symbolic_row_tile(nr // lanes, ctx.accumulators) if row_inner is not None else 1
+    if row_inner is not None and row_inner not in symbolic:
+        mr = next((m for m in range(mr, 0, -1) if int(iters[row_inner].dom.extent) % m == 0),
+                  1)
 
     after = inline_epilogue(sch, main_name)
     if len(after) > 1:
         return False
+    names = [info.name for info in normalize_prim_func(sch)]
+    _inline_plain_copies(sch, names[: names.index(main_name)])
+    # padding: columns no tile divides up to NR; symbolic rows up to MR (A's rows copied
+    # with zeros below the last), so the micro-kernel runs unguarded and only the
+    # write-back tests the row (a guard inside the K loop: measured 2.7x slower)
+    padding = {match.col: padded_nr} if padded_nr is not None else {}
+    if row_inner is not None and row_inner in symbolic and mr > 1:
+        padding[row_inner] = mr
     padding_blocks: list[str] = []
-    if padded_nr is not None:
-        padding_blocks = _pad_columns(sch, main_name, match.col, padded_nr, after)
+    if padding:
+        padding_blocks = _pad_iters(sch, main_name, padding, after)
+        if padding_blocks is None and row_inner in padding:
+            # TVM pads only einsums (a kxk conv reads A at h + kh): rows stay guarded
+            del padding[row_inner]
+            padding_blocks = _pad_iters(sch, main_name, padding, after) if padding else []
         if padding_blocks is None:
             return False
         after = [info.name for info in normalize_prim_func(sch)]
         after = after[after.index(main_name) + 1:]
-    names = [info.name for info in normalize_prim_func(sch)]
-    _inline_plain_copies(sch, names[: names.index(main_name)])
     names = [info.name for info in normalize_prim_func(sch)]
     before = names[: names.index(main_name)]
     block = sch.get_sblock(main_name)
@@ -176,11 +206,6 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     if len(loops) != len(iters):
         return False
     extents = [int(iv.dom.extent) if _is_static(iv.dom.extent) else 0 for iv in iters]
-    nr, lanes = tile_columns(extents[match.col], ctx.vector_lanes_f32)
-    row_inner = match.rows[-1] if match.rows else None
-    mr = symbolic_row_tile(nr // lanes, ctx.accumulators) if row_inner is not None else 1
-    if row_inner is not None and row_inner not in symbolic:
-        mr = next((m for m in range(mr, 0, -1) if extents[row_inner] % m == 0), 1)
 
     # B packed as Bp[j // NR, <other dims>, j % NR] (at compile time when a weight)
     b_col_last = match.b_dims and match.b_dims[-1] == match.col
@@ -194,9 +219,14 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
             return (idx[col_dim] // nr, *rest, idx[col_dim] % nr)
 
         sch.transform_layout(pack_block, ("write", 0), pack)
-        for name in padding_blocks:  # B's zero padding: computed by the packing
+        for name in padding_blocks:  # B's zero padding: computed by the packing (A's
+            # stays a copy: inlined, every row's load in the K loop would be a select)
+            blk = sch.get_sblock(name)
+            if not any(sch.get(c).same_as(sch.get(pack_block))
+                       for c in sch.get_consumers(blk)):
+                continue
             try:
-                sch.compute_inline(sch.get_sblock(name))
+                sch.compute_inline(blk)
             except Exception:  # noqa: BLE001 - an operand's padding stays a side nest
                 continue
         if b_is_const:
@@ -224,8 +254,6 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         red_outer = [*red_outer, k_o]
     else:
         k_i = red_last
-    # the parallel loops: symbolic ones first (constant divisors when decoded), then the
-    # static batch and rows, then the column panels (each panel reused over a row tile)
     outer_static, outer_symbolic = [], []
     inner = []
     for n in (*match.batch, *match.rows):
@@ -235,24 +263,40 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
             inner = [i_i]
         else:
             (outer_symbolic if n in symbolic else outer_static).append(loops[n])
-    outer = [*outer_symbolic, *outer_static, j_o]
-    sch.reorder(*outer, *red_outer, k_i, *inner, j_v_o, j_v)
-    fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+    # the parallel loops. With enough static parallelism (column panels x static rows) the
+    # panels go outermost as in the fixed-shape build (a weight panel stays in cache
+    # while every row of the image streams past it) and the symbolic row tiles run
+    # serially inside; else the symbolic loops go first (constant divisors when the fused
+    # index is decoded), then the static ones, then the panels
+    static_parallel = extents[match.col] // nr
+    for n in (*match.batch, *match.rows):
+        if n not in symbolic:
+            static_parallel *= extents[n] if n != row_inner else extents[n] // mr
+    panels_outer = static_parallel >= max(MIN_STATIC_PARALLEL, 2 * ctx.num_cores)
+    if panels_outer:
+        parallel_loops = [j_o, *outer_static]
+        serial = outer_symbolic
+    else:
+        parallel_loops = [*outer_symbolic, *outer_static, j_o]
+        serial = []
+    sch.reorder(*parallel_loops, *serial, *red_outer, k_i, *inner, j_v_o, j_v)
+    fused = sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0]
     sch.parallel(fused)
+    tile = serial[-1] if serial else fused
     sch.vectorize(j_v)
     sch.unroll(j_v_o)
     for loop in inner:
         sch.unroll(loop)
     if red_extent <= 8:
         sch.unroll(k_i)
-    # padded columns: the epilogue is computed per tile, not inlined into the write-back
-    # (reverse_compute_inline over the padded tile keeps the column guard but drops the
-    # rows' one: the last row tile then writes past the output)
-    finish_register_tile(sch, block, c_local, fused, red_outer[0] if red_outer else k_i,
-                         after if padded_nr is None else [], vector_write_back=c_col_last,
+    # padded: the epilogue is computed per tile, not inlined into the write-back
+    # (reverse_compute_inline over a padded tile keeps one guard and drops the other:
+    # the last tile then writes past the output)
+    finish_register_tile(sch, block, c_local, tile, red_outer[0] if red_outer else k_i,
+                         after if not padding else [], vector_write_back=c_col_last,
                          lanes=lanes)
-    if padded_nr is not None and after:
-        sch.reverse_compute_at(sch.get_sblock(after[0]), fused, preserve_unit_loops=True)
+    if padding and after:
+        sch.reverse_compute_at(sch.get_sblock(after[0]), tile, preserve_unit_loops=True)
         _vectorize_epilogue(sch, after[0], lanes)
     if pack_block is not None and not b_is_const:
         parallelize_side_nest(sch, pack_block, lanes)
@@ -270,4 +314,4 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     return True
 
 
-__all__ = ["MAX_SYMBOLIC_ROWS", "SymbolicContraction", "symbolic_row_tile"]
+__all__ = ["MAX_SYMBOLIC_ROWS", "MIN_STATIC_PARALLEL", "SymbolicContraction", "symbolic_row_tile"]

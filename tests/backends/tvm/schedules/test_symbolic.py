@@ -1,0 +1,90 @@
+"""symbolic_contraction on 1x1 convolutions over a symbolic width (an OCR line): the rows
+are padded to the row tile so the micro-kernel runs unguarded, the column panels go
+outermost when they give enough parallel work, and results match ONNX Runtime at
+widths no row tile divides."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from kiln.compiler.driver.symbolic import load_with_symbols
+
+pytest.importorskip("tvm")
+
+#: fp32 sums of up to 24 products, summed in another order than ORT's
+TOLERANCE = 1e-4
+#: widths that leave every row tile (4..8 rows) a tail, and one row alone
+WIDTHS = (1, 7, 9, 37, 203)
+
+
+def _conv1x1_model(path, cin: int, cout: int, height: int):
+    rng = np.random.default_rng(0)
+    w = (rng.standard_normal((cout, cin, 1, 1)) / np.sqrt(cin)).astype(np.float32)
+    b = rng.standard_normal(cout).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["c"]),
+         helper.make_node("HardSwish", ["c"], ["y"])], "conv1x1",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, cin, height, "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _conv1x1_prim_func(height: int, cin: int, cout: int):
+    """The NHWC 1x1 conv as the CPU build sees it: C[0, h, w, o] = sum_k A[0, h, w, k] B[o, k]."""
+    from tvm import te, tirx
+
+    width = tirx.Var("W", "int64")
+    a = te.placeholder((1, height, width, cin), name="a")
+    b = te.placeholder((cout, cin), name="b")
+    k = te.reduce_axis((0, cin), name="k")
+    c = te.compute((1, height, width, cout),
+                   lambda n, y, x, o: te.sum(a[n, y, x, k] * b[o, k], axis=k), name="c")
+    return te.create_prim_func([a, b, c])
+
+
+def _block_text(script: str, name: str) -> str:
+    start = script.index(f'T.sblock("{name}")')
+    end = script.find("T.sblock(", start + 1)
+    return script[start:end if end > 0 else len(script)]
+
+
+@pytest.mark.parametrize("height, cout, panels_outer", [(1, 48, False), (4, 96, True)])
+def test_symbolic_rows_padded_micro_kernel_unguarded(height, cout, panels_outer):
+    from kiln.backends.tvm.schedules.rule import with_const_params
+    from kiln.backends.tvm.schedules.symbolic import SymbolicContraction
+    from kiln.backends.tvm.targets import resolve_target
+
+    func = with_const_params(_conv1x1_prim_func(height, 24, cout), frozenset({1}))
+    sch = SymbolicContraction().apply(func, resolve_target("host").tvm_target(), False)
+    assert sch is not None
+    script = sch.mod["main"].script()
+    assert "a_pad" in script  # A's rows copied up to a whole row tile (zeros below)
+    assert "T.where" not in _block_text(script, "c_update")  # no guard in the K loop
+    # panels outermost: the parallel loop's extent is static (no symbolic W in it)
+    head = script[:script.index('T.sblock("c_update")')]
+    parallel = [line for line in head.splitlines() if "T.parallel(" in line][-1]
+    assert ("W" not in parallel) == panels_outer, parallel
+
+
+@pytest.mark.parametrize("height, cout", [(1, 48), (4, 96)])
+def test_symbolic_1x1_conv_matches_ort(tmp_path, height, cout):
+    from kiln.backends.tvm import build_artifact, load
+
+    path = _conv1x1_model(tmp_path / "m.onnx", 24, cout, height)
+    model = load_with_symbols(str(path), {"x": [1, 24, height, "W=1..256"]})
+    built = build_artifact(model, "host", tmp_path / "out", model_hash="t")
+    assert "symbolic_contraction" in built.rules.values() and built.unscheduled == [], \
+        built.rules
+    compiled = load(tmp_path / "out")
+    session = ort.InferenceSession(str(path))
+    rng = np.random.default_rng(1)
+    for width in WIDTHS:
+        x = rng.standard_normal((1, 24, height, width)).astype(np.float32)
+        np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
+                                   rtol=TOLERANCE, atol=TOLERANCE)
