@@ -21,12 +21,14 @@ at run time, once per batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from tvm import s_tir, tirx
 
 from kiln.backends.tvm.schedules.analysis import (
     BufferLoad,
+    ContractionMatch,
     const_extent,
     inline_epilogue,
     match_contraction,
@@ -170,6 +172,87 @@ def tile_rows(m: int, cap: int) -> int:
     return 1
 
 
+def register_tile(n: int, m: int, nr: int, lanes: int, accumulators: int = ACCUMULATORS,
+                  *, guard: bool = True) -> tuple[int, int, tuple[int, int] | None]:
+    """(NR, MR, the guarded (NR, MR) or None) of N columns by M rows, starting from
+    ``tile_columns``' NR: the dividing tile (``tile_rows``, ``narrower_tile`` when it gets
+    1-2 rows), then ``guarded_tile`` where ``guard`` allows one."""
+    mr = tile_rows(m, max(1, accumulators // max(1, nr // lanes)))
+    if mr < 3 < m:
+        nr, mr = narrower_tile(n, m, nr, mr, lanes, accumulators)
+    return nr, mr, guarded_tile(n, m, nr, mr, lanes, accumulators) if guard else None
+
+
+#: A fused row loop (a conv's h x w as one) is taken when its tile's cost is under this
+#: share of the image row's own. Rows of 7 and 14 on AVX2 (16 registers: 7 x 1 or a
+#: guarded 5 x 2 with a 2 x 2 tail) become 6 x 2 tiles over 49 and 196 pixels.
+FUSED_ROWS_GAIN = 0.95
+#: Accumulators of a fused-row tile: each row's address is its own h, w (a division by
+#: the row width), and a 6 x 2 AVX2 tile over 196 pixels spilled (2.5x slower, 1 thread)
+#: where 5 x 2 over 49 ran 4-26% faster than the image row's own tile.
+FUSED_ROWS_ACCUMULATORS = 10
+
+
+def _tile_cost(m: int, tile: tuple[int, int, tuple[int, int] | None], lanes: int) -> float:
+    """``_rows_cost`` of a ``register_tile`` result (its guarded tile where it has one)."""
+    nr, mr = tile[2] or tile[:2]
+    return _rows_cost(m, mr, nr // lanes)
+
+
+def _fusable_rows(match: ContractionMatch, symbolic: set[int],
+                  extents: list[int]) -> int | None:
+    """The pixel count of the two innermost row iterators (a conv's h, w) when they are
+    adjacent loops with static extents, i.e. can be fused into one row loop; else None."""
+    if len(match.rows) < 2:
+        return None
+    h, w = match.rows[-2], match.rows[-1]
+    if h + 1 != w or h in symbolic or w in symbolic or extents[h] < 2:
+        return None
+    return extents[h] * extents[w]
+
+
+def _fuse_row_iters(sch: s_tir.Schedule, block, match: ContractionMatch,
+                    extents: list[int]) -> tuple[ContractionMatch, list[int], tirx.IndexMap]:
+    """The block's two innermost row iters (a conv's h, w: ``_fusable_rows``) made one,
+    ``r = h * W + w`` (``transform_block_layout``); returns the match and extents by the
+    new iter positions and the map of C's indices that fuses the same two dims.
+
+    The accumulator must be indexed by ``r`` too (the caller applies the map to it and to
+    its write-back): a tile of fused rows is one interval of ``r``, so the write-back
+    placed per tile covers exactly its pixels; indexed by h and w it would cover their
+    bounding box (other tiles' pixels: a race and wrong results)."""
+    h, w = match.rows[-2], match.rows[-1]
+    width = extents[w]
+    stmt = sch.get(block)
+    count = len(stmt.iter_vars)
+
+    def fuse_iters(*iv):
+        return (*iv[:h], iv[h] * width + iv[w], *iv[w + 1:])
+
+    sch.transform_block_layout(block, tirx.IndexMap.from_func(fuse_iters, ndim=count))
+
+    def moved(n: int) -> int:
+        return n if n < w else n - 1
+
+    dims = [d for d, idx in enumerate(stmt.body.indices)
+            for it in (h, w) if idx.same_as(stmt.iter_vars[it].var)]
+    if len(dims) != 2 or dims[1] != dims[0] + 1:
+        raise ValueError("fused rows: C's h and w are not adjacent dims")
+    at = dims[0]
+
+    def fuse_dims(*idx):
+        return (*idx[:at], idx[at] * width + idx[at + 1], *idx[at + 2:])
+
+    fused = dataclasses.replace(
+        match, batch=tuple(moved(n) for n in match.batch),
+        rows=tuple(moved(n) for n in match.rows if n != w), col=moved(match.col),
+        reds=tuple(moved(n) for n in match.reds),
+        b_dims=tuple(None if n is None else moved(n) for n in match.b_dims))
+    new_extents = [e for n, e in enumerate(extents) if n != w]
+    new_extents[h] = extents[h] * width
+    return fused, new_extents, tirx.IndexMap.from_func(fuse_dims,
+                                                       ndim=len(stmt.body.indices))
+
 #: An innermost reduction this short keeps its dividing row tile (no guarded tail).
 SHORT_REDUCTION = 8
 
@@ -241,30 +324,43 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     row_inner = match.rows[-1] if match.rows else None
     acc = ctx.accumulators
     rows_symbolic = row_inner is not None and row_inner in symbolic
-    if rows_symbolic:
-        mr = max(1, min(SYMBOLIC_ROW_TILE, acc // max(1, nr // lanes)))
-    else:
-        mr = tile_rows(extents[row_inner], max(1, acc // max(1, nr // lanes))) \
-            if row_inner is not None else 1
-    if row_inner is not None and not rows_symbolic and mr < 3 < extents[row_inner]:
-        nr, mr = narrower_tile(extents[match.col], extents[row_inner], nr, mr, lanes, acc)
-    guarded = None
     # a short innermost reduction (a 3-channel stem conv: K steps of 3) is unrolled whole;
     # there the guarded tile's predicated tail costs more than it saves. Measured, 1 thread:
     # stem 3x3 s2 3->16 @224 AVX2 0.475 -> 0.387 ms, AVX-512 0.361 -> 0.315; 7x7 s2 3->64
     # AVX2 10.3 -> 7.8 ms, AVX-512 unchanged (6.2)
     short_reduction = extents[match.reds[-1]] <= SHORT_REDUCTION if match.reds else False
-    if row_inner is not None and not rows_symbolic and not short_reduction:
-        guarded = guarded_tile(extents[match.col], extents[row_inner], nr, mr, lanes, acc)
+    guarded = None
+    fuse_rows = False
+    if rows_symbolic:
+        mr = max(1, min(SYMBOLIC_ROW_TILE, acc // max(1, nr // lanes)))
+    elif row_inner is None:
+        mr = 1
+    else:
+        nr, mr, guarded = register_tile(extents[match.col], extents[row_inner], nr, lanes,
+                                        acc, guard=not short_reduction)
+        fused = _fusable_rows(match, symbolic, extents) if c_col_last else None
+        if fused is not None and not short_reduction:
+            tile = register_tile(extents[match.col], fused, tiles[0], lanes,
+                                 min(acc, FUSED_ROWS_ACCUMULATORS))
+            if _tile_cost(fused, tile, lanes) < \
+                    FUSED_ROWS_GAIN * _tile_cost(extents[row_inner], (nr, mr, guarded), lanes):
+                nr, mr, guarded = tile
+                fuse_rows = True
     if guarded is not None:  # a fixed tile, its last row tile guarded (as symbolic rows)
         nr, mr = guarded
+    row_extent = fused if fuse_rows else (extents[row_inner] if row_inner is not None else 1)
     # choice points (analysis.choose): NR is a layout (Bp's panels), MR and KU split factors
     default_nr = nr
     if guarded is None:
         nr = choose(sch, ctx, _column_widths(extents[match.col], lanes), nr)
     if row_inner is not None and not rows_symbolic and guarded is None:
-        rows = _row_tiles(extents[row_inner], nr, lanes, acc)
+        rows = _row_tiles(row_extent, nr, lanes, acc)
         mr = choose_factor(sch, ctx, rows, mr if nr == default_nr else rows[0])
+
+    if fuse_rows:  # the block's h, w iters (and its loops) become one row iter h * W + w
+        match, extents, fuse_map = _fuse_row_iters(sch, block, match, extents)
+        row_inner = match.rows[-1]
+        loops = sch.get_loops(block)
 
     # Pack B as Bp[j // NR, <other dims>, j % NR] so the micro-kernel streams it.
     b_col_last = match.b_dims and match.b_dims[-1] == match.col
@@ -285,6 +381,9 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         return False
 
     c_local = sch.cache_write(block, 0, "local")
+    if fuse_rows:  # the accumulator and its write-back indexed by the fused row too
+        sch.transform_layout(block, ("write", 0), fuse_map)
+        sch.transform_block_layout(c_local, fuse_map)
     if not c_col_last:
         # keep the accumulator tile column-contiguous (vector registers), whatever C's layout
         col_dim = [n for n, idx in enumerate(stmt.body.indices)
@@ -435,4 +534,5 @@ def parallelize_side_nest(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 __all__ = ["ACCUMULATORS", "K_UNROLL", "PREPROC_ANNOTATION", "Contraction", "finish_register_tile",
            "guarded_tile", "inline_producers_if", "narrower_tile", "parallelize_side_nest",
+           "register_tile",
            "tile_columns", "tile_rows"]

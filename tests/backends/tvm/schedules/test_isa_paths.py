@@ -315,3 +315,37 @@ def test_guarded_tile_choices():
     assert guarded_tile(64, 3, 64, 3, 16, 25) is None        # too few rows to split
     # a 3 x 4-vector AVX2 tile would need 12 + 4 + 1 = 17 of the 16 registers
     assert all(guarded_tile(512, m, 8, 7, 8, 12)[0] != 32 for m in (7, 14))
+
+
+@pytest.mark.parametrize("path", ["x86-64-v3", "x86-64-v4"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_rows_of_seven_fuse_into_pixels_on_avx2(path, k):
+    """A conv on a 7x7 map: on AVX2 (12 accumulators) the image row's tiles (7 x 1, or 5
+    rows and a latency-bound 2-row tail) cost more than a tile over the 49 fused pixels,
+    so the accumulator is indexed by ``h * 7 + w``; AVX-512's 7 x 2 tile keeps the image
+    rows. Both match numpy, the guarded tail's pixels included."""
+    target = path_target(path)
+    x = _rng().standard_normal((1, 64, 7, 7)).astype("float32")
+    w = (_rng().standard_normal((128, 64, k, k)) / 24).astype("float32")
+    pad = np.pad(x, ((0, 0), (0, 0), (k // 2, k // 2), (k // 2, k // 2)))
+    want = np.zeros((1, 128, 7, 7), "float32")
+    for ry in range(k):
+        for rx in range(k):
+            want += np.einsum("nchw,oc->nohw", pad[:, :, ry:ry + 7, rx:rx + 7], w[:, :, ry, rx])
+
+    def fn(bb, xv):
+        return bb.emit(relax.op.nn.relu(relax.op.nn.conv2d(xv, relax.const(w), padding=k // 2)))
+
+    scheduled: list[tvm.IRModule] = []
+    executable = tvm.compile(relax_module(fn, x), target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(x)).numpy()
+    want = np.maximum(want, 0)
+    assert float(np.abs(got - want).max()) / float(np.abs(want).max()) < RTOL
+    conv = [f.script() for f in scheduled[-1].functions.values()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+            and f.attrs.get("kiln.schedule_rule") == "contraction"]
+    assert len(conv) == 1
+    fused = "T.int64(49), T.int64(128)), scope=\"local\")" in conv[0]
+    assert fused == (path == "x86-64-v3")
+    assert ("T.where" in conv[0]) == fused  # 49 = 9 x 5 + 4: the last fused tile guarded
