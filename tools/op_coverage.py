@@ -84,7 +84,8 @@ def merge(outcomes: list[Outcome], reruns: list[Rerun]) -> list[Outcome]:
 
 
 def render(outcomes: list[Outcome], commit: str, before: list[Outcome] | None = None,
-           before_label: str = "an earlier run", reruns: list[Rerun] = ()) -> str:
+           before_label: str = "an earlier run", reruns: list[Rerun] = (),
+           notes: list[str] = ()) -> str:
     import onnx
     import onnxruntime
 
@@ -112,6 +113,7 @@ def render(outcomes: list[Outcome], commit: str, before: list[Outcome] | None = 
         _figure_line(outcomes, "extended", "extended: + float16/bfloat16, any opset"),
         "",
         *([_before_line(before, before_label), ""] if before else []),
+        *[line for note in notes for line in (note, "")],
         f"Not counted: {ort_fails} cases ONNX Runtime itself fails (or cannot load), "
         f"{excluded} with sequence/optional/map values; cases of other domains "
         "(ai.onnx.ml, preview.training) or of other element types (string, float8, int4, "
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="append", default=[], metavar="FILE@COMMIT",
                         help="cases rerun after the run (--op OP --json FILE at COMMIT): "
                              "their outcomes replace the run's (repeatable)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a paragraph written under the figures (repeatable)")
     args = parser.parse_args(argv)
     reruns = [Rerun.parse(spec) for spec in args.rerun]
     before = _read(args.before) if args.before else None
@@ -179,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                             capture_output=True, text=True).stdout.strip() or "?"
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
-    partial.write_text(render(outcomes, commit, before, args.before_label, reruns))
+    partial.write_text(render(outcomes, commit, before, args.before_label, reruns,
+                              args.note))
     partial.replace(out)  # atomic: a reader never sees half a table
     print(f"wrote {args.out}")
     return 0

@@ -133,10 +133,11 @@ def test_whole_suite_has_no_crash_and_no_wrong_result():
            if o.ort == "pass" and (o.outcome == "crash" and o.figures or o.outcome == "wrong"
                                    and {"headline", "all-opsets"} & set(o.figures))]
     assert not bad, "\n".join(bad)
-    # docs/op-coverage.md: 92.4% (headline) and 93.5% (the filter) at e0a740a
+    # docs/op-coverage.md: 97.5% (headline) and 96.8% (the filter): the full run
+    # at a954046 (95.4%, 95.5%) with the cases fixed since rerun; the goal is 95%
     for figure in ("headline", "all-opsets"):
         counts = summarize(outcomes, figure)
-        assert counts["pass"] >= 0.9 * counts["total"], (figure, counts)
+        assert counts["pass"] >= 0.95 * counts["total"], (figure, counts)
 
 
 def test_failures_name_each_case_that_does_not_pass():

@@ -44,9 +44,10 @@ def test_a_rerun_replaces_the_runs_outcomes_of_its_cases(op_coverage, tmp_path):
     out = tmp_path / "op-coverage.md"
     assert op_coverage.main(["--from", _write(tmp_path / "run.jsonl", run),
                              "--rerun", _write(tmp_path / "pad.jsonl", rerun) + "@abc1234",
-                             "--commit", "fff0000", "--out", str(out)]) == 0
+                             "--commit", "fff0000", "--out", str(out),
+                             "--note", "Earlier: 1 of 3 at abc0000."]) == 0
     text = out.read_text()
-    assert "at commit fff0000" in text
+    assert "at commit fff0000" in text and "\nEarlier: 1 of 3 at abc0000.\n" in text
     assert "Merged after the full run" in text and "2 cases of Pad rerun at commit abc1234" in text
     assert "| Pad | 2 | 2 | 0 | 0 | 0 |  |" in text
     assert "| 3 | **3 (100.0%)** | 0 | 0 | 0 |" in text and "dynamic pads" not in text
