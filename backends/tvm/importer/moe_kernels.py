@@ -8,7 +8,8 @@ and row tiles of MR = :data:`ROW_TILE` rows that each hold rows of one expert::
     tile0[e]  = sum_{e' < e} ceil(n[e'] / MR)                        expert e's first tile
     slot[a]   = MR tile0[e(a)] + rank[a] - start[e(a)]               padded position of a
     rows[t, i] = (token, slot) of the a with slot[a] = t MR + i (-1: padding); the tile's
-                 expert e_t = e of its row 0 (a tile past the used ones: expert E - 1)
+                 expert e_t = e of its row 0 (a tile past the used ones, t MR >= MR
+                 tile0[E]: tile 0's expert, whose weights are read anyway)
     xs[t, i]  = x[token_ti] (0 for padding)                          gathered rows
     h[t, i]   = act(xs[t, i] W1[e_t] + b1[e_t]) [* (xs[t, i] W3[e_t] + b3[e_t])]
     o[t, i]   = (h[t, i] W2[e_t] + b2[e_t]) * values[token_ti, slot_ti]
@@ -90,12 +91,13 @@ def _counts(ind, experts: int):
 
 
 def _tile_starts(count):
-    """MR tile0[e]: expert e's first padded row (the tiles of the experts before it)."""
+    """MR tile0[e] for e = 0..E: expert e's first padded row (the tiles of the experts
+    before it); entry E is the end of the used tiles."""
     from tvm import te, tirx
 
     f = te.reduce_axis((0, count.shape[0]), "f")
     tile, one = tirx.const(ROW_TILE, "int32"), tirx.const(1, "int32")
-    return te.compute(count.shape, lambda e: te.sum(tirx.Select(
+    return te.compute((count.shape[0] + 1,), lambda e: te.sum(tirx.Select(
         f < e, (count[f] + tile - one) // tile * tile, tirx.const(0, "int32")), axis=f),
         name=MOE_FIRST)
 
@@ -121,7 +123,9 @@ def _rows(slot, ind, first, tiles):
     """rows[t, i, :] = (token, slot, tile expert) of padded row t MR + i.
 
     The tile's expert is the last e with MR tile0[e] <= t MR (an unused expert's start
-    equals the next one's; a tile past the used ones gets expert E - 1), a sum written out
+    equals the next one's; a tile past the used ones gets tile 0's expert, so it reads no
+    weights the used tiles do not: an unused expert's would be a third expert's worth of
+    memory traffic for one token), a sum written out
     over the E experts: each (t, i) reads only its own row of ``src`` (a reduction shared
     by the rows of a tile would be recomputed by parallel iterations into one buffer)."""
     from tvm import te, tirx
@@ -137,9 +141,11 @@ def _rows(slot, ind, first, tiles):
 
     def field(t, i, f):
         s = src[t, i] - 1
+        experts = int(first.shape[0]) - 1
         start = (t * ROW_TILE).astype("int32")
+        start = tirx.Select(start < first[experts], start, zero)
         tile_expert = sum((tirx.Select(first[e] <= start, one, zero)
-                           for e in range(1, int(first.shape[0]))), zero)
+                           for e in range(1, experts)), zero)
         return tirx.Select(f == TOKEN, tirx.Select(s >= 0, s // kk, -1),
                            tirx.Select(f == SLOT, tirx.Select(s >= 0, s % kk, -1),
                                        tile_expert))
