@@ -18,6 +18,46 @@ from .resize import (
 from .resize_scales import OUTPUT_SHAPE_ATTR, emit_runtime_scales_resize
 
 
+def _over_every_axis(bb, inputs: list, attr: dict, shape: list[int], opset: int) -> list:
+    """``inputs`` with roi/scales/sizes given over ``axes`` (opset 18) written for every
+    axis and ``axes`` dropped from ``attr`` (in place): TVM's converter ignores ``axes``
+    (a runtime roi over axes [2, 3] failed with 'list index out of range'). The roi may be
+    computed; scales and sizes must be constants (else ``inputs`` are left as they are)."""
+    from tvm import relax
+
+    rank = len(shape)
+    if opset < 18 or "axes" not in attr:
+        return inputs
+    axes = [int(a) % rank for a in attr["axes"]]
+    try:
+        scales, sizes = constant_operand(inputs[2], np.float32), constant_operand(inputs[3],
+                                                                                 np.int64)
+    except TypeError:
+        return inputs
+    inputs = list(inputs)
+    for index, given, fill in ((2, scales, [1.0] * rank), (3, sizes, list(shape))):
+        if given is not None:
+            for a, v in zip(axes, given.reshape(-1).tolist()):
+                fill[a] = v
+            inputs[index] = relax.const(np.asarray(fill, given.dtype))
+    roi = inputs[1]
+    if roi is not None:
+        dtype = dtype_of(roi)
+        n = len(axes)
+
+        def bound(i: int, end: bool):
+            if i not in axes:
+                return relax.const(np.full([1], 1.0 if end else 0.0, dtype))
+            j = axes.index(i) + (n if end else 0)
+            return relax.op.strided_slice(roi, axes=[0], begin=[j], end=[j + 1])
+
+        inputs[1] = bb.normalize(relax.op.concat(
+            [bound(i, False) for i in range(rank)] + [bound(i, True) for i in range(rank)],
+            axis=0))
+    del attr["axes"]
+    return inputs
+
+
 class SeparableResize:
     """ONNX ``Resize`` with constant scales/sizes as per-axis gathers; others go to
     ``fallback`` (TVM's converter)."""
@@ -45,7 +85,8 @@ class SeparableResize:
                     values[name] = constant_operand(expr, dtype)
                 except TypeError:
                     if name != "scales":  # TVM's converter takes a runtime roi
-                        return fallback(bb, inputs, attr, params)
+                        return fallback(bb, _over_every_axis(bb, inputs, attr, shape, opset),
+                                        attr, params)
                     # runtime scales change the numbers, not just the shape (sizes fed
                     # by a model input were fixed by static_operands): TVM has no form;
                     # kiln's reads them at run time for the declared output shape

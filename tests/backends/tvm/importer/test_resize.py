@@ -224,3 +224,27 @@ def test_runtime_resize_sizes_and_scales_pass():
              "test_resize_upsample_scales_nearest"]
     outcomes = run_cases(select(names=names), jobs=2)
     assert [o.outcome for o in outcomes] == ["pass", "pass"], [o.reason for o in outcomes]
+
+
+@pytest.mark.parametrize("axes", [[2, 3], [3, 2], [-1]])
+def test_a_runtime_roi_over_axes_matches_ort(axes, tmp_path):
+    # TVM's converter ignores axes: the roi and sizes over them were taken for every axis
+    sizes = {2: 3, 3: 5, -1: 5}
+    roi = {2: (0.4, 0.6), 3: (0.2, 0.9), -1: (0.2, 0.9)}
+    graph = helper.make_graph(
+        [helper.make_node("Resize", ["x", "roi", "", "sizes"], ["y"], axes=axes, mode="linear",
+                          coordinate_transformation_mode="tf_crop_and_resize")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2, 4, 6]),
+         helper.make_tensor_value_info("roi", onnx.TensorProto.FLOAT, [2 * len(axes)])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array([sizes[a] for a in axes], np.int64), "sizes")])
+    model = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]))
+    feeds = {"x": _input([1, 2, 4, 6], 2),
+             "roi": np.array([roi[a][0] for a in axes] + [roi[a][1] for a in axes], np.float32)}
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    got = load(tmp_path)(**feeds)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    (want,) = ort_outputs(model, feeds)
+    assert got.shape == want.shape
+    assert relative_error(got, want) < RESIZE_REL_TOL
