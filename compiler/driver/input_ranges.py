@@ -20,7 +20,8 @@ operand accepts, using the static shapes of the op's other operands:
   amounts: within the element width; integer Pow exponents: 0..3; Resize scales:
   output / input (positive); NonMaxSuppression thresholds in [0, 1); AffineGrid size
   and Resize sizes from the output shape; a window's size and CenterCropPad's shape from the output shape;
-  Pad pads (and runtime axes) that give the output shape; a shape-like input read through
+  Pad pads (and runtime axes) that give the output shape; LSTM/GRU/RNN sequence_lens
+  in ``1..T``; a shape-like input read through
   a computation, the value the output shapes imply (:mod:`kiln.compiler.core.shape_probe`).
 
 An input no rule speaks for gets the default draw (normal floats, ints in [0, 4),
@@ -182,6 +183,9 @@ def _rule(node: ir.Node, index: int, out_shape: list[int] | None) -> Draw | None
         return _floats([out_shape[a] / data[a] for a in axes])
     if op == "Resize" and index == 2:
         return lambda rng, shape, dtype: rng.uniform(0.5, 2.0, size=shape).astype(dtype)
+    if op in ("LSTM", "GRU", "RNN") and index == 4 and data:  # sequence_lens: 1..T
+        steps = data[1] if _attr(node, "layout", 0) else data[0]
+        return lambda rng, shape, dtype: _ints(rng, 1, steps + 1, shape, dtype)
     if op == "NonMaxSuppression" and index in (3, 4):  # iou / score thresholds
         return lambda rng, shape, dtype: rng.uniform(0.0, 1.0, size=shape).astype(dtype)
     if op == "NonMaxSuppression" and index == 2:
