@@ -33,7 +33,7 @@ import numpy as np
 from kiln.backends.tvm.kernel_names import INT8_ACC, INT8_DW_ACC
 
 from .expr_types import attr_str, dtype_of, static_shape
-from .int8_dense import OPAQUE, program_of, requantize
+from .int8_dense import OPAQUE, last_row, program_of, requantize, tile_rows, trim
 from .packed_weights import attributes
 
 _VALID_PADS = (b"NOTSET", "NOTSET", b"VALID", "VALID")
@@ -150,6 +150,7 @@ def emit_int8_conv(bb, x, w, comp, mult, bias, *, attr: dict):
     a = _pad_input(bb, x, x_signed=x_signed, zx=zx, pads=pads, channels_to=cp,
                    wide=dtype_of(w) == "int16")
     rows = batch * oh * ow
+    rows_p = tile_rows(rows, n, lanes)
     per_tap = cp // group
 
     def gemm(at, wt, ct, mt, bt):
@@ -157,13 +158,14 @@ def emit_int8_conv(bb, x, w, comp, mult, bias, *, attr: dict):
         g = te.reduce_axis((0, group), "g")
 
         def pixel(m, i):
+            m = last_row(m, rows, rows_p)
             tap, c = i // per_tap, i % per_tap
             b, p = m // (oh * ow), m % (oh * ow)
             return at[b, (p // ow) * sh + (tap // kw) * dh, (p % ow) * sw + (tap % kw) * dw,
                       c * group + g]
 
         acc = te.compute(
-            (rows, n),
+            (rows_p, n),
             lambda m, j: te.sum(pixel(m, i).astype("int32")
                                 * wt[j // lanes, i, j % lanes, g].astype("int32"), axis=[i, g]),
             name=INT8_ACC)
@@ -171,9 +173,8 @@ def emit_int8_conv(bb, x, w, comp, mult, bias, *, attr: dict):
 
     y = bb.emit_te(gemm, a, w, comp, mult, bias, primfunc_name_hint="kiln_int8_conv",
                    primfunc_attrs=OPAQUE)
-    columns = int(attr.get("n", n))
-    if columns != n:  # the lanes' padding (pad_columns)
-        y = bb.normalize(relax.op.strided_slice(y, axes=[1], begin=[0], end=[columns]))
+    columns = int(attr.get("n", n))  # below n: the lanes' padding (pad_columns)
+    y = trim(bb, y, rows, columns)
     return bb.normalize(relax.op.reshape(y, [batch, oh, ow, columns]))
 
 

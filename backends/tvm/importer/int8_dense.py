@@ -47,12 +47,14 @@ def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: boo
     elif wide:
         a = bb.normalize(relax.op.astype(a, "int16"))
 
+    rows_p = tile_rows(rows, n, lanes)
+
     def compute(at, wt, ct, mt, bt):
         i = te.reduce_axis((0, k // group), "i")
         g = te.reduce_axis((0, group), "g")
         acc = te.compute(
-            (rows, n),
-            lambda m, j: te.sum(at[m, i * group + g].astype("int32")
+            (rows_p, n),
+            lambda m, j: te.sum(at[last_row(m, rows, rows_p), i * group + g].astype("int32")
                                 * wt[j // lanes, i, j % lanes, g].astype("int32"), axis=[i, g]),
             name=INT8_ACC)
         return requantize(acc, ct, mt, bt, activation=activation, program=program,
@@ -60,12 +62,36 @@ def emit_int8_dense(bb, x, w, comp, mult, bias, *, k: int, n: int, x_signed: boo
 
     y = bb.emit_te(compute, a, w, comp, mult, bias, primfunc_name_hint="kiln_int8_dense",
                    primfunc_attrs=OPAQUE)
-    columns = columns or n
-    if columns != n:  # N was padded to the lanes with zero weights
-        y = bb.normalize(relax.op.strided_slice(y, axes=[1], begin=[0], end=[columns]))
+    y = trim(bb, y, rows, columns or n)
     if len(x_shape) != 2:
         y = bb.normalize(relax.op.reshape(y, [*x_shape[:-1], columns]))
     return y
+
+
+def tile_rows(rows: int, n: int, lanes: int) -> int:
+    """The kernel's row count: ``rows`` or a few more, so the register tile of the
+    ``int8_dense`` rule divides it (``schedules.int8_dense.padded_rows``)."""
+    from kiln.backends.tvm.schedules.int8_dense import padded_rows, registers_of
+
+    return padded_rows(rows, n // lanes, registers_of(lanes))
+
+
+def last_row(m, rows: int, rows_p: int):
+    """Row ``m`` of the input, the extra rows of a padded kernel reading the last one."""
+    from tvm import tirx
+
+    return m if rows_p == rows else tirx.min(m, rows - 1)
+
+
+def trim(bb, y, rows: int, columns: int):
+    """``y`` [rows_p, N] without the padded rows and lanes (``[:rows, :columns]``)."""
+    from tvm import relax
+
+    rows_p, n = static_shape(y)
+    if (rows_p, n) == (rows, columns):
+        return y
+    return bb.normalize(relax.op.strided_slice(y, axes=[0, 1], begin=[0, 0],
+                                               end=[rows, columns]))
 
 
 def requantize(acc, ct, mt, bt, *, activation: str, program: list | None, out_dtype: str,

@@ -132,6 +132,26 @@ def register_tile(rows: int, vectors: int, registers: int) -> tuple[int, int]:
     return best
 
 
+def registers_of(lanes: int) -> int:
+    """Vector registers of the ISA whose int32 vectors have ``lanes`` lanes."""
+    return 32 if lanes == 16 else 16
+
+
+def padded_rows(rows: int, vectors: int, registers: int) -> int:
+    """``rows``, or up to ``rows / 16`` more, whichever gives :func:`register_tile` the most
+    accumulators (the first such). The tile's rows must divide the row count: 169 rows
+    (13 x 13 pixels) otherwise get one row per tile, each tile reading the whole weight
+    panel for a single row (the importer computes the extra rows and slices them off)."""
+    best, chosen = 0, rows
+    for extra in range(MAX_ROWS):
+        if extra * 16 > rows:
+            break
+        mr, nv = register_tile(rows + extra, vectors, registers)
+        if mr * nv > best:
+            best, chosen = mr * nv, rows + extra
+    return chosen
+
+
 def integer_kernel(sch: s_tir.Schedule, acc_name: str):
     """(acc, output) blocks of an integer kernel whose sums are block ``acc_name``, the
     epilogue's helper blocks (Gelu's erf, Sigmoid's exp, ...) inlined; None if it is not
@@ -163,7 +183,7 @@ class Int8Dense(KilnRule):
         if intrin is None:
             return None
         rows, n = (int(d) for d in sch.get(out).writes[0].source.shape)
-        mr, nv = register_tile(rows, n // lanes, 32 if lanes == 16 else 16)
+        mr, nv = register_tile(rows, n // lanes, registers_of(lanes))
         ym, yn = sch.get_loops(out)
         m_o, m_i = sch.split(ym, [None, mr])
         n_o, n_i = sch.split(yn, [None, nv * lanes])

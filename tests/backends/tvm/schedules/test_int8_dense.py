@@ -29,7 +29,7 @@ from kiln.backends.tvm.importer.int8_chains import (
     target_isa,
     weight_layout,
 )
-from kiln.backends.tvm.schedules.int8_dense import register_tile
+from kiln.backends.tvm.schedules.int8_dense import padded_rows, register_tile
 from kiln.backends.tvm.targets import host_arch, resolve_target
 from kiln.compiler.core.metrics import relative_error
 from kiln.compiler.testing import quant_models as models
@@ -242,6 +242,31 @@ def test_register_tile_fits_the_registers():
     for rows, vectors, regs in [(64, 8, 32), (49, 6, 32), (12, 6, 16), (1, 4, 16), (7, 1, 16)]:
         mr, nv = register_tile(rows, vectors, regs)
         assert rows % mr == 0 and vectors % nv == 0 and mr * nv + nv + 3 <= regs
+
+
+def test_rows_are_padded_to_a_register_tile():
+    """169 rows (13 x 13 pixels) have no divisor from 2 to 8: one row per tile unless a few
+    rows are added (at most 1/16 of them); rows a good tile already divides stay."""
+    assert register_tile(169, 48, 16) == (1, 4)
+    assert padded_rows(169, 48, 16) == 170 and register_tile(170, 48, 16) == (5, 2)
+    assert padded_rows(169, 24, 32) == 174 and register_tile(174, 24, 32) == (6, 4)
+    assert padded_rows(14400, 3, 16) == 14400 and padded_rows(2704, 6, 32) == 2704
+    assert padded_rows(12, 6, 16) == 12 and padded_rows(1, 4, 32) == 1  # too few to pad
+
+
+@pytest.mark.parametrize("path", ["host", "x86-64-v3"])
+@pytest.mark.parametrize("kind", ["conv3x3", "dense"])
+def test_padded_rows_are_sliced_off(kind, path, tmp_path):
+    """13 x 13 pixels (a 3x3 conv) or 169 rows (a MatMul): the kernel computes the padded
+    rows (reading the last input row) and the result keeps the first 169."""
+    proto = (_conv_chain_model(hw=(13, 13), kernel=3) if kind == "conv3x3"
+             else chain_model(m=169))
+    got, want, rules = run_both(proto, int8_target(path), tmp_path)
+    assert INT8_KERNEL in rules.values(), rules
+    assert any("strided_slice" in name for name in rules), rules  # the rows' trim
+    assert got.shape == want.shape
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= ONE_STEP
+    assert np.mean(got != want) < 0.01
 
 
 def test_a_weight_quantized_in_the_graph_is_folded(tmp_path):
