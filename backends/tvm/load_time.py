@@ -15,6 +15,12 @@ call that reads only constants and moved values (the Reshape). A transpose of on
 weight does not move (it has one constant operand; folding it is stored once). Inside
 :data:`INIT_FUNCTION` each constant is first passed through ``vm.builtin.copy``, an
 identity that constant folding does not evaluate, so the build keeps the mix there.
+
+The schedule rules treat these parameters as constants (``registry.constant_params``),
+so a matmul or conv packs them as it packs a constant weight; the packing call, which
+for a parameter would run on every call, then moves to the end of :data:`INIT_FUNCTION`
+(:func:`move_prepack_to_load_time`, after the compile-time packing): ``main`` receives
+the packed weights and runs the same prepacked kernels as an unshared build.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ logger = logging.getLogger(__name__)
 INIT_FUNCTION = "kiln_init"
 #: ``manifest.extra`` key: how many weights :data:`INIT_FUNCTION` returns
 MANIFEST_KEY = "load_time_weights"
+#: name prefix of ``main``'s parameters that :data:`INIT_FUNCTION` computes
+PARAM_PREFIX = "kiln_load_time_"
 
 
 def _tensor_args(call: relax.Call) -> list[relax.Expr]:
@@ -147,7 +155,7 @@ def move_shared_mixing_to_load_time(mod: tvm.IRModule) -> tuple[tvm.IRModule, in
             relax.analysis.post_order_visit(b.value, note_use)
     relax.analysis.post_order_visit(main.body.body, note_use)
     used_after.sort()
-    params = {i: relax.Var(f"kiln_load_time_{n}", moved_vars[i].ty)
+    params = {i: relax.Var(f"{PARAM_PREFIX}{n}", moved_vars[i].ty)
               for n, i in enumerate(used_after)}
     body = _DropAndRebind(moved_vars, params).visit_expr(main.body)
     new_main = relax.Function(list(main.params) + [params[i] for i in used_after], body,
@@ -159,3 +167,83 @@ def move_shared_mixing_to_load_time(mod: tvm.IRModule) -> tuple[tvm.IRModule, in
     logger.info("%d weight(s) computed from shared constants at load time (%d calls)",
                 len(used_after), len(moved))
     return new_mod, len(used_after)
+
+
+def is_load_time_param(var) -> bool:
+    """Whether ``var`` is one of ``main``'s load-time weights (schedules treat them as
+    constants: their packing runs at load time, see :func:`move_prepack_to_load_time`)."""
+    return isinstance(var, relax.Var) and str(var.name).startswith(PARAM_PREFIX)
+
+
+def _prepack_moves(main: relax.Function, suffix: str) -> list[tuple[relax.VarBinding, int]]:
+    """(binding, position among the load-time params) of each ``*<suffix>`` call in
+    ``main`` on a load-time weight that nothing else reads."""
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    weights = [p for p in main.params if is_load_time_param(p)]
+    uses = [0] * len(weights)
+
+    def count(node) -> None:
+        i = _index(weights, node) if isinstance(node, relax.Var) else -1
+        if i >= 0:
+            uses[i] += 1
+
+    relax.analysis.post_order_visit(main.body, count)
+    moves = []
+    for block in main.body.blocks:
+        for b in block.bindings:
+            value = b.value
+            if not (isinstance(value, relax.Call) and value.op.same_as(call_tir)
+                    and suffix in value.args[0].name_hint):
+                continue
+            args = value.args[1].fields if isinstance(value.args[1], relax.Tuple) \
+                else [value.args[1]]
+            i = _index(weights, args[0]) if len(args) == 1 else -1
+            if i >= 0 and uses[i] == 1:
+                moves.append((b, i))
+    return moves
+
+
+def move_prepack_to_load_time(suffix: str) -> tvm.transform.Pass:
+    """The packing calls (PrimFuncs named ``*<suffix>``) of load-time weights move from
+    ``main`` (where they would run on every call) to the end of :data:`INIT_FUNCTION`,
+    which then returns the packed weights; ``main`` takes those instead."""
+
+    @tvm.transform.module_pass(opt_level=0, name="kiln.MovePrepackToLoadTime")
+    def _pass(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if not any(gv.name_hint == INIT_FUNCTION for gv in mod.get_global_vars()):
+            return mod
+        main = mod["main"]
+        moves = _prepack_moves(main, suffix)
+        if not moves:
+            return mod
+        weights = [p for p in main.params if is_load_time_param(p)]
+        init = mod[INIT_FUNCTION]
+        outs = list(init.body.body.fields)
+        packed: dict[int, relax.Var] = {}
+        bindings = []
+        for b, i in moves:
+            var = relax.Var(f"packed_{i}", b.var.ty)
+            value = b.value
+            bindings.append(relax.VarBinding(var, relax.Call(
+                value.op, [value.args[0], relax.Tuple([outs[i]])], value.attrs,
+                value.ty_args)))
+            outs[i] = var
+            packed[i] = relax.Var(f"{PARAM_PREFIX}{i}", b.var.ty)
+        body = relax.SeqExpr(list(init.body.blocks) + [relax.BindingBlock(bindings)],
+                             relax.Tuple(outs))
+        new_init = relax.Function([], body, relax.TupleType([o.ty for o in outs]),
+                                  init.is_pure, init.attrs, init.span)
+        moved = [b.var for b, _ in moves]
+        body = _DropAndRebind(moved, {n: packed[i] for n, (_, i) in enumerate(moves)}
+                              ).visit_expr(main.body)
+        params = [packed.get(_index(weights, p), p) if is_load_time_param(p) else p
+                  for p in main.params]
+        new_main = relax.Function(params, body, main.ret_ty, main.is_pure, main.attrs,
+                                  main.span)
+        result = tvm.IRModule(dict(mod.functions), attrs=mod.attrs)
+        result["main"] = new_main
+        result[INIT_FUNCTION] = new_init
+        logger.info("%d load-time weight(s) packed at load time", len(moves))
+        return result
+
+    return _pass

@@ -19,12 +19,13 @@ import time
 import tvm
 from tvm import relax, s_tir, tirx
 
+from kiln.backends.tvm.load_time import is_load_time_param, move_prepack_to_load_time
 from kiln.backends.tvm.schedules.dense import Contraction
 from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduction
 from kiln.backends.tvm.schedules.grouped_gemm import GroupedGemm, MoeSort
 from kiln.backends.tvm.schedules.int8_dense import Int8Dense
 from kiln.backends.tvm.schedules.int8_window import Int8Window
-from kiln.backends.tvm.schedules.prepack import fold_weight_prepack
+from kiln.backends.tvm.schedules.prepack import PREPACK_SUFFIX, fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
 from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
@@ -66,7 +67,8 @@ def rule_named(name: str) -> KilnRule:
 
 
 def constant_params(mod: tvm.IRModule) -> dict[str, frozenset[int]]:
-    """Per PrimFunc name: the param positions bound to a relax.Constant at every call_tir."""
+    """Per PrimFunc name: the param positions bound to a relax.Constant (or a weight
+    computed at load time, ``load_time``) at every call_tir."""
     call_tir = tvm.ir.Op.get("relax.call_tir")
     seen: dict[str, list[set[int]]] = {}
     for _, func in mod.functions.items():
@@ -82,7 +84,8 @@ def constant_params(mod: tvm.IRModule) -> dict[str, frozenset[int]]:
                 gvar = value.args[0]
                 args = value.args[1]
                 fields = args.fields if isinstance(args, relax.Tuple) else [args]
-                consts = {n for n, arg in enumerate(fields) if isinstance(arg, tvm.ir.GenericConst)}
+                consts = {n for n, arg in enumerate(fields)
+                          if isinstance(arg, tvm.ir.GenericConst) or is_load_time_param(arg)}
                 seen.setdefault(gvar.name_hint, []).append(consts)
     return {name: frozenset(set.intersection(*sets)) for name, sets in seen.items()}
 
@@ -142,6 +145,7 @@ def cpu_schedule_passes(target: tvm.target.Target) -> list[tvm.transform.Pass]:
         ScheduleCPUKernels(target),
         split_layout_rewrite_preproc,  # TVM's pass, minus the kernels it aborts on
         fold_weight_prepack(),
+        move_prepack_to_load_time(PREPACK_SUFFIX),  # packing of weights made at load time
     ]
 
 

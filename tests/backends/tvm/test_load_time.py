@@ -1,6 +1,7 @@
 """load_time: weights mixed from shared constants (template_share) move out of main into
 kiln_init; a product of unshared constants, a shared weight read directly and a model
-without either stay as they are; the runtime calls kiln_init once and passes its results."""
+without either stay as they are; their packing for the matmul kernels runs in kiln_init;
+the runtime calls kiln_init once and passes its results."""
 
 from __future__ import annotations
 
@@ -100,8 +101,11 @@ def test_runtime_computes_the_weights_once_per_library(tmp_path):
     from kiln.backends.tvm.runtime import load
 
     model = _templates(2)
-    build_artifact(model, "host", tmp_path, model_hash="load-time")
+    built = build_artifact(model, "host", tmp_path, model_hash="load-time")
     assert read_manifest(tmp_path).extra[MANIFEST_KEY] == 4
+    # the weights are packed for the matmul kernels, at load time (kiln_init)
+    matmuls = [k for k in built.rules if "matmul" in k and "prepack" in k]
+    assert sorted(k.endswith("_weight_prepack") for k in matmuls) == [False, False, True, True]
     inputs = feeds(model, seed=5)
     (want,) = run(model, inputs)
     compiled = load(tmp_path, threads=1)
