@@ -21,6 +21,7 @@ from .missing_ops import (
     CumProd,
     InfinityInitReduce,
     LpNormalization,
+    MaxPoolWithIndices,
     MixedTypePow,
     OneHotAnyValues,
     ReverseSequence,
@@ -102,6 +103,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["OneHot"] = OneHotAnyValues(base["OneHot"])
     table["EyeLike"] = StaticEyeLike(base["EyeLike"])
     table["CumProd"] = CumProd
+    table["MaxPool"] = MaxPoolWithIndices(base["MaxPool"])
     table["ReverseSequence"] = ReverseSequence
     table["ReduceMax"] = InfinityInitReduce(base["ReduceMax"], largest=True)
     table["ReduceMin"] = InfinityInitReduce(base["ReduceMin"], largest=False)

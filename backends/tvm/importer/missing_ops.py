@@ -14,6 +14,7 @@
 - ``CumProd`` with a constant axis (Relax's ``cumprod``);
 - ``ReverseSequence`` (a gather along time from reversed step indices);
 - ``EyeLike`` of a static shape (a constant; TVM refuses another ``dtype``);
+- ``MaxPool`` (2-D) with its ``Indices`` output (the first tap equal to the maximum);
 - ``OneHot`` with runtime ``values`` (its depth fixed from the output shape by
   :mod:`.static_operands` when an input feeds it).
 
@@ -289,3 +290,70 @@ class ReverseSequence:
             return op.gather_elements(x, source, axis=time)
 
         return convert
+
+
+#: a MaxPool's Indices are picked tap by tap: kernels of at most this many taps
+MAX_INDEXED_TAPS = 64
+
+
+class MaxPoolWithIndices:
+    """ONNX 2-D ``MaxPool`` with its ``Indices`` output (TVM's converter makes only the
+    values): the values by ``fallback``; the indices, flat into the input
+    (``((n*C + c)*H + h)*W + w``, or ``... + w*H + h`` with ``storage_order=1``), from
+    the first kernel tap (in row-major order, as ONNX Runtime scans) whose input equals
+    the maximum. Explicit pads only (``auto_pad`` other than NOTSET goes to ``fallback``)."""
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def get_converter(self, opset: int):
+        fallback = self.fallback.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            outputs = attr.get("tvm_custom", {}).get("num_outputs", 1)
+            auto_pad = attr.get("auto_pad", b"NOTSET")
+            kernel = [int(k) for k in attr.get("kernel_shape", [])]
+            if outputs < 2 or auto_pad not in (b"NOTSET", "NOTSET") or len(kernel) != 2 or \
+                    kernel[0] * kernel[1] > MAX_INDEXED_TAPS:
+                return fallback(bb, inputs, attr, params)
+            storage = int(attr.get("storage_order", 0))
+            values = bb.normalize(fallback(bb, inputs, dict(attr), params))
+            return _with_indices(bb, inputs[0], values, kernel, attr, storage)
+
+        return convert
+
+
+def _with_indices(bb, x, values, kernel: list[int], attr, storage: int):
+    import numpy as np
+    from tvm import relax
+
+    op = relax.op
+    n, c, h, w = static_shape(x)
+    out_h, out_w = static_shape(values)[2:]
+    strides = [int(s) for s in attr.get("strides", [1, 1])]
+    dilations = [int(d) for d in attr.get("dilations", [1, 1])]
+    pads = [int(p) for p in attr.get("pads", [0, 0, 0, 0])]
+    # the taps' extent (ceil_mode may reach past the end padding)
+    need = [(o - 1) * s + (k - 1) * d + 1 for o, s, k, d in
+            zip((out_h, out_w), strides, kernel, dilations)]
+    ends = [max(pads[2 + i], need[i] - pads[i] - (h, w)[i]) for i in range(2)]
+    width = [0, 0, 0, 0, pads[0], ends[0], pads[1], ends[1]]
+    flat = np.arange(n * c * h * w, dtype=np.int64).reshape(n, c, h, w)
+    if storage:  # column-major within each plane
+        flat = (np.arange(n * c, dtype=np.int64).reshape(n, c, 1, 1) * h * w
+                + np.arange(w, dtype=np.int64).reshape(1, 1, 1, w) * h
+                + np.arange(h, dtype=np.int64).reshape(1, 1, h, 1))
+    data = bb.normalize(op.nn.pad(x, width, pad_value=float("-inf")))
+    index = bb.normalize(op.nn.pad(relax.const(flat, "int64"), width, pad_value=-1))
+    taps = []
+    for i in range(kernel[0]):
+        for j in range(kernel[1]):
+            begin = [i * dilations[0], j * dilations[1]]
+            end = [b + (o - 1) * s + 1 for b, o, s in zip(begin, (out_h, out_w), strides)]
+            taps.append([bb.normalize(op.strided_slice(t, axes=[2, 3], begin=begin, end=end,
+                                                       strides=strides))
+                         for t in (data, index)])
+    chosen = taps[-1][1]
+    for tap, where in reversed(taps[:-1]):
+        chosen = op.where(op.equal(tap, values), where, chosen)
+    return relax.Tuple([values, bb.normalize(chosen)])

@@ -71,3 +71,34 @@ def test_masked_attention_rows_and_bool_reduce_cases():
                "test_reduce_max_bool_inputs", "test_reduce_min_empty_set",
                "test_eyelike_with_dtype", "test_constantofshape_int_zeros",
                "test_reversesequence_time", "test_onehot_with_axis"])
+
+
+@pytest.mark.parametrize("attrs", [
+    dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1], strides=[2, 2]),
+    dict(kernel_shape=[2, 3], strides=[1, 2], dilations=[2, 1], storage_order=1),
+    dict(kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1),
+])
+def test_max_pool_indices_match_ort(attrs, tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from kiln.backends.tvm import build_artifact, load
+    from kiln.compiler.testing.onnx_models import to_ir
+    from kiln.compiler.testing.reference import ort_outputs
+
+    graph = helper.make_graph(
+        [helper.make_node("MaxPool", ["x"], ["y", "i"], **attrs)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("i", TensorProto.INT64, None)])
+    model = onnx.shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]))
+    # few distinct values: ties, where the first tap in row-major order must win
+    x = np.random.default_rng(0).integers(0, 4, [2, 3, 7, 8]).astype(np.float32)
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    values, indices = load(tmp_path)(x=x)
+    want_values, want_indices = ort_outputs(model, {"x": x})
+    np.testing.assert_array_equal(values, want_values)
+    assert indices.dtype == np.int64
+    np.testing.assert_array_equal(indices, want_indices)
