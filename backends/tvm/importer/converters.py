@@ -25,6 +25,7 @@ from .missing_ops import (
     MixedTypePow,
     OneHotAnyValues,
     ReverseSequence,
+    SpaceToDepthWithMode,
     StaticEyeLike,
 )
 from .moe_kernels import MoeDispatch
@@ -104,6 +105,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["EyeLike"] = StaticEyeLike(base["EyeLike"])
     table["CumProd"] = CumProd
     table["MaxPool"] = MaxPoolWithIndices(base["MaxPool"])
+    table["SpaceToDepth"] = SpaceToDepthWithMode(base["SpaceToDepth"])
     table["ReverseSequence"] = ReverseSequence
     table["ReduceMax"] = InfinityInitReduce(base["ReduceMax"], largest=True)
     table["ReduceMin"] = InfinityInitReduce(base["ReduceMin"], largest=False)

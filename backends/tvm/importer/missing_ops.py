@@ -15,6 +15,7 @@
 - ``ReverseSequence`` (a gather along time from reversed step indices);
 - ``EyeLike`` of a static shape (a constant; TVM refuses another ``dtype``);
 - ``MaxPool`` (2-D) with its ``Indices`` output (the first tap equal to the maximum);
+- ``SpaceToDepth`` with ``mode="CRD"`` (opset 24; TVM ignores ``mode``);
 - ``OneHot`` with runtime ``values`` (its depth fixed from the output shape by
   :mod:`.static_operands` when an input feeds it).
 
@@ -357,3 +358,30 @@ def _with_indices(bb, x, values, kernel: list[int], attr, storage: int):
     for tap, where in reversed(taps[:-1]):
         chosen = op.where(op.equal(tap, values), where, chosen)
     return relax.Tuple([values, bb.normalize(chosen)])
+
+
+class SpaceToDepthWithMode:
+    """ONNX ``SpaceToDepth`` with ``mode`` (opset 24; TVM ignores it): the blocks as
+    reshape -> transpose -> reshape, ``DCR`` taking the block offsets before the
+    channels (``[0, 3, 5, 1, 2, 4]``), ``CRD`` after them (``[0, 1, 3, 5, 2, 4]``)."""
+
+    def __init__(self, fallback) -> None:
+        self.fallback = fallback
+
+    def get_converter(self, opset: int):
+        fallback = self.fallback.get_converter(opset)
+
+        def convert(bb, inputs, attr, params):
+            from tvm import relax
+
+            mode = attr.get("mode", b"DCR")
+            mode = mode.decode() if isinstance(mode, bytes) else mode
+            if mode == "DCR":
+                return fallback(bb, inputs, attr, params)
+            n, c, h, w = static_shape(inputs[0])
+            b = int(attr["blocksize"])
+            x = relax.op.reshape(inputs[0], [n, c, h // b, b, w // b, b])
+            x = relax.op.permute_dims(x, [0, 1, 3, 5, 2, 4])
+            return relax.op.reshape(x, [n, c * b * b, h // b, w // b])
+
+        return convert

@@ -102,3 +102,24 @@ def test_max_pool_indices_match_ort(attrs, tmp_path):
     np.testing.assert_array_equal(values, want_values)
     assert indices.dtype == np.int64
     np.testing.assert_array_equal(indices, want_indices)
+
+
+@pytest.mark.parametrize("mode", ["CRD", "DCR"])
+def test_space_to_depth_keeps_its_mode(mode, tmp_path):
+    import numpy as np
+    from onnx import TensorProto, helper
+    from onnx.reference import ReferenceEvaluator
+
+    from kiln.backends.tvm import build_artifact, load
+    from kiln.compiler.testing.onnx_models import to_ir
+
+    graph = helper.make_graph(
+        [helper.make_node("SpaceToDepth", ["x"], ["y"], blocksize=2, mode=mode)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 12, 2, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 24)])
+    x = np.arange(72, dtype=np.float32).reshape(1, 3, 4, 6)
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    got = load(tmp_path)(x=x)
+    got = got[0] if isinstance(got, (list, tuple)) else got
+    np.testing.assert_array_equal(got, ReferenceEvaluator(model).run(None, {"x": x})[0])
