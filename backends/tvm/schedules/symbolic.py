@@ -21,7 +21,10 @@ epilogue fused per tile) so that every divisor of a decoded index is a constant:
   :data:`MIN_STATIC_PARALLEL`) the panels go outermost in the parallel loop, as in the
   fixed-shape build (a weight panel stays in cache while the image's rows stream past),
   and the symbolic row tiles run serially inside; else the symbolic loops go first;
-- columns no register tile divides (PP-OCR's 6625-class head) are padded to a tile too.
+- columns no register tile divides (PP-OCR's 6625-class head) are padded to a tile too,
+  and so are symbolic columns (attention's ``Q K^T`` over a symbolic sequence: panels of
+  :data:`SYMBOLIC_COLUMN_VECTORS` vectors, run serially inside the row tiles); a symbolic
+  reduction (attention's ``P V``) runs its K loop to the symbolic end.
 
 Each output element is summed over K in the same order as in the fixed-shape build.
 Kernels whose extents are all static are left to ``dense``.
@@ -53,6 +56,8 @@ MAX_SYMBOLIC_ROWS = 8
 #: column panels x static rows at least this (or twice the target's cores) run in
 #: parallel with the symbolic row tiles serial inside (the fixed-shape build's order)
 MIN_STATIC_PARALLEL = 8
+#: symbolic columns are padded to this many SIMD vectors (a panel: the tile's NR)
+SYMBOLIC_COLUMN_VECTORS = 2
 
 
 def symbolic_row_tile(vectors: int, accumulators: int) -> int:
@@ -155,8 +160,13 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     padded_nr = None  # a column count no register tile divides: padded to this NR
     for match in candidates:
         col_extent = iters[match.col].dom.extent
-        if not (_is_static(col_extent) and symbolic <= {*match.rows, *match.batch}):
+        # symbolic columns (attention's Q K^T over a symbolic sequence) are padded to a
+        # tile; a symbolic reduction (its P V) runs its K loop to the symbolic end
+        if not symbolic <= {*match.rows, *match.batch, *match.reds, match.col}:
             continue
+        if not _is_static(col_extent):
+            padded_nr = SYMBOLIC_COLUMN_VECTORS * ctx.vector_lanes_f32
+            break
         if tile_columns(int(col_extent), ctx.vector_lanes_f32) is not None:
             break
         padded_nr = padded_columns(int(col_extent), ctx.vector_lanes_f32)
@@ -165,7 +175,8 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     else:
         return False
     b_is_const = match.b_is_param is not None and match.b_is_param in ctx.const_params
-    columns = int(iters[match.col].dom.extent)
+    col_symbolic = match.col in symbolic
+    columns = padded_nr if col_symbolic else int(iters[match.col].dom.extent)
     if padded_nr is not None:
         columns = -(-columns // padded_nr) * padded_nr
     nr, lanes = tile_columns(columns, ctx.vector_lanes_f32)
@@ -268,17 +279,21 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     # while every row of the image streams past it) and the symbolic row tiles run
     # serially inside; else the symbolic loops go first (constant divisors when the fused
     # index is decoded), then the static ones, then the panels
-    static_parallel = extents[match.col] // nr
+    # (symbolic column panels always run serially, innermost of the outer loops)
+    panels = [] if col_symbolic else [j_o]
+    static_parallel = 1 if col_symbolic else extents[match.col] // nr
     for n in (*match.batch, *match.rows):
         if n not in symbolic:
             static_parallel *= extents[n] if n != row_inner else extents[n] // mr
     panels_outer = static_parallel >= max(MIN_STATIC_PARALLEL, 2 * ctx.num_cores)
     if panels_outer:
-        parallel_loops = [j_o, *outer_static]
+        parallel_loops = [*panels, *outer_static]
         serial = outer_symbolic
     else:
-        parallel_loops = [*outer_symbolic, *outer_static, j_o]
+        parallel_loops = [*outer_symbolic, *outer_static, *panels]
         serial = []
+    if col_symbolic:
+        serial = [*serial, j_o]
     sch.reorder(*parallel_loops, *serial, *red_outer, k_i, *inner, j_v_o, j_v)
     fused = sch.fuse(*parallel_loops) if len(parallel_loops) > 1 else parallel_loops[0]
     sch.parallel(fused)
@@ -287,7 +302,7 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     sch.unroll(j_v_o)
     for loop in inner:
         sch.unroll(loop)
-    if red_extent <= 8:
+    if 0 < red_extent <= 8:  # (0: a symbolic reduction)
         sch.unroll(k_i)
     # padded: the epilogue is computed per tile, not inlined into the write-back
     # (reverse_compute_inline over a padded tile keeps one guard and drops the other:
@@ -314,4 +329,5 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     return True
 
 
-__all__ = ["MAX_SYMBOLIC_ROWS", "MIN_STATIC_PARALLEL", "SymbolicContraction", "symbolic_row_tile"]
+__all__ = ["MAX_SYMBOLIC_ROWS", "MIN_STATIC_PARALLEL", "SYMBOLIC_COLUMN_VECTORS", "SymbolicContraction",
+           "symbolic_row_tile"]
