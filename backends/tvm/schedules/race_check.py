@@ -33,6 +33,7 @@ _TO_LOOPS = (
     s_tir.transform.PlanAndUpdateBufferAllocationLocation,
     s_tir.transform.ConvertBlocksToOpaque,
     s_tir.transform.CompactBufferAllocation,
+    s_tir.transform.LowerMatchBuffer,   # a tensor intrinsic's buffer views: their target
     s_tir.transform.LowerOpaqueBlock,
 )
 

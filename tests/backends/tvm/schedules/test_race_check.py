@@ -1,5 +1,6 @@
 """race_check: stores that two iterations of a parallel loop may both make are found (one
-shared element, overlapping halos), disjoint tiles and per-row reductions are not, and a
+shared element, overlapping halos), disjoint tiles, writes through a row's view and
+per-row reductions are not, and a
 producer recomputed inside the loop into a buffer allocated there is private."""
 
 from __future__ import annotations
@@ -45,6 +46,25 @@ def _tiles(x: T.Buffer((64, 64), "float32"), y: T.Buffer((64, 64), "float32")):
                 y[vi, vj] = x[vi, vj]
 
 
+# a block writing through a view of the row it owns (a tensor intrinsic's match_buffer,
+# as in the int8 dense kernels): the view's indices are relative, its target's are not
+@T.prim_func(s_tir=True)
+def _view(x: T.Buffer((64, 16), "float32"), y: T.Buffer((64, 16), "float32")):
+    acc = T.alloc_buffer((64, 16))
+    for p in T.parallel(64):
+        with T.sblock("copy"):
+            vp = T.axis.spatial(64, p)
+            T.reads(x[vp, 0:16])
+            T.writes(acc[vp, 0:16])
+            v = T.match_buffer(acc[vp, 0:16], (16,), offset_factor=1)
+            for j in range(16):
+                v[j] = x[vp, j]
+        for j in range(16):
+            with T.sblock("out"):
+                vp2, vj = T.axis.remap("SS", [p, j])
+                y[vp2, vj] = acc[vp2, vj] * T.float32(2)
+
+
 def test_shared_and_overlapping_stores_race():
     assert racing_buffers(_shared) == ["y"]
     assert racing_buffers(_halo) == ["y"]
@@ -52,6 +72,7 @@ def test_shared_and_overlapping_stores_race():
 
 def test_disjoint_tiles_do_not_race():
     assert racing_buffers(_tiles) == []
+    assert racing_buffers(_view) == []
 
 
 def _dlight(*tensors) -> tirx.PrimFunc:
