@@ -200,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # before TVM starts: a pool made first by the build's check would keep 1 worker
+    os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     ckpt = checkpoint(args.workdir)
     runs = engines(args.engines.split(","), ckpt, args.workdir, args.threads, args.llama_cpp_src)
     results = measure(runs, args.prompt, args.new, args.prefill, args.repeats)
