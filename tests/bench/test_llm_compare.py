@@ -31,6 +31,7 @@ def test_measure_reports_medians_per_engine():
                                  prefill=8, repeats=2)
     assert report["a"]["decode_tokens_per_second"] == 100.0
     assert report["b"]["decode_tokens_per_second"] == 50.0
+    assert report["a"]["fastest_step_ms"] == 10.0
     assert report["a"]["prefill_8_ms"] == 500.0 and report["a"]["tokens"] == [0, 1, 2, 3, 4]
     # a warm-up each, then per round: a 4-token prompt + 5 new, an 8-token prefill
     assert calls[:2] == [(0.01, 4, 4), (0.02, 4, 4)]
