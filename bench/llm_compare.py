@@ -31,6 +31,7 @@ step, the figure least hurt by other tenants), and a separate
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -98,23 +99,27 @@ def llama_cpp_engine(ckpt: Path, workdir: Path, threads: int, source: Path | Non
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
         params.nthread = threads
-        if llama_cpp.llama_model_quantize(str(f32).encode(), str(q4).encode(), params) != 0:
+        if llama_cpp.llama_model_quantize(str(f32).encode(), str(q4).encode(),
+                                          ctypes.byref(params)) != 0:
             raise RuntimeError("llama_model_quantize to Q4_0 failed")
     llm = llama_cpp.Llama(model_path=str(q4), n_threads=threads, n_threads_batch=threads,
                           n_ctx=2048, n_batch=512, n_ubatch=512, verbose=False)
+
+    def last_logits():  # the context keeps the last token's row (llm.scores is left unset)
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(llm.n_vocab(),))
 
     def run(prompt, new):
         llm.reset()
         began = time.perf_counter()
         llm.eval(list(prompt))
         prefill = time.perf_counter() - began
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [int(np.argmax(last_logits()))]
         steps = []
         for _ in range(new - 1):
             began = time.perf_counter()
             llm.eval([tokens[-1]])
             steps.append(time.perf_counter() - began)
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(int(np.argmax(last_logits())))
         return prefill, steps, tokens
 
     return run
