@@ -104,7 +104,7 @@ def time_artifact(outdir: Path | str, feeds: Mapping[str, np.ndarray] | Sequence
     vm = relax.VirtualMachine(module, device)
     args = [tvm.runtime.tensor(np.ascontiguousarray(a).reshape(np.shape(a)), device)
             for a in arrays]
-    vm.set_input("main", *args)
+    vm.set_input("main", *args, *_load_time_weights(vm, manifest))
     timer = vm.time_evaluator("invoke_stateful", device, number=number, repeat=runs,
                               min_repeat_ms=0)
     result = timer("main")
@@ -113,6 +113,18 @@ def time_artifact(outdir: Path | str, feeds: Mapping[str, np.ndarray] | Sequence
     runs_ms = [float(t) * 1e3 for t in result.results]
     return RemoteTiming(statistics.median(runs_ms), runs_ms, [v.numpy() for v in values],
                         f"{address.key} via {address.host}:{address.port}")
+
+
+def _load_time_weights(vm, manifest) -> tuple:
+    """The weights the library computes once on the device, passed to ``main`` after the
+    inputs (template_share builds: :mod:`kiln.backends.tvm.load_time`)."""
+    from .load_time import INIT_FUNCTION, MANIFEST_KEY
+
+    if not manifest.extra.get(MANIFEST_KEY):
+        return ()
+    vm.set_input(INIT_FUNCTION)  # stateful: an RPC call's tuple result is not iterable here
+    vm.invoke_stateful(INIT_FUNCTION)
+    return tuple(vm.get_outputs(INIT_FUNCTION))
 
 
 _RPC: contextvars.ContextVar[RpcAddress | None] = contextvars.ContextVar("kiln_rpc",

@@ -92,6 +92,23 @@ def test_artifact_runs_and_is_timed_on_the_remote(tracker, artifact):
     np.testing.assert_allclose(timing.outputs[0], want, rtol=1e-5, atol=1e-6)
 
 
+def test_weights_computed_at_load_time_are_made_on_the_remote(tracker, tmp_path):
+    """A template_share build's main takes the weights kiln_init makes when loaded."""
+    from kiln.backends.tvm import load
+    from kiln.backends.tvm.build import build_artifact
+    from kiln.compiler.testing.block_models import residual_mlp
+    from kiln.passes.share.template_share import TemplateShare, TemplateShareConfig
+
+    model = residual_mlp(2)
+    TemplateShare(TemplateShareConfig(templates=2))(model)
+    build_artifact(model, "host", tmp_path, model_hash="remote-load-time")
+    x = np.random.default_rng(1).standard_normal(
+        [d if isinstance(d, int) else 1 for d in model.graph.inputs[0].shape]).astype(np.float32)
+    timing = time_artifact(tmp_path, {model.graph.inputs[0].name: x}, tracker, runs=2)
+    (want,) = load(tmp_path, threads=1)(x)
+    np.testing.assert_allclose(timing.outputs[0], want, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.slow
 def test_bench_measures_on_the_remote(tracker, tmp_path):
     out = tmp_path / "remote.json"
