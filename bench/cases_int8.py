@@ -106,12 +106,16 @@ def _kiln(onnx_path: Path, feeds, target: str, outdir: Path):
     from tvm import relax
 
     from kiln.backends.tvm import build_artifact
+    from kiln.backends.tvm.load_time import INIT_FUNCTION, MANIFEST_KEY
     from kiln.compiler.core.frontend import load_model
 
     model = load_model(str(onnx_path), input_shapes={k: list(v.shape) for k, v in feeds.items()})
     result = build_artifact(model, target, outdir, model_hash=f"bench-{target}")
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(outdir / "model.so")), tvm.cpu())
     args = [tvm.runtime.tensor(v) for v in feeds.values()]
+    # weights the library computes once when loaded, passed to main after the inputs
+    if json.loads((outdir / "manifest.json").read_text()).get("extra", {}).get(MANIFEST_KEY):
+        args += list(vm[INIT_FUNCTION]())
     main = vm["main"]
 
     def run():
