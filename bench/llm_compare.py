@@ -26,6 +26,10 @@ shared machine falls on all alike); per round a prompt of ``--prompt`` tokens th
 ``--new`` greedy tokens (decode tokens/s over the one-token steps; also the fastest
 step, the figure least hurt by other tenants), and a separate
 ``--prefill``-token prompt (its time). Medians over the rounds.
+
+``OMP_WAIT_POLICY`` defaults to PASSIVE, so that no engine runs beside another's spinning
+OpenMP pool; llama.cpp's own speed needs ``--engines llama.cpp`` alone with
+``OMP_WAIT_POLICY=ACTIVE`` (2.4x faster decode that way in docs/llm.md's run).
 """
 
 from __future__ import annotations
