@@ -11,6 +11,9 @@
 
 from __future__ import annotations
 
+import math
+
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.cpu import Reduction as DlightCPUReduction
 
@@ -46,9 +49,56 @@ def _numel(sch: s_tir.Schedule, loops) -> int:
     return total
 
 
+_SCALAR_FIELDS = ("a", "b", "condition", "true_value", "false_value", "value", "base", "body")
+
+
+def _expressions(node):
+    """``node`` and every expression and statement under it (pre-order)."""
+    todo = [node]
+    while todo:
+        item = todo.pop()
+        yield item
+        for field in _SCALAR_FIELDS:
+            child = getattr(item, field, None)
+            if isinstance(child, (tvm.ir.Expr, tirx.Stmt)):
+                todo.append(child)
+        for field in ("args", "indices", "seq"):
+            todo.extend(c for c in getattr(item, field, ()) or ()
+                        if isinstance(c, (tvm.ir.Expr, tirx.Stmt)))
+
+
+def wrap_free_lanes(sch: s_tir.Schedule, block, lanes: int) -> int:
+    """The lanes to vectorize ``block``'s innermost loop by so that no ``floormod`` /
+    ``floordiv`` of its index by a constant wraps inside one vector (lanes dividing every
+    such divisor), in kernels that select between gathers (concatenations). TVM 0.27's
+    LLVM vectorization of such a select indexed by ``i % 8`` at 16 lanes gave garbage (ONNX
+    RotaryEmbedding on a 3-D input, 4 heads of 8); at 8 lanes it is right; plain
+    reshapes over ``i % d`` vectorize right. Under 4 lanes means: do not vectorize."""
+    stmt = sch.get(block)
+    if not stmt.iter_vars:
+        return lanes
+    var = stmt.iter_vars[-1].var
+    divisors: list[int] = []
+    selects = 0
+    for node in _expressions(stmt.body):
+        if isinstance(node, tirx.Select) or (isinstance(node, tvm.ir.Call) and getattr(
+                node.op, "name", "").endswith("if_then_else")):
+            selects += 1
+        if isinstance(node, (tirx.FloorMod, tirx.FloorDiv, tirx.Mod, tirx.Div)) and \
+                isinstance(node.b, tirx.IntImm) and node.b.value > 0 and \
+                any(v.same_as(var) for v in tirx.analysis.undefined_vars(node.a)):
+            divisors.append(int(node.b.value))
+    if not selects:  # plain reshapes / transposes over i % d vectorize right
+        return lanes
+    for d in divisors:
+        lanes = math.gcd(lanes, d)
+    return lanes
+
+
 def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, *, spatial_only: bool = False) -> None:
     """Parallel over the fused outer loops; the innermost loop stays serial, vectorized when
-    it is spatial and a multiple of the lanes (a tail would scalarize it)."""
+    it is spatial and a multiple of the lanes (a tail would scalarize it), by fewer lanes
+    when an index wraps (:func:`wrap_free_lanes`)."""
     loops = sch.get_loops(block)
     if not loops:
         return
@@ -57,6 +107,9 @@ def parallel_vectorize(sch: s_tir.Schedule, block, lanes: int, *, spatial_only: 
         return
     vec = None
     if len(prefix) == len(loops):
+        lanes = wrap_free_lanes(sch, block, lanes)
+        if lanes < 4:
+            lanes = 1 << 30  # scalar: no vector is wrap free
         inner = loops[-1]
         extent = const_extent(sch, inner)
         if extent is not None and extent >= lanes and extent % lanes == 0:
