@@ -223,11 +223,10 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
             return None
         if kind.endswith("R"):
             extent = const_extent(sch, sch.get_loops(info.block_rv)[-1])
-            if extent is None:
-                return None
-            # no vector width divides the row (PP-OCR rec's 6625 classes): a serial
-            # reduction per row, still one pass per row under the parallel row loop
-            widths[info.name] = _row_lanes(extent, lanes)
+            # no vector width divides the row (PP-OCR rec's 6625 classes), or the row is
+            # symbolic (attention's softmax over a sequence): a serial reduction per row,
+            # still one pass per row under the parallel row loop
+            widths[info.name] = None if extent is None else _row_lanes(extent, lanes)
     rf_blocks = []
     for info, kind in zip(infos, kinds, strict=True):
         if kind.endswith("R") and widths[info.name] is not None:

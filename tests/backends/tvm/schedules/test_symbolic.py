@@ -115,3 +115,41 @@ def test_symbolic_attention_matmuls_scheduled(tmp_path):
         x = (rng.standard_normal((1, seq, 16)) / 4).astype(np.float32)
         np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
                                    rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_softmax_over_a_symbolic_row_gets_the_row_rule(tmp_path):
+    """Attention's softmax over a symbolic sequence: kiln's row reduction (rows parallel,
+    each row's max and sum serial in one pass), not dlight's generic rule; a build with it
+    matches ORT at lengths no vector divides."""
+    from tvm import te, tirx, topi
+
+    from kiln.backends.tvm import build_artifact, load
+    from kiln.backends.tvm.schedules.elementwise import schedule_row_reduction
+    from kiln.backends.tvm.schedules.rule import RuleContext
+    from kiln.backends.tvm.targets import resolve_target
+
+    seq = tirx.Var("S", "int64")
+    x = te.placeholder((4, seq, seq), name="x")
+    func = te.create_prim_func([x, topi.nn.softmax(x, axis=-1)])
+    ctx = RuleContext.create(resolve_target("host").tvm_target())
+    assert schedule_row_reduction(func, ctx) is not None
+
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+         helper.make_node("MatMul", ["x", "xt"], ["s"]),
+         helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+         helper.make_node("MatMul", ["p", "x"], ["y"])], "attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, "S", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "a.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    built = build_artifact(load_with_symbols(str(path), {"x": [4, "S=1..300", 16]}), "host",
+                           tmp_path / "out", model_hash="t")
+    assert built.unscheduled == [] and built.rules["softmax"] == "reduction", built.rules
+    compiled = load(tmp_path / "out")
+    session = ort.InferenceSession(str(path))
+    rng = np.random.default_rng(3)
+    for length in (1, 7, 33, 300):
+        x = (rng.standard_normal((4, length, 16)) / 4).astype(np.float32)
+        np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
+                                   rtol=TOLERANCE, atol=TOLERANCE)
