@@ -109,11 +109,17 @@ class IntWeights(PassConfig):
     symmetric: bool | None = Field(default=None, description="default: true for int*, false "
                                    "for uint*")
     clip: Clip = "none"
+    reduce_range: bool = Field(default=False, description="int8 symmetric only: codes in "
+                               "[-64, 63] (7 bits; scales for that range), so that no pair of "
+                               "weights can saturate AVX2's int16 vpmaddubsw sums")
 
     @model_validator(mode="after")
     def _symmetric_matches_dtype(self) -> IntWeights:
         if self.dtype.startswith("uint") and self.symmetric:
             raise ValueError(f"dtype {self.dtype!r} stores a zero point; symmetric must be false")
+        if self.reduce_range and (self.dtype != "int8" or not self.is_symmetric):
+            raise ValueError(f"reduce_range is for symmetric int8 weights, not {self.dtype!r}"
+                             + ("" if self.is_symmetric else " with a zero point"))
         return self
 
     @property
@@ -123,6 +129,11 @@ class IntWeights(PassConfig):
     @property
     def bits(self) -> int:
         return formats.bits_of(self.dtype)
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of the codes' range: ``bits``, or 7 with ``reduce_range`` (stored as int8)."""
+        return self.bits - 1 if self.reduce_range else self.bits
 
 
 class FloatWeights(PassConfig):

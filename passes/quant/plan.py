@@ -78,17 +78,21 @@ def _param_bits(*arrays: np.ndarray | None) -> int:
 
 def _plan_int(site: WeightSite, bits: int, symmetric: bool, granularity: Granularity,
               clip: Clip, dtype_name: str, wdtype: np.dtype,
-              hessian: gptq.Hessian | None = None) -> WeightPlan:
+              hessian: gptq.Hessian | None = None, code_bits: int | None = None) -> WeightPlan:
+    """``bits``-bit storage; the codes span ``code_bits`` (fewer: ``reduce_range``)."""
+    code_bits = code_bits or bits
     grouping = _grouping(granularity, site)
     g = grouping.view(site.array)
-    q = formats.quantize_int(g, bits, symmetric=symmetric, clip_search=clip == "mse_search")
+    q = formats.quantize_int(g, code_bits, symmetric=symmetric,
+                             clip_search=clip == "mse_search")
     if hessian is not None:
-        q = gptq.rounded(q, grouping, site, hessian, bits, symmetric)
+        q = gptq.rounded(q, grouping, site, hessian, code_bits, symmetric)
     scale = grouping.params(q.scale).astype(wdtype)
     deq = grouping.unview(q.dequantized)
     attrs = grouping.dequantize_attributes()
     text = f"{dtype_name} {_granularity_text(granularity)}" + (" mse" if clip != "none" else "") \
-        + (" gptq" if hessian is not None else "")
+        + (" gptq" if hessian is not None else "") \
+        + (f" {code_bits}-bit range" if code_bits != bits else "")
     n = site.array.size
     if bits in _INT_STORAGE:
         storage = _INT_STORAGE[bits][0 if symmetric else 1]
@@ -189,7 +193,7 @@ def plan_weight(site: WeightSite, weights: WeightQuant,
     wdtype = site.array.dtype
     if isinstance(weights, IntWeights):
         return _plan_int(site, weights.bits, weights.is_symmetric, weights.granularity,
-                         weights.clip, weights.dtype, wdtype, hessian)
+                         weights.clip, weights.dtype, wdtype, hessian, weights.code_bits)
     if isinstance(weights, FloatWeights):
         if not weights.exponent_search:
             return _plan_float(site, weights.dtype, weights.granularity, weights.clip, wdtype)

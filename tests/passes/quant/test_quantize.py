@@ -218,10 +218,35 @@ def test_respects_selection():
     ({"weights": {"dtype": "int4", "granularity": {"group": 4}}}, "group"),
     ({"weights": {"dtype": "power", "exponent": 9.0}}, "exponent"),
     ({"activations": {"calibration": "entropy"}}, "calibration"),
+    ({"weights": {"dtype": "int4", "reduce_range": True}}, "reduce_range"),
+    ({"weights": {"dtype": "int8", "symmetric": False, "reduce_range": True}}, "reduce_range"),
 ])
 def test_config_errors_name_the_field(options, message):
     with pytest.raises(ValidationError, match=message):
         QuantizeConfig(**options)
+
+
+@pytest.mark.parametrize("clip", ["none", "mse_search"])
+def test_reduce_range_codes_span_seven_bits(clip):
+    """``reduce_range``: int8 codes in [-64, 63], each channel's scale set for 63 steps
+    (its largest weight is code +-63 without clipping), within 1 dB of 7 bits' SQNR."""
+    model, full = (models.mlp(d_in=128, hidden=256, d_out=64) for _ in range(2))
+    inputs = models.feeds(model)
+    (before,) = models.run(model, inputs)[:1]
+    q, _ = _quantize(model, {"dtype": "int8", "reduce_range": True, "clip": clip})
+    _quantize(full, {"dtype": "int8", "clip": clip})
+    assert all("7-bit range" in c.label for c in q.last_candidates)
+    for node in (n for n in model.graph if n.op_type == "DequantizeLinear"):
+        codes = node.inputs[0].const_value.numpy()
+        assert codes.dtype == np.int8 and codes.min() >= -64 and codes.max() <= 63
+        if clip == "none":
+            axis = node.attributes.get_int("axis", 1)
+            other = tuple(i for i in range(codes.ndim) if i != axis)
+            np.testing.assert_array_equal(np.abs(codes.astype(int)).max(axis=other), 63)
+    (after,) = models.run(model, inputs)[:1]
+    (after_full,) = models.run(full, inputs)[:1]
+    sqnr, sqnr_full = models.sqnr_db(before, after), models.sqnr_db(before, after_full)
+    assert sqnr_full - 8 < sqnr < sqnr_full - 4, (sqnr, sqnr_full)  # one bit: about 6 dB
 
 
 @pytest.mark.parametrize("mode, bits", [("int4", 4), ("int2", 2), ("fp4_e2m1", 4)])

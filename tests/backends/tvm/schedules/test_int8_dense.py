@@ -194,6 +194,31 @@ def test_kiln_w8a8_mlp_keeps_int8_between_layers(tmp_path):
     assert relative_error(got, want) < QDQ_REL_TOL
 
 
+@pytest.mark.parametrize("reduce_range, isa", [(False, "avx2_s16"), (True, "avx2_u8s8")])
+def test_reduce_range_weights_take_the_u8s8_kernel_on_avx2(reduce_range, isa, tmp_path):
+    """quantize's ``reduce_range`` (7-bit weights): no pair of weights can saturate
+    vpmaddubsw's int16 sums, so on AVX2 every layer is packed for the 32-product
+    ``avx2_u8s8`` kernel; full-range weights take the exact ``avx2_s16`` kernel (and its
+    int16 widening of the hidden activations). Both match ONNX Runtime on the QDQ model."""
+    model = models.mlp(d_in=128, hidden=256, d_out=64)
+    Quantize(QuantizeConfig(weights={"dtype": "int8", "reduce_range": reduce_range},
+                            activations={"calibration": "minmax"}),
+             calibration=models.calibration(model))(model)
+    target = int8_target("x86-64-v3")
+    proto = ir.serde.serialize_model(model)
+    assert rewrite_int8_chains(proto, target) == 2
+    assert {helper.get_attribute_value(a).decode() for n in proto.graph.node
+            if n.op_type == "KilnInt8Dense" for a in n.attribute if a.name == "isa"} == {isa}
+    feeds = models.feeds(model)
+    want = exact_reference(model, feeds)
+    result = build_artifact(model, target, tmp_path, model_hash="h")
+    (got,) = load(tmp_path)(**feeds)
+    widening = [] if reduce_range else ["elementwise"]
+    assert sorted(result.rules.values()) == \
+        ["elementwise", *widening, INT8_KERNEL, INT8_KERNEL], result.rules
+    assert relative_error(got, want) < QDQ_REL_TOL
+
+
 @pytest.mark.parametrize("path", ["host", "x86-64-v3"])
 def test_columns_are_padded_to_the_lanes(path, tmp_path):
     """N = 20: the weight is padded with zero columns to 32 (VNNI) / 24 (AVX2), the
