@@ -41,7 +41,7 @@ def test_a_rerun_replaces_the_runs_outcomes_of_its_cases(op_coverage, tmp_path):
            _outcome("case_pad_1", "Pad", "refused", "dynamic pads"),
            _outcome("case_pad_2", "Pad", "refused", "dynamic pads")]
     rerun = [_outcome("case_pad_1", "Pad", "pass"), _outcome("case_pad_2", "Pad", "pass")]
-    out = tmp_path / "op-coverage.md"
+    out = tmp_path / "coverage.out"
     assert op_coverage.main(["--from", _write(tmp_path / "run.jsonl", run),
                              "--rerun", _write(tmp_path / "pad.jsonl", rerun) + "@abc1234",
                              "--commit", "fff0000", "--out", str(out),
