@@ -62,8 +62,9 @@ REAL = {"det": ("det", [1, 3, 480, 480]), "rec": ("rec", [1, 3, 48, 320]),
 CALIBRATION_SAMPLES = 4
 
 
-def _real_pair(name: str, workdir: Path):
-    """(fp32 ONNX path, int8 QDQ ONNX path, feeds) of a real CNN (see :data:`REAL`)."""
+def _real_pair(name: str, workdir: Path, reduce_range: bool = False):
+    """(fp32 ONNX path, int8 QDQ ONNX path, feeds) of a real CNN (see :data:`REAL`);
+    ``reduce_range``: 7-bit weights (quantize's option)."""
     import onnx
 
     from bench import quant_fidelity as qf
@@ -73,12 +74,15 @@ def _real_pair(name: str, workdir: Path):
     sample = {"rec": lambda seed: qf.rec_samples(1, seed=seed)[0],
               "det": lambda seed: qf.text_page(seed, shape[-1]),
               "yolox": lambda seed: qf.yolo_page(seed, shape[-1])}[which]
-    fp32, int8 = workdir / f"{name}-fp32.onnx", workdir / f"{name}-int8.onnx"
+    fp32 = workdir / f"{name}-fp32.onnx"
+    int8 = workdir / f"{name}-int8{'-rr' if reduce_range else ''}.onnx"
     if not int8.exists():
         model = qf.float_graph(which, shape)
-        onnx.save(kir.to_proto(model), fp32)
+        if not fp32.exists():
+            onnx.save(kir.to_proto(model), fp32)
         calibration = [sample(11 + i) for i in range(CALIBRATION_SAMPLES)]
-        onnx.save(kir.to_proto(qf.kiln_quantized(model, calibration, "percentile")), int8)
+        onnx.save(kir.to_proto(qf.kiln_quantized(model, calibration, "percentile",
+                                                       reduce_range)), int8)
     return fp32, int8, {qf.INPUT[which]: sample(99)}
 
 

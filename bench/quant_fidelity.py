@@ -125,7 +125,8 @@ def _name(model: ir.Model | onnx.ModelProto) -> str:
     return graph.input[0].name if isinstance(model, onnx.ModelProto) else graph.inputs[0].name
 
 
-def kiln_quantized(model: ir.Model, calibration: list[np.ndarray], method: str) -> ir.Model:
+def kiln_quantized(model: ir.Model, calibration: list[np.ndarray], method: str,
+                   reduce_range: bool = False) -> ir.Model:
     from kiln.backends.ort import collect_activations
     from kiln.compiler.core.pass_api import CalibrationContext
     from kiln.passes.quant.config import ActivationQuant, IntWeights, QuantizeConfig
@@ -141,7 +142,7 @@ def kiln_quantized(model: ir.Model, calibration: list[np.ndarray], method: str) 
         Equalize()(model)
     if "smooth" in parts:     # SmoothQuant: outlier channels of x move into the weights
         MigrateScales(calibration=context)(model)
-    config = QuantizeConfig(weights=IntWeights(dtype="int8"),
+    config = QuantizeConfig(weights=IntWeights(dtype="int8", reduce_range=reduce_range),
                             activations=ActivationQuant(dtype="uint8", calibration=parts[0]),
                             bias_correction="bias" in parts,
                             rounding="gptq" if "gptq" in parts else "nearest")
