@@ -168,3 +168,14 @@ def test_digits_cnn_int4_gptq_keeps_more_of_the_logits(tmp_path):
         got = np.concatenate([models.run_simulated(model, s)[0] for s in held_out])
         sqnr[rounding] = models.sqnr_db(reference, got)
     assert sqnr["gptq"] > sqnr["nearest"] + 5.0, sqnr
+
+
+def test_gptq_keeps_reduce_range_codes_in_seven_bits():
+    """GPTQ moves rounding error between columns; with ``reduce_range`` its codes still
+    stay in [-64, 63] (the vpmaddubsw bound), not int8's full range."""
+    model = _layer("conv")   # (clamped to int8's range, one of its codes would be 64)
+    config = QuantizeConfig(weights=IntWeights(dtype="int8", reduce_range=True), rounding="gptq")
+    assert Quantize(config, calibration=_context(_samples(_layer("conv"))))(model).modified
+    codes = next(n for n in model.graph if n.op_type == "DequantizeLinear").inputs[0]
+    codes = codes.const_value.numpy()
+    assert codes.min() >= -64 and codes.max() <= 63 and np.abs(codes).max() >= 63
