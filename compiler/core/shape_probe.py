@@ -120,12 +120,13 @@ def _probed_input(model: onnx.ModelProto) -> onnx.ValueInfoProto | None:
     inits = {t.name for t in graph.initializer}
     inputs = [v for v in graph.input if v.name not in inits]
     shapes = [_static(v) for v in inputs]
-    if any(s is None for s in shapes) or any(_static(v) is None for v in graph.output) or \
-            sum(int(np.prod(s)) for s in shapes) > MAX_ELEMENTS:
+    known = [s for s in shapes if s is not None]
+    if len(known) < len(shapes) or any(_static(v) is None for v in graph.output) or \
+            sum(int(np.prod(s)) for s in known) > MAX_ELEMENTS:
         return None
     ints = [v for v in inputs if v.type.tensor_type.elem_type in _INTS]
-    if len(ints) != 1 or len(_static(ints[0])) > 1 or \
-            int(np.prod(_static(ints[0]))) > MAX_PROBED_ELEMENTS:
+    probed = _static(ints[0]) if len(ints) == 1 else None
+    if probed is None or len(probed) > 1 or int(np.prod(probed)) > MAX_PROBED_ELEMENTS:
         return None
     return ints[0] if _reaches_consumer(graph, ints[0].name) else None
 
@@ -145,7 +146,8 @@ def probe_shape_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             dtype = helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
             feeds[v.name] = rng.standard_normal(_static(v)).astype(dtype)
     shape = _static(probed)
-    outputs = [_static(v) for v in graph.output]
+    outputs = [o for v in graph.output if (o := _static(v)) is not None]
+    assert shape is not None and len(outputs) == len(graph.output)  # _probed_input checked
     dtype = helper.tensor_dtype_to_np_dtype(probed.type.tensor_type.elem_type)
     try:
         from onnx.reference import ReferenceEvaluator
@@ -160,6 +162,7 @@ def probe_shape_inputs(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             got = evaluator.run(None, {**feeds, probed.name: value})
         except Exception:  # noqa: BLE001 - an impossible value
             return None
+        got = list(got)
         return got if [list(np.shape(g)) for g in got] == outputs else None
 
     values = [np.asarray(v, dtype).reshape(shape) for v in _candidates(shape, outputs)]
