@@ -31,12 +31,11 @@ import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 
+from .manifest import LOAD_TIME_INIT as INIT_FUNCTION
+from .manifest import LOAD_TIME_KEY as MANIFEST_KEY  # noqa: F401 - used by build.py, tests
+
 logger = logging.getLogger(__name__)
 
-#: the function computing the moved weights (no arguments, returns a tuple)
-INIT_FUNCTION = "kiln_init"
-#: ``manifest.extra`` key: how many weights :data:`INIT_FUNCTION` returns
-MANIFEST_KEY = "load_time_weights"
 #: name prefix of ``main``'s parameters that :data:`INIT_FUNCTION` computes
 PARAM_PREFIX = "kiln_load_time_"
 

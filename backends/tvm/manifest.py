@@ -23,6 +23,13 @@ from kiln.compiler.core.atomic import write_atomic
 from kiln.compiler.core.digest import file_sha256
 from kiln.compiler.core.errors import KilnError
 
+#: the library function computing weights once at load time (no arguments, returns a
+#: tuple passed to ``main`` after the inputs: :mod:`kiln.backends.tvm.load_time`); here,
+#: not there, so the runtime reads them without importing TVM's compiler (arm64 runtime)
+LOAD_TIME_INIT = "kiln_init"
+#: ``manifest.extra`` key: how many weights :data:`LOAD_TIME_INIT` returns
+LOAD_TIME_KEY = "load_time_weights"
+
 MANIFEST_NAME = "manifest.json"
 LIBRARY_NAME = "model.so"
 #: 2: ``files`` (name -> SHA-256) added; a format-1 folder cannot be checked: rebuild it.

@@ -118,7 +118,8 @@ def time_artifact(outdir: Path | str, feeds: Mapping[str, np.ndarray] | Sequence
 def _load_time_weights(vm, manifest) -> tuple:
     """The weights the library computes once on the device, passed to ``main`` after the
     inputs (template_share builds: :mod:`kiln.backends.tvm.load_time`)."""
-    from .load_time import INIT_FUNCTION, MANIFEST_KEY
+    from .manifest import LOAD_TIME_INIT as INIT_FUNCTION
+    from .manifest import LOAD_TIME_KEY as MANIFEST_KEY
 
     if not manifest.extra.get(MANIFEST_KEY):
         return ()

@@ -322,7 +322,8 @@ def _load_time_weights(module, manifest: Manifest, device) -> tuple:
     :data:`kiln.backends.tvm.load_time.INIT_FUNCTION` (none for most models)."""
     from tvm.runtime.vm import VirtualMachine
 
-    from .load_time import INIT_FUNCTION, MANIFEST_KEY
+    from .manifest import LOAD_TIME_INIT as INIT_FUNCTION
+    from .manifest import LOAD_TIME_KEY as MANIFEST_KEY
 
     if not manifest.extra.get(MANIFEST_KEY):
         return ()
