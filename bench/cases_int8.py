@@ -62,7 +62,7 @@ REAL = {"det": ("det", [1, 3, 480, 480]), "rec": ("rec", [1, 3, 48, 320]),
 CALIBRATION_SAMPLES = 4
 
 
-def _real_pair(name: str, workdir: Path, reduce_range: bool = False):
+def real_pair(name: str, workdir: Path, reduce_range: bool = False):
     """(fp32 ONNX path, int8 QDQ ONNX path, feeds) of a real CNN (see :data:`REAL`);
     ``reduce_range``: 7-bit weights (quantize's option)."""
     import onnx
@@ -89,7 +89,7 @@ def _real_pair(name: str, workdir: Path, reduce_range: bool = False):
 def _onnx_pair(name: str, workdir: Path):
     """(fp32 ONNX path, int8 QDQ ONNX path, feeds) of model ``name``."""
     if name in REAL:
-        return _real_pair(name, workdir)
+        return real_pair(name, workdir)
     import torch
 
     from kiln.compiler.driver.compile import compile_model
@@ -104,7 +104,7 @@ def _onnx_pair(name: str, workdir: Path):
     return fp32, out / "model.onnx", {"x": example[0].numpy()}
 
 
-def _kiln(onnx_path: Path, feeds, target: str, outdir: Path):
+def kiln_build(onnx_path: Path, feeds, target: str, outdir: Path):
     """kiln's build of ``onnx_path`` for ``target``: (VM call on device tensors, rules)."""
     import tvm
     from tvm import relax
@@ -128,7 +128,7 @@ def _kiln(onnx_path: Path, feeds, target: str, outdir: Path):
     return run, result.rules
 
 
-def _first(out) -> np.ndarray:
+def first_output(out) -> np.ndarray:
     """The first output of a VM call (one tensor, or a tuple of them) as numpy."""
     return out.numpy() if hasattr(out, "numpy") else out[0].numpy()
 
@@ -143,8 +143,8 @@ def run_model(name: str, targets: list[str], workdir: Path, threads: int, runs: 
     reference = ort_fp32.run(None, feeds)[0]
     rows = []
     for target in targets:
-        k32, _ = _kiln(fp32, feeds, target, workdir / f"{name}-{target}-fp32-so")
-        k8, rules = _kiln(int8, feeds, target, workdir / f"{name}-{target}-int8-so")
+        k32, _ = kiln_build(fp32, feeds, target, workdir / f"{name}-{target}-fp32-so")
+        k8, rules = kiln_build(int8, feeds, target, workdir / f"{name}-{target}-int8-so")
         integer = sum(1 for r in rules.values() if r in ("int8_dense", "int8_window"))
         fns = {"kiln_int8": k8, "kiln_fp32": k32, "ort_int8": lambda: ort_int8.run(None, feeds),
                "ort_fp32": lambda: ort_fp32.run(None, feeds)}
@@ -156,7 +156,7 @@ def run_model(name: str, targets: list[str], workdir: Path, threads: int, runs: 
                **{f"{k}_ms": round(v, 3) for k, v in best.items()},
                "kiln_int8_over_kiln_fp32": round(best["kiln_int8"] / best["kiln_fp32"], 3),
                "kiln_int8_over_ort_int8": round(best["kiln_int8"] / best["ort_int8"], 3),
-               "sqnr_db_kiln_int8_vs_fp32": round(sqnr_db(reference, _first(k8())), 1),
+               "sqnr_db_kiln_int8_vs_fp32": round(sqnr_db(reference, first_output(k8())), 1),
                "sqnr_db_ort_int8_vs_fp32": round(sqnr_db(reference,
                                                          ort_int8.run(None, feeds)[0]), 1),
                "load_average": round(os.getloadavg()[0], 1)}

@@ -17,7 +17,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from bench.cases_int8 import _first, _kiln, _real_pair
+from bench.cases_int8 import first_output, kiln_build, real_pair
 from bench.timing import time_interleaved
 from kiln.compiler.core.metrics import sqnr_db
 
@@ -35,18 +35,18 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="kiln-bench-rr-") as tmp:
         work = Path(tmp)
-        fp32, full, feeds = _real_pair(args.case, work)
-        _, seven, _ = _real_pair(args.case, work, reduce_range=True)
+        fp32, full, feeds = real_pair(args.case, work)
+        _, seven, _ = real_pair(args.case, work, reduce_range=True)
         reference = ort_session(str(fp32), args.threads).run(None, feeds)[0]
         fns, sqnr = {}, {}
         for label, path in (("int8", full), ("int8_7bit", seven)):
-            run, rules = _kiln(path, feeds, args.target, work / f"{label}-so")
+            run, rules = kiln_build(path, feeds, args.target, work / f"{label}-so")
             fns[f"kiln_{label}"] = run
             ort = ort_session(str(path), args.threads)
             fns[f"ort_{label}"] = lambda ort=ort: ort.run(None, feeds)
-            sqnr[f"kiln_{label}"] = round(sqnr_db(reference, _first(run())), 1)
+            sqnr[f"kiln_{label}"] = round(sqnr_db(reference, first_output(run())), 1)
             sqnr[f"ort_{label}"] = round(sqnr_db(reference, ort.run(None, feeds)[0]), 1)
-        fns["kiln_fp32"] = _kiln(fp32, feeds, args.target, work / "fp32-so")[0]
+        fns["kiln_fp32"] = kiln_build(fp32, feeds, args.target, work / "fp32-so")[0]
         best: dict[str, float] = {}
         loads = []
         for _ in range(args.rounds):
