@@ -54,6 +54,30 @@ def _block_text(script: str, name: str) -> str:
     return script[start:end if end > 0 else len(script)]
 
 
+def _attention_model(path, *, batch: int, softmax: bool):
+    """x [batch, S, 16] -> (softmax of) x x^T -> times x: attention over a symbolic S."""
+    scores = "p" if softmax else "s"
+    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["x", "xt"], ["s"])]
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["s"], ["p"], axis=-1))
+    nodes.append(helper.make_node("MatMul", [scores, "x"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "attention", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, "S", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _matches_ort(compiled, path, batch: int, lengths, *, seed: int) -> None:
+    session = ort.InferenceSession(str(path))
+    rng = np.random.default_rng(seed)
+    for length in lengths:
+        x = (rng.standard_normal((batch, length, 16)) / 4).astype(np.float32)
+        np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
+                                   rtol=TOLERANCE, atol=TOLERANCE)
+
+
 @pytest.mark.parametrize("height, cout, panels_outer", [(1, 48, False), (4, 96, True)])
 def test_symbolic_rows_padded_micro_kernel_unguarded(height, cout, panels_outer):
     from kiln.backends.tvm.schedules.rule import with_const_params
@@ -96,25 +120,12 @@ def test_symbolic_attention_matmuls_scheduled(tmp_path):
     is left to the generic schedule, and results match ORT at lengths no tile divides."""
     from kiln.backends.tvm import build_artifact, load
 
-    graph = helper.make_graph(
-        [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
-         helper.make_node("MatMul", ["x", "xt"], ["s"]),
-         helper.make_node("MatMul", ["s", "x"], ["y"])], "attention",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    path = tmp_path / "a.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _attention_model(tmp_path / "a.onnx", batch=1, softmax=False)
     model = load_with_symbols(str(path), {"x": [1, "S=1..128", 16]})
     built = build_artifact(model, "host", tmp_path / "out", model_hash="t")
     assert built.unscheduled == [], built.rules
     assert list(built.rules.values()).count("symbolic_contraction") >= 2, built.rules
-    compiled = load(tmp_path / "out")
-    session = ort.InferenceSession(str(path))
-    rng = np.random.default_rng(2)
-    for seq in (1, 7, 33, 70):
-        x = (rng.standard_normal((1, seq, 16)) / 4).astype(np.float32)
-        np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
-                                   rtol=TOLERANCE, atol=TOLERANCE)
+    _matches_ort(load(tmp_path / "out"), path, 1, (1, 7, 33, 70), seed=2)
 
 
 def test_softmax_over_a_symbolic_row_gets_the_row_rule(tmp_path):
@@ -134,22 +145,8 @@ def test_softmax_over_a_symbolic_row_gets_the_row_rule(tmp_path):
     ctx = RuleContext.create(resolve_target("host").tvm_target())
     assert schedule_row_reduction(func, ctx) is not None
 
-    graph = helper.make_graph(
-        [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1]),
-         helper.make_node("MatMul", ["x", "xt"], ["s"]),
-         helper.make_node("Softmax", ["s"], ["p"], axis=-1),
-         helper.make_node("MatMul", ["p", "x"], ["y"])], "attention",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, "S", 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
-    path = tmp_path / "a.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _attention_model(tmp_path / "a.onnx", batch=4, softmax=True)
     built = build_artifact(load_with_symbols(str(path), {"x": [4, "S=1..300", 16]}), "host",
                            tmp_path / "out", model_hash="t")
     assert built.unscheduled == [] and built.rules["softmax"] == "reduction", built.rules
-    compiled = load(tmp_path / "out")
-    session = ort.InferenceSession(str(path))
-    rng = np.random.default_rng(3)
-    for length in (1, 7, 33, 300):
-        x = (rng.standard_normal((4, length, 16)) / 4).astype(np.float32)
-        np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
-                                   rtol=TOLERANCE, atol=TOLERANCE)
+    _matches_ort(load(tmp_path / "out"), path, 4, (1, 7, 33, 300), seed=3)
