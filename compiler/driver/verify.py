@@ -243,7 +243,8 @@ def reference_outputs(run, model: ir.Model) -> list:
 
 def compare(reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence[np.ndarray]],
             output_names: Sequence[str], *, rtol: float, atol: float) -> ErrorMetrics:
-    """Error of ``actual`` against ``reference``: per sample, per output."""
+    """Error of ``actual`` against ``reference``: per sample, per output. An output whose
+    shape or dtype differs from the reference's is a VerificationError naming it."""
     worst_sqnr = math.inf
     worst_name = output_names[0] if output_names else "?"
     worst_ref = 0.0
@@ -261,6 +262,9 @@ def compare(reference: Sequence[Sequence[np.ndarray]], actual: Sequence[Sequence
             if ref.shape != act.shape:
                 raise VerificationError(f"output {name!r} changed shape from {list(ref.shape)} "
                                         f"to {list(act.shape)}", output=name)
+            if ref.dtype != act.dtype:  # an int32 Indices where ONNX says int64 is wrong too
+                raise VerificationError(f"output {name!r} changed dtype from {ref.dtype} "
+                                        f"(reference) to {act.dtype}", output=name)
             if ref.dtype.kind in "biu":
                 diff = (ref != act).astype(np.float64)
                 ref64 = ref.astype(np.float64)

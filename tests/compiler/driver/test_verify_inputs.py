@@ -145,3 +145,35 @@ def test_verify_inputs_errors_point_at_verify_inputs(tmp_path):
         compile_model(path, spec)
     with pytest.raises(SpecError, match="npz:PATH"):
         spec_from_text("kiln: 1\nverify:\n  inputs: random\n", file="v.yaml")
+
+
+def test_an_output_of_another_dtype_is_refused_naming_both_dtypes():
+    ref = [[np.array([0, 2, 1], np.int64)]]
+    assert compare(ref, [[ref[0][0].copy()]], ["indices"], rtol=1e-4, atol=1e-5).within_tolerance
+    with pytest.raises(VerificationError, match=r"output 'indices' changed dtype from int64 "
+                                                r"\(reference\) to int32"):
+        compare(ref, [[np.array([0, 2, 1], np.int32)]], ["indices"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(VerificationError, match="float32.* to float64"):
+        compare([[np.ones(3, np.float32)]], [[np.ones(3)]], ["y"], rtol=1e-4, atol=1e-5)
+
+
+def test_a_compiled_module_with_another_output_dtype_fails_the_compile(tmp_path, monkeypatch):
+    """The compiled module's outputs as int32 where ONNX (ArgMax) says int64: the values are
+    equal, so only the dtype check can refuse it (an int32 MaxPool Indices once passed)."""
+    from kiln.backends import tvm as tvm_backend
+
+    _, proto = _model([helper.make_node("ArgMax", ["x"], ["y"], axis=1, keepdims=0)],
+                      [_vi("x", TensorProto.FLOAT, [2, 5])], [_vi("y", TensorProto.INT64, [2])])
+    path = tmp_path / "argmax.onnx"
+    onnx.save(proto, path)
+    result = compile_model(path, None)
+    real_load = tvm_backend.load
+
+    def load_int32(folder):
+        module = real_load(folder)
+        return lambda **feeds: [np.asarray(o).astype(np.int32) for o in module(**feeds)]
+
+    monkeypatch.setattr(tvm_backend, "load", load_int32)
+    with pytest.raises(VerificationError, match=r"output 'y' changed dtype from int64 "
+                                                r"\(reference\) to int32"):
+        result.save(tmp_path / "out", target="host")
