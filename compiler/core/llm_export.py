@@ -7,9 +7,17 @@ new tokens) and for decoding (one)::
     inputs   input_ids      int64 [1, seq]          the new tokens
              position_ids   int64 [1, seq]          their positions (past length + 0..seq-1)
              past_mask      int64 [1, past]         1: a cached slot to attend, 0: one to skip
-             past_key_L, past_value_L  float32 [1, kv_heads, past, head_dim]   (each layer L)
+             past_key_L     float32 [1, kv_heads, head_dim, past]   (each layer L; K^T)
+             past_value_L   float32 [1, kv_heads, past, head_dim]
     outputs  logits         float32 [1, seq, vocab]
-             present_key_L, present_value_L  [1, kv_heads, past + seq, head_dim]
+             new_key_L      float32 [1, kv_heads, head_dim, seq]    the new tokens' keys
+             new_value_L    float32 [1, kv_heads, seq, head_dim]    and values
+
+The step returns only the new tokens' keys and values; the caller writes them into its
+cache (kiln.compiler.driver.generate keeps one buffer per input with spare slots and
+writes one column a token: no copy of the whole cache per token). Keys are stored
+transposed, as ``q K^T`` reads them, so no step transposes the cache. ``past`` may count
+spare slots not filled yet: ``past_mask`` 0 skips them (their contents must be finite).
 
 ``seq`` is 1..``max_seq`` and ``past`` 1..``max_seq`` - 1 (symbolic dims, recorded as the
 model's ``kiln.dims``). A prompt starts with one masked slot (``past_mask = [[0]]``, zero
@@ -23,10 +31,10 @@ RMSNorms, projections, SwiGLU MLPs, rotary embedding, head) and writes attention
 with no shape arithmetic::
 
     q, k, v = rope(x Wq), rope(x Wk), x Wv            heads: q [1, KV, G, seq, D], G = H / KV
-    K, V    = concat(past_key, k), concat(past_value, v)            (the present outputs)
-    bias    = [past_mask ? 0 : MIN | pos_j <= pos_i ? 0 : MIN]      [seq, past + seq]
-    y       = softmax(q K^T * scale + bias) V                       (grouped-query: K, V
-                                                                     broadcast over G)
+    s_past  = q past_key * scale + [past_mask ? 0 : MIN]            [seq, past]
+    s_new   = q k^T * scale + [pos_j <= pos_i ? 0 : MIN]            [seq, seq]
+    y       = softmax over both parts (one max, one sum) times (past_value | v)
+              (grouped-query: the cache broadcast over G; new_key_L = k^T, new_value_L = v)
 
 The causal part compares the new tokens' own positions, so no ``Range`` is needed.
 """
@@ -69,8 +77,10 @@ class DecoderLayout:
     def past_names(self) -> list[str]:
         return [f"past_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
 
-    def present_names(self) -> list[str]:
-        return [f"present_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
+    def new_names(self) -> list[str]:
+        """The outputs: the new tokens' keys ``[1, kv_heads, head_dim, seq]`` and values
+        ``[1, kv_heads, seq, head_dim]``, to be written into the cache by the caller."""
+        return [f"new_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -148,38 +158,43 @@ def decoder_step(model):
             super().__init__()
             self.lm = model
 
-        def attention(self, layer, x, cos, sin, bias, past_k, past_v):
+        def attention(self, layer, x, cos, sin, past_bias, new_bias, past_k, past_v):
             attn = layer.self_attn
             q = attn.q_proj(x).reshape(1, -1, kv_heads, groups, head_dim).permute(0, 2, 3, 1, 4)
             k = attn.k_proj(x).reshape(1, -1, kv_heads, head_dim).transpose(1, 2)
             v = attn.v_proj(x).reshape(1, -1, kv_heads, head_dim).transpose(1, 2)
             q = rotate(q, cos[:, None, None], sin[:, None, None])
-            k = rotate(k, cos[:, None], sin[:, None])
-            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-            scores = torch.matmul(q, keys.unsqueeze(2).transpose(-1, -2)) * attn.scaling
-            probs = torch.softmax(scores + bias, dim=-1)
-            y = torch.matmul(probs, values.unsqueeze(2))             # [1, KV, G, seq, D]
+            k = rotate(k, cos[:, None], sin[:, None]).transpose(-1, -2)   # [1, KV, D, seq]
+            # the cache's K is stored [1, KV, D, past] (what q K^T reads): no transpose of
+            # the cache, and no concatenation: the past and the new tokens are scored apart
+            # and share one softmax (max and sum over both parts)
+            s_past = torch.matmul(q, past_k.unsqueeze(2)) * attn.scaling + past_bias
+            s_new = torch.matmul(q, k.unsqueeze(2)) * attn.scaling + new_bias
+            top = torch.maximum(s_past.amax(-1, keepdim=True), s_new.amax(-1, keepdim=True))
+            e_past, e_new = torch.exp(s_past - top), torch.exp(s_new - top)
+            total = e_past.sum(-1, keepdim=True) + e_new.sum(-1, keepdim=True)
+            y = (torch.matmul(e_past, past_v.unsqueeze(2))
+                 + torch.matmul(e_new, v.unsqueeze(2))) / total          # [1, KV, G, seq, D]
             y = y.permute(0, 3, 1, 2, 4).reshape(1, -1, heads * head_dim)
-            return attn.o_proj(y), keys, values
+            return attn.o_proj(y), k, v
 
         def forward(self, input_ids, position_ids, past_mask, *past):
             inner = self.lm.model
             x = inner.embed_tokens(input_ids)
             cos, sin = inner.rotary_emb(x, position_ids)            # [1, seq, D]
-            # bias [1, 1, 1, seq, past + seq]: masked past slots, then causal new tokens
+            # biases: masked past slots [1, 1, 1, seq, past], causal new tokens [seq, seq]
             zero = position_ids[0, :, None].to(torch.float32) * 0.0        # [seq, 1], no Shape op
-            past_bias = torch.where(past_mask[0] > 0, 0.0, lowest)[None, :] + zero
+            past_bias = (torch.where(past_mask[0] > 0, 0.0, lowest)[None, :] + zero)[None, None, None]
             pos = position_ids[0]
             new_bias = torch.where(pos[None, :] <= pos[:, None], 0.0, lowest)
-            bias = torch.cat([past_bias, new_bias], dim=-1)[None, None, None]
-            presents = []
+            news = []
             for i, layer in enumerate(inner.layers):
-                h, keys, values = self.attention(layer, layer.input_layernorm(x), cos, sin, bias,
-                                                 past[2 * i], past[2 * i + 1])
+                h, keys, values = self.attention(layer, layer.input_layernorm(x), cos, sin,
+                                                 past_bias, new_bias, past[2 * i], past[2 * i + 1])
                 x = x + h
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
-                presents += [keys, values]
-            return (self.lm.lm_head(inner.norm(x)), *presents)
+                news += [keys, values]
+            return (self.lm.lm_head(inner.norm(x)), *news)
 
     return DecoderStep().eval()
 
@@ -187,7 +202,9 @@ def decoder_step(model):
 def example_inputs(layout: DecoderLayout, seq: int = 3, past: int = 2):
     import torch
 
-    kv = [torch.zeros(1, layout.kv_heads, past, layout.head_dim) for _ in layout.past_names()]
+    kv = [torch.zeros(1, layout.kv_heads, *((layout.head_dim, past) if name.startswith("past_key")
+                                            else (past, layout.head_dim)))
+          for name in layout.past_names()]
     return (torch.zeros(1, seq, dtype=torch.int64),
             torch.arange(past, past + seq, dtype=torch.int64)[None],
             torch.ones(1, past, dtype=torch.int64), *kv)
@@ -206,7 +223,8 @@ def export_decoder(path: str | Path, *, max_seq: int = DEFAULT_MAX_SEQ) -> ir.Mo
     seq = torch.export.Dim("seq", min=1, max=max_seq)
     past = torch.export.Dim("past", min=1, max=max_seq - 1)
     dynamic = {"input_ids": {1: seq}, "position_ids": {1: seq}, "past_mask": {1: past},
-               "past": tuple({2: past} for _ in layout.past_names())}
+               "past": tuple({3 if name.startswith("past_key") else 2: past}
+                             for name in layout.past_names())}
     names = ["input_ids", "position_ids", "past_mask", *layout.past_names()]
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     try:
@@ -215,7 +233,7 @@ def export_decoder(path: str | Path, *, max_seq: int = DEFAULT_MAX_SEQ) -> ir.Mo
             warnings.simplefilter("ignore")
             program = torch.onnx.export(step, example_inputs(layout), dynamo=True,
                                         dynamic_shapes=dynamic, input_names=names,
-                                        output_names=["logits", *layout.present_names()],
+                                        output_names=["logits", *layout.new_names()],
                                         optimize=True, verbose=False)
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""

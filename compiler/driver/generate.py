@@ -1,13 +1,19 @@
 """Greedy decoding with a compiled decoder step (``kiln generate``, docs/llm.md).
 
 A decoder step (:mod:`kiln.compiler.core.llm_export`) takes the new tokens, their
-positions, a mask over the cached slots and every layer's cached keys and values, and
-returns the logits and the cache grown by the new tokens. :func:`greedy` runs it: one
+positions, a mask over the cached slots and every layer's cached keys (stored transposed,
+``[1, kv_heads, head_dim, past]``) and values (``[1, kv_heads, past, head_dim]``), and
+returns the logits and the new tokens' keys and values only. :func:`greedy` runs it: one
 step over the whole prompt (prefill), then one step per generated token, each time
-feeding the presents back as the pasts and appending the arg-max token.
+writing the new keys and values into the cache (:class:`KVCache`) and appending the
+arg-max token.
 
-The cache starts with one masked slot (``past_mask = 0``, zero keys and values), so that
-no input dimension is ever 0 (kiln's symbolic dims start at 1); the slot gets no weight.
+The cache (:class:`KVCache`) is one buffer per cache input with spare slots (a multiple of
+:data:`CACHE_CHUNK`), masked until filled: each token writes one column in place, the
+buffers go to the step as they are (contiguous, 64-byte aligned: TVM reads them without a
+copy), and the whole cache is copied only when it outgrows its buffers (once every
+:data:`CACHE_CHUNK` tokens). The first slot stays masked (``past_mask = 0``, zeros) so
+that no input dimension is ever 0 (kiln's symbolic dims start at 1); it gets no weight.
 
     from kiln.compiler.driver.generate import generate
     result = generate("MODEL_DIR", [1, 2, 3], max_new_tokens=16)   # compiles, then decodes
@@ -54,20 +60,105 @@ class CacheLayout:
         needed = ("input_ids", "position_ids", "past_mask")
         missing = [n for n in needed if n not in names]
         pasts = [(n, s) for n, s in inputs if _PAST.match(n)]
-        if missing or not pasts:
+        if missing or not pasts or not pasts[0][0].startswith("past_key"):
             raise KilnError(f"not a kiln decoder step (inputs: {', '.join(names)}; expected "
                             "input_ids, position_ids, past_mask, past_key_N, past_value_N)")
-        shape = list(pasts[0][1])
-        kv_heads, head_dim = int(shape[1]), int(shape[3])
+        shape = list(pasts[0][1])       # past_key: [1, kv_heads, head_dim, past]
+        kv_heads, head_dim = int(shape[1]), int(shape[2])
         max_past = None
-        if dims and isinstance(shape[2], str) and shape[2] in dims:
-            max_past = int(dims[shape[2]][1])
+        if dims and isinstance(shape[3], str) and shape[3] in dims:
+            max_past = int(dims[shape[3]][1])
         return cls(tuple(n for n, _ in pasts), kv_heads, head_dim, max_past)
 
+    def shape(self, name: str, slots: int) -> tuple[int, int, int, int]:
+        """The shape of cache input ``name`` holding ``slots`` slots."""
+        if name.startswith("past_key"):
+            return (1, self.kv_heads, self.head_dim, slots)
+        return (1, self.kv_heads, slots, self.head_dim)
+
     def empty(self) -> dict[str, np.ndarray]:
-        """The starting cache: one masked slot of zeros."""
-        zeros = np.zeros((1, self.kv_heads, 1, self.head_dim), np.float32)
-        return {name: zeros for name in self.names}
+        """The starting cache: one masked slot of zeros (``past_mask`` not included)."""
+        return {name: np.zeros(self.shape(name, 1), np.float32) for name in self.names}
+
+
+#: the cache's buffers grow by this many slots (so the whole cache is copied once per
+#: CACHE_CHUNK tokens, and attention reads at most CACHE_CHUNK - 1 masked spare slots)
+CACHE_CHUNK = 64
+#: buffers start on this boundary (TVM then reads them in place: runtime.DLPACK_ALIGNMENT)
+ALIGNMENT = 64
+
+
+def aligned_zeros(shape: Sequence[int], dtype) -> np.ndarray:
+    """A zeroed C-contiguous array starting on an :data:`ALIGNMENT` boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(tuple(shape))
+
+
+class KVCache:
+    """A decoder step's cache inputs as growable buffers written in place.
+
+    ``feeds()`` gives ``past_mask`` and every ``past_*`` buffer at its full capacity (the
+    spare slots masked, zeros); ``append(news)`` writes a step's new keys and values
+    (the step's outputs after the logits, in cache order) into the next slots. ``chunk=1``
+    keeps no spare slot (a copy of the whole cache per step, as a concatenation would).
+    """
+
+    def __init__(self, layout: CacheLayout, chunk: int = CACHE_CHUNK) -> None:
+        if chunk < 1:
+            raise KilnError(f"chunk={chunk}: expected at least 1")
+        self.layout, self.chunk = layout, chunk
+        self.filled = 1                 # the masked first slot
+        self.buffers: dict[str, np.ndarray] = {}
+        self.mask = aligned_zeros((1, 1), np.int64)
+        self._resize(self.capacity_for(1))
+
+    @property
+    def capacity(self) -> int:
+        return int(self.mask.shape[1])
+
+    def capacity_for(self, slots: int) -> int:
+        """The buffer size for ``slots`` slots: a multiple of the chunk, within the step's
+        range when that is known (never below ``slots``)."""
+        capacity = -(-slots // self.chunk) * self.chunk
+        if self.layout.max_past is not None:
+            capacity = min(capacity, self.layout.max_past)
+        return max(capacity, slots)
+
+    def _resize(self, capacity: int) -> None:
+        kept = self.filled
+        for name in self.layout.names:
+            buffer = aligned_zeros(self.layout.shape(name, capacity), np.float32)
+            old = self.buffers.get(name)
+            if old is not None:
+                if name.startswith("past_key"):
+                    buffer[..., :kept] = old[..., :kept]
+                else:
+                    buffer[:, :, :kept] = old[:, :, :kept]
+            self.buffers[name] = buffer
+        self.mask = aligned_zeros((1, capacity), np.int64)
+        self.mask[0, 1:kept] = 1
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        return {"past_mask": self.mask, **self.buffers}
+
+    def append(self, news: Sequence[np.ndarray]) -> None:
+        if len(news) != len(self.layout.names):
+            raise KilnError(f"the step returned {len(news)} cache outputs after the logits; "
+                            f"expected {len(self.layout.names)} (new_key_N, new_value_N)")
+        seq = int(news[0].shape[-1])
+        start, end = self.filled, self.filled + seq
+        if end > self.capacity:
+            self._resize(self.capacity_for(end))
+        for name, new in zip(self.layout.names, news, strict=True):
+            if name.startswith("past_key"):      # [1, KV, D, seq] into slots start..end
+                self.buffers[name][..., start:end] = new
+            else:                                # [1, KV, seq, D]
+                self.buffers[name][:, :, start:end] = new
+        self.mask[0, start:end] = 1
+        self.filled = end
 
 
 @dataclass
@@ -88,9 +179,10 @@ class Generation:
 
 
 def greedy(step: Step, layout: CacheLayout, prompt: Sequence[int], max_new_tokens: int, *,
-           keep_logits: bool = False, stop: Sequence[int] = ()) -> Generation:
+           keep_logits: bool = False, stop: Sequence[int] = (), chunk: int = CACHE_CHUNK
+           ) -> Generation:
     """Decode ``max_new_tokens`` tokens after ``prompt`` greedily (stopping early at a
-    token in ``stop``)."""
+    token in ``stop``); ``chunk``: the cache's growth step (:class:`KVCache`)."""
     prompt = [int(t) for t in prompt]
     if not prompt:
         raise KilnError("the prompt is empty: give at least one token id")
@@ -101,13 +193,11 @@ def greedy(step: Step, layout: CacheLayout, prompt: Sequence[int], max_new_token
         raise KilnError(f"{len(prompt)} prompt + {max_new_tokens} new tokens need "
                         f"{needed - 1} cached slots; the step takes at most {layout.max_past}")
     result = Generation(prompt)
-    cache = layout.empty()
-    mask = np.zeros((1, 1), np.int64)
-    ids, start = prompt, 0
+    cache = KVCache(layout, chunk)
+    ids = np.asarray([prompt], np.int64)
+    positions = np.arange(len(prompt), dtype=np.int64)[None]
     for i in range(max_new_tokens):
-        feeds = {"input_ids": np.asarray([ids], np.int64),
-                 "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None],
-                 "past_mask": mask, **cache}
+        feeds = {"input_ids": ids, "position_ids": positions, **cache.feeds()}
         began = time.perf_counter()
         outputs = step(feeds)
         seconds = time.perf_counter() - began
@@ -120,12 +210,11 @@ def greedy(step: Step, layout: CacheLayout, prompt: Sequence[int], max_new_token
         result.tokens.append(token)
         if keep_logits:
             result.logits.append(np.array(row))
-        if token in stop:
+        if token in stop or i == max_new_tokens - 1:
             break
-        cache = dict(zip(layout.names, outputs[1:1 + len(layout.names)]))
-        mask = np.concatenate([mask, np.ones((1, len(ids)), np.int64)], axis=1)
-        start += len(ids)
-        ids = [token]
+        cache.append(outputs[1:1 + len(layout.names)])
+        ids = np.asarray([[token]], np.int64)
+        positions = np.asarray([[cache.filled - 1]], np.int64)
     return result
 
 
@@ -137,18 +226,17 @@ def teacher_forced(step: Step, layout: CacheLayout, tokens: Sequence[int], prefi
     tokens = [int(t) for t in tokens]
     if not 1 <= prefill <= len(tokens):
         raise KilnError(f"prefill={prefill} for {len(tokens)} tokens")
-    cache, mask = layout.empty(), np.zeros((1, 1), np.int64)
+    cache = KVCache(layout)
     rows, start, ids = [], 0, tokens[:prefill]
     while True:
         outputs = step({"input_ids": np.asarray([ids], np.int64),
                         "position_ids": np.arange(start, start + len(ids), dtype=np.int64)[None],
-                        "past_mask": mask, **cache})
+                        **cache.feeds()})
         rows.append(np.array(outputs[0][0, -1]))
         start += len(ids)
         if start >= len(tokens):
             return np.stack(rows)
-        cache = dict(zip(layout.names, outputs[1:1 + len(layout.names)]))
-        mask = np.concatenate([mask, np.ones((1, len(ids)), np.int64)], axis=1)
+        cache.append(outputs[1:1 + len(layout.names)])
         ids = [tokens[start]]
 
 

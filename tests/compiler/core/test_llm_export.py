@@ -57,12 +57,17 @@ def test_the_decoder_step_matches_pytorch_through_the_cache():
     layout = llm_export.layout_of(model)
     cache = CacheLayout(tuple(layout.past_names()), layout.kv_heads, layout.head_dim)
     prompt = [5, 17, 99, 3, 64]
-    result = greedy(_torch_step(llm_export.decoder_step(model)), cache, prompt, 6,
-                    keep_logits=True)
+    step = _torch_step(llm_export.decoder_step(model))
+    # chunk 4: the cache outgrows its buffers twice, and attends past masked spare slots
+    result = greedy(step, cache, prompt, 6, keep_logits=True, chunk=4)
     expected = _reference_logits(prompt + result.tokens)[len(prompt) - 1:-1]
     assert np.abs(np.stack(result.logits) - expected).max() <= \
         RELATIVE_TOLERANCE * np.abs(expected).max()
     assert result.tokens == [int(t) for t in expected.argmax(-1)]
+    exact = greedy(step, cache, prompt, 6, keep_logits=True, chunk=1)   # no spare slot
+    assert exact.tokens == result.tokens
+    assert np.abs(np.stack(exact.logits) - expected).max() <= \
+        RELATIVE_TOLERANCE * np.abs(expected).max()
 
 
 @pytest.mark.slow
@@ -70,15 +75,25 @@ def test_inputs_outputs_and_symbolic_dims(micro):
     _, model = micro
     inputs = {v.name: v for v in model.graph.inputs}
     assert list(inputs)[:3] == ["input_ids", "position_ids", "past_mask"]
-    assert [str(d) for d in inputs["past_key_1"].shape] == ["1", "2", "past", "16"]
+    # keys stored transposed (what q K^T reads), values as they are; only the new tokens out
+    assert [str(d) for d in inputs["past_key_1"].shape] == ["1", "2", "16", "past"]
+    assert [str(d) for d in inputs["past_value_1"].shape] == ["1", "2", "past", "16"]
     assert [v.name for v in model.graph.outputs] == [
-        "logits", "present_key_0", "present_value_0", "present_key_1", "present_value_1"]
+        "logits", "new_key_0", "new_value_0", "new_key_1", "new_value_1"]
+    outputs = {v.name: v for v in model.graph.outputs}
+    assert [str(d) for d in outputs["new_key_0"].shape] == ["1", "2", "16", "seq"]
     assert json.loads(model.metadata_props[llm_export.DIMS_KEY]) == {
         "past": [1, 2047], "seq": [1, 2048]}
     layout = llm_export.DecoderLayout.from_json(model.metadata_props[llm_export.LLM_KEY])
     assert (layout.layers, layout.kv_heads, layout.head_dim, layout.vocab) == (2, 2, 16, 128)
     # no run-time shape arithmetic: what TVM's importer could not keep symbolic
     assert not {n.op_type for n in model.graph} & {"Shape", "Range", "Expand", "ConstantOfShape"}
+    # nothing copies or transposes the cache: no Concat, and no Transpose of a past input
+    ops = list(model.graph)
+    assert "Concat" not in {n.op_type for n in ops if any(
+        i is not None and i.name.startswith("past_") for i in n.inputs)}
+    assert not [n for n in ops if n.op_type == "Transpose" and n.inputs[0] is not None
+                and n.inputs[0].name.startswith("past_")]
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from kiln.compiler.driver.cli import main  # noqa: E402
 from kiln.compiler.driver.generate import (  # noqa: E402
     DECODE_DIR,
     CacheLayout,
+    KVCache,
     compile_checkpoint,
     compiled_step,
     generate,
@@ -49,29 +50,58 @@ def _close(got, expected):
 
 
 def _counting_step(vocab=8, kv_heads=2, head_dim=4):
-    """A fake decoder step: logits favour (last id + 1) % vocab; the cache grows by seq."""
+    """A fake decoder step: logits favour (last id + 1) % vocab; the new keys hold the
+    tokens' positions (so the cache's contents can be checked), the values their ids."""
     seen = []
 
     def step(feeds):
-        ids, past = feeds["input_ids"], feeds["past_key_0"]
-        seen.append((ids.shape[1], past.shape[2], int(feeds["past_mask"].sum())))
+        ids, keys, mask = feeds["input_ids"], feeds["past_key_0"], feeds["past_mask"]
+        filled = int(mask.sum())
+        seen.append((ids.shape[1], keys.shape[3], filled))
+        # the filled slots hold what earlier steps returned, in order; the spare ones zeros
+        assert np.array_equal(keys[0, 0, 0, 1:filled + 1], np.arange(filled))
+        assert not keys[0, 0, 0, filled + 1:].any() and not mask[0, 0]
+        assert np.array_equal(feeds["position_ids"][0],
+                              np.arange(filled, filled + ids.shape[1]))
         logits = np.zeros((1, ids.shape[1], vocab), np.float32)
         logits[0, -1, (int(ids[0, -1]) + 1) % vocab] = 1.0
-        grown = np.zeros((1, kv_heads, past.shape[2] + ids.shape[1], head_dim), np.float32)
-        return [logits, grown, grown]
+        new_k = np.broadcast_to(feeds["position_ids"][0].astype(np.float32),
+                                (1, kv_heads, head_dim, ids.shape[1]))
+        new_v = np.broadcast_to(ids[0].astype(np.float32)[:, None],
+                                (1, kv_heads, ids.shape[1], head_dim))
+        return [logits, new_k, new_v]
 
     return step, seen, CacheLayout(("past_key_0", "past_value_0"), kv_heads, head_dim, 31)
 
 
 def test_greedy_feeds_the_prompt_once_then_one_token_per_step():
     step, seen, layout = _counting_step()
-    result = greedy(step, layout, [1, 2, 3], 4)
+    result = greedy(step, layout, [1, 2, 3], 4, chunk=1)
     assert result.tokens == [4, 5, 6, 7]
-    # (new tokens, cached slots, attended slots): the masked slot first, never attended
+    # (new tokens, cache slots, attended slots): the masked slot first, never attended
     assert seen == [(3, 1, 0), (1, 4, 3), (1, 5, 4), (1, 6, 5)]
     assert len(result.decode_seconds) == 3
     with pytest.raises(KilnError, match="need 32 cached slots; the step takes at most 31"):
         greedy(step, layout, list(range(20)), 13)
+
+
+def test_the_cache_grows_by_chunks_and_is_written_in_place():
+    step, seen, layout = _counting_step()
+    cache = KVCache(layout, chunk=4)
+    assert cache.capacity == 4 and cache.buffers["past_key_0"].ctypes.data % 64 == 0
+    result = greedy(step, layout, [1, 2, 3], 8, chunk=4)
+    assert result.tokens == [4, 5, 6, 7, 0, 1, 2, 3]
+    # spare slots up to the next multiple of 4, at most the step's 31
+    assert [s[1] for s in seen] == [4, 4, 8, 8, 8, 8, 12, 12]
+    one = [np.ones((1, 2, 4, 1), np.float32), np.ones((1, 2, 1, 4), np.float32)]
+    cache.append([np.full((1, 2, 4, 3), 2, np.float32), np.full((1, 2, 3, 4), 2, np.float32)])
+    cache.append(one)                       # slot 5 of 4: the buffers grow to 8, copied
+    key = cache.buffers["past_key_0"]
+    assert cache.capacity == 8 and key[0, 0, 0].tolist() == [0, 2, 2, 2, 1, 0, 0, 0]
+    cache.append(one)                       # slot 6 fits: written in place
+    assert cache.buffers["past_key_0"] is key and cache.filled == 6
+    assert key[0, 0, 0].tolist() == [0, 2, 2, 2, 1, 1, 0, 0]
+    assert cache.mask.tolist() == [[0, 1, 1, 1, 1, 1, 0, 0]]
 
 
 @pytest.mark.slow
@@ -81,7 +111,8 @@ def test_prefill_logits_match_pytorch(compiled):
     outputs = step({"input_ids": np.asarray([prompt]), "position_ids": np.arange(11)[None],
                     "past_mask": np.zeros((1, 1), np.int64), **layout.empty()})
     assert _close(outputs[0][0], _reference_logits(prompt))
-    assert outputs[1].shape == (1, 2, 12, 16)       # the masked slot + 11 tokens
+    # only the 11 new tokens' keys (transposed: [1, KV, D, seq]) and values come back
+    assert outputs[1].shape == (1, 2, 16, 11) and outputs[2].shape == (1, 2, 11, 16)
 
 
 @pytest.mark.slow
@@ -95,6 +126,37 @@ def test_cached_decode_matches_pytorch(compiled):
     assert _close(np.stack(result.logits), expected)
     assert result.tokens == [int(t) for t in expected.argmax(-1)]
     assert len(result.decode_seconds) == 11
+
+
+def _step_by_step(step, layout, prompt, new):
+    """The reference loop: the whole cache rebuilt by concatenation every step (no spare
+    slot, no KVCache), the new keys and values appended on their slot axes."""
+    cache = {n: np.zeros(layout.shape(n, 1), np.float32) for n in layout.names}
+    mask, ids, tokens, rows = np.zeros((1, 1), np.int64), list(prompt), [], []
+    for _ in range(new):
+        start = int(mask.sum())
+        outputs = step({"input_ids": np.asarray([ids], np.int64),
+                        "position_ids": np.arange(start, start + len(ids))[None],
+                        "past_mask": mask, **cache})
+        rows.append(np.array(outputs[0][0, -1]))
+        tokens.append(int(rows[-1].argmax()))
+        cache = {n: np.concatenate([cache[n], o], axis=3 if n.startswith("past_key") else 2)
+                 for n, o in zip(layout.names, outputs[1:], strict=True)}
+        mask = np.concatenate([mask, np.ones((1, len(ids)), np.int64)], axis=1)
+        ids = [tokens[-1]]
+    return tokens, np.stack(rows)
+
+
+@pytest.mark.slow
+def test_the_loop_matches_the_step_by_step_reference(compiled):
+    # the compiled steps through KVCache (spare slots, in-place writes, one growth at 16)
+    # give the tokens and logits of the plain concatenating loop on the same steps
+    step, layout = compiled_step(compiled, threads=1)
+    prompt = [9, 8, 7, 6, 5]
+    result = greedy(step, layout, prompt, 20, keep_logits=True, chunk=16)
+    tokens, rows = _step_by_step(step, layout, prompt, 20)
+    assert result.tokens == tokens
+    assert _close(np.stack(result.logits), rows)
 
 
 @pytest.mark.slow
