@@ -165,6 +165,16 @@ def _inputs_writer(key):
     return lambda staging: _buildcache().write_inputs(staging, key)
 
 
+def _after_write(key, llm: bool, target, progress):
+    """OUTDIR's extra files: inputs.json (build cache), and for a checkpoint folder the
+    one-token decode build (kiln.compiler.driver.generate.with_decode_build)."""
+    if not llm:
+        return _inputs_writer(key)
+    from kiln.compiler.driver.generate import with_decode_build
+
+    return with_decode_build(_inputs_writer(key), target, progress)
+
+
 def _reuse(args, key, cache: Path, out: Path, started: float) -> bool:
     """OUTDIR already current, or filled from the cache: True (nothing to compile)."""
     bc = _buildcache()
@@ -234,7 +244,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
     shapes = _input_shapes(args.input, args.dim)
     if args.check:
         return _check(args, spec, target, shapes, out)
-    key, cache = _build_key(args, spec, target, shapes, out)
+    # a checkpoint folder also gets the one-token decode build (OUTDIR/decode), which the
+    # build cache does not hold: such a compile bypasses the cache
+    from kiln.compiler.core.llm_export import is_llm_folder
+
+    llm = target is not None and out is not None and is_llm_folder(Path(args.model))
+    key, cache = (None, None) if llm else _build_key(args, spec, target, shapes, out)
     if key is not None and cache is not None and _reuse(args, key, cache, out, started):
         return 0
     # -q and --json print nothing but the result: TVM's C++ logging goes to a scratch file
@@ -250,7 +265,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                        input_shapes=shapes, target=target,
                                        progress=say, tune_trials=args.tune,
                                        tuning_db=args.tuning_db,
-                                       after_write=_inputs_writer(key))
+                                       after_write=_after_write(key, llm, target, say))
             if key is not None and cache is not None:
                 _buildcache().store(cache, key, out)
     console = _console()
@@ -268,6 +283,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
             written = ", ".join(p.name for p in result.written)  # this run's files only
             console.print(f"wrote {out}/: {written} ({seconds:.1f} s)", markup=False,
                           soft_wrap=True)
+            if llm:
+                from kiln.compiler.driver.generate import builds_in
+
+                for line in builds_in(out):
+                    console.print(f"build {line}", markup=False, soft_wrap=True)
         else:
             console.print("nothing written (no -o OUTDIR)")
     return 0

@@ -270,6 +270,35 @@ def compile_decode(folder: str | os.PathLike, *, target: str | dict | None = "ho
     return folder / DECODE_DIR
 
 
+def with_decode_build(after_write: Callable[[Path], object] | None, target, progress=None
+                      ) -> Callable[[Path], None]:
+    """An ``after_write`` for ``compile_to_folder`` that runs ``after_write`` (if any), then
+    adds the one-token build (:func:`compile_decode`): what ``kiln compile MODEL_DIR -o OUTDIR``
+    does for a checkpoint folder."""
+    def write(staging: Path) -> None:
+        if after_write is not None:
+            after_write(staging)
+        compile_decode(staging, target=target, progress=progress)
+
+    return write
+
+
+def builds_in(outdir: str | os.PathLike) -> list[str]:
+    """The builds a compiled decoder folder holds, in words (for the CLI's report)."""
+    import json
+
+    outdir = Path(outdir)
+    found = []
+    for folder, what in ((outdir, "the symbolic step (prompts, any seq)"),
+                         (outdir / DECODE_DIR, "the one-token step (seq = 1, decoding)")):
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            dims = json.loads(manifest.read_text()).get("dims") or {}
+            ranges = ", ".join(f"{k} {lo}..{hi}" for k, (lo, hi) in sorted(dims.items()))
+            found.append(f"{folder}/: {what}" + (f" [{ranges}]" if ranges else ""))
+    return found
+
+
 def compiled_step(outdir: str | os.PathLike, *, threads: int | None = None
                   ) -> tuple[Step, CacheLayout]:
     """The decoder step of a compiled artifact (``kiln compile MODEL_DIR -t host -o OUTDIR``);
@@ -296,11 +325,10 @@ def compile_checkpoint(model_dir: str | os.PathLike, outdir: str | os.PathLike, 
     one-token build in ``OUTDIR/decode`` (:func:`compile_decode`)."""
     from kiln.compiler.driver.compile import compile_to_folder
 
-    def add_decode(staging: Path) -> None:
-        compile_decode(staging, target=target, progress=progress)
-
     return compile_to_folder(model_dir, spec, outdir, input_shapes=input_shapes, target=target,
-                             progress=progress, after_write=add_decode if decode else None)
+                             progress=progress,
+                             after_write=with_decode_build(None, target, progress)
+                             if decode else None)
 
 
 def generate(model: str | os.PathLike, prompt: Sequence[int], max_new_tokens: int, *,

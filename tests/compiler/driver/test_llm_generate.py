@@ -174,6 +174,22 @@ def test_a_generation_past_the_cache_range_is_one_line(compiled):
         generate(compiled, list(range(20)), 13)
 
 
+@pytest.mark.slow
+def test_kiln_compile_of_a_checkpoint_writes_the_decode_build(tmp_path, capsys):
+    folder = save_random_llama(tmp_path / "micro", "micro", seed=SEED)
+    out = tmp_path / "out"
+    assert main(["compile", str(folder), "-t", "host", "-o", str(out), "--dim", "seq=1..8",
+                 "--dim", "past=1..7"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / DECODE_DIR / "manifest.json").is_file()
+    manifest = json.loads((out / DECODE_DIR / "manifest.json").read_text())
+    assert manifest["dims"] == {"past": [1, 7]}          # seq fixed at 1, past as asked
+    assert "one-token step (seq = 1, decoding) [past 1..7]" in printed
+    assert "symbolic step (prompts, any seq) [past 1..7, seq 1..8]" in printed
+    step, layout = compiled_step(out, threads=1)
+    assert layout.max_past == 7 and len(greedy(step, layout, [1, 2], 6).tokens) == 6
+
+
 def test_bad_prompt_ids_are_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["generate", "model", "--prompt-ids", "1,x"])
