@@ -38,7 +38,7 @@ from kiln.compiler.core.llm_export import is_llm_folder
 
 logger = logging.getLogger(__name__)
 
-#: one decoder step: named inputs -> outputs (logits first, then presents in past order)
+#: one decoder step: named inputs -> outputs (logits, then the new keys/values in past order)
 Step = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
 _PAST = re.compile(r"^past_(key|value)_(\d+)$")
 
