@@ -24,7 +24,7 @@ from kiln.backends.tvm.schedules.dense import Contraction
 from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduction
 from kiln.backends.tvm.schedules.grouped_gemm import GroupedGemm, MoeSort
 from kiln.backends.tvm.schedules.int8_dense import Int8Dense
-from kiln.backends.tvm.schedules.int8_window import Int8Window
+from kiln.backends.tvm.schedules.int8_window import Int8Pool, Int8Window
 from kiln.backends.tvm.schedules.prepack import PREPACK_SUFFIX, fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
@@ -43,6 +43,7 @@ RULE_ATTR = "kiln.schedule_rule"
 RULES: tuple[KilnRule, ...] = (
     Int8Dense(),
     Int8Window(),
+    Int8Pool(),
     SparseDense(),
     GroupedGemm(),
     MoeSort(),
