@@ -8,19 +8,18 @@ wrong name, shape or dtype is a one-line KilnError rather than a TVM trace.
 
 Threads. TVM's CPU thread pool splits each parallel loop statically, one chunk per
 thread, and waits for the slowest: a thread that shares its core with a busy neighbour
-(another thread pool still spinning, a preprocessing thread) stalls every kernel by up
-to a scheduler time slice (measured before this: 23x slower beside a spinning ONNX
-Runtime worker on 2 cores). So a loaded model uses only the cores that are really free
-when it is loaded (:func:`free_cores`, capped by TVM's pool size, ``TVM_NUM_THREADS``),
-or the ``threads=`` it is given, and TVM's workers are not pinned to cores
-(``TVM_BIND_THREADS=0`` unless set), so the OS can move them off a busy one. TVM keeps
-one pool per calling thread: the count is applied in each thread that calls the model.
-
-A neighbour that starts after the model was loaded: with the default thread count the
-model watches its own call times (:class:`ThreadGovernor`): a call that takes
-``STALL_FACTOR`` times the best seen at that thread count drops one thread, and the
-count is tried one higher again after a back-off (1 s, doubling up to a minute while the
-neighbour stays). With an explicit ``threads=`` nothing adapts.
+(another thread pool still spinning, a preprocessing thread, another process) stalls
+every kernel by up to a scheduler time slice (measured before this: 23x slower beside a
+spinning ONNX Runtime worker on 2 cores). So ``threads=`` (default: the cores this
+process may use, capped by TVM's pool size, ``TVM_NUM_THREADS``) is the most a call
+uses; the first calls of a default model use the cores free at load time
+(:func:`free_cores`), and every call's count is then chosen from the model's own call
+times (:class:`ThreadGovernor`, in threads.py: a stalled call drops a thread, and the
+other count is tried now and then, backing off from 1 s to a minute while it loses).
+``adapt=False`` keeps exactly ``threads``. TVM's workers are not pinned to cores
+(``TVM_BIND_THREADS=0`` unless set), so the OS can move them off a busy one, and they
+sleep sooner when idle (threads.SPIN_COUNT). TVM keeps one pool per calling thread: the
+count is applied in each thread that calls the model.
 
 Buffers (CPU). An input that is contiguous, writable and on a 64-byte boundary is passed
 to TVM as it is (DLPack); any other is copied into an aligned buffer the model keeps for
@@ -52,6 +51,7 @@ from kiln.compiler.core.errors import KilnError
 
 from .manifest import Manifest, TensorSpec, check_files, read_manifest
 from .targets import cuda_device_present, host_arch
+from .threads import ThreadGovernor, allowed_cores, configure_pool, free_cores, pool_state
 
 logger = logging.getLogger(__name__)
 
@@ -74,31 +74,6 @@ def _prepare_cuda_jit() -> None:
             raise KilnError("loading a CUDA artifact compiles its kernels: install nvcc "
                             "(CUDA toolkit) or `pip install cuda-bindings`") from None
         os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
-
-
-#: A core counts as taken when it was busier than this over :func:`free_cores`' sample.
-BUSY_FRACTION = 0.5
-#: How long :func:`free_cores` watches the cores (load time, once per model).
-FREE_CORES_SAMPLE_S = 0.05
-
-#: The thread count TVM's pool of the current thread was last configured with.
-_pool = threading.local()
-
-
-def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> int:
-    """Cores this process may run on that were mostly idle over ``sample_s`` (at least 1).
-
-    Without ``psutil`` (a bare edge board): the cores this process may run on.
-    """
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
-        else list(range(os.cpu_count() or 1))
-    try:
-        import psutil
-    except ImportError:
-        return len(allowed)
-    busy = psutil.cpu_percent(interval=sample_s, percpu=True)
-    return max(1, sum(1 for cpu in allowed
-                      if cpu < len(busy) and busy[cpu] < 100 * BUSY_FRACTION))
 
 
 def _shape_fits(want: tuple, got: tuple, sizes: dict[str, int]) -> bool:
@@ -126,63 +101,14 @@ def _check_ranges(spec: TensorSpec, sizes: dict[str, int], dims: dict[str, list[
                                 "rebuild with a wider --dim")
 
 
-class ThreadGovernor:
-    """Thread count for the next call from the times of the calls so far.
-
-    ``observe(seconds, now)`` takes one call's duration (at :attr:`threads`) and the
-    clock; it returns the count to use next. Pure bookkeeping, no clock of its own, so
-    it is tested with given times.
-    """
-
-    STALL_FACTOR = 3.0
-    FIRST_PROBE_S = 1.0
-    MAX_PROBE_S = 60.0
-
-    def __init__(self, max_threads: int) -> None:
-        self.max_threads = max(1, max_threads)
-        self.threads = self.max_threads
-        self.best: dict[int, float] = {}
-        self.probe_after = self.FIRST_PROBE_S
-        self.changed_at: float | None = None
-        self.probing = False
-
-    def observe(self, seconds: float, now: float) -> int:
-        n = self.threads
-        best = self.best.get(n)
-        stalled = best is not None and seconds > self.STALL_FACTOR * best
-        self.best[n] = seconds if best is None else min(best, seconds)
-        if stalled and n > 1:
-            if self.probing:  # the neighbour is still there: wait longer before the next try
-                self.probe_after = min(self.MAX_PROBE_S, 2 * self.probe_after)
-            self.threads, self.changed_at, self.probing = n - 1, now, False
-        elif self.probing:  # the probe held: the cores are free again
-            self.probing, self.probe_after = False, self.FIRST_PROBE_S
-        elif n < self.max_threads and self.changed_at is not None \
-                and now - self.changed_at >= self.probe_after:
-            self.threads, self.changed_at, self.probing = n + 1, now, True
-        return self.threads
-
-
-def _configure_pool(threads: int) -> int:
-    """Set the current thread's TVM pool to ``threads``; returns what TVM will use (its
-    pool never grows past ``TVM_NUM_THREADS``, or half the logical cores on x86)."""
-    import tvm
-
-    os.environ.setdefault("TVM_BIND_THREADS", "0")  # read by TVM at each configuration
-    # mode 1 is TVM's kBig (all cores of the fastest kind); the count overrides it
-    tvm.get_global_func("runtime.config_threadpool")(1, threads)
-    used = int(tvm.get_global_func("runtime.NumThreads")())
-    _pool.threads = used
-    return used
-
-
 class CompiledModel:
     """A loaded artifact: ``model(*arrays, **named) -> list[np.ndarray]``.
 
     ``threads``: CPU threads each call uses (None: the cores free at load time).
     """
 
-    def __init__(self, outdir: Path, manifest: Manifest, *, threads: int | None = None) -> None:
+    def __init__(self, outdir: Path, manifest: Manifest, *, threads: int | None = None,
+                 adapt: bool = True) -> None:
         import tvm
 
         self.outdir = Path(outdir)
@@ -205,14 +131,17 @@ class CompiledModel:
         self._vms = _ThreadVM(module, self.device, _load_time_weights(module, manifest,
                                                                       self.device))
         self._buffers = CallBuffers()
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (not isinstance(threads, int) or threads < 1
+                                    or isinstance(threads, bool)):
             raise KilnError(f"threads={threads!r}: expected a whole number of threads >= 1")
-        requested = free_cores() if threads is None else threads
-        #: CPU threads per call (TVM's pool may allow fewer than requested)
-        self.threads = _configure_pool(requested)
-        #: adapts the count to a neighbour that starts later (default thread count only)
-        self.governor = ThreadGovernor(self.threads) if threads is None else None
-        if threads is not None and self.threads < threads:
+        #: the most CPU threads a call uses (TVM's pool may allow fewer than requested)
+        self.max_threads = configure_pool(allowed_cores() if threads is None else threads)
+        start = min(self.max_threads, free_cores()) if threads is None else self.max_threads
+        #: CPU threads the next call uses
+        self.threads = configure_pool(start)
+        #: picks 1..max_threads per call from the call times (None: ``adapt=False``)
+        self.governor = ThreadGovernor(self.max_threads, start) if adapt else None
+        if threads is not None and self.max_threads < threads:
             logger.warning("%s: %d threads asked for, TVM's pool has %d (set TVM_NUM_THREADS "
                            "before TVM starts for more)", outdir, threads, self.threads)
 
@@ -257,8 +186,8 @@ class CompiledModel:
         import tvm
 
         ordered = self._arrange(arrays, named)
-        if getattr(_pool, "threads", None) != self.threads:  # another thread or model
-            _configure_pool(self.threads)
+        if getattr(pool_state, "threads", None) != self.threads:  # another thread or model
+            configure_pool(self.threads)
         on_cpu = self.device.dlpack_device_type() == 1
         buffers = self._buffers
         if on_cpu:
@@ -271,10 +200,11 @@ class CompiledModel:
         result = self._vms.main(*args)
         if self.governor is not None and on_cpu:
             now = time.perf_counter()
-            wanted = self.governor.observe(now - started, now)
+            wanted = self.governor.observe(now - started, now,
+                                           tuple(a.shape for a in ordered))
             if wanted != self.threads:
                 logger.debug("%s: %d -> %d threads", self.outdir, self.threads, wanted)
-                self.threads = _configure_pool(wanted)
+                self.threads = configure_pool(wanted)
                 self.governor.threads = self.threads
         results = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         if not on_cpu:
@@ -412,17 +342,21 @@ def device_tensor(array: np.ndarray, device):
     return tvm.runtime.tensor(array, device)
 
 
-def load(outdir: Path | str, *, threads: int | None = None) -> CompiledModel:
+def load(outdir: Path | str, *, threads: int | None = None,
+         adapt: bool = True) -> CompiledModel:
     """Load the artifact in ``outdir`` for this machine (CPU, or the GPU for CUDA builds).
 
-    ``threads``: CPU threads per call; None uses the cores free now (:func:`free_cores`).
+    ``threads``: the most CPU threads a call uses (None: the cores this process may use;
+    the first calls use those free now, :func:`free_cores`). ``adapt``: each call's count
+    is chosen between 1 and that from the calls' times (:class:`ThreadGovernor`: fewer
+    beside a busy process); False keeps exactly ``threads`` (benchmarks of one count).
     Every file the manifest covers is checked against its SHA-256 first (a folder mixing
     builds, or a damaged library, is a KilnError, never loaded).
     """
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
     check_files(outdir, manifest)
-    return CompiledModel(outdir, manifest, threads=threads)
+    return CompiledModel(outdir, manifest, threads=threads, adapt=adapt)
 
 
 def _npz_inputs(model: CompiledModel, path: Path) -> dict[str, np.ndarray]:

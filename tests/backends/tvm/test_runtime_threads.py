@@ -11,7 +11,7 @@ import pytest
 import tvm
 
 from kiln.backends.tvm import build_artifact, load
-from kiln.backends.tvm.runtime import free_cores
+from kiln.backends.tvm.threads import free_cores
 from kiln.compiler.core.errors import KilnError
 from kiln.compiler.driver.cli import main as kiln_main
 from kiln.compiler.testing.onnx_models import tiny_cnn, to_ir
@@ -65,27 +65,13 @@ def test_kiln_run_threads(artifact, tmp_path):
     assert _pool_threads() == 1
 
 
-def test_governor_drops_a_thread_on_stalls_and_probes_back_with_backoff():
-    """A neighbour starts (calls 3x slower): one thread less; it stays: the probe back to
-    two threads stalls and the next probe waits twice as long; it leaves: two threads."""
-    from kiln.backends.tvm.runtime import ThreadGovernor
-
-    gov = ThreadGovernor(2)
-    assert gov.observe(0.010, now=0.0) == 2          # first call: the bar
-    assert gov.observe(0.009, now=0.1) == 2          # normal
-    assert gov.observe(0.200, now=0.2) == 1          # stalled beside a neighbour
-    assert gov.observe(0.016, now=0.3) == 1          # one thread, not a stall
-    assert gov.observe(0.016, now=1.3) == 2          # after FIRST_PROBE_S: probe two
-    assert gov.observe(0.300, now=1.4) == 1          # still busy: back to one
-    assert gov.probe_after == 2 * ThreadGovernor.FIRST_PROBE_S
-    assert gov.observe(0.016, now=2.5) == 1          # back-off not over yet
-    assert gov.observe(0.016, now=3.5) == 2          # probe again
-    assert gov.observe(0.009, now=3.6) == 2          # the neighbour left: two threads stay
-    assert gov.probe_after == ThreadGovernor.FIRST_PROBE_S
-    assert ThreadGovernor(1).observe(1.0, now=0.0) == 1
-
-
-def test_governor_only_with_the_default_thread_count(artifact):
-    outdir = artifact[0] if isinstance(artifact, tuple) else artifact
-    assert load(outdir, threads=1).governor is None
-    assert load(outdir).governor is not None
+def test_threads_is_the_most_a_call_uses_and_adapt_false_keeps_it(artifact):
+    """An explicit count adapts below itself too; ``adapt=False`` keeps exactly it."""
+    two = load(artifact, threads=2)
+    assert two.governor is not None and two.governor.max_threads == two.max_threads
+    assert two.max_threads <= 2 and two.threads == two.max_threads
+    assert load(artifact, threads=1).governor.max_threads == 1
+    assert load(artifact, threads=2, adapt=False).governor is None
+    default = load(artifact)
+    assert default.max_threads <= len(os.sched_getaffinity(0))
+    assert 1 <= default.threads <= default.max_threads
