@@ -196,8 +196,14 @@ class Int8Dense(KilnRule):
         below = loops[at + 1:]  # (m, n, i, g); compute_at leaves out a row loop of extent 1
         a_m, (a_n, a_i, a_g) = (below[0] if len(below) == 4 else None), below[-3:]
         a_v, a_l = sch.split(a_n, [None, lanes])
-        sch.reorder(*(loop for loop in (a_i, a_m, a_v, a_l, a_g) if loop is not None))
-        init = sch.decompose_reduction(acc, a_i)
+        a_tap = None
+        x = sch.get(acc).reads[0].source
+        if len(x.shape) == 4 and int(x.shape[3]) // group < sch.get(a_i).extent:
+            # an implicit-GEMM conv: step i reads tap i // per_tap, channel i % per_tap;
+            # a tap loop outside turns that div/mod per step into plain index arithmetic
+            a_tap, a_i = sch.split(a_i, [None, int(x.shape[3]) // group])
+        sch.reorder(*(loop for loop in (a_tap, a_i, a_m, a_v, a_l, a_g) if loop is not None))
+        init = sch.decompose_reduction(acc, a_tap if a_tap is not None else a_i)
         sch.tensorize(a_l, intrin)
         if a_m is not None:
             sch.unroll(a_m)
