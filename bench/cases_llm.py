@@ -15,6 +15,10 @@ llm-decode1-fp32, llm-decode1-int4
 llm-prefill-512-fp32, llm-prefill-512-int4
                     a 512-token prompt on the starting cache (one masked slot)
 
+Since session 10 the step takes the cache's keys transposed (``[1, KV, D, past]``) and
+returns only the new token's keys and values (docs/llm.md), so these cases time that
+graph; session 9's figures timed the concatenating one.
+
 ``python -m bench --cases llm-decode-fp32,llm-decode-int4 --protocol blocks``.
 """
 
