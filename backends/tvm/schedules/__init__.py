@@ -24,6 +24,9 @@ window         depthwise conv, pooling: vectorized along the output's innermost 
 reduction      softmax / layer norm: parallel rows (one row: a single thread), each row
                reduction ``rfactor``-ed into vector partial sums; other reductions:
                dlight's CPU Reduction rule.
+inner_         one reduction over the innermost axes (ReduceSum/Mean/Max/L2 over the
+reduction      last axes or every axis): reduction loops fused, ``rfactor``-ed into
+               vector partial results, outputs in parallel (``reduce``).
 fallback       anything else: outer loops parallel (named by ``unscheduled_kernels``).
 =============  ==========================================================================
 

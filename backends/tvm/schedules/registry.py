@@ -28,6 +28,7 @@ from kiln.backends.tvm.schedules.int8_window import Int8Pool, Int8Window
 from kiln.backends.tvm.schedules.prepack import PREPACK_SUFFIX, fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
+from kiln.backends.tvm.schedules.reduce import InnerReduction
 from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
 from kiln.backends.tvm.schedules.sparse_dense import SparseDense
 from kiln.backends.tvm.schedules.split_preproc import split_layout_rewrite_preproc
@@ -54,6 +55,7 @@ RULES: tuple[KilnRule, ...] = (
     Elementwise(),
     Window(),
     Reduction(),
+    InnerReduction(),
     Fallback(),
 )
 FALLBACK_RULE = Fallback.name

@@ -12,6 +12,8 @@ from kiln.backends.tvm.schedules import schedule_rules_used, unscheduled_kernels
 from kiln.backends.tvm.schedules.int8_window import MAX_ROW_BYTES, row_lanes
 from kiln.backends.tvm.targets import resolve_target
 
+from .test_isa_paths import path_target
+
 TARGET = {"kind": "llvm", "num-cores": 2}
 
 
@@ -39,8 +41,8 @@ def _reference(x: np.ndarray, kernel: int, stride: int, pad: int) -> np.ndarray:
     return out
 
 
-def _build(shape, dtype, kernel, stride, pad, x):
-    target = resolve_target(TARGET)
+def _build(shape, dtype, kernel, stride, pad, x, target=None):
+    target = target or resolve_target(TARGET)
     scheduled: list[tvm.IRModule] = []
     executable = tvm.compile(_pool_module(shape, dtype, kernel, stride, pad),
                              target=target.tvm_target(),
@@ -61,6 +63,15 @@ def test_8bit_max_pool_gets_the_rule_and_is_exact(shape, dtype, kernel, stride, 
     mod, got = _build(shape, dtype, kernel, stride, pad, x)
     assert "int8_pool" in schedule_rules_used(mod).values()
     assert not unscheduled_kernels(mod)
+    np.testing.assert_array_equal(got, _reference(x, kernel, stride, pad))
+
+
+@pytest.mark.parametrize("path", ["host", "x86-64-v3", "x86-64-v4"])
+def test_8bit_max_pool_on_each_vector_path(path):
+    shape, kernel, stride, pad = (1, 24, 13, 13), 13, 1, 6
+    x = np.random.default_rng(1).integers(0, 256, shape).astype("uint8")
+    mod, got = _build(shape, "uint8", kernel, stride, pad, x, path_target(path))
+    assert "int8_pool" in schedule_rules_used(mod).values()
     np.testing.assert_array_equal(got, _reference(x, kernel, stride, pad))
 
 

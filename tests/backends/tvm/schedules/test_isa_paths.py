@@ -99,10 +99,18 @@ def _reduction():
         e / e.sum(axis=-1, keepdims=True)
 
 
-def _fallback():
-    """A sum over every element: no rule but the fallback takes it."""
+def _inner_reduction():
+    """A sum over every element: one row of vector partial sums."""
     x = _rng().standard_normal((8, 16)).astype("float32")
     return (lambda bb, xv: bb.emit(relax.op.sum(xv))), [x], np.array(x.sum(), "float32")
+
+
+def _fallback():
+    """The variance of every element (two reductions over all axes): no rule but the
+    fallback takes it."""
+    x = _rng().standard_normal((8, 16)).astype("float32")
+    return (lambda bb, xv: bb.emit(relax.op.variance(xv, axis=None))), [x], \
+        np.array(x.var(), "float32")
 
 
 def _symbolic_dense():
@@ -113,10 +121,11 @@ def _symbolic_dense():
 
 
 FP32_CASES = {"contraction": _dense, "elementwise": _elementwise, "window": _window,
-              "reduction": _reduction, "fallback": _fallback,
+              "reduction": _reduction, "inner_reduction": _inner_reduction, "fallback": _fallback,
               "symbolic_contraction": _symbolic_dense}
 #: Rules whose every-path check lives next to their kernel's own tests (named here).
-ELSEWHERE = {"int8_window": "test_int8_conv.py: depthwise cases on host, x86-64-v3, "
+ELSEWHERE = {"int8_pool": "test_int8_pool.py: the SPP pool on host, x86-64-v3, x86-64-v4",
+             "int8_window": "test_int8_conv.py: depthwise cases on host, x86-64-v3, "
                             "x86-64-v4 against ORT"}
 
 
