@@ -83,12 +83,14 @@ class ThreadGovernor:
     clock and what makes calls comparable (the input shapes); it returns the count to use
     next. Pure bookkeeping with no clock of its own, so it is tested with given times.
 
-    - A call ``STALL_FACTOR`` times slower than the best seen at this count and key
-      drops one thread at once (a neighbour started).
+    - ``STALLS_TO_DROP`` calls in a row each ``STALL_FACTOR`` times slower than the
+      median of the last ``WINDOW`` at this count and key drop one thread (a neighbour
+      started; one slow call on a loaded machine is noise).
     - After ``probe_after`` seconds at one count the governor tries the next count up
       (or down, at the most threads) for ``PROBE_CALLS`` calls and keeps the count whose
       median is lower. A probe that loses doubles ``probe_after`` (up to
-      ``MAX_PROBE_S``); one that wins, or a stall, resets it. So a neighbour that makes
+      ``MAX_PROBE_S``), and one call ``STALL_FACTOR`` times the kept median ends it at
+      once; one that wins, or a drop, resets it. So a neighbour that makes
       two threads merely slower than one (not a stall) is found within seconds, and
       free cores are found again after the neighbour leaves.
     - Calls with another key (other input shapes) are not compared with each other.
@@ -98,6 +100,7 @@ class ThreadGovernor:
     FIRST_PROBE_S = 1.0
     MAX_PROBE_S = 60.0
     PROBE_CALLS = 3
+    STALLS_TO_DROP = 2
     #: calls per count and key whose median is compared with a probe's
     WINDOW = 8
 
@@ -105,7 +108,7 @@ class ThreadGovernor:
         self.max_threads = max(1, max_threads)
         self.threads = self.max_threads if start is None else min(max(1, start),
                                                                   self.max_threads)
-        self.best: dict[tuple[int, Hashable], float] = {}
+        self.stalls = 0
         self.recent: dict[tuple[int, Hashable], deque[float]] = {}
         self.probe_after = self.FIRST_PROBE_S
         self.changed_at: float | None = None
@@ -116,18 +119,22 @@ class ThreadGovernor:
         self.threads, self.changed_at = threads, now
         return threads
 
+    def _median(self, n: int, key: Hashable) -> float | None:
+        times = self.recent.get((n, key))
+        return statistics.median(times) if times and len(times) >= self.PROBE_CALLS else None
+
     def observe(self, seconds: float, now: float, key: Hashable = None) -> int:
         n = self.threads
         if self.changed_at is None:
             self.changed_at = now
-        best = self.best.get((n, key))
-        stalled = best is not None and seconds > self.STALL_FACTOR * best
-        self.best[(n, key)] = seconds if best is None else min(best, seconds)
+        usual = self._median(n, key)
+        stalled = usual is not None and seconds > self.STALL_FACTOR * usual
+        self.stalls = self.stalls + 1 if stalled else 0
         self.recent.setdefault((n, key), deque(maxlen=self.WINDOW)).append(seconds)
         if self.probe is not None:
-            return self._probing(seconds, now, key, stalled)
-        if stalled and n > 1:
-            self.probe_after = self.FIRST_PROBE_S
+            return self._probing(seconds, now, key)
+        if self.stalls >= self.STALLS_TO_DROP and n > 1:
+            self.probe_after, self.stalls = self.FIRST_PROBE_S, 0
             return self._move(n - 1, now)
         if self.max_threads > 1 and now - self.changed_at >= self.probe_after \
                 and len(self.recent[(n, key)]) >= self.PROBE_CALLS:
@@ -135,19 +142,19 @@ class ThreadGovernor:
             return self._move(n + 1 if n < self.max_threads else n - 1, now)
         return n
 
-    def _probing(self, seconds: float, now: float, key: Hashable, stalled: bool) -> int:
+    def _probing(self, seconds: float, now: float, key: Hashable) -> int:
         assert self.probe is not None
         before, probe_key, times = self.probe
         if key != probe_key:  # other shapes: the probe compares nothing; back to before
             self.probe = None
             return self._move(before, now)
         times.append(seconds)
-        if len(times) < self.PROBE_CALLS and not stalled:
-            return self.threads
-        self.probe = None
-        probed = statistics.median(times)
         kept = statistics.median(self.recent[(before, key)])
-        if not stalled and probed < kept:
+        costly = seconds > self.STALL_FACTOR * kept  # far worse: stop paying for it
+        if len(times) < self.PROBE_CALLS and not costly:
+            return self.threads
+        self.probe, self.stalls = None, 0
+        if not costly and statistics.median(times) < kept:
             self.probe_after = self.FIRST_PROBE_S
             return self._move(self.threads, now)
         self.probe_after = min(self.MAX_PROBE_S, 2 * self.probe_after)

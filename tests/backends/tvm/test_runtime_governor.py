@@ -10,21 +10,24 @@ def _calls(gov: ThreadGovernor, seconds: float, start: float, count: int, step: 
     return [gov.observe(seconds, now=start + i * step, key=key) for i in range(count)]
 
 
-def test_a_stall_drops_a_thread_and_a_losing_probe_backs_off():
-    """A neighbour starts (a call 20x slower): one thread; the probe back to two stalls
-    and the next waits twice as long; the neighbour leaves: the next probe keeps two."""
+def test_stalls_drop_a_thread_and_a_losing_probe_backs_off():
+    """A neighbour starts (calls 20x slower): after two such calls one thread; the probe
+    back to two is far slower and ends at once, the next waits twice as long; the
+    neighbour leaves: the next probe keeps two. One slow call alone is noise."""
     gov = ThreadGovernor(2)
-    assert _calls(gov, 0.009, 0.0, 2) == [2, 2]
-    assert gov.observe(0.200, now=0.2) == 1          # stalled beside a neighbour
-    assert _calls(gov, 0.016, 0.3, 3) == [1, 1, 1]   # one thread: no probe before 1 s
-    assert gov.observe(0.016, now=1.3) == 2          # after FIRST_PROBE_S: probe two
-    assert gov.observe(0.300, now=1.4) == 1          # still busy: back to one at once
+    assert _calls(gov, 0.009, 0.0, 3) == [2, 2, 2]
+    assert gov.observe(0.200, now=0.3) == 2          # one slow call: not yet
+    assert gov.observe(0.009, now=0.4) == 2
+    assert _calls(gov, 0.200, 0.5, 2) == [2, 1]      # two in a row: one thread
+    assert _calls(gov, 0.016, 0.7, 3) == [1, 1, 1]   # no probe before FIRST_PROBE_S
+    assert gov.observe(0.016, now=1.6) == 2          # probe two
+    assert gov.observe(0.300, now=1.7) == 1          # far worse: back to one at once
     assert gov.probe_after == 2 * ThreadGovernor.FIRST_PROBE_S
-    assert gov.observe(0.016, now=2.5) == 1          # back-off not over yet
-    assert gov.observe(0.016, now=3.5) == 2          # probe again
-    assert _calls(gov, 0.009, 3.6, 3) == [2, 2, 2]   # the neighbour left: two stay
+    assert gov.observe(0.016, now=2.8) == 1          # back-off not over yet
+    assert gov.observe(0.016, now=3.8) == 2          # probe again
+    assert _calls(gov, 0.009, 3.9, 3) == [2, 2, 2]   # the neighbour left: two stay
     assert gov.probe_after == ThreadGovernor.FIRST_PROBE_S
-    assert _calls(gov, 0.009, 3.9, 3) == [2, 2, 2]
+    assert _calls(gov, 0.009, 4.2, 3) == [2, 2, 2]
 
 
 def test_two_threads_merely_slower_than_one_fall_back_to_one():
