@@ -8,6 +8,10 @@ import tvm
 from tvm import relax
 
 from kiln.backends.tvm.keep_compressed import fold_constants_keeping_compressed
+from kiln.backends.tvm.pipeline.symbolic_shapes import (
+    fold_static_shape_takes,
+    symbolic_legalize_map,
+)
 from kiln.backends.tvm.tuning.database import apply_tuning_records
 
 PassList = list[tvm.transform.Pass]
@@ -20,9 +24,11 @@ def library_dispatch_passes(target: tvm.target.Target) -> PassList:
 
 def fusion_passes(target: tvm.target.Target, legalize_map: dict | None = None) -> PassList:
     """High-level ops to TensorIR (``legalize_map`` overrides TVM's legalizations),
-    constants folded with compressed weights kept compressed, operators fused."""
+    constants folded with compressed weights kept compressed, operators fused (over a
+    symbolic dim too: :mod:`.symbolic_shapes`)."""
     return [
-        relax.transform.LegalizeOps(legalize_map),
+        fold_static_shape_takes(),
+        relax.transform.LegalizeOps({**symbolic_legalize_map(), **(legalize_map or {})}),
         relax.transform.AnnotateTIROpPattern(),
         fold_constants_keeping_compressed(),
         relax.transform.FuseOps(),
