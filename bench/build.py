@@ -75,7 +75,9 @@ def _build_with_kiln(case: PreparedCase, outdir: Path, target: str, tuning: str,
     result = build_artifact(model, target, outdir, model_hash=digest, tuning_db=user_db,
                             apply_tuning=tuning != "off")
     compile_s = time.perf_counter() - start
-    module = load(outdir, threads=threads)
+    # a fixed thread count: the bench compares engines at the count it names (ORT's too),
+    # not the runtime's choice beside whatever else runs (bench/neighbour.py measures that)
+    module = load(outdir, threads=threads, adapt=threads is None)
 
     def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         out = module(*[feeds[name] for name in case.inputs])
