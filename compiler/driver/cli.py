@@ -517,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npz with one array per input name")
     p.add_argument("--output", metavar="OUT.npz", help="write the outputs to this .npz")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: the cores free when it starts)")
+                   help="most CPU threads a call uses; each call picks 1..N from the calls' times "
+                        "(default N: the cores this process may use)")
     p.set_defaults(func=cmd_run)
 
     p = _sub(sub, "passes", common, "list every pass with its options")

@@ -37,7 +37,8 @@ def add_generate_command(sub, common, make_parser) -> None:
     p.add_argument("-o", "--output", metavar="OUTDIR", default=None,
                    help="keep the compiled checkpoint in OUTDIR (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads (default: the cores free when it starts)")
+                   help="most CPU threads a call uses; each call picks 1..N from the calls' times "
+                        "(default N: the cores this process may use)")
     p.add_argument("--json", action="store_true",
                    help="print the tokens and timings as JSON")
     p.set_defaults(func=cmd_generate)
