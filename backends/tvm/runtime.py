@@ -18,7 +18,7 @@ times (:class:`ThreadGovernor`, in threads.py: a stalled call drops a thread, an
 other count is tried now and then, backing off from 1 s to a minute while it loses).
 ``adapt=False`` keeps exactly ``threads``. TVM's workers are not pinned to cores
 (``TVM_BIND_THREADS=0`` unless set), so the OS can move them off a busy one, and they
-sleep sooner when idle (threads.SPIN_COUNT). TVM keeps one pool per calling thread: the
+keep TVM's idle spin (threads.SPIN_COUNT). TVM keeps one pool per calling thread: the
 count is applied in each thread that calls the model.
 
 Buffers (CPU). An input that is contiguous, writable and on a 64-byte boundary is passed

@@ -11,10 +11,11 @@ with another process stalls every kernel. Two things follow.
   preference. Measured on 2 Zen 4 cores beside one or two busy processes (load 4-10,
   ocr-cls-fp32 at a fixed 2 threads, median of 20-40 calls): with the default count (or
   1e8, or TVM_BIND_THREADS=1) 4 of 6 runs took 130-404 ms a call, with 20000 4 of 8
-  took 63-252 ms, with 0 none of 7 took over 10 ms (1 thread: 0.6-0.9 ms). kiln sets
-  :data:`SPIN_COUNT` unless the variable is set; TVM reads it once, when its pool
-  starts. What 0 costs on free cores (a futex wake per parallel kernel) is not
-  measured yet.
+  took 63-252 ms, with 0 none of 7 took over 10 ms (1 thread: 0.6-0.9 ms). But on free
+  cores 0 costs a futex wake per parallel kernel: 2 threads, blocks, load ~0.1, encoder
+  9.12 vs 4.98 ms, ocr-cls 1.50 vs 0.47, lcnet 2.65 vs 2.10 (spin 0 vs 300000). So kiln
+  leaves TVM's count (:data:`SPIN_COUNT` None; set the variable to choose one) and relies
+  on the governor: beside a busy process it drops to 1 thread, which has no idle worker.
 - :class:`ThreadGovernor` picks the count per call between 1 and the most the caller
   allows from the calls' own times, so a model beside a busy process falls back to
   fewer threads, and goes back up when the cores are free again.
@@ -28,8 +29,8 @@ import threading
 from collections import deque
 from collections.abc import Hashable
 
-#: Yields an idle TVM worker makes before it sleeps (TVM's default: 300000).
-SPIN_COUNT = 0
+#: Yields an idle TVM worker makes before it sleeps; None keeps TVM's (300000).
+SPIN_COUNT: int | None = None
 #: A core counts as taken when it was busier than this over :func:`free_cores`' sample.
 BUSY_FRACTION = 0.5
 #: How long :func:`free_cores` watches the cores (load time, once per model).
@@ -68,7 +69,8 @@ def configure_pool(threads: int) -> int:
     import tvm
 
     os.environ.setdefault("TVM_BIND_THREADS", "0")  # read by TVM at each configuration
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))  # read once
+    if SPIN_COUNT is not None:
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))  # read once
     # mode 1 is TVM's kBig (all cores of the fastest kind); the count overrides it
     tvm.get_global_func("runtime.config_threadpool")(1, threads)
     used = int(tvm.get_global_func("runtime.NumThreads")())
