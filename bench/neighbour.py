@@ -153,7 +153,23 @@ def measure(case: PreparedCase, outdir: Path, args: argparse.Namespace) -> dict:
     # each beside its own alone time; auto against the fixed count's alone time
     row.update({f"ratio_{k}": round(v / alone.get(k, alone["fixed"]), 3)
                 for k, v in beside.items()})
+    # kiln's counts beside the neighbour against the best they could do on the cores the
+    # neighbour leaves free: the alone time at that many threads (measured for 1 and
+    # --threads). With 2 cores and one busy, a model that scales to 2 threads cannot be
+    # within 1.5x of its 2-thread alone time; it can be of its 1-thread one.
+    free = free_core_count(fixed.threads, args)
+    reference = {1: alone["one"], fixed.threads: alone["fixed"]}.get(free)
+    row["free_cores_beside"] = free
+    if reference is not None:
+        row.update({f"vs_free_{k}": round(beside[k] / reference, 3)
+                    for k in ("fixed", "one", "adaptive", "auto")})
     return row
+
+
+def free_core_count(threads: int, args: argparse.Namespace) -> int:
+    """Cores of the ``threads`` kiln may use that the neighbour leaves free."""
+    taken = args.hogs if args.kind == "procs" else 1
+    return max(1, min(threads, len(os.sched_getaffinity(0)) - taken))
 
 
 def main(argv: list[str] | None = None) -> int:
