@@ -20,10 +20,9 @@ import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from kiln.compiler.core.pass_api import add_initializer, replace_value, unique_name
-from kiln.passes.moe.form import Expert, MoeLayer
+from kiln.passes.moe.form import MOE_KEY, Expert, MoeLayer
 
 MIN_OPSET = 13
-MOE_KEY = "kiln.moe"
 
 
 def model_opset(model: ir.Model) -> int:

@@ -29,6 +29,8 @@ import onnx_ir as ir
 from kiln.compiler.core import graph as kir
 
 GATE_OPS = ("Softmax", "Sigmoid")
+#: the node metadata key of the layers kiln's MoE passes write (``emit.emit``): the prefix
+MOE_KEY = "kiln.moe"
 WEIGHT_OPS = ("MatMul", "Gemm")
 #: ops an expert's hidden activation may pass through between its two layers
 ACTIVATION_OPS = {"Relu": "relu", "Gelu": "gelu", "Erf": "gelu", "Tanh": "tanh",
@@ -75,6 +77,9 @@ class MoeLayer:
     temperature: float = 1.0
     gate_value: ir.Value | None = field(default=None, repr=False)
     dtype: np.dtype = field(default_factory=lambda: np.dtype(np.float32))
+    #: every node of the layer carries ``kiln.moe``: written by kiln's passes (emit.py), the
+    #: form the TVM build lowers to the grouped sparse dispatch (docs/moe.md)
+    emitted: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -490,7 +495,8 @@ def recognize_gate(gate_node: ir.Node) -> MoeLayer | str:
                     gate="softmax" if gate.gate.op_type == "Softmax" else "sigmoid",
                     k=gate.k, renormalize=gate.renormalize, activation=activation,
                     experts=experts, dispatch=dispatch, temperature=gate.temperature,
-                    gate_value=gate.gate.outputs[0], dtype=dtype)
+                    gate_value=gate.gate.outputs[0], dtype=dtype,
+                    emitted=all(MOE_KEY in n.metadata_props for n in graph if id(n) in nodes))
 
 
 def recognize(model: ir.Model, selected=None) -> list[tuple[ir.Node, MoeLayer | str]]:

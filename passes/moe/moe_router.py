@@ -6,6 +6,10 @@
 
 Lossy unless nothing changes (checked by SQNR). The layer is written back in the
 documented form (docs/moe.md): top-k with sparse dispatch, or the stacked dense mixture.
+A top-k layer that already routes this way but is in another form (a torch export's own
+loop over experts: ``torch.where`` + ``index_add``) is written in the sparse dispatch form
+too (``reemit``, on by default): the same math, and the form a TVM build lowers to the
+grouped sparse dispatch. A layer kiln wrote already is left ("already routes that way").
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ class MoeRouterConfig(PassConfig):
     renormalize: bool | None = Field(default=None,
                                      description="divide the top-k gate values by their sum")
     temperature: float = Field(default=1.0, gt=0.0, description="logits are divided by it")
+    reemit: bool = Field(default=True, description="write a top-k layer that already routes "
+                         "this way in the sparse dispatch form when it is in another form "
+                         "(e.g. a torch export's loop over experts)")
 
 
 class MoeRouter(MoeLayerPass):
@@ -43,7 +50,9 @@ class MoeRouter(MoeLayerPass):
             renormalize = False
         temperature = layer.temperature * c.temperature
         if (k, renormalize, temperature) == (layer.k, layer.renormalize, layer.temperature):
-            return "already routes that way"
+            if k is None or layer.emitted or not c.reemit:
+                return "already routes that way"
+            return layer, f"top-{k} as before, written in the sparse dispatch form"
         new = layer.with_(k=k, renormalize=renormalize, temperature=temperature)
         what = f"top-{k}" if k else "dense mixture"
         return new, f"{what}{', renormalized' if renormalize else ''}, temperature {temperature:g}"

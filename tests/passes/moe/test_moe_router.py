@@ -51,12 +51,36 @@ def test_k_zero_makes_a_dense_mixture(moe_files):
 
 def test_refuses_nothing_to_change_and_too_large_k(moe_files):
     model = load(moe_files["sparse"])
-    p = MoeRouter(MoeRouterConfig(k=2))
+    p = MoeRouter(MoeRouterConfig(k=2, reemit=False))
     assert not p(model).modified
     assert p.last_candidates[0].reason == "already routes that way"
+    model = load(moe_files["dense"])
+    p = MoeRouter(MoeRouterConfig())
+    assert not p(model).modified
+    assert p.last_candidates[0].reason == "already routes that way"
+    model = load(moe_files["sparse"])
     p = MoeRouter(MoeRouterConfig(k=5))
     assert not p(model).modified
     assert "more than the layer's 4 experts" in p.last_candidates[0].reason
+
+
+def test_torch_topk_loop_is_written_in_the_dispatch_form(moe_files):
+    """A Mixtral-style export's own loop (torch.where + index_add) that already routes top-2
+    is re-emitted in kiln's sparse dispatch form (what the TVM build lowers to grouped
+    GEMMs), computing the same; a layer kiln wrote is then left."""
+    model = load(moe_files["sparse"])
+    before = run(model)
+    [(_, layer)] = recognize(model)
+    assert not layer.emitted
+    p = MoeRouter(MoeRouterConfig(k=2))
+    assert p(model).modified
+    assert "top-2 as before, written in the sparse dispatch form" in p.last_candidates[0].label
+    [(_, after)] = recognize(model)
+    assert after.emitted and after.k == 2 and after.renormalize
+    np.testing.assert_allclose(run(model), before, rtol=1e-5, atol=1e-6)
+    again = MoeRouter(MoeRouterConfig(k=2))
+    assert not again(model).modified
+    assert again.last_candidates[0].reason == "already routes that way"
 
 
 def test_idempotent(moe_files):
