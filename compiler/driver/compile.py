@@ -90,7 +90,10 @@ def build_steps(spec: Spec) -> list[PassStep]:
                              f"{type(entry.options).__name__}, not a "
                              f"{cls.config_class.__name__} (load specs with "
                              "kiln.compiler.driver.specs)")
-        steps.append(PassStep(entry, cls, entry.options))
+        # a pass whose exactness depends on its options names the class to run
+        for_options = getattr(cls, "for_options", None)
+        steps.append(PassStep(entry, for_options(entry.options) if for_options else cls,
+                              entry.options))
     return steps
 
 

@@ -121,3 +121,59 @@ def test_adapter_value_used_elsewhere_is_refused(tmp_path):
     clean = load_model(tmp_path / "lora.onnx")
     assert MergeLora()(clean).modified
     assert not MergeLora()(clean).modified  # idempotent: nothing left to merge
+
+
+def _adapter_file(tmp_path, module, alpha: float):
+    """fc1/fc2 adapters (peft keys) in a file, and the module with them merged as peft does
+    (W + alpha / r * B A)."""
+    rng = np.random.default_rng(2)
+    a1, b1 = rng.standard_normal((4, 16)), 0.1 * rng.standard_normal((32, 4))
+    a2, b2 = rng.standard_normal((2, 32)), 0.1 * rng.standard_normal((8, 2))
+    path = tmp_path / "adapter_model.safetensors"
+    save_file({k: v.astype(np.float32) for k, v in {
+        "base_model.model.fc1.lora_A.weight": a1, "base_model.model.fc1.lora_B.weight": b1,
+        "base_model.model.fc2.lora_A.weight": a2, "base_model.model.fc2.lora_B.weight": b2,
+    }.items()}, str(path))
+    with torch.no_grad():
+        module.fc1.weight += torch.tensor(alpha / 4 * b1 @ a1, dtype=torch.float32)
+        module.fc2.weight += torch.tensor(alpha / 2 * b2 @ a2, dtype=torch.float32)
+    return path
+
+
+def test_file_adapters_through_the_pipeline(tmp_path):
+    """kiln compile with merge_lora's ``adapters``: the merged model differs from the one
+    before the pass on purpose, so it is checked as a lossy pass (it failed the exact pass's
+    float32 check), and computes what torch computes with the adapters merged."""
+    from kiln.compiler.driver.compile import compile_model
+    from kiln.compiler.driver.specs import spec_from_text
+    from kiln.compiler.testing.reparam_models import plain_mlp
+
+    module, args = plain_mlp()
+    source = _export(module, args, tmp_path / "mlp.onnx")
+    path = _adapter_file(tmp_path, module, alpha=8.0)
+    spec = spec_from_text(f"kiln: 1\npasses:\n  - merge_lora: {{adapters: '{path}', alpha: 8}}\n")
+    result = compile_model(source, spec)
+    [report] = result.report.passes
+    assert report.matched == 2 and not report.exact and report.sqnr_db < 30
+    expected = module(*args).detach().numpy()
+    np.testing.assert_allclose(_run(result.model, args[0].numpy()), expected,
+                               atol=RTOL * np.abs(expected).max())
+    graph_spec = spec_from_text("kiln: 1\npasses:\n  - merge_lora: {}\n")
+    assert compile_model(source, graph_spec).report.passes[0].exact
+
+
+def test_file_adapters_by_torchscript_node_names(tmp_path):
+    """A TorchScript export keeps no module metadata and stores transposed MatMul weights
+    under generated names: the module path comes from the node names (/fc1/MatMul)."""
+    from kiln.compiler.testing.reparam_models import plain_mlp
+
+    module, args = plain_mlp()
+    source = tmp_path / "mlp_ts.onnx"
+    torch.onnx.export(module, args, source, dynamo=False, input_names=["x"])
+    path = _adapter_file(tmp_path, module, alpha=4.0)
+    model = load_model(source)
+    merge = MergeLora(MergeLoraConfig(adapters=str(path), alpha=4.0))
+    assert merge(model).modified and len(merge.last_candidates) == 2
+    expected = module(*args).detach().numpy()
+    np.testing.assert_allclose(_run(model, args[0].numpy()), expected,
+                               atol=RTOL * np.abs(expected).max())
