@@ -34,6 +34,19 @@ def test_tiny_model_table(tmp_path):
                for r in rows.values())
 
 
+def test_trains_on_one_torch_thread_and_restores_the_count():
+    """One torch thread while training (2 on a busy 2-core machine ran 35x slower), the
+    caller's count restored after."""
+    import torch
+
+    from kiln.compiler.testing import moe_lm
+
+    before = torch.get_num_threads()
+    trained = moe_lm.train(steps=1, max_bytes=20_000, test_bytes=1000, context=4, dim=8,
+                           hidden=8, experts=2)
+    assert trained.threads == 1 and torch.get_num_threads() == before
+
+
 @pytest.mark.slow
 def test_minute_trained_model(tmp_path):
     """About a minute of training (8 experts, top-2); the figures: bench/RESULTS_MOE.md."""
