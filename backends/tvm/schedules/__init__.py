@@ -27,6 +27,9 @@ reduction      softmax / layer norm: parallel rows (one row: a single thread), e
 inner_         one reduction over the innermost axes (ReduceSum/Mean/Max/L2 over the
 reduction      last axes or every axis): reduction loops fused, ``rfactor``-ed into
                vector partial results, outputs in parallel (``reduce``).
+whole_         reductions of every element to one value (a layer norm or variance over
+reduction      every axis): each reduction fused and ``rfactor``-ed into vector partial
+               results, the element-wise blocks vectorized (``whole_reduction``).
 fallback       anything else: outer loops parallel (named by ``unscheduled_kernels``).
 =============  ==========================================================================
 

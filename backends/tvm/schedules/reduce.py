@@ -27,7 +27,7 @@ from kiln.backends.tvm.schedules.elementwise import PARALLEL_MIN_ELEMENTS
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 
 
-def _lanes_dividing(extent: int, lanes: int) -> int | None:
+def lanes_dividing(extent: int, lanes: int) -> int | None:
     """The widest vector (down to 4 lanes) that divides ``extent`` at least twice."""
     while lanes >= 4:
         if extent % lanes == 0 and extent >= 2 * lanes:
@@ -49,11 +49,17 @@ def schedule_inner_reduction(sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Sch
     """``sch`` scheduled when its kernel is one reduction over innermost axes (after
     inlining element-wise producers); None otherwise. A reducer ``rfactor`` does not know
     (the importer's max/min from -inf) reduces each output serially."""
+    return vector_or_serial(_schedule, sch, ctx)
+
+
+def vector_or_serial(schedule, sch: s_tir.Schedule, ctx: RuleContext) -> s_tir.Schedule | None:
+    """``schedule(sch, ctx, vectorize=True)`` on a copy of ``sch``; when that raises
+    (``rfactor`` refused the reducer), ``schedule(sch, ctx, vectorize=False)``."""
     trial = sch.copy()
     try:
-        return _schedule(trial, ctx, vectorize=True)
+        return schedule(trial, ctx, vectorize=True)
     except Exception:  # noqa: BLE001 - TVM's ScheduleError: rfactor refused the reducer
-        return _schedule(sch, ctx, vectorize=False)
+        return schedule(sch, ctx, vectorize=False)
 
 
 def _schedule(sch: s_tir.Schedule, ctx: RuleContext, *, vectorize: bool) -> s_tir.Schedule | None:
@@ -85,7 +91,7 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext, *, vectorize: bool) -> s_ti
     k_total = math.prod(e for e in r_extents if e is not None)
     rows = math.prod(e for e in s_extents if e is not None)
     reduction = sch.fuse(*loops[spatial:]) if len(loops) - spatial > 1 else loops[spatial]
-    width = _lanes_dividing(k_total, ctx.vector_lanes_f32) if vectorize else None
+    width = lanes_dividing(k_total, ctx.vector_lanes_f32) if vectorize else None
     rf = None
     if width is not None:
         _, lane = sch.split(reduction, [None, width])

@@ -33,6 +33,7 @@ from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
 from kiln.backends.tvm.schedules.sparse_dense import SparseDense
 from kiln.backends.tvm.schedules.split_preproc import split_layout_rewrite_preproc
 from kiln.backends.tvm.schedules.symbolic import SymbolicContraction
+from kiln.backends.tvm.schedules.whole_reduction import WholeReduction
 from kiln.backends.tvm.schedules.window import Window
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ RULES: tuple[KilnRule, ...] = (
     Window(),
     Reduction(),
     InnerReduction(),
+    WholeReduction(),
     Fallback(),
 )
 FALLBACK_RULE = Fallback.name

@@ -19,3 +19,17 @@ def relax_module(fn, *inputs: np.ndarray, shapes=None) -> tvm.IRModule:
             out = bb.emit_output(fn(bb, *params))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def build_scheduled(fn, x: np.ndarray):
+    """``relax_module(fn, x)`` built for ``host`` by kiln's CPU pipeline: (the module after
+    the schedule phase, the output on ``x``)."""
+    from kiln.backends.tvm.pipeline import relax_pipeline
+    from kiln.backends.tvm.targets import resolve_target
+
+    target = resolve_target("host")
+    scheduled: list[tvm.IRModule] = []
+    executable = tvm.compile(relax_module(fn, x), target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return scheduled[-1], vm["main"](tvm.runtime.tensor(x)).numpy()

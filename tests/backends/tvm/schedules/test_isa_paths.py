@@ -105,12 +105,30 @@ def _inner_reduction():
     return (lambda bb, xv: bb.emit(relax.op.sum(xv))), [x], np.array(x.sum(), "float32")
 
 
-def _fallback():
-    """The variance of every element (two reductions over all axes): no rule but the
-    fallback takes it."""
+def _whole_reduction():
+    """The variance of every element (two reductions over all axes)."""
     x = _rng().standard_normal((8, 16)).astype("float32")
     return (lambda bb, xv: bb.emit(relax.op.variance(xv, axis=None))), [x], \
         np.array(x.var(), "float32")
+
+
+def _fallback():
+    """A row sum computed beside a second, element-wise output in one kernel: no rule but
+    the fallback takes it."""
+    from tvm import te
+
+    x = _rng().standard_normal((8, 16)).astype("float32")
+
+    def two_outputs(a):
+        k = te.reduce_axis((0, 16), "k")
+        sums = te.compute((8,), lambda i: te.sum(a[i, k], axis=k), name="sums")
+        return [te.compute((8, 16), lambda i, j: a[i, j] * 2, name="twice"),
+                te.compute((8,), lambda i: sums[i] + 1, name="plus_one")]
+
+    def fn(bb, xv):
+        return bb.emit(relax.TupleGetItem(bb.emit_te(two_outputs, xv), 1))
+
+    return fn, [x], x.sum(axis=1) + 1
 
 
 def _symbolic_dense():
@@ -121,7 +139,8 @@ def _symbolic_dense():
 
 
 FP32_CASES = {"contraction": _dense, "elementwise": _elementwise, "window": _window,
-              "reduction": _reduction, "inner_reduction": _inner_reduction, "fallback": _fallback,
+              "reduction": _reduction, "inner_reduction": _inner_reduction,
+              "whole_reduction": _whole_reduction, "fallback": _fallback,
               "symbolic_contraction": _symbolic_dense}
 #: Rules whose every-path check lives next to their kernel's own tests (named here).
 ELSEWHERE = {"int8_pool": "test_int8_pool.py: the SPP pool on host, x86-64-v3, x86-64-v4",

@@ -5,25 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tvm
 from tvm import relax
 
-from kiln.backends.tvm.pipeline import relax_pipeline
 from kiln.backends.tvm.schedules import schedule_rules_used, unscheduled_kernels
-from kiln.backends.tvm.targets import resolve_target
 
-from .relax_models import relax_module
+from .relax_models import build_scheduled
 
 RTOL = 1e-5
-
-
-def _build(fn, x: np.ndarray):
-    target = resolve_target("host")
-    scheduled: list[tvm.IRModule] = []
-    executable = tvm.compile(relax_module(fn, x), target=target.tvm_target(),
-                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return scheduled[-1], vm["main"](tvm.runtime.tensor(x)).numpy()
 
 
 def _l2(bb, v, axes, keepdims):
@@ -47,7 +35,7 @@ OPS = {
 def test_inner_reduction_is_scheduled_and_exact(shape, axes, op, keepdims):
     x = np.random.default_rng(0).standard_normal(shape).astype("float32")
     make, ref = OPS[op]
-    lowered, got = _build(lambda bb, v: bb.emit(make(bb, v, axes, keepdims)), x)
+    lowered, got = build_scheduled(lambda bb, v: bb.emit(make(bb, v, axes, keepdims)), x)
     assert unscheduled_kernels(lowered) == []
     assert "inner_reduction" in schedule_rules_used(lowered).values()
     want = ref(x, axis=tuple(axes) if axes else None, keepdims=keepdims)
@@ -70,7 +58,7 @@ def _max_from_minus_infinity(x):
 def test_a_reducer_rfactor_refuses_runs_serially_per_row():
     x = np.random.default_rng(0).standard_normal((64, 256)).astype("float32")
     x[3] = -np.inf
-    lowered, got = _build(lambda bb, v: bb.emit_te(_max_from_minus_infinity, v), x)
+    lowered, got = build_scheduled(lambda bb, v: bb.emit_te(_max_from_minus_infinity, v), x)
     assert unscheduled_kernels(lowered) == []
     assert "inner_reduction" in schedule_rules_used(lowered).values()
     np.testing.assert_array_equal(got, x.max(axis=1))
