@@ -38,6 +38,13 @@ def _reason_key(reason: str) -> str:
     return text[:140]
 
 
+def unscheduled_cell(group: list[Outcome]) -> str:
+    """The kernels left unscheduled in a group's builds, each with how many cases have it
+    (``topk (6)``)."""
+    names = Counter(name for o in group for name in set(o.unscheduled))
+    return ", ".join(f"{name} ({n})" for name, n in sorted(names.items()))
+
+
 def _figure_line(outcomes: list[Outcome], figure: str, label: str) -> str:
     c = summarize(outcomes, figure)
     total = c["total"] or 1
@@ -121,8 +128,12 @@ def render(outcomes: list[Outcome], commit: str, before: list[Outcome] | None = 
         "",
         "## Per op (cases ONNX Runtime passes, both figures)",
         "",
-        "| op | cases | pass | refused | crash | wrong | main reason |",
-        "|---|---|---|---|---|---|---|",
+        "Unscheduled: the kernels of the op's builds left at TVM's default schedule (no kiln "
+        "rule took them; the compile report's `unscheduled`), with the number of cases whose "
+        "build has each.",
+        "",
+        "| op | cases | pass | refused | crash | wrong | main reason | unscheduled |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     by_op: dict[str, list[Outcome]] = defaultdict(list)
     for o in outcomes:
@@ -138,7 +149,8 @@ def render(outcomes: list[Outcome], commit: str, before: list[Outcome] | None = 
             example = next(o for o in bad if _reason_key(o.reason) == key)
             reason = f"{n}x: {example.reason[:160]}".replace("|", "\\|")
         lines.append(f"| {op} | {len(group)} | {counts['pass']} | {counts['refused']} | "
-                     f"{counts['crash']} | {counts['wrong']} | {reason} |")
+                     f"{counts['crash']} | {counts['wrong']} | {reason} | "
+                     f"{unscheduled_cell(group)} |")
     lines += ["", "## Where the refusals come from (both figures)", "",
               "| cases | reason |", "|---|---|"]
     reasons = Counter(_reason_key(o.reason) for ops in by_op.values() for o in ops

@@ -61,3 +61,21 @@ def test_later_reruns_win_and_new_cases_are_added(op_coverage):
                                [first, second])
     assert [(o.name, o.outcome) for o in merged] == [("a", "pass"), ("z", "pass"),
                                                      ("b", "wrong")]
+
+
+def test_the_per_op_table_names_the_kernels_left_unscheduled(op_coverage, tmp_path):
+    nms = [_outcome(f"case_nms_{n}", "NonMaxSuppression", "pass") for n in range(3)]
+    for o in nms[:2]:
+        o.unscheduled = ["kiln_nms"]
+    nms[0].unscheduled.append("take")
+    old_line = ('{"name": "case_abs", "op": "Abs", "kind": "node", "outcome": "pass", '
+                '"reason": "", "ort": "pass", "seconds": 0.1, "figures": '
+                '["headline", "all-opsets", "extended"]}\n')  # a run from before the field
+    run = tmp_path / "run.jsonl"
+    run.write_text("".join(o.to_json() + "\n" for o in nms) + old_line)
+    out = tmp_path / "coverage.out"
+    assert op_coverage.main(["--from", str(run), "--commit", "fff0000", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "| main reason | unscheduled |" in text
+    assert "| NonMaxSuppression | 3 | 3 | 0 | 0 | 0 |  | kiln_nms (2), take (1) |" in text
+    assert "| Abs | 1 | 1 | 0 | 0 | 0 |  |  |" in text

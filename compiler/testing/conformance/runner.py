@@ -63,6 +63,8 @@ class Outcome:
     ort: str = ""                 # "pass", or why ONNX Runtime failed the case
     seconds: float = 0.0
     figures: list[str] = field(default_factory=list)  # cases.FIGURES it counts in
+    #: kernels of the build left at TVM's default schedule (the report's ``unscheduled``)
+    unscheduled: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -141,6 +143,8 @@ def run_in_process(case: Case, *, check_ort: bool = True) -> Outcome:
         try:
             compiled = compile_model(case.model_path, None, target="host")
             compiled.save(outdir)
+            if compiled.report.compiled is not None:
+                result.unscheduled = list(compiled.report.compiled.unscheduled)
             model = tvm_backend.load(outdir, threads=1)
             actual = model(**feeds)
         except KilnError as error:
