@@ -14,7 +14,9 @@ Two sources of adapters:
   ``kir.module_path``, or a TorchScript export's node name ``/P/.../MatMul``) is P or
   ``P.base_layer``, or whose weight initializer is ``P.weight`` / ``P.base_layer.weight``;
   a leading ``base_model.model.`` is ignored. The scale is ``alpha / r`` (``alpha``
-  option; unset: 1). A file's adapters change what the model computes on purpose (the
+  option; unset: 1), or peft's own from its ``adapter_config.json`` (``adapter_config``
+  option): ``lora_alpha`` (a matching ``alpha_pattern`` entry first) over r, or over
+  sqrt(r) with ``use_rslora``. A file's adapters change what the model computes on purpose (the
   model before the pass has none), so such a spec entry runs as :class:`MergeLoraFile`,
   checked like a lossy pass (its SQNR against the model without them is reported) rather
   than to float32 tolerance; adapters in the graph are exact.
@@ -26,13 +28,17 @@ biases of the adapter add s (b_A diag(g) B + b_B) to the base bias. Ranks whose 
 
 from __future__ import annotations
 
+import json
+import logging
+import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import KilnError
@@ -46,6 +52,8 @@ from kiln.compiler.core.pass_api import (
 )
 
 PEFT_PREFIX = "base_model.model."
+PEFT_CONFIG = "adapter_config.json"
+logger = logging.getLogger(__name__)
 
 
 class MergeLoraConfig(PassConfig):
@@ -55,8 +63,17 @@ class MergeLoraConfig(PassConfig):
                                  "adapters (None: merge the adapters found in the graph)")
     alpha: float | None = Field(default=None, gt=0, description="LoRA alpha of the file's "
                                 "adapters: scale alpha/r (None: scale 1)")
+    adapter_config: str | None = Field(default=None, description="peft's adapter_config.json "
+                                       "for the file's adapters: the scale from its "
+                                       "lora_alpha, alpha_pattern and use_rslora")
     gate_threshold: float = Field(default=0.0, ge=0, description="drop ranks whose gate "
                                   "has |g| <= this")
+
+    @model_validator(mode="after")
+    def _one_scale(self) -> MergeLoraConfig:
+        if self.adapter_config is not None and (self.alpha is not None or self.adapters is None):
+            raise ValueError("adapter_config goes with adapters, and instead of alpha")
+        return self
 
 
 @dataclass
@@ -211,6 +228,29 @@ def _torchscript_path(node: ir.Node) -> str:
     return ".".join(parts[1:-1])
 
 
+def _peft_config(path: str) -> dict:
+    if not Path(path).is_file():
+        raise KilnError(f"merge_lora: adapter config {path!r} does not exist")
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise KilnError(f"merge_lora: {path!r} is not a JSON file: {error}") from error
+    if not isinstance(config, dict):
+        raise KilnError(f"merge_lora: {path!r} holds no JSON object")
+    return config
+
+
+def _peft_scale(config: dict, module: str, rank: int) -> float:
+    """peft's LoRA scale for one module: lora_alpha (an alpha_pattern entry matching the
+    module path, as peft matches it, first) / r, or / sqrt(r) with use_rslora."""
+    alpha = float(config.get("lora_alpha", 8))
+    for pattern, value in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = float(value)
+            break
+    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
 def _gated(gate: np.ndarray, rank: int, threshold: float) -> tuple[np.ndarray, int]:
     gate = np.broadcast_to(gate.reshape(-1) if gate.ndim else gate, (rank,)).copy()
     keep = np.abs(gate) > threshold
@@ -333,6 +373,12 @@ class MergeLora(KilnPass):
     def _file_candidates(self, model: ir.Model) -> list[Candidate]:
         assert self.config.adapters is not None
         tensors = load_adapters(self.config.adapters)
+        peft = None if self.config.adapter_config is None else \
+            _peft_config(self.config.adapter_config)
+        beside = Path(self.config.adapters).with_name(PEFT_CONFIG)
+        if peft is None and self.config.alpha is None and beside.is_file():
+            logger.warning("merge_lora: %s is not read: the scale is 1 (give adapter_config: "
+                           "%s, or alpha)", beside, beside)
         prefixes = sorted({k[:-len(".lora_A.weight")] for k in tensors
                            if k.endswith(".lora_A.weight")})
         if not prefixes:
@@ -378,7 +424,8 @@ class MergeLora(KilnPass):
                 continue
             gate = tensors.get(f"{prefix}.lora_gate", np.ones(rank))
             g, dropped = _gated(gate.astype(np.float64), rank, self.config.gate_threshold)
-            scale = self.config.alpha / rank if self.config.alpha is not None else 1.0
+            scale = _peft_scale(peft, key, rank) if peft is not None else \
+                self.config.alpha / rank if self.config.alpha is not None else 1.0
             delta = scale * (a.T * g) @ b.T
             found.append(Candidate(layer.node, label, nodes=(layer.node,),
                                    data=_Lora(layer, delta, None, [], None, dropped)))

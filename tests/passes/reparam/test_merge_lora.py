@@ -7,7 +7,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from safetensors.numpy import save_file
+from safetensors.numpy import load_file, save_file
 
 from kiln.compiler.core import graph as kir
 from kiln.compiler.core.errors import KilnError
@@ -177,3 +177,35 @@ def test_file_adapters_by_torchscript_node_names(tmp_path):
     expected = module(*args).detach().numpy()
     np.testing.assert_allclose(_run(model, args[0].numpy()), expected,
                                atol=RTOL * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_scale_from_peft_adapter_config(tmp_path, rslora):
+    """adapter_config: peft's lora_alpha over r (sqrt(r) with use_rslora), an alpha_pattern
+    entry for its module first."""
+    import json
+
+    from kiln.compiler.testing.reparam_models import plain_mlp
+
+    module, args = plain_mlp()
+    model = load_model(_export(module, args, tmp_path / "mlp.onnx"))
+    reference = plain_mlp()[0]
+    path = _adapter_file(tmp_path, reference, alpha=1.0)   # writes the file; reference unused
+    config = tmp_path / "adapter_config.json"
+    config.write_text(json.dumps({"r": 4, "lora_alpha": 16, "alpha_pattern": {"fc2": 3},
+                                  "use_rslora": rslora}))
+    a = {k: v.astype(np.float64) for k, v in load_file(str(path)).items()}
+    p = "base_model.model."
+    rank = {"fc1": 4, "fc2": 2}
+    with torch.no_grad():
+        for name, alpha in (("fc1", 16.0), ("fc2", 3.0)):
+            scale = alpha / (np.sqrt(rank[name]) if rslora else rank[name])
+            delta = scale * a[f"{p}{name}.lora_B.weight"] @ a[f"{p}{name}.lora_A.weight"]
+            getattr(module, name).weight += torch.tensor(delta, dtype=torch.float32)
+    merge = MergeLora(MergeLoraConfig(adapters=str(path), adapter_config=str(config)))
+    assert merge(model).modified
+    expected = module(*args).detach().numpy()
+    np.testing.assert_allclose(_run(model, args[0].numpy()), expected,
+                               atol=RTOL * np.abs(expected).max())
+    with pytest.raises(ValueError, match="instead of alpha"):
+        MergeLoraConfig(adapters=str(path), adapter_config=str(config), alpha=2.0)
