@@ -30,6 +30,9 @@ reduction      last axes or every axis): reduction loops fused, ``rfactor``-ed i
 whole_         reductions of every element to one value (a layer norm or variance over
 reduction      every axis): each reduction fused and ``rfactor``-ed into vector partial
                results, the element-wise blocks vectorized (``whole_reduction``).
+row_tables     per-row tables with a side output (a runtime-scale Resize's tap indices
+               and normalized weights): what the last output needs computed per row
+               under its row loop, parallel rows when large (``row_tables``).
 fallback       anything else: outer loops parallel (named by ``unscheduled_kernels``).
 =============  ==========================================================================
 

@@ -29,6 +29,7 @@ from kiln.backends.tvm.schedules.prepack import PREPACK_SUFFIX, fold_weight_prep
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
 from kiln.backends.tvm.schedules.reduce import InnerReduction
+from kiln.backends.tvm.schedules.row_tables import RowTables
 from kiln.backends.tvm.schedules.rule import KilnRule, with_const_params
 from kiln.backends.tvm.schedules.sparse_dense import SparseDense
 from kiln.backends.tvm.schedules.split_preproc import split_layout_rewrite_preproc
@@ -58,6 +59,7 @@ RULES: tuple[KilnRule, ...] = (
     Reduction(),
     InnerReduction(),
     WholeReduction(),
+    RowTables(),
     Fallback(),
 )
 FALLBACK_RULE = Fallback.name

@@ -112,8 +112,17 @@ def _whole_reduction():
         np.array(x.var(), "float32")
 
 
+def _row_tables():
+    """Per-row tap weights normalized by their sum, beside an index table (a runtime-scale
+    Resize's kiln_resize_taps)."""
+    from .test_row_tables import _taps
+
+    fn, want = _taps(8, 10)
+    return fn, [np.array([2.0], "float32")], want
+
+
 def _fallback():
-    """A row sum computed beside a second, element-wise output in one kernel: no rule but
+    """A row sum computed beside a second, transposed output in one kernel: no rule but
     the fallback takes it."""
     from tvm import te
 
@@ -122,7 +131,7 @@ def _fallback():
     def two_outputs(a):
         k = te.reduce_axis((0, 16), "k")
         sums = te.compute((8,), lambda i: te.sum(a[i, k], axis=k), name="sums")
-        return [te.compute((8, 16), lambda i, j: a[i, j] * 2, name="twice"),
+        return [te.compute((16, 8), lambda j, i: a[i, j] * 2, name="twice"),
                 te.compute((8,), lambda i: sums[i] + 1, name="plus_one")]
 
     def fn(bb, xv):
@@ -140,7 +149,8 @@ def _symbolic_dense():
 
 FP32_CASES = {"contraction": _dense, "elementwise": _elementwise, "window": _window,
               "reduction": _reduction, "inner_reduction": _inner_reduction,
-              "whole_reduction": _whole_reduction, "fallback": _fallback,
+              "whole_reduction": _whole_reduction, "row_tables": _row_tables,
+              "fallback": _fallback,
               "symbolic_contraction": _symbolic_dense}
 #: Rules whose every-path check lives next to their kernel's own tests (named here).
 ELSEWHERE = {"int8_pool": "test_int8_pool.py: the SPP pool on host, x86-64-v3, x86-64-v4",
