@@ -33,6 +33,9 @@ reduction      every axis): each reduction fused and ``rfactor``-ed into vector 
 row_tables     per-row tables with a side output (a runtime-scale Resize's tap indices
                and normalized weights): what the last output needs computed per row
                under its row loop, parallel rows when large (``row_tables``).
+ir_builder     TOPI's hand-written CPU kernels (ScatterND/Elements, NMS, TopK's sort
+               call): TOPI's loops kept, its plain copy / fill loops made parallel,
+               the TensorIR blocks beside them element-wise (``ir_builder``).
 fallback       anything else: outer loops parallel (named by ``unscheduled_kernels``).
 =============  ==========================================================================
 

@@ -25,6 +25,7 @@ from kiln.backends.tvm.schedules.elementwise import Elementwise, Fallback, Reduc
 from kiln.backends.tvm.schedules.grouped_gemm import GroupedGemm, MoeSort
 from kiln.backends.tvm.schedules.int8_dense import Int8Dense
 from kiln.backends.tvm.schedules.int8_window import Int8Pool, Int8Window
+from kiln.backends.tvm.schedules.ir_builder import IRBuilderKernels
 from kiln.backends.tvm.schedules.prepack import PREPACK_SUFFIX, fold_weight_prepack
 from kiln.backends.tvm.schedules.quant_conv import DecodeConv
 from kiln.backends.tvm.schedules.quant_gemv import DecodeContraction
@@ -60,6 +61,7 @@ RULES: tuple[KilnRule, ...] = (
     InnerReduction(),
     WholeReduction(),
     RowTables(),
+    IRBuilderKernels(),
     Fallback(),
 )
 FALLBACK_RULE = Fallback.name

@@ -115,10 +115,20 @@ def _whole_reduction():
 def _row_tables():
     """Per-row tap weights normalized by their sum, beside an index table (a runtime-scale
     Resize's kiln_resize_taps)."""
-    from .test_row_tables import _taps
+    from .test_row_tables import tap_tables
 
-    fn, want = _taps(8, 10)
+    fn, want = tap_tables(8, 10)
     return fn, [np.array([2.0], "float32")], want
+
+
+def _ir_builder():
+    """TOPI's ScatterND (IR-builder code) over a [64, 32, 16] tensor: the data copied in
+    parallel, the updates added in order."""
+    from .test_ir_builder import scatter_nd_add
+
+    x = _rng().standard_normal((64, 32, 16)).astype("float32")
+    fn, ref = scatter_nd_add(x.shape)
+    return fn, [x], ref(x)
 
 
 def _fallback():
@@ -150,7 +160,7 @@ def _symbolic_dense():
 FP32_CASES = {"contraction": _dense, "elementwise": _elementwise, "window": _window,
               "reduction": _reduction, "inner_reduction": _inner_reduction,
               "whole_reduction": _whole_reduction, "row_tables": _row_tables,
-              "fallback": _fallback,
+              "ir_builder": _ir_builder, "fallback": _fallback,
               "symbolic_contraction": _symbolic_dense}
 #: Rules whose every-path check lives next to their kernel's own tests (named here).
 ELSEWHERE = {"int8_pool": "test_int8_pool.py: the SPP pool on host, x86-64-v3, x86-64-v4",

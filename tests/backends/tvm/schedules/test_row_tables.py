@@ -18,7 +18,7 @@ from .relax_models import build_scheduled
 RTOL = 1e-6
 
 
-def _taps(rows: int, taps: int):
+def tap_tables(rows: int, taps: int):
     """Like ``kiln_resize_taps``: an index table and weights normalized per row."""
 
     def compute(scale):
@@ -39,7 +39,7 @@ def _taps(rows: int, taps: int):
 
 @pytest.mark.parametrize("rows,taps", [(8, 10), (1024, 16)])   # serial; parallel rows
 def test_tap_tables_are_scheduled_and_exact(rows, taps):
-    fn, want = _taps(rows, taps)
+    fn, want = tap_tables(rows, taps)
     lowered, got = build_scheduled(fn, np.array([2.0], "float32"))
     assert unscheduled_kernels(lowered) == []
     assert "row_tables" in schedule_rules_used(lowered).values()
