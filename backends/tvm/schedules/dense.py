@@ -119,8 +119,12 @@ def guarded_tile(n: int, m: int, nr: int, mr: int, lanes: int,
     and the broadcast must fit beside the accumulators (``accumulators + 4`` registers:
     16 on AVX2, 29 of 32 on AVX-512). Measured (1 thread, paired): AVX2 rows of 14
     5 x 2 vectors instead of 7 x 1, +18-24%; rows of 28, 56, 128 6 x 2 instead of 4 x 2,
-    +10-15%; on AVX-512 resnet's 7 x 2 and 4 x 4 tiles stay (a guarded 4 x 4 for 7 rows
-    was slower).
+    +10-15% (then in workspace memory); on AVX-512 the 7 x 2, 4 x 4 tiles stay (a guarded 4 x 4 for 7 rows
+    was slower). A tile whose accumulator lives on the stack (``stack_accumulator``: all of
+    AVX2's) is guarded only over a dividing tile of 1-2 rows or one vector, with at most
+    ``2 * FMA_LATENCY`` accumulators: LLVM keeps both row paths' accumulators live, a 6 x 2
+    spilled in its K loop (1x1 64->256 @56 + residual, x86-64-v3, 1 thread: 6 x 2 guarded
+    1.46-1.55x the time of 4 x 2, 5 x 2 guarded 1.01-1.09x).
     """
     if m <= 3:
         return None
@@ -133,6 +137,9 @@ def guarded_tile(n: int, m: int, nr: int, mr: int, lanes: int,
         for rows in range(3, min(accumulators // vectors, m - 1) + 1):
             if m % rows == 0 or rows * vectors + vectors + 1 > accumulators + 4:
                 continue
+            if stack_accumulator(rows * vectors * lanes) and (
+                    (mr > 2 and vectors_now > 1) or rows * vectors > 2 * FMA_LATENCY):
+                continue
             waste = -(-m // rows) * rows - m
             key = (_rows_cost(m, rows, vectors), -rows * vectors, waste, -rows)
             if best is None or key < best[0]:
@@ -144,6 +151,19 @@ def guarded_tile(n: int, m: int, nr: int, mr: int, lanes: int,
                           mr * vectors_now < 2 * FMA_LATENCY):
         return best[1], best[2]
     return None
+
+
+#: TVM (LowerTVMBuiltin) allocates a CPU buffer on the stack only in "global" scope and
+#: under 1 KiB; any other is a TVMBackendAllocWorkspace/FreeWorkspace call pair per tile.
+STACK_BYTES = 1024
+
+
+def stack_accumulator(elements: int) -> bool:
+    """Whether a tile of ``elements`` fp32 accumulators goes on the stack ("global" scope):
+    LLVM keeps it in registers, no allocation call nor store and reload per tile. Measured
+    (x86-64-v3, 1 thread, CPU time, Zen 4, load 6-8, vs "local"): 1x1 64->256 @56 + residual
+    0.54x (with the 4 x 2 tile ``guarded_tile`` now keeps), 1x1 256->1024 @14 0.90x."""
+    return elements * 4 < STACK_BYTES
 
 
 def _column_widths(n: int, lanes: int) -> list[int]:
@@ -388,6 +408,9 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     if row_inner is not None and not rows_symbolic and guarded is None:
         rows = _row_tiles(row_extent, nr, lanes, acc)
         mr = choose_factor(sch, ctx, rows, mr if nr == default_nr else rows[0])
+        on_stack = stack_accumulator(rows[0] * nr)  # (mr may be a sampled factor)
+    else:
+        on_stack = stack_accumulator(mr * nr)
 
     if fuse_rows:  # the block's h, w iters (and its loops) become one row iter h * W + w
         match, extents, fuse_map = _fuse_row_iters(sch, block, match, extents)
@@ -412,7 +435,7 @@ def _schedule_contraction(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     elif not b_col_last:
         return False
 
-    c_local = sch.cache_write(block, 0, "local")
+    c_local = sch.cache_write(block, 0, "global" if on_stack else "local")
     if fuse_rows:  # the accumulator and its write-back indexed by the fused row too
         sch.transform_layout(block, ("write", 0), fuse_map)
         sch.transform_block_layout(c_local, fuse_map)
@@ -572,5 +595,4 @@ def parallelize_side_nest(sch: s_tir.Schedule, block, lanes: int) -> None:
 
 __all__ = ["ACCUMULATORS", "K_UNROLL", "PREPROC_ANNOTATION", "Contraction", "finish_register_tile",
            "guarded_tile", "inline_producers_if", "narrower_tile", "panel_block", "parallelize_side_nest",
-           "register_tile",
-           "tile_columns", "tile_rows"]
+           "register_tile", "stack_accumulator", "tile_columns", "tile_rows"]

@@ -1,7 +1,8 @@
 """Golden TensorIR for kiln's contraction rule (``schedules/dense.py``): a matmul on a
 constant weight with a ReLU epilogue becomes the register-tiled micro-kernel (4 x 8 tile
 of 4-lane vectors, K unrolled by 4), the weight packed by a layout-rewrite block (run at
-compile time), the epilogue applied in the tile write-back."""
+compile time), the epilogue applied in the tile write-back; the 32-float accumulator in
+"global" scope (under 1 KiB: TVM puts it on the stack, ``dense.stack_accumulator``)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def contraction_expected(A: T.Buffer((4, 8), "float32"), B: T.Buffer((8, 8), "fl
     T.func_attr({"tirx.noalias": True})
     # with T.sblock("root"):
     B_global = T.sblock_alloc_buffer((1, 8, 8))
-    matmul_local = T.sblock_alloc_buffer((4, 8), scope="local")
+    matmul_global = T.sblock_alloc_buffer((4, 8))
     for ax0, ax1 in T.grid(8, 8):
         with T.sblock("B_global"):
             v0, v1 = T.axis.remap("SS", [ax0, ax1])
@@ -52,8 +53,8 @@ def contraction_expected(A: T.Buffer((4, 8), "float32"), B: T.Buffer((8, 8), "fl
                         v0 = T.axis.spatial(4, ax0_1_init)
                         v1 = T.axis.spatial(8, ax1_1_0_init * 4 + ax1_1_1_init)
                         T.reads()
-                        T.writes(matmul_local[v0, v1])
-                        matmul_local[v0, v1] = T.float32(0.0)
+                        T.writes(matmul_global[v0, v1])
+                        matmul_global[v0, v1] = T.float32(0.0)
         for ax2_0 in range(2):
             for ax2_1 in T.unroll(4):
                 for ax0_1 in T.unroll(4):
@@ -63,17 +64,17 @@ def contraction_expected(A: T.Buffer((4, 8), "float32"), B: T.Buffer((8, 8), "fl
                                 v0 = T.axis.spatial(4, ax0_1)
                                 v1 = T.axis.spatial(8, ax1_1_0 * 4 + ax1_1_1)
                                 v2 = T.axis.reduce(8, ax2_0 * 4 + ax2_1)
-                                T.reads(matmul_local[v0, v1], A[v0, v2], B_global[0, v2, v1])
-                                T.writes(matmul_local[v0, v1])
-                                matmul_local[v0, v1] = matmul_local[v0, v1] + A[v0, v2] * B_global[0, v2, v1]
+                                T.reads(matmul_global[v0, v1], A[v0, v2], B_global[0, v2, v1])
+                                T.writes(matmul_global[v0, v1])
+                                matmul_global[v0, v1] = matmul_global[v0, v1] + A[v0, v2] * B_global[0, v2, v1]
         for ax0, ax1_0 in T.grid(4, 2):
             for ax1_1 in T.vectorized(4):
-                with T.sblock("matmul_local"):
+                with T.sblock("matmul_global"):
                     v0 = T.axis.spatial(4, ax0)
                     v1 = T.axis.spatial(8, ax1_0 * 4 + ax1_1)
-                    T.reads(matmul_local[v0, v1])
+                    T.reads(matmul_global[v0, v1])
                     T.writes(relu[v0, v1])
-                    relu[v0, v1] = T.max(matmul_local[v0, v1], T.float32(0.0))
+                    relu[v0, v1] = T.max(matmul_global[v0, v1], T.float32(0.0))
 
 
 
