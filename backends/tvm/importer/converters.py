@@ -13,6 +13,7 @@ from kiln.compiler.core.kiln_domain import DEQUANTIZE_TABLE, UNPACK_BITS
 from . import internal_ops
 from .attention import StandardAttention
 from .context import ImportContext
+from .expand import SymbolicExpand
 from .grouped_gemv import GroupedGemvMatMul
 from .int8_conv import Int8Conv
 from .int8_dense import Int8Dense
@@ -94,6 +95,7 @@ def kiln_converters(base: dict, context: ImportContext) -> dict:
     table["ScatterND"] = ScatterRowsAsGather(base["ScatterND"])
     table["Resize"] = SeparableResize(base["Resize"])
     table["Pad"] = RuntimePad(base["Pad"])
+    table["Expand"] = SymbolicExpand(base["Expand"])
     table["NonMaxSuppression"] = ConstantThresholdNMS(base["NonMaxSuppression"])
     table["Attention"] = StandardAttention()
     table["RMSNormalization"] = RMSNormalizationAsRelax
