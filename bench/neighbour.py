@@ -48,7 +48,8 @@ def _neighbour_core() -> int:
 @contextmanager
 def spinning_process(core: int) -> Iterator[None]:
     """A Python busy loop in its own process, pinned to ``core``."""
-    code = f"import os\nos.sched_setaffinity(0, {{{core}}})\nwhile True:\n    pass\n"
+    code = (f"import os\nos.sched_setaffinity(0, {{{core}}})\n"
+            f"while os.getppid() == {os.getpid()}:\n    pass\n")
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         time.sleep(SETTLE_S)
@@ -61,8 +62,9 @@ def spinning_process(core: int) -> Iterator[None]:
 @contextmanager
 def busy_processes(count: int) -> Iterator[None]:
     """``count`` Python busy loops in processes of their own, not pinned."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True:\n    pass\n"])
-             for _ in range(count)]
+    # each loop ends when this process does (killed before its cleanup ran, too)
+    code = f"import os\nwhile os.getppid() == {os.getpid()}:\n    pass\n"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
     try:
         time.sleep(SETTLE_S)
         yield
