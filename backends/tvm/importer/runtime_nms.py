@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from .expr_types import static_shape
+from .nms_loop import greedy_loop
 
 #: TOPI's collect kernel zero-fills ``batch * classes * this`` rows for a tensor limit
 TOPI_TENSOR_LIMIT_ROWS = 10
@@ -104,8 +105,9 @@ def emit_runtime_nms(bb, inputs, center_point_box: int):
         return topi.vision.all_class_non_max_suppression(
             b, s, k, t, m, output_format="onnx", output_shape=(rows, 3))
 
-    result = bb.emit_te(nms, boxes, scores, limit, iou, score,
-                        primfunc_name_hint="kiln_nms")
+    with greedy_loop():  # kiln's per-class parallel greedy loop (.nms_loop)
+        result = bb.emit_te(nms, boxes, scores, limit, iou, score,
+                            primfunc_name_hint="kiln_nms")
     selected = bb.emit(relax.TupleGetItem(result, 0))
     total = bb.emit(relax.TupleGetItem(result, 1))
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 import tvm
 from tvm import relax
 
+from kiln.backends.tvm.importer.nms_loop import greedy_legalize_map
 from kiln.backends.tvm.keep_compressed import fold_constants_keeping_compressed
 from kiln.backends.tvm.pipeline.symbolic_shapes import (
     fold_static_shape_takes,
@@ -28,7 +29,8 @@ def fusion_passes(target: tvm.target.Target, legalize_map: dict | None = None) -
     symbolic dim too: :mod:`.symbolic_shapes`)."""
     return [
         fold_static_shape_takes(),
-        relax.transform.LegalizeOps({**symbolic_legalize_map(), **(legalize_map or {})}),
+        relax.transform.LegalizeOps({**symbolic_legalize_map(), **greedy_legalize_map(),
+                                     **(legalize_map or {})}),
         relax.transform.AnnotateTIROpPattern(),
         fold_constants_keeping_compressed(),
         relax.transform.FuseOps(),
