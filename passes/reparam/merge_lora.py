@@ -243,11 +243,15 @@ def _peft_config(path: str) -> dict:
 def _peft_scale(config: dict, module: str, rank: int) -> float:
     """peft's LoRA scale for one module: lora_alpha (an alpha_pattern entry matching the
     module path, as peft matches it, first) / r, or / sqrt(r) with use_rslora."""
-    alpha = float(config.get("lora_alpha", 8))
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = float(value)
-            break
+    try:
+        alpha = float(config.get("lora_alpha", 8))
+        for pattern, value in (config.get("alpha_pattern") or {}).items():
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                alpha = float(value)
+                break
+    except (TypeError, ValueError, AttributeError, re.error) as error:
+        raise KilnError(f"merge_lora: adapter config: lora_alpha / alpha_pattern: {error}") \
+            from None
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 

@@ -209,3 +209,22 @@ def test_scale_from_peft_adapter_config(tmp_path, rslora):
                                atol=RTOL * np.abs(expected).max())
     with pytest.raises(ValueError, match="instead of alpha"):
         MergeLoraConfig(adapters=str(path), adapter_config=str(config), alpha=2.0)
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"lora_alpha": 16, "alpha_pattern": {"fc[": 3}}', "alpha_pattern"),
+    ('{"lora_alpha": "sixteen"}', "lora_alpha"),
+    ("[1, 2]", "no JSON object"),
+    ("{not json", "not a JSON file"),
+])
+def test_bad_adapter_config_is_one_clear_error(tmp_path, content, match):
+    from kiln.compiler.testing.reparam_models import plain_mlp
+
+    module, args = plain_mlp()
+    model = load_model(_export(module, args, tmp_path / "mlp.onnx"))
+    path = _adapter_file(tmp_path, plain_mlp()[0], alpha=1.0)
+    config = tmp_path / "adapter_config.json"
+    config.write_text(content)
+    merge = MergeLora(MergeLoraConfig(adapters=str(path), adapter_config=str(config)))
+    with pytest.raises(KilnError, match=match):
+        merge(model)
