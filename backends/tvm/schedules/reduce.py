@@ -86,8 +86,10 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext, *, vectorize: bool) -> s_ti
         return None
     r_extents = [const_extent(sch, loop) for loop in loops[spatial:]]
     s_extents = [const_extent(sch, loop) for loop in loops[:spatial]]
-    if any(e is None for e in r_extents + s_extents):
-        return None  # symbolic extents: the symbolic rules' business
+    if any(e is None for e in r_extents):
+        return None  # a symbolic reduction: the symbolic rules' business
+    # symbolic rows (a symbolic batch or token count): counted as 1 for the parallel choice
+    symbolic_rows = any(e is None for e in s_extents)
     k_total = math.prod(e for e in r_extents if e is not None)
     rows = math.prod(e for e in s_extents if e is not None)
     reduction = sch.fuse(*loops[spatial:]) if len(loops) - spatial > 1 else loops[spatial]
@@ -101,7 +103,7 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext, *, vectorize: bool) -> s_ti
     if spatial:
         out_loops = sch.get_loops(block)[:spatial]
         row = sch.fuse(*out_loops) if spatial > 1 else out_loops[0]
-        if rows * k_total >= PARALLEL_MIN_ELEMENTS and rows > 1:
+        if rows * k_total >= PARALLEL_MIN_ELEMENTS and (rows > 1 or symbolic_rows):
             sch.parallel(row)
     if rf is not None:
         if row is not None:

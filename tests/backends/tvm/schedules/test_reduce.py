@@ -62,3 +62,33 @@ def test_a_reducer_rfactor_refuses_runs_serially_per_row():
     assert unscheduled_kernels(lowered) == []
     assert "inner_reduction" in schedule_rules_used(lowered).values()
     np.testing.assert_array_equal(got, x.max(axis=1))
+
+
+@pytest.mark.parametrize("width", [2, 64])
+def test_rows_of_a_symbolic_count_are_scheduled(width):
+    """A row sum over a symbolic row count (a MoE router's top-k renormalization, tokens
+    symbolic): scheduled, exact for several counts."""
+    import tvm
+    from tvm import tirx
+
+    from kiln.backends.tvm.pipeline import relax_pipeline
+    from kiln.backends.tvm.targets import resolve_target
+
+    n = tirx.Var("n", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([n, width], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(bb.emit(relax.op.sum(relax.op.exp(x), [1], True)))
+        bb.emit_func_output(out)
+    target = resolve_target("host")
+    scheduled: list = []
+    executable = tvm.compile(bb.get(), target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    assert unscheduled_kernels(scheduled[-1]) == []
+    assert "inner_reduction" in schedule_rules_used(scheduled[-1]).values()
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for rows in (1, 7, 300):
+        v = np.random.default_rng(rows).standard_normal((rows, width)).astype("float32")
+        got = vm["main"](tvm.runtime.tensor(v)).numpy()
+        np.testing.assert_allclose(got, np.exp(v).sum(axis=1, keepdims=True), rtol=RTOL)
