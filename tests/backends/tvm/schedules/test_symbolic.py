@@ -150,3 +150,66 @@ def test_softmax_over_a_symbolic_row_gets_the_row_rule(tmp_path):
                            tmp_path / "out", model_hash="t")
     assert built.unscheduled == [] and built.rules["softmax"] == "reduction", built.rules
     _matches_ort(load(tmp_path / "out"), path, 4, (1, 7, 33, 300), seed=3)
+
+
+@pytest.mark.parametrize("vectors, accumulators, rows", [
+    (4, 25, 4), (5, 25, 4), (2, 25, 8), (3, 25, 8), (1, 25, 8), (2, 12, 4), (4, 12, 2),
+    (12, 12, 1)])
+def test_symbolic_row_tile_is_a_power_of_two(vectors, accumulators, rows):
+    """AVX-512's 25 accumulators over a 4-vector panel hold 6 rows; symbolic rows get 4
+    (S=16 padded to 18 rows made the encoder's dense layers 12-16% slower than the fixed
+    build's 4-row tile)."""
+    from kiln.backends.tvm.schedules.symbolic import symbolic_row_tile
+
+    assert symbolic_row_tile(vectors, accumulators) == rows
+
+
+def _dense_residual_model(path, dim: int, hidden: int):
+    """x [1, S, dim] -> x W + b + x (a transformer's projection and residual)."""
+    rng = np.random.default_rng(4)
+    w = (rng.standard_normal((dim, hidden)) / np.sqrt(dim)).astype(np.float32)
+    b = rng.standard_normal(hidden).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["c"]),
+         helper.make_node("Add", ["c", "x"], ["y"])], "dense_residual",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "S", dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_symbolic_dense_pads_rows_to_a_power_of_two_and_matches_ort(tmp_path):
+    """The encoder's projection over a symbolic sequence: rows padded to a power-of-two
+    tile (S=16 pads nothing), and results match ORT at lengths that leave a tail."""
+    import re
+
+    import tvm
+
+    from kiln.backends.tvm import build_artifact, load
+    from kiln.backends.tvm.importer import lower_to_relax
+    from kiln.backends.tvm.pipeline import relax_pipeline
+    from kiln.backends.tvm.targets import resolve_target
+
+    path = _dense_residual_model(tmp_path / "d.onnx", 64, 64)
+    model = load_with_symbols(str(path), {"x": [1, "S=2..1024", 64]})
+    scheduled: list[tvm.IRModule] = []
+    target = resolve_target("host")
+    tvm.compile(lower_to_relax(model, target_name=target.name), target=target.tvm_target(),
+                relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    scripts = [f.script() for gv, f in scheduled[-1].functions.items()
+               if f.attrs and f.attrs.get("kiln.schedule_rule") == "symbolic_contraction"]
+    assert scripts
+    padded = r"\(S \+ T\.int64\(\d+\)\) // T\.int64\((\d+)\)"  # (S + 3) // 4 * 4
+    tiles = {int(m) for script in scripts for m in re.findall(padded, script)}
+    assert tiles and all(t & (t - 1) == 0 for t in tiles), tiles
+
+    build_artifact(load_with_symbols(str(path), {"x": [1, "S=2..1024", 64]}), "host",
+                   tmp_path / "out", model_hash="t")
+    compiled = load(tmp_path / "out")
+    session = ort.InferenceSession(str(path))
+    rng = np.random.default_rng(5)
+    for length in (2, 3, 15, 16, 17, 1024):
+        x = rng.standard_normal((1, length, 64)).astype(np.float32)
+        np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
+                                   rtol=TOLERANCE, atol=TOLERANCE)
