@@ -1,7 +1,9 @@
-"""NonMaxSuppression's greedy loop (importer.nms_loop): each class in a parallel task, a
-candidate checked against the boxes kept so far; the same boxes as ONNX Runtime on many
-overlapping boxes and classes, on boxes whose scores are <= 0 (ONNX suppresses those too;
-TOPI's loop kept them), and TOPI's own loop is back after a build."""
+"""NonMaxSuppression as kiln's own kernel (importer.nms_loop): score filter, a heap per
+class, each popped box against the boxes kept so far. The same boxes as ONNX Runtime on
+random and adversarial boxes (equal scores, identical and zero-area boxes, flipped
+corners, boxes <= 0 in score, two batches, center boxes, IoU exactly at the threshold, box
+counts off the vector width, limits past the candidates); the kernel is scheduled, has no
+race and no sort call; TOPI's loop is left alone."""
 
 from __future__ import annotations
 
@@ -17,25 +19,47 @@ from kiln.compiler.testing.reference import ort_outputs
 pytest.importorskip("tvm")
 
 
-def nms_model(boxes: int, classes: int, max_out: int, iou: float,
-              score: float | None) -> onnx.ModelProto:
+def nms_model(boxes: int, classes: int, max_out: int, iou: float, score: float | None,
+              batch: int = 1, center: int = 0) -> onnx.ModelProto:
     operands = [("max_out", np.array([max_out], np.int64)), ("iou", np.array([iou], np.float32))]
     if score is not None:
         operands.append(("score", np.array([score], np.float32)))
     graph = helper.make_graph(
         [helper.make_node("NonMaxSuppression", ["boxes", "scores"] + [n for n, _ in operands],
-                          ["selected"], name="nms")], "nms",
-        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, boxes, 4]),
-         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, classes, boxes])],
+                          ["selected"], name="nms", center_point_box=center)], "nms",
+        [helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [batch, boxes, 4]),
+         helper.make_tensor_value_info("scores", TensorProto.FLOAT, [batch, classes, boxes])],
         [helper.make_tensor_value_info("selected", TensorProto.INT64, None)],
         [numpy_helper.from_array(v, n) for n, v in operands])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)])
 
 
-def _boxes(count: int, rng) -> np.ndarray:
-    corner = rng.uniform(0, 60, (1, count, 2)).astype(np.float32)
-    size = rng.uniform(5, 30, (1, count, 2)).astype(np.float32)  # dense: many overlaps
+def _boxes(count: int, rng, batch: int = 1) -> np.ndarray:
+    corner = rng.uniform(0, 60, (batch, count, 2)).astype(np.float32)
+    size = rng.uniform(5, 30, (batch, count, 2)).astype(np.float32)  # dense: many overlaps
     return np.concatenate([corner, corner + size], axis=-1)
+
+
+def _adversarial(count: int, rng, batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes on a coarse grid (identical boxes, IoUs exactly 0.5: a box and its half),
+    every third with its corners flipped, some of zero area; scores from four values
+    (ties everywhere), some <= 0."""
+    boxes = _boxes(count, rng, batch).round()
+    boxes[:, 1::7, 3] = boxes[:, 1::7, 1] + (boxes[:, 1::7, 3] - boxes[:, 1::7, 1]) / 2
+    boxes[:, 2::7] = boxes[:, 1:-1:7][:, :boxes[:, 2::7].shape[1]]      # identical boxes
+    boxes[:, 5::11, 2] = boxes[:, 5::11, 0]                             # zero area
+    boxes[:, ::3] = boxes[:, ::3][..., [2, 3, 0, 1]]                    # flipped corners
+    scores = rng.integers(-1, 3, (batch, 6, count)).astype(np.float32) / 2
+    return boxes, scores
+
+
+def _check(tmp_path, model, boxes, scores):
+    built = build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    got = load(tmp_path)(boxes=boxes, scores=scores)
+    got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got).reshape(-1, 3)
+    want = ort_outputs(model, {"boxes": boxes, "scores": scores})[0]
+    np.testing.assert_array_equal(got, want)
+    return built, want
 
 
 @pytest.mark.parametrize("max_out, iou, score, signed", [
@@ -47,22 +71,49 @@ def test_greedy_loop_matches_ort(tmp_path, max_out, iou, score, signed):
     rng = np.random.default_rng(3)
     boxes = _boxes(300, rng)
     scores = rng.uniform(-1 if signed else 0, 1, (1, 7, 300)).astype(np.float32)
-    model = nms_model(300, 7, max_out, iou, score)
-    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
-    got = load(tmp_path)(boxes=boxes, scores=scores)
-    got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got).reshape(-1, 3)
-    want = ort_outputs(model, {"boxes": boxes, "scores": scores})[0]
-    np.testing.assert_array_equal(got, want)
+    _, want = _check(tmp_path, nms_model(300, 7, max_out, iou, score), boxes, scores)
     if max_out:
         assert len(want) > 7  # the case selects boxes in several classes
 
 
-def test_topi_loop_restored():
+@pytest.mark.parametrize("count, max_out, iou, score, center", [
+    (203, 40, 0.5, 0.0, 0),     # ties, IoU exactly 0.5, 203 = 12 vectors of 16 and 11
+    (37, 1000, 0.0, None, 0),   # a limit past the box count; any overlap suppresses
+    (90, 3, 0.5, -0.5, 1),      # center boxes, a limit of 3 reached early
+], ids=["ties-boundary", "limit-past-boxes", "center"])
+def test_adversarial_boxes_match_ort(tmp_path, count, max_out, iou, score, center):
+    rng = np.random.default_rng(count)
+    boxes, scores = _adversarial(count, rng, batch=2)
+    if center:  # [xc, yc, w, h]; negative sizes too
+        boxes = np.concatenate([boxes[..., :2], boxes[..., 2:] - boxes[..., :2]], axis=-1)
+    model = nms_model(count, 6, max_out, iou, score, batch=2, center=center)
+    _, want = _check(tmp_path, model, boxes, scores)
+    assert set(want[:, 0]) == {0, 1} and len(want) > 12
+
+
+def test_kernel_is_scheduled_without_race_or_sort(tmp_path):
+    import tvm
+    from tvm import relax
+
+    from kiln.backends.tvm import lower_to_relax
+    from kiln.backends.tvm.importer.nms_loop import greedy_legalize_map
+
+    rng = np.random.default_rng(5)
+    model = nms_model(64, 3, 10, 0.5, 0.2)
+    built, _ = _check(tmp_path, model, _boxes(64, rng),
+                      rng.uniform(0, 1, (1, 3, 64)).astype(np.float32))
+    assert built.unscheduled == [] and built.races == {}, (built.unscheduled, built.races)
+    assert "kiln_nms" in built.rules
+    mod = relax.transform.LegalizeOps(greedy_legalize_map())(lower_to_relax(to_ir(model)))
+    kernels = [f.script() for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels and not any("sort" in k for k in kernels)  # TOPI sorted every class
+
+
+def test_topi_loop_left_alone(tmp_path):
     from tvm.topi.vision import nms
 
-    from kiln.backends.tvm.importer.nms_loop import greedy_loop, kiln_nms_loop
-
     before = nms._nms_loop
-    with greedy_loop():
-        assert nms._nms_loop is kiln_nms_loop
+    rng = np.random.default_rng(1)
+    _check(tmp_path, nms_model(32, 2, 5, 0.5, 0.1), _boxes(32, rng),
+           rng.uniform(0, 1, (1, 2, 32)).astype(np.float32))
     assert nms._nms_loop is before
