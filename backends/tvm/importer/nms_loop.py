@@ -153,9 +153,6 @@ def _class_task(i, ins, sel, counts, table, shape, limit, iou, score):
     state = T.buffer_proxy(T.alloc_buffer((3,), "int32", scope="local"))
     pos = T.buffer_proxy(T.alloc_buffer((3,), "int32", scope="local"))
     size, count, box = 0, 1, 2  # state slots
-    with T.serial(0, _BOX_FIELDS) as k:  # empty slots: area 0, suppress nothing
-        with T.vectorized(0, padded) as m:
-            kept[k, m] = T.float32(0.0)
     state[size] = T.int32(0)
     full = num_boxes // LANES
     with T.serial(0, full) as chunk:  # LANES scores at a time: most fail in a detector
@@ -187,6 +184,11 @@ def _class_task(i, ins, sel, counts, table, shape, limit, iou, score):
                     _suppresses(kept, chunk * LANES + lane, cand, iou), T.int32(1), T.int32(0))
         with T.If(_any(hits) == 0):
             with T.Then():
+                with T.If(state[count] % LANES == 0):  # a new vector of slots: empty
+                    with T.Then():          # ones have area 0 and suppress nothing
+                        with T.serial(0, _BOX_FIELDS) as k:
+                            with T.vectorized(0, LANES) as lane:
+                                kept[k, state[count] + lane] = T.float32(0.0)
                 for k in range(_BOX_FIELDS):
                     kept[k, state[count]] = cand[k]
                 # clamped: a write the race check can bound to row i
