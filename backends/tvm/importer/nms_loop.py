@@ -129,10 +129,11 @@ def _any(hits):
 
 def _push(heap_s, heap_i, state, size, scores, b, c, j, score):
     """Box ``j`` appended to the candidates when its score passes (no branch: written
-    always, counted when it passes)."""
+    always, counted when it passes; every box passes when ``score`` is None)."""
     heap_s[state[size]] = scores[b, c, j]
     heap_i[state[size]] = j
-    state[size] = state[size] + (scores[b, c, j] > score).astype("int32")
+    passes = 1 if score is None else (scores[b, c, j] > score).astype("int32")
+    state[size] = state[size] + passes
 
 
 def _class_task(i, ins, sel, counts, table, shape, limit, iou, score):
@@ -154,14 +155,16 @@ def _class_task(i, ins, sel, counts, table, shape, limit, iou, score):
     pos = T.buffer_proxy(T.alloc_buffer((3,), "int32", scope="local"))
     size, count, box = 0, 1, 2  # state slots
     state[size] = T.int32(0)
-    full = num_boxes // LANES
-    with T.serial(0, full) as chunk:  # LANES scores at a time: most fail in a detector
-        with T.vectorized(0, LANES) as lane:
-            hits[lane] = (scores[b, c, chunk * LANES + lane] > score).astype("int32")
-        with T.If(_any(hits) != 0):
-            with T.Then():
-                with T.serial(0, LANES) as lane:
-                    _push(heap_s, heap_i, state, size, scores, b, c, chunk * LANES + lane, score)
+    full = 0 if score is None else num_boxes // LANES
+    if full:
+        with T.serial(0, full) as chunk:  # LANES scores at a time: most fail in a detector
+            with T.vectorized(0, LANES) as lane:
+                hits[lane] = (scores[b, c, chunk * LANES + lane] > score).astype("int32")
+            with T.If(_any(hits) != 0):
+                with T.Then():
+                    with T.serial(0, LANES) as lane:
+                        _push(heap_s, heap_i, state, size, scores, b, c, chunk * LANES + lane,
+                              score)
     with T.serial(full * LANES, num_boxes) as j:
         _push(heap_s, heap_i, state, size, scores, b, c, j, score)
     with T.serial(0, state[size] // 2) as r:  # heapify: parents from the last one up
@@ -202,7 +205,9 @@ def nms_rows(boxes, scores, limit, iou, score):
     ``total`` rows are the selected ``[batch, class, box]`` (class after class, each in pop
     order). ``boxes`` ``[batch, n, 4]`` corners, ``scores`` ``[batch, classes, n]``;
     ``limit`` (per class), ``iou`` and ``score`` are Python numbers or 0-d / ``[1]``
-    tensors (``limit`` int32 within ``[0, n]``; ``cap`` is then ``n``)."""
+    tensors (a ``limit`` tensor: int32 within ``[0, n]``; ``cap`` is then ``n``); ``score``
+    None: no score filter, every box a candidate (-inf scores too, as ONNX Runtime does
+    without the operand)."""
     import tvm
     from tvm import te
     from tvm.script.ir_builder import IRBuilder
@@ -296,12 +301,14 @@ def greedy_legalize_map() -> dict:
         limit = _constant(limit, int)
         limit = max(0, min(limit, num_boxes)) if isinstance(limit, int) else num_boxes
         iou, score = _constant(iou, float), _constant(score, float)
-        args = [a for a in (iou, score) if not isinstance(a, float)]
+        if score == float("-inf"):  # the importer's "no score_threshold operand"
+            score = None
+        args = [a for a in (iou, score) if not isinstance(a, (float, type(None)))]
 
         def kernel(b, s, *rest):
             rest = iter(rest)
-            return nms_rows(b, s, limit, *(v if isinstance(v, float) else next(rest)
-                                           for v in (iou, score)))
+            return nms_rows(b, s, limit, *(v if isinstance(v, (float, type(None)))
+                                           else next(rest) for v in (iou, score)))
 
         result = bb.emit_te(kernel, boxes, scores, *args, primfunc_name_hint="kiln_nms")
         selected, total = trimmed(bb, result)

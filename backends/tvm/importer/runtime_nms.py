@@ -89,7 +89,7 @@ def emit_runtime_nms(bb, inputs, center_point_box: int):
         boxes = _corner_boxes(bb, boxes)
     limit = _clamped_limit(bb, _scalar(bb, limit, "int64", 0), num_boxes)
     iou = _next_float_up(bb, _scalar(bb, iou, "float32", 0.0))
-    score = _scalar(bb, score, "float32", float(np.finfo(np.float32).min))
+    score = None if score is None else _scalar(bb, score, "float32", None)
     result = bb.emit_te(nms_rows, boxes, scores, limit, iou, score,
                         primfunc_name_hint="kiln_nms")
     return trimmed(bb, result)[0]

@@ -283,12 +283,13 @@ class ConstantThresholdNMS:
     ``score_threshold`` only when they are constants and otherwise substitutes 0 / 0.5 /
     0.0 (silently no boxes, or other boxes, than ONNX Runtime); absent ones it sets to 0.5
     and 0.0 where ONNX means 0 and "no score filter". kiln passes ONNX's defaults; operands
-    computed at run time go to TOPI's kernel as tensors (:mod:`.runtime_nms`).
+    computed at run time go to kiln's NMS kernel as tensors (:mod:`.runtime_nms`).
     """
 
-    #: ONNX's defaults for absent operands: no score threshold is "every score passes".
+    #: ONNX's defaults for absent operands: no score threshold is -inf, which kiln's NMS
+    #: legalization (:mod:`.nms_loop`) reads as "every box is a candidate" (-inf too).
     DEFAULTS = ((2, "max_output_boxes_per_class", 0, "int64"), (3, "iou_threshold", 0.0, "float32"),
-                (4, "score_threshold", float(np.finfo(np.float32).min), "float32"))
+                (4, "score_threshold", float("-inf"), "float32"))
 
     def __init__(self, fallback) -> None:
         self.fallback = fallback

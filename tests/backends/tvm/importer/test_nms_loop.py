@@ -117,3 +117,25 @@ def test_topi_loop_left_alone(tmp_path):
     _check(tmp_path, nms_model(32, 2, 5, 0.5, 0.1), _boxes(32, rng),
            rng.uniform(0, 1, (1, 2, 32)).astype(np.float32))
     assert nms._nms_loop is before
+
+
+@pytest.mark.parametrize("runtime_limit", [False, True], ids=["constant", "runtime-limit"])
+def test_no_score_threshold_keeps_every_score(tmp_path, runtime_limit):
+    """Without the operand every box is a candidate, -inf and -FLT_MAX scores too (kiln
+    filtered with ``> -FLT_MAX`` before and dropped them)."""
+    boxes = np.array([[[0, 0, 1, 1], [0, 2, 1, 3], [0, 4, 1, 5], [0, 4, 1, 5.5]]], np.float32)
+    scores = np.array([[[-np.inf, np.finfo(np.float32).min, 0.5, -np.inf]]], np.float32)
+    model = nms_model(4, 1, 10, 0.5, None)
+    feeds = {"boxes": boxes, "scores": scores}
+    if runtime_limit:
+        model.graph.initializer.pop(0)  # max_out becomes a graph input
+        model.graph.input.append(helper.make_tensor_value_info("max_out", TensorProto.INT64, [1]))
+        model.graph.output[0].CopyFrom(
+            helper.make_tensor_value_info("selected", TensorProto.INT64, [3, 3]))
+        feeds["max_out"] = np.array([10], np.int64)
+    build_artifact(to_ir(model), "host", tmp_path, model_hash="sha256:test")
+    got = load(tmp_path)(**feeds)
+    got = np.asarray(got[0] if isinstance(got, (list, tuple)) else got).reshape(-1, 3)
+    want = ort_outputs(model, feeds)[0]
+    np.testing.assert_array_equal(got, want)
+    assert len(want) == 3  # box 3 overlaps box 2 by 2/3
