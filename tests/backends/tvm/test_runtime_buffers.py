@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from kiln.backends.tvm import build_artifact, load
-from kiln.backends.tvm.runtime import DLPACK_ALIGNMENT, aligned_empty
+from kiln.backends.tvm.runtime import DLPACK_ALIGNMENT, aligned_empty, span_overlaps, spans_disjoint
+from kiln.compiler.core.errors import KilnError
 from kiln.compiler.testing.onnx_models import to_ir
 
 SHAPE = (4, 16)
@@ -135,3 +136,60 @@ def test_calling_threads_have_their_own_buffers(artifact):
     for worker in workers:
         worker.join()
     assert not errors
+
+
+@pytest.mark.parametrize("kind", ["aligned", "unaligned", "strided"])
+def test_the_same_array_again_is_bound_once_and_read_anew(artifact, kind):
+    """A decode loop passes its cache buffers every step: their TVM tensors are kept (no
+    check or DLPack wrapping again), and what the caller wrote into them since is read."""
+    model = load(artifact, threads=1)
+    _, variants = _inputs()
+    source = variants[kind]
+    model(source)
+    bound = model._buffers.bound[0]
+    for value in (0.5, -2.0, 7.0):
+        source[:] = value
+        got = model(source)
+        assert model._buffers.bound[0] is bound
+        np.testing.assert_array_equal(got[0], np.maximum(np.full(SHAPE, value), 0))
+        np.testing.assert_array_equal(got[1], np.full(SHAPE, value))
+        assert not np.shares_memory(got[1], source)
+    other = source.copy()
+    model(other)
+    assert model._buffers.bound[0] is not bound  # another array: bound anew
+
+
+def test_the_same_array_reshaped_in_place_is_checked_again(artifact):
+    model = load(artifact, threads=1)
+    _, variants = _inputs()
+    source = variants["aligned"]
+    model(source)
+    source.shape = (SHAPE[1], SHAPE[0])
+    with pytest.raises(KilnError, match="expected shape"):
+        model(source)
+
+
+def test_outputs_fed_back_as_inputs_are_never_shared(artifact):
+    """A recurrent loop: each call's output is the next call's input."""
+    model = load(artifact, threads=1)
+    x, _ = _inputs()
+    state = aligned_empty(SHAPE, np.float32)
+    state[:] = x
+    for _ in range(4):
+        outputs = model(state)
+        for got in outputs:
+            assert not np.shares_memory(got, state)
+        state = outputs[0]
+    np.testing.assert_array_equal(state, np.maximum(x, 0))
+
+
+def test_disjoint_agrees_with_the_pairwise_check():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        count, others = rng.integers(1, 6), rng.integers(0, 6)
+        starts = rng.integers(0, 60, count + others)
+        spans = [(int(s), int(s + rng.integers(1, 12))) for s in starts]
+        outs, rest = spans[:count], spans[count:]
+        want = not any(span_overlaps(span, outs[:n] + outs[n + 1:] + rest)
+                       for n, span in enumerate(outs))
+        assert spans_disjoint(outs, rest) == want
