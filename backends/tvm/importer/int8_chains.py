@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import int8_conv, internal_ops
 from .int8_epilogue import dumps, match_tail
 from .int8_exact_ops import push_quantize
+from .int8_layout import channels_last_regions
 from .packed_weights import attributes, initializers
 
 logger = logging.getLogger(__name__)
@@ -419,11 +420,16 @@ def rewrite_int8_chains(model: onnx.ModelProto, target_name: str | None) -> int:
     graph.initializer.extend(new_inits)
     push_quantize(graph)
     cancel_transposes(graph)
+    channels_last_regions(graph, _opset(model))
     if not any(o.domain == internal_ops.DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(internal_ops.DOMAIN, 1))
     logger.info("%d QDQ MatMul/Gemm/1x1-Conv chain(s) -> integer kernels (%s)", len(replaced),
                 isa)
     return len(replaced)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS), 13)
 
 
 def _kernel_nodes(chain: _Chain, isa: str, prefix: str):

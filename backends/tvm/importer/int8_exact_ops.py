@@ -68,7 +68,7 @@ def _scale_and_zero(q: onnx.NodeProto, consts: dict[str, TensorProto]):
     return float(s_v.reshape(-1)[0]), int(z_v.reshape(-1)[0]), _INT8[z.data_type]
 
 
-def _constants(graph: onnx.GraphProto) -> dict[str, TensorProto]:
+def constant_tensors(graph: onnx.GraphProto) -> dict[str, TensorProto]:
     consts = {t.name: t for t in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
@@ -117,7 +117,7 @@ def _set(node: onnx.NodeProto, name: str, value) -> None:
 def push_quantize(graph: onnx.GraphProto) -> int:
     """Move each per-tensor ``QuantizeLinear`` above a closed region of exact ops into the
     integer kernels at its leaves (in place); returns how many were moved."""
-    consts = _constants(graph)
+    consts = constant_tensors(graph)
     outputs = {o.name for o in graph.output}
     moved, drop = 0, set()
     for q in list(graph.node):

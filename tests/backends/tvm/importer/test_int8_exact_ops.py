@@ -15,6 +15,21 @@ from kiln.backends.tvm.importer.int8_exact_ops import push_quantize
 from tests.backends.tvm.schedules.test_int8_dense import ONE_STEP, PATHS, int8_target, run_both
 
 
+def qdq_conv(rng, inits, nodes, name, x, cin, cout, k, stride) -> None:
+    """Append ``name = Conv(x, DQ(w int8 per channel), b)`` (k x k, same padding)."""
+    w = rng.integers(-127, 128, size=(cout, cin, k, k)).astype(np.int8)
+    inits.extend([numpy_helper.from_array(w, name + "_w"),
+                  numpy_helper.from_array((rng.random(cout) * 0.01 + 0.004)
+                                          .astype(np.float32), name + "_sw"),
+                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32),
+                                          name + "_b")])
+    nodes.extend([helper.make_node("DequantizeLinear", [name + "_w", name + "_sw"],
+                                   [name + "_wf"], axis=0),
+                  helper.make_node("Conv", [x, name + "_wf", name + "_b"], [name],
+                                   kernel_shape=[k, k], pads=[k // 2] * 4,
+                                   strides=[stride] * 2)])
+
+
 def spp_model(c=16, n=16, hw=(10, 14), seed=0) -> onnx.ModelProto:
     """x -> Q -> {conv a -> Relu, conv b (stride 2) -> Resize x2 nearest};
     Concat(a, MaxPool(a), Resize(b)) -> Q -> DQ -> 1x1 conv -> Q: the first Q after the
@@ -31,17 +46,7 @@ def spp_model(c=16, n=16, hw=(10, 14), seed=0) -> onnx.ModelProto:
              helper.make_node("DequantizeLinear", ["xq", "sx", "zx"], ["xf"])]
 
     def conv(name, x, cin, cout, k, stride):
-        w = rng.integers(-127, 128, size=(cout, cin, k, k)).astype(np.int8)
-        inits.extend([numpy_helper.from_array(w, name + "_w"),
-                      numpy_helper.from_array((rng.random(cout) * 0.01 + 0.004)
-                                              .astype(np.float32), name + "_sw"),
-                      numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32),
-                                              name + "_b")])
-        nodes.extend([helper.make_node("DequantizeLinear", [name + "_w", name + "_sw"],
-                                       [name + "_wf"], axis=0),
-                      helper.make_node("Conv", [x, name + "_wf", name + "_b"], [name],
-                                       kernel_shape=[k, k], pads=[k // 2] * 4,
-                                       strides=[stride] * 2)])
+        qdq_conv(rng, inits, nodes, name, x, cin, cout, k, stride)
 
     conv("a0", "xf", c, n, 3, 1)
     nodes.append(helper.make_node("Relu", ["a0"], ["a"]))
