@@ -47,12 +47,15 @@ from kiln.backends.tvm.schedules.dense import (
     finish_register_tile,
     inline_producers_if,
     parallelize_side_nest,
+    stack_accumulator,
     tile_columns,
 )
 from kiln.backends.tvm.schedules.rule import KilnRule, RuleContext
 
 #: the largest row tile a symbolic row extent gets (the accumulator budget may lower it)
 MAX_SYMBOLIC_ROWS = 8
+#: a symbolic row tile under this many rows tries a narrower column panel
+MIN_SYMBOLIC_ROWS = 4
 #: column panels x static rows at least this (or twice the target's cores) run in
 #: parallel with the symbolic row tiles serial inside (the fixed-shape build's order)
 MIN_STATIC_PARALLEL = 8
@@ -69,6 +72,21 @@ def symbolic_row_tile(vectors: int, accumulators: int) -> int:
     (the bench encoder's dense layers 12-16% slower than the fixed build's 4 x 4)."""
     rows = max(1, min(MAX_SYMBOLIC_ROWS, accumulators // max(1, vectors)))
     return 1 << (rows.bit_length() - 1)
+
+
+def narrower_symbolic_tile(columns: int, nr: int, mr: int, lanes: int,
+                           accumulators: int) -> tuple[int, int]:
+    """(NR, MR) for symbolic rows: a narrower panel dividing the columns when its
+    power-of-two row tile holds more accumulators and ``nr`` gets under
+    :data:`MIN_SYMBOLIC_ROWS` rows. AVX2's 12 accumulators over 768 columns: 4 vectors
+    held 2 rows (8 accumulators), 3 vectors hold 4 (12, the fixed build's 4 x 3)."""
+    if mr >= MIN_SYMBOLIC_ROWS:
+        return nr, mr
+    for vectors in range(nr // lanes - 1, 0, -1):
+        rows = symbolic_row_tile(vectors, accumulators)
+        if columns % (vectors * lanes) == 0 and rows * vectors > mr * (nr // lanes):
+            return vectors * lanes, rows
+    return nr, mr
 
 
 def padded_columns(n: int, lanes: int) -> int | None:
@@ -186,6 +204,8 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     nr, lanes = tile_columns(columns, ctx.vector_lanes_f32)
     row_inner = match.rows[-1] if match.rows else None
     mr = symbolic_row_tile(nr // lanes, ctx.accumulators) if row_inner is not None else 1
+    if row_inner in symbolic and padded_nr is None:
+        nr, mr = narrower_symbolic_tile(columns, nr, mr, lanes, ctx.accumulators)
     if row_inner is not None and row_inner not in symbolic:
         mr = next((m for m in range(mr, 0, -1) if int(iters[row_inner].dom.extent) % m == 0),
                   1)
@@ -251,7 +271,11 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
         return False
 
     c_col_last = stmt.body.indices[-1].same_as(iters[match.col].var)
-    c_local = sch.cache_write(block, 0, "local")
+    # a tile under 1 KiB on the stack (dense.stack_accumulator: no workspace call per tile)
+    # where no row is guarded (a guarded tile on the stack spilled in dense's measurements)
+    unguarded = row_inner is None or row_inner not in symbolic or row_inner in padding
+    on_stack = unguarded and stack_accumulator(mr * nr)
+    c_local = sch.cache_write(block, 0, "global" if on_stack else "local")
     if not c_col_last:  # keep the accumulator tile column-contiguous
         col_dim = [n for n, idx in enumerate(stmt.body.indices)
                    if idx.same_as(iters[match.col].var)][0]
@@ -333,5 +357,5 @@ def _schedule(sch: s_tir.Schedule, ctx: RuleContext) -> bool:
     return True
 
 
-__all__ = ["MAX_SYMBOLIC_ROWS", "MIN_STATIC_PARALLEL", "SYMBOLIC_COLUMN_VECTORS", "SymbolicContraction",
-           "symbolic_row_tile"]
+__all__ = ["MAX_SYMBOLIC_ROWS", "MIN_STATIC_PARALLEL", "MIN_SYMBOLIC_ROWS", "SYMBOLIC_COLUMN_VECTORS",
+           "SymbolicContraction", "narrower_symbolic_tile", "symbolic_row_tile"]

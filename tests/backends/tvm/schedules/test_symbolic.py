@@ -213,3 +213,55 @@ def test_symbolic_dense_pads_rows_to_a_power_of_two_and_matches_ort(tmp_path):
         x = rng.standard_normal((1, length, 64)).astype(np.float32)
         np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
                                    rtol=TOLERANCE, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("columns, nr, mr, lanes, accumulators, tile", [
+    (768, 32, 2, 8, 12, (24, 4)),    # AVX2: 4 vectors x 2 rows -> the fixed build's 4 x 3
+    (256, 16, 4, 8, 12, (16, 4)),    # AVX2, 2 vectors x 4 rows: kept
+    (256, 64, 4, 16, 25, (64, 4)),   # AVX-512 4 x 4: kept
+    (40, 40, 2, 8, 12, (40, 2))])    # 5 vectors, no narrower panel divides 40 with more
+def test_narrower_symbolic_tile(columns, nr, mr, lanes, accumulators, tile):
+    from kiln.backends.tvm.schedules.symbolic import narrower_symbolic_tile
+
+    assert narrower_symbolic_tile(columns, nr, mr, lanes, accumulators) == tile
+
+
+@pytest.mark.parametrize("path", ["host", "x86-64-v3"])
+def test_symbolic_dense_tile_on_each_path(path):
+    """A symbolic-row projection to 768 columns (the encoder's QKV): on AVX2 a 4 x 3 tile
+    whose accumulators are a stack buffer (no "local" workspace per tile), on every path a
+    power-of-two row tile, and numpy's result at sequence lengths that leave a tail."""
+    import re
+
+    import tvm
+    from tvm import relax
+
+    from kiln.backends.tvm.pipeline import relax_pipeline
+
+    from .relax_models import relax_module
+    from .test_isa_paths import RTOL, path_target
+
+    target = path_target(path)
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((17, 64)).astype("float32")
+    w = (rng.standard_normal((64, 768)) / 8).astype("float32")
+
+    def fn(bb, xv):
+        return bb.emit(relax.op.matmul(xv, relax.const(w)))
+
+    scheduled: list[tvm.IRModule] = []
+    mod = relax_module(fn, x, shapes=[[tvm.tirx.Var("n", "int64"), 64]])
+    executable = tvm.compile(mod, target=target.tvm_target(),
+                             relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    kernel = next(f for f in scheduled[-1].functions.values()
+                  if f.attrs and f.attrs.get("kiln.schedule_rule") == "symbolic_contraction")
+    script = kernel.script()
+    tiles = {int(t) for t in re.findall(r"\(n \+ T\.int64\(\d+\)\) // T\.int64\((\d+)\)", script)}
+    assert tiles and all(t & (t - 1) == 0 for t in tiles), tiles
+    if path == "x86-64-v3":
+        assert tiles == {4} and 'scope="local"' not in script, script
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    for rows in (2, 3, 15, 16, 17):
+        got = vm["main"](tvm.runtime.tensor(x[:rows])).numpy()
+        want = x[:rows] @ w
+        assert float(np.abs(got - want).max()) / float(np.abs(want).max()) < RTOL
