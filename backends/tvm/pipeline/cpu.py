@@ -5,7 +5,8 @@ and bench/ compile with.
               (:mod:`kiln.backends.tvm.batchnorm`: what follows then fuses), convolutions
               channels-last (NHWC/OHWI, :mod:`kiln.backends.tvm.layout`), any other batch
               norm decomposed (it fuses into the conv epilogue), constant
-              transposes folded; library dispatch; ops to TensorIR with erf/GELU/exp/
+              transposes folded; small-k TopK as a heap per row (:mod:`kiln.backends.tvm.topk`);
+              library dispatch; ops to TensorIR with erf/GELU/exp/
               sigmoid/tanh as vectorizable polynomials (``schedules.fast_math``);
               constant folding with compressed weights kept compressed; fusion; each
               weight decode fused into the matmul/conv that reads it (kiln's
@@ -35,6 +36,7 @@ from kiln.backends.tvm.pipeline.common import (
 )
 from kiln.backends.tvm.schedules.fast_math import cpu_legalize_map
 from kiln.backends.tvm.schedules.registry import cpu_schedule_passes
+from kiln.backends.tvm.topk import select_topk
 
 
 def legalize_passes(target: tvm.target.Target, *, channels_last: bool = True) -> PassList:
@@ -48,6 +50,7 @@ def legalize_passes(target: tvm.target.Target, *, channels_last: bool = True) ->
         *([channels_last_convs()] if channels_last else []),
         relax.transform.DecomposeOpsForInference(),
         fold_constant_transposes(),
+        select_topk,  # before library dispatch: small-k TopK as kiln's heap kernel
         *library_dispatch_passes(target),
         *fusion_passes(target, cpu_legalize_map()),
         fuse_decode_into_contraction(CPU_CONSUMERS),
