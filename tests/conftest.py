@@ -13,6 +13,9 @@ import pytest
 # The build cache (kiln.compiler.driver.buildcache) is on by default for users; the suite
 # compiles the same model again on purpose, so it is off unless a test turns it on.
 os.environ.setdefault("KILN_BUILD_CACHE", "off")
+# kiln gives TVM's pool every physical core; the suite runs in parallel workers (pytest -n),
+# so each worker's compiled models run on one thread unless a test asks for more.
+os.environ.setdefault("TVM_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,6 +14,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .threads import size_pool_from_cores
+
+size_pool_from_cores()  # before anything of kiln's starts TVM's thread pool
+
 _EXPORTS = {
     "TARGETS": "targets",
     "ResolvedTarget": "targets",

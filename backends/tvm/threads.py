@@ -19,6 +19,12 @@ with another process stalls every kernel. Two things follow.
 - :class:`ThreadGovernor` picks the count per call between 1 and the most the caller
   allows from the calls' own times, so a model beside a busy process falls back to
   fewer threads, and goes back up when the cores are free again.
+
+TVM sizes its pool once, when it is first used, from ``TVM_NUM_THREADS`` (else
+``OMP_NUM_THREADS``), else half the logical CPUs on x86 (it assumes two hardware threads
+per core): on a 2-core machine without SMT that is one thread, whatever ``threads=`` asks.
+:func:`size_pool_from_cores` (called when ``kiln.backends.tvm`` is imported) sets
+``TVM_NUM_THREADS`` to the physical cores this process may run on when neither is set.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import statistics
 import threading
 from collections import deque
 from collections.abc import Hashable
+from pathlib import Path
 
 #: Yields an idle TVM worker makes before it sleeps; None keeps TVM's (300000).
 SPIN_COUNT: int | None = None
@@ -45,6 +52,32 @@ def allowed_cores() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def physical_cores(sysfs: Path = Path("/sys/devices/system/cpu")) -> int | None:
+    """Physical cores among the CPUs this process may run on (hardware threads of one core
+    count once), from Linux's CPU topology; None where that cannot be read."""
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        topology = sysfs / f"cpu{cpu}" / "topology"
+        try:
+            cores.add(((topology / "physical_package_id").read_text().strip(),
+                       (topology / "core_id").read_text().strip()))
+        except OSError:
+            return None
+    return len(cores) or None
+
+
+def size_pool_from_cores() -> None:
+    """``TVM_NUM_THREADS`` = :func:`physical_cores` unless it or ``OMP_NUM_THREADS`` is set
+    (before TVM's pool exists: TVM reads it once)."""
+    if "TVM_NUM_THREADS" in os.environ or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = physical_cores()
+    if cores is not None:
+        os.environ["TVM_NUM_THREADS"] = str(cores)
 
 
 def free_cores(sample_s: float = FREE_CORES_SAMPLE_S) -> int:
