@@ -37,3 +37,14 @@ def test_small_cases_match_ort(tmp_path):
 def test_every_case_is_named_on_the_command_line():
     assert {"nms", "topk", "topk_wide", "topk_moe", "scatter_nd", "scatter_elements",
             "scatter_elements_add", "gather_elements", "gather_nd"} == set(CASES)
+
+
+def test_aligned_inputs_keep_their_values(tmp_path):
+    from bench.cases_vision_ops import aligned
+
+    case = scatter_nd_case(tmp_path, 200, 5, 10)
+    moved = aligned(case)
+    for name, value in case.inputs.items():
+        assert moved.inputs[name].ctypes.data % 64 == 0
+        assert moved.inputs[name].dtype == value.dtype
+        assert (moved.inputs[name] == value).all()
