@@ -60,6 +60,13 @@ def _desc(lanes: int, group: int, w_dtype: str, a_dtype: str):
     return desc
 
 
+def _word(a, dtype: str):
+    """The activations' group as one int32 (an expression: a named value in an intrinsic
+    is a 4-byte "local" buffer, which TVM allocates per register tile with a workspace
+    call and a free in the parallel loop)."""
+    return T.reinterpret(a.vload([0], dtype), dtype="int32")
+
+
 @T.prim_func(s_tir=True)
 def _vnni512(a: T.Buffer((4,), "uint8", offset_factor=1),
              b: T.Buffer((16, 4), "int8", offset_factor=1),
@@ -67,10 +74,10 @@ def _vnni512(a: T.Buffer((4,), "uint8", offset_factor=1),
     with T.sblock("root"):
         T.reads(c[0:16], a[0:4], b[0:16, 0:4])
         T.writes(c[0:16])
-        quad = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
         c[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            c.vload([0], dtype="int32x16"), T.reinterpret(T.broadcast(quad, 16), dtype="int8x64"),
+            c.vload([0], dtype="int32x16"), T.reinterpret(T.broadcast(_word(a, "uint8x4"), 16),
+                                                          dtype="int8x64"),
             b.vload([0, 0], dtype="int8x64"), dtype="int32x16")
 
 
@@ -81,13 +88,11 @@ def _avx2_u8s8(a: T.Buffer((4,), "uint8", offset_factor=1),
     with T.sblock("root"):
         T.reads(c[0:8], a[0:4], b[0:8, 0:4])
         T.writes(c[0:8])
-        quad = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-            T.reinterpret(T.broadcast(quad, 8), dtype="int8x32"), b.vload([0, 0], dtype="int8x32"),
-            dtype="int16x16")
         c[T.ramp(T.int32(0), 1, 8)] = c.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(_word(a, "uint8x4"), 8), dtype="int8x32"),
+                b.vload([0, 0], dtype="int8x32"), dtype="int16x16"),
             T.broadcast(T.int16(1), 16), dtype="int32x8")
 
 
@@ -98,10 +103,10 @@ def _avx2_s16(a: T.Buffer((2,), "int16", offset_factor=1),
     with T.sblock("root"):
         T.reads(c[0:8], a[0:2], b[0:8, 0:2])
         T.writes(c[0:8])
-        pair = T.reinterpret(a.vload([0], "int16x2"), dtype="int32")
         c[T.ramp(T.int32(0), 1, 8)] = c.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"), b.vload([0, 0], dtype="int16x16"),
+            T.reinterpret(T.broadcast(_word(a, "int16x2"), 8), dtype="int16x16"),
+            b.vload([0, 0], dtype="int16x16"),
             dtype="int32x8")
 
 

@@ -156,3 +156,28 @@ def test_transposes_cancel_only_between_integer_kernels():
     assert cancel_transposes(graph) == 1
     assert [(n.op_type, list(n.input)) for n in graph.node] == \
         [("Relu", ["a"]), ("Transpose", ["x"]), ("Transpose", ["y"])]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_the_register_tile_allocates_nothing_per_task(path):
+    """The dot-product intrinsics take the activations' group as an expression: a named
+    value became a 4-byte "local" buffer, allocated and freed (TVMBackendAllocWorkspace)
+    once per register tile inside the parallel loop."""
+    import onnx_ir as ir
+    import tvm
+
+    from kiln.backends.tvm.importer import lower_to_relax
+    from kiln.backends.tvm.pipeline import relax_pipeline
+    from kiln.backends.tvm.targets import resolve_target
+
+    target = resolve_target(int8_target(path))
+    mod = lower_to_relax(ir.serde.deserialize_model(conv_model(c=32, n=24, hw=(6, 6))),
+                         target_name=target.name)
+    scheduled: list[tvm.IRModule] = []
+    tvm.compile(mod, target=target.tvm_target(),
+                relax_pipeline=relax_pipeline(target, None, scheduled.append))
+    kernels = {gv.name_hint: f.script() for gv, f in scheduled[-1].functions.items()
+               if gv.name_hint.startswith("kiln_int8_conv")}
+    assert kernels
+    for name, text in kernels.items():
+        assert "alloc_local" not in text, name
