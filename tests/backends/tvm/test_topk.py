@@ -77,3 +77,31 @@ def test_a_big_k_keeps_the_sort(tmp_path):
     got = module(x=x)
     np.testing.assert_array_equal(np.asarray(got[1]), ort_outputs(model, {"x": x})[1])
 
+
+
+def test_a_symbolic_row_count_serves_every_size():
+    """A MoE router built for any token count (``--dim tokens=1..256``): one kernel."""
+    import tvm
+    from tvm import relax
+
+    from kiln.backends.tvm.pipeline import relax_pipeline
+    from kiln.backends.tvm.schedules import unscheduled_kernels
+    from kiln.backends.tvm.targets import resolve_target
+
+    from .schedules.relax_models import relax_module
+
+    def fn(bb, v):
+        both = bb.emit(relax.op.topk(v, 2, -1, "both", True, "int64"))
+        return bb.emit(relax.TupleGetItem(both, 1))
+
+    target, scheduled = resolve_target("host"), []
+    mod = relax_module(fn, np.zeros((1, 8), np.float32),
+                       shapes=[[tvm.tirx.Var("n", "int64"), 8]])
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target.tvm_target(), relax_pipeline=(
+        relax_pipeline(target, None, scheduled.append))), tvm.cpu())
+    assert "kiln_topk" in [g.name_hint for g in scheduled[-1].functions]
+    assert unscheduled_kernels(scheduled[-1]) == []
+    for rows in (1, 5, 37):
+        x = np.random.default_rng(rows).standard_normal((rows, 8)).astype(np.float32)
+        got = vm["main"](tvm.runtime.tensor(x)).numpy()
+        np.testing.assert_array_equal(got, np.argsort(-x, axis=1, kind="stable")[:, :2])
