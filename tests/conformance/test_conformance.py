@@ -128,8 +128,8 @@ def test_a_worker_killed_by_a_signal_is_a_crash_and_the_run_goes_on(tmp_path, mo
 
 def test_outcomes_name_the_kernels_left_unscheduled(monkeypatch):
     """A case's outcome records the build's kernels left at TVM's default schedule (the
-    compile report's ``unscheduled``): TopK's kernel when the rule for TOPI's IR-builder
-    kernels is left out, none with every rule (tests/backends/tvm/schedules hold each
+    compile report's ``unscheduled``): TopK's kernel (kiln's heap kernel, ``kiln_topk``) when
+    the rule for IR-builder kernels is left out, none with every rule (tests/backends/tvm/schedules hold each
     rule's own conformance cases to none)."""
     from kiln.backends.tvm.schedules import registry
     from kiln.compiler.testing.conformance import run_in_process
@@ -139,7 +139,7 @@ def test_outcomes_name_the_kernels_left_unscheduled(monkeypatch):
     without = tuple(rule for rule in registry.RULES if rule.name != "ir_builder")
     monkeypatch.setattr(registry.schedule_primfunc, "__defaults__", (without,))
     outcome = run_in_process(case)
-    assert outcome.outcome == "pass" and outcome.unscheduled == ["topk"]
+    assert outcome.outcome == "pass" and outcome.unscheduled == ["kiln_topk"]
 
 
 @pytest.mark.slow
