@@ -29,7 +29,7 @@ from bench.timing import time_interleaved
 from kiln.compiler.core.metrics import sqnr_db
 
 
-def _cpu_timed(fn: Callable[[], object], samples: list[float]) -> Callable[[], object]:
+def cpu_timed(fn: Callable[[], object], samples: list[float]) -> Callable[[], object]:
     """``fn``, appending each call's CPU time of this thread in ms to ``samples``."""
     def run() -> object:
         start = time.thread_time()
@@ -39,13 +39,13 @@ def _cpu_timed(fn: Callable[[], object], samples: list[float]) -> Callable[[], o
     return run
 
 
-def _time_round(fns: dict[str, Callable[[], object]], runs: int, clock: str) -> dict[str, float]:
+def time_round(fns: dict[str, Callable[[], object]], runs: int, clock: str) -> dict[str, float]:
     """One interleaved round: each engine's median in ms (wall or this thread's CPU time)."""
     warmup = 3
     if clock == "wall":
         return time_interleaved(fns, runs, warmup=warmup, gap_s=0.05)
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    time_interleaved({name: _cpu_timed(fn, samples[name]) for name, fn in fns.items()},
+    time_interleaved({name: cpu_timed(fn, samples[name]) for name, fn in fns.items()},
                      runs, warmup=warmup, gap_s=0.05)
     return {name: statistics.median(values[warmup:]) for name, values in samples.items()}
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         best: dict[str, float] = {}
         loads = []
         for _ in range(args.rounds):
-            for engine, ms in _time_round(fns, args.runs, args.clock).items():
+            for engine, ms in time_round(fns, args.runs, args.clock).items():
                 best[engine] = min(ms, best.get(engine, float("inf")))
             loads.append(round(os.getloadavg()[0], 1))
     row = {"case": args.case, "target": args.target, "threads": args.threads, "clock": args.clock,

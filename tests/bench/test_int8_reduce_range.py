@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 
-from bench.int8_reduce_range import _cpu_timed, _time_round
+from bench.int8_reduce_range import cpu_timed, time_round
 
 
 def test_cpu_timed_records_one_sample_per_call_and_passes_the_result_through():
     samples: list[float] = []
-    run = _cpu_timed(lambda: 42, samples)
+    run = cpu_timed(lambda: 42, samples)
     assert [run(), run()] == [42, 42]
     assert len(samples) == 2 and all(value >= 0.0 for value in samples)
 
@@ -17,7 +17,7 @@ def test_cpu_timed_records_one_sample_per_call_and_passes_the_result_through():
 def test_cpu_round_runs_every_engine_interleaved_and_keeps_the_warmups_out():
     calls: list[str] = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("a", "b")}
-    medians = _time_round(fns, runs=4, clock="cpu")
+    medians = time_round(fns, runs=4, clock="cpu")
     assert set(medians) == {"a", "b"}
     assert all(math.isfinite(ms) and ms >= 0.0 for ms in medians.values())
     # 3 warm-up calls each, then a b a b ...
