@@ -204,7 +204,9 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
     the same ``n`` rows. Each reduction over K (a multiple of the lanes) is ``rfactor``-ed
     into ``acc[lanes] += x[k_o * lanes : (k_o + 1) * lanes]`` (vector adds/max in
     registers) plus a sum of the lanes; all blocks are computed per row under one
-    parallel row loop; the injective blocks are vectorized along the row.
+    parallel row loop; the injective blocks are vectorized along the row. A symbolic
+    row's reductions come from ``fast_math`` as lane partials over the row's full
+    vectors (``S^rows S R`` blocks), vectorized here, plus a serial tail.
     """
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
@@ -218,10 +220,15 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
     if rows < 1:
         return _schedule_single_row(sch, infos, kinds, lanes)
     widths: dict[str, int | None] = {}  # per reduction: vector width, None for serial
+    partials = _lane_partials(sch, infos, kinds, rows)
     for info, kind in zip(infos, kinds, strict=True):
+        if info.name in partials:
+            continue
         if kind not in ("S" * rows, "S" * (rows + 1), "S" * rows + "R"):
             return None
-        if kind.endswith("R"):
+        if kind.endswith("R") and _reads_any(sch, info, partials.values()):
+            widths[info.name] = None  # the sum / max of a few lane partials
+        elif kind.endswith("R"):
             extent = const_extent(sch, sch.get_loops(info.block_rv)[-1])
             # no vector width divides the row (PP-OCR rec's 6625 classes), or the row is
             # symbolic (attention's softmax over a sequence): a serial reduction per row,
@@ -229,16 +236,19 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
             widths[info.name] = None if extent is None else _row_lanes(extent, lanes)
     rf_blocks = []
     for info, kind in zip(infos, kinds, strict=True):
-        if kind.endswith("R") and widths[info.name] is not None:
+        if kind.endswith("R") and widths.get(info.name) is not None:
             k_o, k_i = sch.split(sch.get_loops(info.block_rv)[-1], [None, widths[info.name]])
             rf = sch.rfactor(k_i, factor_axis=0)
             sch.set_scope(rf, 0, "local")
             rf_blocks.append(rf)
     last = infos[-1].block_rv
     loops = sch.get_loops(last)
-    row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
+    if partials:
+        par, row = _symbolic_row_loops(sch, loops[:rows])
+    else:
+        par = row = sch.fuse(*loops[:rows]) if rows > 1 else loops[0]
     if _numel(sch, sch.get_loops(last)) >= PARALLEL_MIN_ELEMENTS:
-        sch.parallel(row)
+        sch.parallel(par)
     inner = sch.get_loops(last)[-1]
     width = _row_lanes(const_extent(sch, inner), lanes)
     if width is not None:
@@ -246,6 +256,24 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
         sch.vectorize(vec)
     for block in reversed(sch.get_child_blocks(sch.get_sblock("root"))[:-1]):
         sch.compute_at(block, row, preserve_unit_loops=True)
+    for name in partials:
+        # fast_math's partial[.., lane] = op_j x[.., j * lanes + lane] over the full
+        # vectors of a symbolic row: under the row loop (lane, j) -> (j, lane), vectorized
+        block = sch.get_sblock(name)
+        sch.set_scope(block, 0, "local")
+        lane, j = sch.get_loops(block)[-2:]
+        sch.reorder(j, lane)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(block, j)
+        sch.vectorize(sch.get_loops(init)[-1])
+    for info, kind in zip(infos, kinds, strict=True):
+        if not partials or info.name in partials or not kind.endswith("R"):
+            continue
+        block_loops = sch.get_loops(sch.get_sblock(info.name))
+        if const_extent(sch, block_loops[-1]) is None:
+            # the serial tail (S % lanes elements, none when the lanes divide S): its
+            # init must run whatever its extent, so outside its loop
+            sch.decompose_reduction(sch.get_sblock(info.name), block_loops[-1])
     for rf in rf_blocks:
         # under the row loop: (lane, unit rows..., k_o): make the lane innermost
         lane, *rest = sch.get_loops(rf)[1:]
@@ -261,6 +289,40 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
                 _, vec = sch.split(block_loops[-1], [None, width])
                 sch.vectorize(vec)
     return sch
+
+
+def _symbolic_row_loops(sch: s_tir.Schedule, loops):
+    """(parallel loop, innermost row loop) over rows some of which are symbolic. A row
+    index fused with a symbolic loop (divided by S) would keep TVM from vectorizing the
+    lane partials: only the constant outer rows fuse; when they are one row, the first
+    symbolic row loop runs in parallel."""
+    n = 0
+    while n < len(loops) and const_extent(sch, loops[n]) is not None:
+        n += 1
+    if n < len(loops) and math.prod(const_extent(sch, loop) for loop in loops[:n]) < 2:
+        return loops[n], loops[-1]
+    par = sch.fuse(*loops[:n]) if n > 1 else loops[0]
+    return par, (loops[-1] if n < len(loops) else par)
+
+
+def _lane_partials(sch: s_tir.Schedule, infos, kinds, rows: int) -> dict:
+    """Blocks ``S^rows S R`` whose spatial innermost axis has a constant extent and whose
+    reduction is symbolic (``fast_math``'s lane partials of a symbolic row): name -> the
+    buffer each writes."""
+    found = {}
+    for info, kind in zip(infos, kinds, strict=True):
+        if kind != "S" * (rows + 1) + "R":
+            continue
+        loops = sch.get_loops(info.block_rv)
+        if const_extent(sch, loops[-2]) is None or const_extent(sch, loops[-1]) is not None:
+            return {}
+        found[info.name] = sch.get(info.block_rv).writes[0].source
+    return found
+
+
+def _reads_any(sch: s_tir.Schedule, info, buffers) -> bool:
+    reads = {region.source.name for region in sch.get(info.block_rv).reads}
+    return any(buffer.name in reads for buffer in buffers)
 
 
 def _row_lanes(extent: int | None, lanes: int) -> int | None:

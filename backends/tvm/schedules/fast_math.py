@@ -10,6 +10,7 @@ contraction rules vectorize.
 
     gelu(x)    = x * (0.5 + 0.5 * fast_erf(x / sqrt(2)))
     softmax(x) = e / sum(e),  e = fast_exp(x - max(x))
+                 (over a symbolic row: max and sum as 16 lane partials and a tail)
     sigmoid(x) = 1 / (1 + fast_exp(-x))      (SiLU/swish epilogues of YOLO-style convs)
     tanh(x)    = fast_tanh(x)                (TOPI's clamped rational approximation)
 
@@ -20,9 +21,12 @@ from __future__ import annotations
 
 import math
 
-from tvm import relax, topi
+from tvm import relax, te, tirx, topi
 
 SQRT_HALF = math.sqrt(0.5)
+#: lane-wise partial results of a reduction over a symbolic row: AVX-512's fp32 lanes
+#: (two independent 8-lane accumulators on AVX2)
+LANE_PARTIALS = 16
 
 
 def _default(op_name: str):
@@ -42,9 +46,40 @@ def _gelu_te(x):
 
 
 def _softmax_te(x, axis: int):
+    axis = axis % len(x.shape)
+    if axis == len(x.shape) - 1 and not isinstance(x.shape[-1], tirx.IntImm):
+        # a symbolic row (attention over a sequence): no vector width divides it
+        shifted = topi.subtract(x, _lane_reduce(x, "max"))
+        e = topi.fast_exp(shifted)
+        return topi.divide(e, _lane_reduce(e, "sum"))
     shifted = topi.subtract(x, topi.max(x, axis=axis, keepdims=True))
     e = topi.fast_exp(shifted)
     return topi.divide(e, topi.sum(e, axis=axis, keepdims=True))
+
+
+def _lane_reduce(x, kind: str):
+    """``x``'s max or sum over its last axis (symbolic, ``n``), keepdims, written as
+    ``LANE_PARTIALS`` lane-wise partial results over the ``n // LANE_PARTIALS`` full
+    vectors (``partial[.., l] = op_j x[.., j * lanes + l]``: vector loads and a vector
+    max/add per ``j``), a reduction of the lanes, and a serial ``n % lanes`` tail. Each
+    element enters once: max is exact, the sum only reassociated."""
+    *rows, n = x.shape
+    lanes = tirx.const(LANE_PARTIALS, str(n.ty.dtype))
+    full = tirx.floordiv(n, lanes)
+    reducer = te.max if kind == "max" else te.sum
+    j = te.reduce_axis((0, full), "j")
+    partial = te.compute((*rows, LANE_PARTIALS),
+                         lambda *i: reducer(x[(*i[:-1], j * lanes + i[-1])], axis=j),
+                         name=f"lane_partial_{kind}")
+    lane = te.reduce_axis((0, LANE_PARTIALS), "lane")
+    lanes_total = te.compute(tuple(rows), lambda *i: reducer(partial[(*i, lane)], axis=lane),
+                             name=f"lanes_{kind}")
+    t = te.reduce_axis((0, n - full * lanes), "t")
+    tail = te.compute(tuple(rows), lambda *i: reducer(x[(*i, full * lanes + t)], axis=t),
+                      name=f"tail_{kind}")
+    combine = tirx.max if kind == "max" else (lambda a, b: a + b)
+    return te.compute((*rows, 1), lambda *i: combine(lanes_total[i[:-1]], tail[i[:-1]]),
+                      name=f"row_{kind}")
 
 
 def _sigmoid_te(x):
