@@ -266,14 +266,6 @@ def schedule_row_reduction(func: tirx.PrimFunc, ctx: RuleContext) -> s_tir.Sched
         sch.vectorize(lane)
         init = sch.decompose_reduction(block, j)
         sch.vectorize(sch.get_loops(init)[-1])
-    for info, kind in zip(infos, kinds, strict=True):
-        if not partials or info.name in partials or not kind.endswith("R"):
-            continue
-        block_loops = sch.get_loops(sch.get_sblock(info.name))
-        if const_extent(sch, block_loops[-1]) is None:
-            # the serial tail (S % lanes elements, none when the lanes divide S): its
-            # init must run whatever its extent, so outside its loop
-            sch.decompose_reduction(sch.get_sblock(info.name), block_loops[-1])
     for rf in rf_blocks:
         # under the row loop: (lane, unit rows..., k_o): make the lane innermost
         lane, *rest = sch.get_loops(rf)[1:]

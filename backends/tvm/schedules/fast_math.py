@@ -78,8 +78,16 @@ def _lane_reduce(x, kind: str):
     tail = te.compute(tuple(rows), lambda *i: reducer(x[(*i, full * lanes + t)], axis=t),
                       name=f"tail_{kind}")
     combine = tirx.max if kind == "max" else (lambda a, b: a + b)
-    return te.compute((*rows, 1), lambda *i: combine(lanes_total[i[:-1]], tail[i[:-1]]),
-                      name=f"row_{kind}")
+    # a reduction over an empty loop (no full vector, or no tail) never runs its init:
+    # its result is read only when it has elements, whatever the schedule
+    zero = tirx.const(0, n.ty.dtype)
+
+    def row(*i):
+        vectors, rest = lanes_total[i[:-1]], tail[i[:-1]]
+        return tirx.Select(full > zero, tirx.Select(n > full * lanes, combine(vectors, rest),
+                                                    vectors), rest)
+
+    return te.compute((*rows, 1), row, name=f"row_{kind}")
 
 
 def _sigmoid_te(x):

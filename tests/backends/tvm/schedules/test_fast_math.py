@@ -154,3 +154,24 @@ def test_symbolic_row_softmax_matches_onnxruntime(tmp_path, rows):
         x.flat[0] = 80.0  # a row whose max dominates: exp underflows elsewhere
         np.testing.assert_allclose(compiled(x)[0], session.run(None, {"x": x})[0],
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_symbolic_row_softmax_right_under_any_schedule():
+    """A reduction over an empty loop never runs its init: with no full vector (S < 16)
+    or no tail (S = 16, 32) the legalized softmax must not read that partial, also when
+    no kiln rule schedules it (TVM's default loop nest here)."""
+    import tvm
+
+    from kiln.backends.tvm.targets import resolve_target
+
+    func = _symbolic_softmax_kernel((4,))
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=resolve_target("host").tvm_target())
+    rng = np.random.default_rng(6)
+    for length in (3, 15, 16, 17, 32):
+        x = rng.standard_normal((4, length)).astype(np.float32)
+        expected = np.exp(x - x.max(-1, keepdims=True))
+        expected /= expected.sum(-1, keepdims=True)
+        out = tvm.runtime.tensor(np.full_like(x, np.nan))
+        lib(tvm.runtime.tensor(x), out)
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-5, atol=1e-6)
