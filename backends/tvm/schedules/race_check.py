@@ -56,16 +56,50 @@ def _flat_offset(analyzer: arith.Analyzer, store: tirx.BufferStore):
     return analyzer.simplify(offset)
 
 
-def _injective(store: tirx.BufferStore, var: tirx.Var, loop: tirx.For, ranges: dict) -> bool:
+def _injective(store: tirx.BufferStore, var: tirx.Var, loop: tirx.For, ranges: dict,
+               predicate=True) -> bool:
     """Whether the indices of ``store`` are an injective affine map of the parallel
     variable and the inner loops they read (a tiled kernel: ``p // J`` and ``p % J`` pick
-    the row and column tiles), so different iterations never write one element."""
+    the row and column tiles), so different iterations never write one element.
+    ``predicate``: the conditions the store runs under (a guarded tile's ``row < M``: the
+    map is then bijective onto the rows that exist, not onto the padded tiles)."""
     used = {v: r for v, r in ranges.items() if any(_uses(i, v) for i in store.indices)}
     if not any(_uses(i, var) for i in store.indices):
         return False
     iters = {var: tvm.ir.Range.from_min_extent(loop.min, loop.extent), **used}
-    found = arith.detect_iter_map(list(store.indices), iters, check_level="bijective")
+    found = arith.detect_iter_map(list(store.indices), iters, predicate,
+                                  check_level="bijective")
     return len(found.indices) > 0
+
+
+def _guarded_stores(stmt, conditions=()) -> list[tuple[tirx.BufferStore, tuple]]:
+    """Every store under ``stmt`` with the ``if`` conditions it runs under."""
+    found = []
+
+    def visit(node, conds) -> None:
+        if isinstance(node, tirx.BufferStore):
+            found.append((node, conds))
+        if isinstance(node, tirx.IfThenElse):
+            visit(node.then_case, (*conds, node.condition))
+            if node.else_case is not None:
+                visit(node.else_case, (*conds, tirx.Not(node.condition)))
+            return
+        for name in ("body", "block"):
+            child = getattr(node, name, None)
+            if isinstance(child, tirx.Stmt):
+                visit(child, conds)
+        for child in getattr(node, "seq", None) or ():
+            visit(child, conds)
+
+    visit(stmt, tuple(conditions))
+    return found
+
+
+def _conjunction(conditions: tuple):
+    out = conditions[0]
+    for condition in conditions[1:]:
+        out = tirx.And(out, condition)
+    return out
 
 
 def _walk(stmt, visit) -> None:
@@ -100,7 +134,6 @@ def _loop_races(loop: tirx.For) -> list[str]:
     private: list = []
     dom: dict = {}
     ranges: dict = {}
-    stores: list[tirx.BufferStore] = []
 
     def visit(node) -> None:
         if isinstance(node, (tirx.AllocBuffer, tirx.DeclBuffer)):
@@ -108,8 +141,6 @@ def _loop_races(loop: tirx.For) -> list[str]:
         elif isinstance(node, tirx.For):
             dom[node.loop_var] = arith.IntervalSet(node.min, node.min + node.extent - 1)
             ranges[node.loop_var] = tvm.ir.Range.from_min_extent(node.min, node.extent)
-        elif isinstance(node, tirx.BufferStore):
-            stores.append(node)
 
     _walk(loop.body, visit)
     var = loop.loop_var
@@ -117,10 +148,12 @@ def _loop_races(loop: tirx.For) -> list[str]:
     analyzer = arith.Analyzer()
     analyzer.bind(at, tvm.ir.Range.from_min_extent(loop.min, int(loop.extent) - 1))
     races: list[str] = []
-    for store in stores:
+    for store, conditions in _guarded_stores(loop.body):
         if any(store.buffer.same_as(p) for p in private):
             continue
         if _injective(store, var, loop, ranges):
+            continue
+        if conditions and _injective(store, var, loop, ranges, _conjunction(conditions)):
             continue
         offset = _flat_offset(analyzer, store)
         if _uses(offset, var) and _separated(analyzer, offset, var, dom, at):

@@ -65,6 +65,36 @@ def _view(x: T.Buffer((64, 16), "float32"), y: T.Buffer((64, 16), "float32")):
                 y[vp2, vj] = acc[vp2, vj] * T.float32(2)
 
 
+# the dense rule's guarded row tiles (AVX2, 49 rows of a 7x7 image in tiles of 5): the
+# last tile's rows past 48 are skipped by the predicate; the image is stored as [7, 7, C]
+@T.prim_func(s_tir=True)
+def _guarded_tiles(x: T.Buffer((49, 32), "float32"), y: T.Buffer((7, 7, 32), "float32")):
+    for p in T.parallel(20):
+        for i, j in T.grid(5, 16):
+            with T.sblock("w"):
+                T.where(p % 10 * 5 + i < 49)
+                vi = T.axis.spatial(49, p % 10 * 5 + i)
+                vj = T.axis.spatial(32, p // 10 * 16 + j)
+                y[vi // 7, vi % 7, vj] = x[vi, vj]
+
+
+# the same guard over tiles that overlap (a row tile of 5 every 4 rows): a race
+@T.prim_func(s_tir=True)
+def _guarded_overlap(x: T.Buffer((49, 32), "float32"), y: T.Buffer((7, 7, 32), "float32")):
+    for p in T.parallel(26):
+        for i, j in T.grid(5, 16):
+            with T.sblock("w"):
+                T.where(p % 13 * 4 + i < 49)
+                vi = T.axis.spatial(49, p % 13 * 4 + i)
+                vj = T.axis.spatial(32, p // 13 * 16 + j)
+                y[vi // 7, vi % 7, vj] = x[vi, vj]
+
+
+def test_guarded_tiles_are_checked_under_their_predicate():
+    assert racing_buffers(_guarded_tiles) == []
+    assert racing_buffers(_guarded_overlap) == ["y"]
+
+
 def test_shared_and_overlapping_stores_race():
     assert racing_buffers(_shared) == ["y"]
     assert racing_buffers(_halo) == ["y"]
