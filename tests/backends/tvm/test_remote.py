@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def tracker(tmp_path_factory):
     procs = [subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host",
                                "127.0.0.1", "--port", str(port), "--port-end", str(port + 1)],
                               stdout=open(log / "tracker.log", "w"), stderr=subprocess.STDOUT,
-                              env=env)]
+                              env=env, start_new_session=True)]
     try:
         deadline = time.monotonic() + 300  # a busy 2-core machine starts TVM slowly
         while True:
@@ -58,7 +59,8 @@ def tracker(tmp_path_factory):
             [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
              "--key", KEY, "--host", "127.0.0.1", "--port", str(server_port),
              "--port-end", str(server_port + 1)],
-            stdout=open(log / "server.log", "w"), stderr=subprocess.STDOUT, env=env))
+            stdout=open(log / "server.log", "w"), stderr=subprocess.STDOUT, env=env,
+            start_new_session=True))
         while True:
             queue = rpc.connect_tracker("127.0.0.1", port).summary()["queue_info"]
             if queue.get(KEY, {}).get("free", 0) >= 1:
@@ -68,8 +70,10 @@ def tracker(tmp_path_factory):
             time.sleep(0.5)
         yield RpcAddress("127.0.0.1", port, KEY)
     finally:
+        # each in its own process group: TVM's tracker and server run their loops in
+        # popen_worker children, which outlive a terminated parent
         for proc in reversed(procs):
-            proc.terminate()
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
 
 
